@@ -1,0 +1,296 @@
+//! Layouts and names shared by the eBPF programs and the agent.
+//!
+//! Every struct here crosses the user/kernel boundary through a map or a global, so each one is
+//! `#[repr(C)]` with explicit padding and a size assertion. The `user` feature adds `aya::Pod`.
+#![no_std]
+
+/// Names of programs, maps and globals. The eBPF side declares statics with these exact names
+/// (aya's attribute macros only take literals); the loader looks every one of them up and fails
+/// with the missing name, so a rename on one side cannot go unnoticed.
+pub mod names {
+    /// `tp_btf/inet_sock_set_state`: every TCP state change, every namespace.
+    pub const PROG_SOCK_STATE: &str = "bw_sock_state";
+    /// `iter/tcp`: seeds the gauges from the sockets that exist when the agent starts.
+    pub const PROG_SEED_TCP: &str = "bw_seed_tcp";
+
+    pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
+    pub const ITER_TCP: &str = "tcp";
+
+    /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.
+    pub const MAP_DESTS: &str = "BW_DESTS";
+    /// Live sockets: socket cookie -> `ConnInfo`.
+    pub const MAP_CONNS: &str = "BW_CONNS";
+    /// Service endpoints: LPM key (`SvcLpmData`) -> service id.
+    pub const MAP_SVC_LPM: &str = "BW_SVC_LPM";
+    /// Per service aggregates: index `svc_id * 2 + direction` -> `ConnStats`.
+    pub const MAP_SVC_STATS: &str = "BW_SVC_STATS";
+    /// Listening ports seen while seeding: `ListenKey -> u8`.
+    pub const MAP_LISTENERS: &str = "BW_LISTENERS";
+    /// Per-CPU counters, indexed by [`crate::counter`].
+    pub const MAP_COUNTERS: &str = "BW_COUNTERS";
+    /// Per-CPU room to build a `ConnInfo` in, one slot per program that may interrupt another.
+    pub const MAP_SCRATCH: &str = "BW_SCRATCH";
+
+    /// Kernel struct offsets, resolved from BTF by the loader (read-only global).
+    pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
+
+    /// Every map the loader expects, for its presence check.
+    pub const ALL_MAPS: [&str; 7] = [
+        MAP_DESTS,
+        MAP_CONNS,
+        MAP_SVC_LPM,
+        MAP_SVC_STATS,
+        MAP_LISTENERS,
+        MAP_COUNTERS,
+        MAP_SCRATCH,
+    ];
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// The name `ss` prints for a state.
+    pub const fn name(state: u8) -> &'static str {
+        match state {
+            ESTABLISHED => "ESTAB",
+            SYN_SENT => "SYN-SENT",
+            SYN_RECV => "SYN-RECV",
+            FIN_WAIT1 => "FIN-WAIT-1",
+            FIN_WAIT2 => "FIN-WAIT-2",
+            TIME_WAIT => "TIME-WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE-WAIT",
+            LAST_ACK => "LAST-ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW-SYN-RECV",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Direction of a connection as seen from this node.
+pub mod direction {
+    /// We connected out: keyed by the remote (destination) address and port.
+    pub const OUTBOUND: u8 = 0;
+    /// Someone connected to us: keyed by the local address and port.
+    pub const INBOUND: u8 = 1;
+}
+
+/// Bits of [`ConnInfo::flags`].
+pub mod conn_flags {
+    /// The connection was counted in `active` and must be uncounted exactly once.
+    pub const COUNTED: u8 = 1;
+    /// The connection existed before the agent started (seeded from the socket iterator).
+    pub const SEEDED: u8 = 2;
+}
+
+/// Indexes of the per-CPU counter array.
+pub mod counter {
+    /// A program hit an internal error and let the event pass uncounted.
+    pub const PROG_ERRORS: u32 = 0;
+    /// `bpf_probe_read_kernel` failed.
+    pub const READ_ERRORS: u32 = 1;
+    /// A map update failed (map full for non-LRU maps).
+    pub const MAP_ERRORS: u32 = 2;
+    /// New keys inserted into `BW_DESTS`.
+    pub const DEST_INSERTS: u32 = 3;
+    /// New entries inserted into `BW_CONNS`.
+    pub const CONN_INSERTS: u32 = 4;
+    /// Entries removed from `BW_CONNS` by their socket's close.
+    pub const CONN_DELETES: u32 = 5;
+    /// A socket closed whose `BW_CONNS` entry was gone (evicted by the LRU).
+    pub const CONN_MISSING: u32 = 6;
+    /// A decrement found the gauge at zero and was dropped (never underflow).
+    pub const UNDERFLOWS: u32 = 7;
+    /// Established sockets counted by the start-up seed.
+    pub const SEEDED: u32 = 8;
+    /// The offsets global was not filled in by the loader.
+    pub const NO_OFFSETS: u32 = 9;
+
+    pub const COUNT: u32 = 10;
+
+    /// Names as reported by the API, index for index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "prog_errors",
+        "read_errors",
+        "map_errors",
+        "dest_inserts",
+        "conn_inserts",
+        "conn_deletes",
+        "conn_missing",
+        "underflows",
+        "seeded",
+        "no_offsets",
+    ];
+}
+
+/// Slots of `BW_SCRATCH`: a softirq tracepoint may interrupt the iterator on the same CPU.
+pub mod scratch_slot {
+    pub const TRACEPOINT: u32 = 0;
+    pub const ITER: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Default map sizes; the agent's config overrides them at load time.
+pub mod defaults {
+    pub const MAX_DESTS: u32 = 65_536;
+    pub const MAX_CONNS: u32 = 262_144;
+    pub const MAX_SERVICES: u32 = 1_024;
+    pub const MAX_SERVICE_ENDPOINTS: u32 = 16_384;
+    pub const MAX_LISTENERS: u32 = 16_384;
+}
+
+/// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader
+/// (aya's Rust programs get no CO-RE field relocations). `ready` is 1 once filled in; the
+/// programs count `NO_OFFSETS` and let everything pass while it is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_net: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct net` -> `ns.inum`: the namespace's inode number, as in `/proc/PID/ns/net`.
+    pub net_inum: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub ready: u32,
+}
+
+impl Offsets {
+    pub const ZERO: Self = Self {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_state: 0,
+        skc_net: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        net_inum: 0,
+        sk_protocol: 0,
+        sk_err: 0,
+        ready: 0,
+    };
+}
+
+/// Key of `BW_DESTS`. Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one key
+/// type serves both families; ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestKey {
+    pub addr: [u8; 16],
+    /// Network namespace inode: 127.0.0.1 in two namespaces is two places.
+    pub netns: u32,
+    pub port: u16,
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Connection aggregates, kept per destination and per service.
+///
+/// `active` = sockets in ESTABLISHED now; `opened` = connections that reached ESTABLISHED;
+/// `closed` = established connections that left ESTABLISHED. So `active = seeded + opened - closed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    pub active: u64,
+    pub opened: u64,
+    pub closed: u64,
+    pub failed_refused: u64,
+    pub failed_timeout: u64,
+    pub failed_other: u64,
+}
+
+/// Value of `BW_CONNS`: one live socket, with the process that opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when first seen.
+    pub start_ns: u64,
+    pub cgroup_id: u64,
+    pub netns: u32,
+    /// Thread-group id of the connecting process; 0 for inbound and seeded sockets.
+    pub pid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Service id at the time the connection was counted; 0 = none.
+    pub svc: u32,
+    pub comm: [u8; 16],
+    pub state: u8,
+    pub direction: u8,
+    pub flags: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Data part of a `BW_SVC_LPM` key: the port (big endian) first, then the address, so that a
+/// prefix length of `16 + n` matches the port exactly and the first `n` address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcLpmData {
+    pub port_be: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of the port part of an LPM key.
+pub const SVC_LPM_PORT_BITS: u32 = 16;
+
+/// Key of `BW_LISTENERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Index of a service's stats for one direction in `BW_SVC_STATS`.
+pub const fn svc_stats_index(svc: u32, direction: u8) -> u32 {
+    svc * 2 + direction as u32
+}
+
+/// IPv4-mapped IPv6 form of an IPv4 address.
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<Offsets>() == 52);
+    assert!(core::mem::size_of::<DestKey>() == 24);
+    assert!(core::mem::size_of::<ConnStats>() == 48);
+    assert!(core::mem::size_of::<ConnInfo>() == 88);
+    assert!(core::mem::size_of::<SvcLpmData>() == 18);
+    assert!(core::mem::size_of::<ListenKey>() == 8);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::DestKey {}
+    unsafe impl aya::Pod for super::ConnStats {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::SvcLpmData {}
+    unsafe impl aya::Pod for super::ListenKey {}
+}

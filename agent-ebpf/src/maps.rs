@@ -1,0 +1,67 @@
+//! Map declarations. Names match `breakwater_common::names` (checked by the loader).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use breakwater_common::{
+    counter, defaults, scratch_slot, ConnInfo, ConnStats, DestKey, ListenKey, Offsets, SvcLpmData,
+};
+
+#[map]
+pub static BW_DESTS: LruHashMap<DestKey, ConnStats> =
+    LruHashMap::with_max_entries(defaults::MAX_DESTS, 0);
+
+#[map]
+pub static BW_CONNS: LruHashMap<u64, ConnInfo> =
+    LruHashMap::with_max_entries(defaults::MAX_CONNS, 0);
+
+#[map]
+pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
+    LpmTrie::with_max_entries(defaults::MAX_SERVICE_ENDPOINTS, 0);
+
+#[map]
+pub static BW_SVC_STATS: Array<ConnStats> =
+    Array::with_max_entries(defaults::MAX_SERVICES * 2, 0);
+
+#[map]
+pub static BW_LISTENERS: HashMap<ListenKey, u8> =
+    HashMap::with_max_entries(defaults::MAX_LISTENERS, 0);
+
+#[map]
+pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Per-CPU room to build a `ConnInfo` in (see `sock::scratch`).
+#[map]
+pub static BW_SCRATCH: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(scratch_slot::COUNT, 0);
+
+/// Filled in by the loader before load (`EbpfLoader::set_global`).
+#[unsafe(no_mangle)]
+pub static BW_OFFSETS: Offsets = Offsets::ZERO;
+
+#[inline(always)]
+pub fn offsets() -> Offsets {
+    // SAFETY: a plain read of a global; volatile so the compiler keeps the load the loader patches.
+    unsafe { core::ptr::read_volatile(&BW_OFFSETS) }
+}
+
+#[inline(always)]
+pub fn bump(index: u32) {
+    if let Some(p) = BW_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Service id of an endpoint, 0 when it belongs to no service.
+#[inline(always)]
+pub fn service_of(addr: &[u8; 16], port: u16) -> u32 {
+    let key = Key::new(
+        breakwater_common::SVC_LPM_PORT_BITS + 128,
+        SvcLpmData {
+            port_be: port.to_be_bytes(),
+            addr: *addr,
+        },
+    );
+    BW_SVC_LPM.get(&key).copied().unwrap_or(0)
+}

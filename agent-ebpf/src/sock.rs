@@ -1,0 +1,154 @@
+//! Reading kernel sockets through the BTF-resolved offsets, and updating the aggregates.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+};
+use breakwater_common::{
+    counter, direction, svc_stats_index, v4_mapped, ConnInfo, ConnStats, DestKey, Offsets,
+};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use crate::maps::{bump, BW_DESTS, BW_SCRATCH, BW_SVC_STATS};
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Why a program gave up on an event; the event passes uncounted and a counter says so.
+pub enum Error {
+    Read,
+    Map,
+}
+
+impl Error {
+    pub fn count(&self) {
+        bump(counter::PROG_ERRORS);
+        bump(match self {
+            Error::Read => counter::READ_ERRORS,
+            Error::Map => counter::MAP_ERRORS,
+        });
+    }
+}
+
+#[inline(always)]
+pub unsafe fn read<T>(base: *const u8, off: u32) -> Result<T, Error> {
+    bpf_probe_read_kernel(base.add(off as usize) as *const T).map_err(|_| Error::Read)
+}
+
+/// Reads the `sock_common` identity fields into `c` (addresses, ports, namespace).
+/// `Ok(false)` for families other than IPv4/IPv6.
+#[inline(always)]
+pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut ConnInfo) -> Result<bool, Error> {
+    let family: u16 = read(sk, o.skc_family)?;
+    match family {
+        AF_INET => {
+            c.saddr = v4_mapped(read(sk, o.skc_rcv_saddr)?);
+            c.daddr = v4_mapped(read(sk, o.skc_daddr)?);
+        }
+        AF_INET6 => {
+            bpf_probe_read_kernel_buf(sk.add(o.skc_v6_rcv_saddr as usize), &mut c.saddr)
+                .map_err(|_| Error::Read)?;
+            bpf_probe_read_kernel_buf(sk.add(o.skc_v6_daddr as usize), &mut c.daddr)
+                .map_err(|_| Error::Read)?;
+        }
+        _ => return Ok(false),
+    }
+    c.dport = u16::from_be(read::<u16>(sk, o.skc_dport)?);
+    c.sport = read(sk, o.skc_num)?;
+    let net: *const u8 = read(sk, o.skc_net)?;
+    c.netns = read(net, o.net_inum)?;
+    Ok(true)
+}
+
+/// The key an aggregate is kept under: the remote end for outbound, the local end for inbound.
+#[inline(always)]
+pub fn key_of(c: &ConnInfo) -> DestKey {
+    let (addr, port) = if c.direction == direction::OUTBOUND {
+        (c.daddr, c.dport)
+    } else {
+        (c.saddr, c.sport)
+    };
+    DestKey {
+        addr,
+        netns: c.netns,
+        port,
+        direction: c.direction,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn add(p: *mut u64, v: u64) {
+    // SAFETY: `p` points into a map value; the BPF atomic add keeps concurrent CPUs exact.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Which counter of `ConnStats` an event moves.
+#[derive(Clone, Copy)]
+pub enum Event {
+    Opened,
+    Closed,
+    Seeded,
+    FailedRefused,
+    FailedTimeout,
+    FailedOther,
+}
+
+#[inline(always)]
+unsafe fn apply(stats: *mut ConnStats, ev: Event) {
+    let s = &raw mut *stats;
+    match ev {
+        Event::Opened => {
+            add(&raw mut (*s).opened, 1);
+            add(&raw mut (*s).active, 1);
+        }
+        Event::Seeded => add(&raw mut (*s).active, 1),
+        Event::Closed => {
+            add(&raw mut (*s).closed, 1);
+            // A gauge never underflows: the entry may have been evicted and re-created since.
+            if core::ptr::read_volatile(&raw const (*s).active) == 0 {
+                bump(counter::UNDERFLOWS);
+            } else {
+                add(&raw mut (*s).active, u64::MAX);
+            }
+        }
+        Event::FailedRefused => add(&raw mut (*s).failed_refused, 1),
+        Event::FailedTimeout => add(&raw mut (*s).failed_timeout, 1),
+        Event::FailedOther => add(&raw mut (*s).failed_other, 1),
+    }
+}
+
+/// Applies an event to a destination's and, if it has one, its service's aggregates.
+#[inline(always)]
+pub fn record(key: &DestKey, svc: u32, ev: Event) -> Result<(), Error> {
+    let stats = match BW_DESTS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            match BW_DESTS.insert(key, &ConnStats::default(), BPF_NOEXIST as u64) {
+                Ok(()) => bump(counter::DEST_INSERTS),
+                // Another CPU inserted it first: fine, use theirs.
+                Err(_) => {}
+            }
+            BW_DESTS.get_ptr_mut(key).ok_or(Error::Map)?
+        }
+    };
+    unsafe { apply(stats, ev) };
+    if svc != 0 {
+        if let Some(p) = BW_SVC_STATS.get_ptr_mut(svc_stats_index(svc, key.direction)) {
+            unsafe { apply(p, ev) };
+        }
+    }
+    Ok(())
+}
+
+/// A zeroed per-CPU `ConnInfo` to build an entry in: it does not fit the 512-byte stack
+/// together with the keys and helper frames.
+#[inline(always)]
+pub fn scratch(slot: u32) -> Result<&'static mut ConnInfo, Error> {
+    let p = BW_SCRATCH.get_ptr_mut(slot).ok_or(Error::Map)?;
+    // SAFETY: per-CPU slot per program; the kernel does not nest a tracing program in itself.
+    let c = unsafe { &mut *p };
+    *c = ConnInfo::default();
+    Ok(c)
+}

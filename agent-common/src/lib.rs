@@ -272,7 +272,9 @@ pub const fn svc_stats_index(svc: u32, direction: u8) -> u32 {
 
 /// IPv4-mapped IPv6 form of an IPv4 address.
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 const _: () = {

@@ -21,8 +21,7 @@ pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
     LpmTrie::with_max_entries(defaults::MAX_SERVICE_ENDPOINTS, 0);
 
 #[map]
-pub static BW_SVC_STATS: Array<ConnStats> =
-    Array::with_max_entries(defaults::MAX_SERVICES * 2, 0);
+pub static BW_SVC_STATS: Array<ConnStats> = Array::with_max_entries(defaults::MAX_SERVICES * 2, 0);
 
 #[map]
 pub static BW_LISTENERS: HashMap<ListenKey, u8> =
@@ -33,7 +32,8 @@ pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 
 /// Per-CPU room to build a `ConnInfo` in (see `sock::scratch`).
 #[map]
-pub static BW_SCRATCH: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(scratch_slot::COUNT, 0);
+pub static BW_SCRATCH: PerCpuArray<ConnInfo> =
+    PerCpuArray::with_max_entries(scratch_slot::COUNT, 0);
 
 /// Filled in by the loader before load (`EbpfLoader::set_global`).
 #[unsafe(no_mangle)]

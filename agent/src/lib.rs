@@ -1,0 +1,9 @@
+//! breakwater's node agent: loader, domain core, gRPC server and CLI.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod ebpf;
+pub mod error;
+pub mod netns;
+pub mod service;

@@ -14,7 +14,9 @@ pub mod json {
     use crate::v1::{DestinationSort, Direction};
 
     fn short(full: &str, prefix: &str) -> String {
-        full.strip_prefix(prefix).unwrap_or(full).to_ascii_lowercase()
+        full.strip_prefix(prefix)
+            .unwrap_or(full)
+            .to_ascii_lowercase()
     }
 
     pub fn direction<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {

@@ -31,8 +31,14 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
     let enum_fields = [
         ("breakwater.v1.Destination.direction", "direction"),
         ("breakwater.v1.Connection.direction", "direction"),
-        ("breakwater.v1.ListDestinationsRequest.direction", "direction"),
-        ("breakwater.v1.ListDestinationsRequest.sort", "destination_sort"),
+        (
+            "breakwater.v1.ListDestinationsRequest.direction",
+            "direction",
+        ),
+        (
+            "breakwater.v1.ListDestinationsRequest.sort",
+            "destination_sort",
+        ),
     ];
     let mut builder = tonic_prost_build::configure()
         .build_client(true)

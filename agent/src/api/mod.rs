@@ -1,0 +1,367 @@
+//! The `breakwater.v1.Agent` gRPC service: a thin layer over the domain core and the kernel maps.
+
+pub mod serve;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use breakwater_common::{direction, tcp_state, ConnInfo, ConnStats, DestKey};
+use breakwater_proto::v1::{self as pb, agent_server::Agent};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::{
+    ebpf::Kernel,
+    error::{Error, Result},
+    service::{display_addr, parse_endpoints, Service, ServiceTable},
+};
+
+/// What the API serves from: the kernel side and the service table, changed together.
+pub struct Core {
+    pub kernel: Kernel,
+    pub services: ServiceTable,
+}
+
+impl Core {
+    /// Applies the configured services to the kernel maps (at start, before seeding).
+    pub fn apply_all(&mut self) -> Result<()> {
+        for s in self.services.iter() {
+            self.kernel.reset_service_stats(s.id)?;
+            self.kernel.put_endpoints(s.id, &s.endpoints)?;
+        }
+        Ok(())
+    }
+
+    pub fn put_service(&mut self, name: &str, endpoints: &[String]) -> Result<(Service, bool)> {
+        let endpoints = parse_endpoints(name, endpoints)?;
+        // Validate against a copy: on any error the live table and the kernel stay as they were.
+        let mut next = ServiceTable::clone(&self.services);
+        let change = next.put(name, endpoints)?;
+        if change.created {
+            self.kernel.reset_service_stats(change.id)?;
+        }
+        self.kernel.put_endpoints(change.id, &change.added)?;
+        self.kernel.remove_endpoints(&change.removed)?;
+        self.services = next;
+        let svc = self.services.get(name).expect("just put").clone();
+        Ok((svc, change.replaced))
+    }
+
+    pub fn delete_service(&mut self, name: &str) -> Result<()> {
+        let svc = self.services.require(name)?.clone();
+        self.kernel.remove_endpoints(&svc.endpoints)?;
+        self.kernel.reset_service_stats(svc.id)?;
+        self.services.delete(name)?;
+        Ok(())
+    }
+}
+
+pub struct AgentService {
+    core: Arc<Mutex<Core>>,
+    started: Instant,
+    host_netns: u32,
+    config_path: Option<PathBuf>,
+}
+
+impl AgentService {
+    pub fn new(core: Arc<Mutex<Core>>, host_netns: u32, config_path: Option<PathBuf>) -> Self {
+        Self {
+            core,
+            started: Instant::now(),
+            host_netns,
+            config_path,
+        }
+    }
+
+    /// Runs `f` on the core off the async workers (map walks are syscalls).
+    async fn with_core<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Core) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut core = core
+                .lock()
+                .map_err(|_| Error::Internal("core lock poisoned".into()))?;
+            f(&mut core)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(Status::from)
+    }
+}
+
+fn counts(s: &ConnStats) -> pb::ConnCounts {
+    pb::ConnCounts {
+        active: s.active,
+        opened: s.opened,
+        closed: s.closed,
+        failed_refused: s.failed_refused,
+        failed_timeout: s.failed_timeout,
+        failed_other: s.failed_other,
+    }
+}
+
+fn pb_direction(d: u8) -> pb::Direction {
+    if d == direction::INBOUND {
+        pb::Direction::Inbound
+    } else {
+        pb::Direction::Outbound
+    }
+}
+
+fn service_message(core: &Core, s: &Service) -> Result<pb::Service> {
+    Ok(pb::Service {
+        name: s.name.clone(),
+        endpoints: s.endpoints.iter().map(ToString::to_string).collect(),
+        outbound: Some(counts(
+            &core.kernel.service_stats(s.id, direction::OUTBOUND)?,
+        )),
+        inbound: Some(counts(
+            &core.kernel.service_stats(s.id, direction::INBOUND)?,
+        )),
+    })
+}
+
+fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> pb::Destination {
+    pb::Destination {
+        address: display_addr(&k.addr).to_string(),
+        port: k.port.into(),
+        service: services
+            .match_endpoint(&k.addr, k.port)
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        direction: pb_direction(k.direction).into(),
+        netns: k.netns,
+        active: s.active,
+        opened: s.opened,
+        closed: s.closed,
+        failed_refused: s.failed_refused,
+        failed_timeout: s.failed_timeout,
+        failed_other: s.failed_other,
+    }
+}
+
+fn connection_message(
+    services: &ServiceTable,
+    cookie: u64,
+    c: &ConnInfo,
+    now_ns: u64,
+) -> pb::Connection {
+    let (addr, port) = if c.direction == direction::INBOUND {
+        (&c.saddr, c.sport)
+    } else {
+        (&c.daddr, c.dport)
+    };
+    let comm_len = c.comm.iter().position(|&b| b == 0).unwrap_or(c.comm.len());
+    pb::Connection {
+        local_address: display_addr(&c.saddr).to_string(),
+        local_port: c.sport.into(),
+        remote_address: display_addr(&c.daddr).to_string(),
+        remote_port: c.dport.into(),
+        direction: pb_direction(c.direction).into(),
+        state: tcp_state::name(c.state).to_owned(),
+        netns: c.netns,
+        pid: c.pid,
+        comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
+        cgroup_id: c.cgroup_id,
+        service: services
+            .match_endpoint(addr, port)
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
+        age_ms: now_ns.saturating_sub(c.start_ns) / 1_000_000,
+        cookie,
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    // bpf_ktime_get_ns() is CLOCK_MONOTONIC too.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or_default()
+}
+
+fn direction_filter(v: i32) -> Result<Option<u8>> {
+    match pb::Direction::try_from(v) {
+        Ok(pb::Direction::Unspecified) => Ok(None),
+        Ok(pb::Direction::Outbound) => Ok(Some(direction::OUTBOUND)),
+        Ok(pb::Direction::Inbound) => Ok(Some(direction::INBOUND)),
+        Err(_) => Err(Error::invalid(format!("direction: unknown value {v}"))),
+    }
+}
+
+fn require_known(services: &ServiceTable, name: &str) -> Result<()> {
+    if !name.is_empty() {
+        services.require(name)?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn list_services(
+        &self,
+        _: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let services = self
+            .with_core(|core| {
+                core.services
+                    .iter()
+                    .map(|s| service_message(core, s))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn list_destinations(
+        &self,
+        request: Request<pb::ListDestinationsRequest>,
+    ) -> Result<Response<pb::ListDestinationsResponse>, Status> {
+        let req = request.into_inner();
+        let sort = pb::DestinationSort::try_from(req.sort)
+            .map_err(|_| Error::invalid(format!("sort: unknown value {}", req.sort)))?;
+        let dir = direction_filter(req.direction)?;
+        let destinations = self
+            .with_core(move |core| {
+                require_known(&core.services, &req.service)?;
+                let mut out: Vec<pb::Destination> = core
+                    .kernel
+                    .destinations()
+                    .iter()
+                    .filter(|(k, _)| dir.is_none_or(|d| d == k.direction))
+                    .map(|(k, s)| destination_message(&core.services, k, s))
+                    .filter(|d| req.service.is_empty() || d.service == req.service)
+                    .collect();
+                let key = |d: &pb::Destination| match sort {
+                    pb::DestinationSort::Opened => d.opened,
+                    pb::DestinationSort::Failed => {
+                        d.failed_refused + d.failed_timeout + d.failed_other
+                    }
+                    pb::DestinationSort::Active | pb::DestinationSort::Unspecified => d.active,
+                };
+                out.sort_by(|a, b| {
+                    key(b)
+                        .cmp(&key(a))
+                        .then_with(|| (&a.address, a.port).cmp(&(&b.address, b.port)))
+                });
+                if req.limit > 0 {
+                    out.truncate(req.limit as usize);
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::ListDestinationsResponse { destinations }))
+    }
+
+    async fn list_connections(
+        &self,
+        request: Request<pb::ListConnectionsRequest>,
+    ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
+        let req = request.into_inner();
+        let connections = self
+            .with_core(move |core| {
+                require_known(&core.services, &req.service)?;
+                let now = monotonic_ns();
+                let mut out: Vec<pb::Connection> = core
+                    .kernel
+                    .connections()
+                    .iter()
+                    .map(|(cookie, c)| connection_message(&core.services, *cookie, c, now))
+                    .filter(|c| req.service.is_empty() || c.service == req.service)
+                    .collect();
+                out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.cookie.cmp(&b.cookie)));
+                if req.limit > 0 {
+                    out.truncate(req.limit as usize);
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::ListConnectionsResponse { connections }))
+    }
+
+    async fn put_service(
+        &self,
+        request: Request<pb::PutServiceRequest>,
+    ) -> Result<Response<pb::PutServiceResponse>, Status> {
+        let req = request.into_inner();
+        let (service, replaced) = self
+            .with_core(move |core| {
+                let (svc, replaced) = core.put_service(&req.name, &req.endpoints)?;
+                info!(service = %svc.name, endpoints = svc.endpoints.len(), replaced, "service put");
+                Ok((service_message(core, &svc)?, replaced))
+            })
+            .await?;
+        Ok(Response::new(pb::PutServiceResponse {
+            service: Some(service),
+            replaced,
+        }))
+    }
+
+    async fn delete_service(
+        &self,
+        request: Request<pb::DeleteServiceRequest>,
+    ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
+        let req = request.into_inner();
+        self.with_core(move |core| {
+            core.delete_service(&req.name)?;
+            info!(service = %req.name, "service deleted");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::DeleteServiceResponse {}))
+    }
+
+    async fn get_agent_info(
+        &self,
+        _: Request<pb::GetAgentInfoRequest>,
+    ) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
+        let (programs, maps, counters) = self
+            .with_core(|core| {
+                let k = &core.kernel;
+                Ok((k.programs().to_vec(), k.maps(), k.counters()))
+            })
+            .await?;
+        let kernel = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Response::new(pb::GetAgentInfoResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            programs: programs
+                .into_iter()
+                .map(|p| pb::ProgramInfo {
+                    name: p.name.to_owned(),
+                    attach: p.attach,
+                    id: p.id,
+                })
+                .collect(),
+            maps: maps
+                .into_iter()
+                .map(|m| pb::MapInfo {
+                    name: m.name.to_owned(),
+                    capacity: m.capacity,
+                    entries: m.entries,
+                    evictions: m.evictions,
+                })
+                .collect(),
+            counters: counters
+                .into_iter()
+                .map(|(name, value)| pb::Counter {
+                    name: name.to_owned(),
+                    value,
+                })
+                .collect(),
+            host_netns: self.host_netns,
+            config_path: self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,68 @@
+//! `breakwater agent`: load, attach, serve until SIGINT/SIGTERM.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tracing::info;
+
+use super::{AgentArgs, CliError};
+use crate::{
+    api::{serve, AgentService, Core},
+    config::Config,
+    ebpf::Kernel,
+    netns,
+};
+
+pub async fn run(args: AgentArgs) -> Result<(), CliError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| config.agent.socket.clone());
+    if !nix::unistd::geteuid().is_root() {
+        return Err(CliError::Usage(
+            "breakwater agent must run as root (it loads eBPF programs)".into(),
+        ));
+    }
+    let services = config.service_table()?;
+
+    let kernel = Kernel::load(&config.maps).context("loading eBPF programs")?;
+    let mut core = Core { kernel, services };
+    // Services go into the kernel before attaching, so seeded sockets get theirs too.
+    core.apply_all()?;
+    core.kernel.attach().context("attaching eBPF programs")?;
+
+    let listener = serve::bind(&socket).map_err(anyhow::Error::from)?;
+    let host_netns = netns::current().unwrap_or_default();
+    let service = AgentService::new(Arc::new(Mutex::new(core)), host_netns, args.config.clone());
+    info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
+    eprintln!(
+        "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
+        socket.display()
+    );
+    let result = serve::serve(listener, service, shutdown()).await;
+    let _ = std::fs::remove_file(&socket);
+    info!("breakwater agent stopped");
+    result.map_err(|e| CliError::Failed(e.into()))
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}

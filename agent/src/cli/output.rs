@@ -1,0 +1,205 @@
+//! Tables for people; `-o json` bypasses all of this.
+
+use breakwater_proto::v1 as pb;
+use comfy_table::{presets::NOTHING, Cell, CellAlignment, Table};
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(header.iter().map(|h| Cell::new(h)));
+    t
+}
+
+fn num(v: u64) -> Cell {
+    Cell::new(v).set_alignment(CellAlignment::Right)
+}
+
+fn endpoint(addr: &str, port: u32) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn direction(d: i32) -> &'static str {
+    match pb::Direction::try_from(d) {
+        Ok(pb::Direction::Inbound) => "in",
+        Ok(pb::Direction::Outbound) => "out",
+        _ => "?",
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+pub fn services(r: &pb::ListServicesResponse) -> String {
+    let mut t = table(&[
+        "SERVICE",
+        "ENDPOINTS",
+        "ACTIVE",
+        "OPENED",
+        "CLOSED",
+        "REFUSED",
+        "TIMEOUT",
+        "OTHER",
+        "IN-ACTIVE",
+        "IN-OPENED",
+    ]);
+    for s in &r.services {
+        let o = s.outbound.clone().unwrap_or_default();
+        let i = s.inbound.clone().unwrap_or_default();
+        t.add_row(vec![
+            Cell::new(&s.name),
+            Cell::new(s.endpoints.join(",")),
+            num(o.active),
+            num(o.opened),
+            num(o.closed),
+            num(o.failed_refused),
+            num(o.failed_timeout),
+            num(o.failed_other),
+            num(i.active),
+            num(i.opened),
+        ]);
+    }
+    if r.services.is_empty() {
+        return "no services (add one with `breakwater service put NAME --endpoint IP:PORT`)"
+            .into();
+    }
+    t.to_string()
+}
+
+pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
+    let mut t = table(&[
+        "DESTINATION",
+        "DIR",
+        "SERVICE",
+        "NETNS",
+        "ACTIVE",
+        "OPENED",
+        "CLOSED",
+        "REFUSED",
+        "TIMEOUT",
+        "OTHER",
+    ]);
+    for d in &r.destinations {
+        t.add_row(vec![
+            Cell::new(endpoint(&d.address, d.port)),
+            Cell::new(direction(d.direction)),
+            Cell::new(or_dash(&d.service)),
+            Cell::new(d.netns),
+            num(d.active),
+            num(d.opened),
+            num(d.closed),
+            num(d.failed_refused),
+            num(d.failed_timeout),
+            num(d.failed_other),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn connections(r: &pb::ListConnectionsResponse) -> String {
+    let mut t = table(&[
+        "LOCAL", "REMOTE", "DIR", "STATE", "PID", "COMM", "CGROUP", "SERVICE", "AGE",
+    ]);
+    for c in &r.connections {
+        t.add_row(vec![
+            Cell::new(endpoint(&c.local_address, c.local_port)),
+            Cell::new(endpoint(&c.remote_address, c.remote_port)),
+            Cell::new(direction(c.direction)),
+            Cell::new(&c.state),
+            Cell::new(if c.pid == 0 {
+                "-".to_string()
+            } else {
+                c.pid.to_string()
+            }),
+            Cell::new(or_dash(&c.comm)),
+            Cell::new(if c.cgroup_id == 0 {
+                "-".to_string()
+            } else {
+                c.cgroup_id.to_string()
+            }),
+            Cell::new(or_dash(&c.service)),
+            Cell::new(age(c.age_ms)),
+        ]);
+    }
+    t.to_string()
+}
+
+fn age(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}s", ms / 1_000),
+        60_000..3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1_000),
+        _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+pub fn put_service(r: &pb::PutServiceResponse) -> String {
+    let s = r.service.clone().unwrap_or_default();
+    format!(
+        "{} service {}: {}",
+        if r.replaced { "replaced" } else { "created" },
+        s.name,
+        s.endpoints.join(", ")
+    )
+}
+
+pub fn info(r: &pb::GetAgentInfoResponse) -> String {
+    let mut out = format!(
+        "breakwater {}  kernel {}  up {}  host netns {}\n",
+        r.version,
+        r.kernel,
+        age(r.uptime_ms),
+        r.host_netns
+    );
+    if !r.config_path.is_empty() {
+        out += &format!("config {}\n", r.config_path);
+    }
+    let mut p = table(&["PROGRAM", "ATTACH", "ID"]);
+    for x in &r.programs {
+        p.add_row(vec![
+            Cell::new(&x.name),
+            Cell::new(&x.attach),
+            num(x.id.into()),
+        ]);
+    }
+    let mut m = table(&["MAP", "ENTRIES", "CAPACITY", "EVICTIONS"]);
+    for x in &r.maps {
+        m.add_row(vec![
+            Cell::new(&x.name),
+            num(x.entries),
+            num(x.capacity.into()),
+            num(x.evictions),
+        ]);
+    }
+    let mut c = table(&["COUNTER", "VALUE"]);
+    for x in &r.counters {
+        c.add_row(vec![Cell::new(&x.name), num(x.value)]);
+    }
+    format!("{out}\n{p}\n\n{m}\n\n{c}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(5), "5ms");
+        assert_eq!(age(61_000), "1m1s");
+        assert_eq!(age(3_720_000), "1h2m");
+    }
+
+    #[test]
+    fn ipv6_endpoints_get_brackets() {
+        assert_eq!(endpoint("::1", 80), "[::1]:80");
+        assert_eq!(endpoint("127.0.0.1", 80), "127.0.0.1:80");
+    }
+}

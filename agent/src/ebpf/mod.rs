@@ -1,0 +1,267 @@
+//! Loading, attaching and reading the eBPF programs and maps; one module per hook family,
+//! mirroring `agent-ebpf/src`.
+
+pub mod btf;
+pub mod iter;
+pub mod tracepoints;
+
+use std::path::Path;
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{Iter, ProgramError},
+    Ebpf, EbpfLoader,
+};
+use breakwater_common::{
+    counter, names, svc_stats_index, ConnInfo, ConnStats, DestKey, SvcLpmData,
+};
+use tracing::info;
+
+use crate::{
+    config::MapSizes,
+    error::{Error, Result},
+    netns,
+    service::Endpoint,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("{what}: {source}")]
+    Program {
+        what: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("seeding from existing sockets: {0}")]
+    Seed(String),
+}
+
+impl LoadError {
+    fn program<E: Into<ProgramError>>(what: &'static str) -> impl FnOnce(E) -> Self {
+        move |e| Self::Program {
+            what,
+            source: e.into(),
+        }
+    }
+}
+
+/// A program as loaded into the kernel.
+#[derive(Clone, Debug)]
+pub struct ProgramSummary {
+    pub name: &'static str,
+    pub attach: String,
+    pub id: u32,
+}
+
+/// Fill of one map.
+#[derive(Clone, Debug)]
+pub struct MapSummary {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub entries: u64,
+    pub evictions: u64,
+}
+
+/// The loaded programs and the agent's handles on their maps. Dropping it detaches everything.
+pub struct Kernel {
+    ebpf: Ebpf,
+    dests: HashMap<MapData, DestKey, ConnStats>,
+    conns: HashMap<MapData, u64, ConnInfo>,
+    svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
+    svc_stats: Array<MapData, ConnStats>,
+    counters: PerCpuArray<MapData, u64>,
+    sizes: MapSizes,
+    programs: Vec<ProgramSummary>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, LoadError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(LoadError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+impl Kernel {
+    /// Loads the programs with the given map sizes; nothing is attached yet.
+    pub fn load(sizes: &MapSizes) -> Result<Self, LoadError> {
+        let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+            .map_max_entries(names::MAP_DESTS, sizes.max_destinations)
+            .map_max_entries(names::MAP_CONNS, sizes.max_connections)
+            .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
+            // Service ids run 1..=max_services; slot 0 is "no service".
+            .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
+            .load(OBJECT)?;
+        for name in names::ALL_MAPS {
+            if ebpf.map(name).is_none() {
+                return Err(LoadError::Missing { kind: "map", name });
+            }
+        }
+        Ok(Self {
+            dests: take(&mut ebpf, names::MAP_DESTS)?,
+            conns: take(&mut ebpf, names::MAP_CONNS)?,
+            svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
+            svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
+            counters: take(&mut ebpf, names::MAP_COUNTERS)?,
+            ebpf,
+            sizes: sizes.clone(),
+            programs: Vec::new(),
+        })
+    }
+
+    /// Attaches the tracking programs, then seeds the gauges from the sockets that already
+    /// exist in every network namespace (after attaching, so that nothing falls in between).
+    pub fn attach(&mut self) -> Result<(), LoadError> {
+        let p = tracepoints::attach(&mut self.ebpf)?;
+        self.programs.push(p);
+
+        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
+            what: "kernel BTF",
+            source: ProgramError::Btf(e),
+        })?;
+        let prog: &mut Iter = self
+            .ebpf
+            .program_mut(names::PROG_SEED_TCP)
+            .ok_or(LoadError::Missing {
+                kind: "program",
+                name: names::PROG_SEED_TCP,
+            })?
+            .try_into()
+            .map_err(LoadError::program("iter/tcp"))?;
+        prog.load(names::ITER_TCP, &btf)
+            .map_err(LoadError::program("iter/tcp load"))?;
+        let namespaces = netns::all();
+        let walked = iter::seed_all(prog, &namespaces)?;
+        let id = prog.info().map(|i| i.id()).unwrap_or_default();
+        self.programs.push(ProgramSummary {
+            name: names::PROG_SEED_TCP,
+            attach: format!("iter/{}", names::ITER_TCP),
+            id,
+        });
+        info!(
+            namespaces = walked,
+            seeded = self.counter(counter::SEEDED),
+            "seeded from existing sockets"
+        );
+        Ok(())
+    }
+
+    pub fn programs(&self) -> &[ProgramSummary] {
+        &self.programs
+    }
+
+    pub fn put_endpoints(&mut self, id: u32, added: &[Endpoint]) -> Result<()> {
+        for e in added {
+            let (len, data) = e.lpm_key();
+            self.svc_lpm
+                .insert(&Key::new(len, data), id, 0)
+                .map_err(Error::map(names::MAP_SVC_LPM))?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_endpoints(&mut self, removed: &[Endpoint]) -> Result<()> {
+        for e in removed {
+            let (len, data) = e.lpm_key();
+            match self.svc_lpm.remove(&Key::new(len, data)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map(names::MAP_SVC_LPM)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes a service's counters (a new service starts from zero).
+    pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
+        for dir in [
+            breakwater_common::direction::OUTBOUND,
+            breakwater_common::direction::INBOUND,
+        ] {
+            self.svc_stats
+                .set(svc_stats_index(id, dir), ConnStats::default(), 0)
+                .map_err(Error::map(names::MAP_SVC_STATS))?;
+        }
+        Ok(())
+    }
+
+    pub fn service_stats(&self, id: u32, dir: u8) -> Result<ConnStats> {
+        self.svc_stats
+            .get(&svc_stats_index(id, dir), 0)
+            .map_err(Error::map(names::MAP_SVC_STATS))
+    }
+
+    pub fn destinations(&self) -> Vec<(DestKey, ConnStats)> {
+        // Entries may be evicted while we walk: skip the ones that vanish.
+        self.dests.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn connections(&self) -> Vec<(u64, ConnInfo)> {
+        self.conns.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or_default()
+    }
+
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (*name, self.counter(i as u32)))
+            .collect()
+    }
+
+    pub fn maps(&self) -> Vec<MapSummary> {
+        let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
+        let conns = self.conns.keys().filter(|k| k.is_ok()).count() as u64;
+        let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
+        let c = |i| self.counter(i);
+        vec![
+            MapSummary {
+                name: names::MAP_DESTS,
+                capacity: self.sizes.max_destinations,
+                entries: dests,
+                // Nothing deletes destinations but the LRU.
+                evictions: c(counter::DEST_INSERTS).saturating_sub(dests),
+            },
+            MapSummary {
+                name: names::MAP_CONNS,
+                capacity: self.sizes.max_connections,
+                entries: conns,
+                evictions: c(counter::CONN_INSERTS)
+                    .saturating_sub(c(counter::CONN_DELETES))
+                    .saturating_sub(conns),
+            },
+            MapSummary {
+                name: names::MAP_SVC_LPM,
+                capacity: self.sizes.max_service_endpoints,
+                entries: lpm,
+                evictions: 0,
+            },
+        ]
+    }
+}

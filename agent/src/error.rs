@@ -1,0 +1,47 @@
+//! Domain errors and their one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's input is wrong; nothing was changed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// A configured capacity (map size) would be exceeded; nothing was changed.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("kernel map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    pub fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |source| Self::Map { map, source }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Map { .. } | Error::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

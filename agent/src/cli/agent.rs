@@ -51,7 +51,24 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
         socket.display()
     );
-    let result = serve::serve(listener, service, shutdown()).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = async move {
+        shutdown().await;
+        let _ = stop_tx.send(true);
+    };
+    let served = serve::serve(listener, service, async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|s| *s).await;
+    });
+    // Graceful shutdown waits for clients to hang up; a client that keeps its connection open
+    // must not keep the agent alive.
+    let result = tokio::select! {
+        r = served => r,
+        _ = async {
+            stopping.await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        } => Ok(()),
+    };
     let _ = std::fs::remove_file(&socket);
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))

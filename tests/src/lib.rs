@@ -1,0 +1,369 @@
+//! Harness for the privileged integration tests: starts the real agent binary, talks to it over
+//! its real unix socket (gRPC and the CLI), and reads ground truth from `ss`.
+//!
+//! Every test takes [`serial`] (they share the kernel) and [`require_root`]: outside CI a
+//! non-root run skips with a printed reason; under `CI=true` it fails.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_proto::v1::{self as pb, agent_client::AgentClient};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub mod netns;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Tests touch shared kernel state: one at a time, even if the runner is not told so.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// True if the test may go on. Without root: a skip outside CI, a failure in CI.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "privileged integration tests must run as root in CI"
+    );
+    eprintln!("skipped: needs root (run `sudo cargo xtask test`)");
+    false
+}
+
+/// The agent binary under test: $BREAKWATER_BIN, else the workspace's release build.
+pub fn agent_bin() -> PathBuf {
+    let bin = std::env::var_os("BREAKWATER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/breakwater")
+        });
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it with `cargo xtask build` or set BREAKWATER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A running agent on its own socket; stopped (SIGTERM) and cleaned up on drop.
+pub struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Agent {
+    pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts the agent with a TOML config (None: embedded defaults) and waits until its API
+    /// answers.
+    pub fn start_with_config(config: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("agent").arg("--socket").arg(&socket);
+        if let Some(text) = config {
+            let path = dir.path().join("breakwater.toml");
+            std::fs::write(&path, text).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn agent");
+        // Multi-threaded so that client connections are driven (and closed) between calls.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut agent = Self {
+            child,
+            dir,
+            socket,
+            rt,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.try_wait().expect("try_wait") {
+                panic!("agent exited during start-up: {status}");
+            }
+            if agent.socket.exists() && agent.try_info().is_ok() {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not answer within 30 s"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A gRPC client over the agent's unix socket.
+    pub fn client(&self) -> AgentClient<Channel> {
+        let path = self.socket.clone();
+        let channel = self
+            .rt
+            .block_on(
+                Endpoint::from_static("http://agent.invalid").connect_with_connector(
+                    tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }),
+                ),
+            )
+            .expect("connect to agent socket");
+        AgentClient::new(channel)
+    }
+
+    /// Runs a future (a gRPC call) to completion.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn try_info(&self) -> Result<pb::GetAgentInfoResponse, String> {
+        let path = self.socket.clone();
+        self.rt.block_on(async move {
+            let channel = Endpoint::from_static("http://agent.invalid")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await
+                .map_err(|e| e.to_string())?;
+            AgentClient::new(channel)
+                .get_agent_info(pb::GetAgentInfoRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    pub fn info(&self) -> pb::GetAgentInfoResponse {
+        self.try_info().expect("GetAgentInfo")
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .arg("--agent")
+            .arg(self.address())
+            .args(args)
+            .output()
+            .expect("run CLI")
+    }
+
+    /// Runs the CLI with `-o json` and parses its output; panics on a non-zero exit.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "breakwater {all:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+
+    /// One destination from `breakwater destinations -o json`, by address, port, direction and
+    /// (if given) namespace.
+    pub fn destination(
+        &self,
+        addr: &str,
+        port: u16,
+        direction: &str,
+        netns: Option<u32>,
+    ) -> Option<serde_json::Value> {
+        let v = self.cli_json(&["destinations"]);
+        v["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| {
+                d["address"] == addr
+                    && d["port"] == port
+                    && d["direction"] == direction
+                    && netns.is_none_or(|n| d["netns"] == n)
+            })
+            .cloned()
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.info()
+            .counters
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.value)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    /// Stops the agent with SIGTERM and waits for it; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait().expect("wait agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        let _ = &self.dir;
+    }
+}
+
+/// Reads a numeric field of a JSON destination (0 when absent).
+pub fn field(d: &serde_json::Value, name: &str) -> u64 {
+    d[name].as_u64().unwrap_or(0)
+}
+
+/// Polls `f` until it returns Some or the timeout passes (kernel work after close() is async).
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ground truth: established TCP sockets whose destination is `addr:port`, as `ss` counts them
+/// (in network namespace `netns` if given, by its name under /run/netns).
+pub fn ss_established_to(addr: SocketAddr, netns: Option<&str>) -> usize {
+    let mut cmd = Command::new("ss");
+    if let Some(ns) = netns {
+        cmd.arg("-N").arg(ns);
+    }
+    let dst = match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let out = cmd
+        .args(["-Htn", "state", "established", "dst", &dst])
+        .output()
+        .expect("run ss (Debian package iproute2)");
+    assert!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// A listener that accepts connections on a thread and keeps them until dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<thread::JoinHandle<Vec<TcpStream>>>,
+}
+
+impl Server {
+    pub fn start(bind: &str) -> Self {
+        Self::from_listener(TcpListener::bind(bind).expect("bind server"))
+    }
+
+    pub fn from_listener(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((c, _)) => held.push(c),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+            held
+        });
+        Self {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops accepting and closes every accepted connection and the listener.
+    pub fn close(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            drop(h.join().expect("server thread"));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Opens `n` connections to `addr` from a thread named `bw-client` (its comm in the kernel).
+pub fn connect_many(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    thread::Builder::new()
+        .name("bw-client".into())
+        .spawn(move || {
+            (0..n)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect()
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// A port on 127.0.0.1 with nothing listening (bound once, then released).
+pub fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}

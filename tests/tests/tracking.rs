@@ -1,0 +1,342 @@
+//! Connection tracking against ground truth: `ss`, the client's own errno values, and what the
+//! test itself did. Runs the real agent and the real eBPF programs in the real kernel.
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_tests::{
+    closed_port, connect_many, eventually, field, netns::NetNs, require_root, serial,
+    ss_established_to, Agent, Server,
+};
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// Waits until the destination's counters satisfy `pred`; panics with the last value if not.
+fn wait_for(
+    agent: &Agent,
+    addr: &str,
+    port: u16,
+    dir: &str,
+    netns: Option<u32>,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = None;
+    eventually(SETTLE, || {
+        let d = agent.destination(addr, port, dir, netns);
+        last = d.clone();
+        d.filter(|d| pred(d))
+    })
+    .unwrap_or_else(|| panic!("{what}: destination {addr}:{port} {dir} is {last:?}"))
+}
+
+#[test]
+fn two_hundred_connections_match_ss_then_close() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let server = Server::start("127.0.0.1:0");
+    let port = server.addr.port();
+    let clients = connect_many(server.addr, 200);
+
+    assert_eq!(ss_established_to(server.addr, None), 200, "ss ground truth");
+    let d = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        None,
+        "200 open",
+        |d| field(d, "active") == 200,
+    );
+    assert_eq!(field(&d, "opened"), 200);
+    assert_eq!(field(&d, "closed"), 0);
+    assert_eq!(d["service"], "");
+    let inbound = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "inbound",
+        None,
+        "200 accepted",
+        |d| field(d, "active") == 200,
+    );
+    assert_eq!(field(&inbound, "opened"), 200);
+
+    drop(clients);
+    server.close();
+    assert_eq!(
+        ss_established_to(SocketAddr::from(([127, 0, 0, 1], port)), None),
+        0
+    );
+    let d = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        None,
+        "all closed",
+        |d| field(d, "active") == 0 && field(d, "closed") == 200,
+    );
+    assert_eq!(field(&d, "opened"), 200);
+    for f in ["failed_refused", "failed_timeout", "failed_other"] {
+        assert_eq!(field(&d, f), 0, "{f}");
+    }
+    let inbound = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "inbound",
+        None,
+        "in closed",
+        |d| field(d, "active") == 0,
+    );
+    assert_eq!(field(&inbound, "closed"), 200);
+    assert_eq!(agent.counter("underflows"), 0);
+    assert_eq!(agent.counter("prog_errors"), 0);
+}
+
+#[test]
+fn fifty_refused_connects() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let port = closed_port();
+    for _ in 0..50 {
+        let err = TcpStream::connect(("127.0.0.1", port)).expect_err("nothing listens");
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "client sees ECONNREFUSED"
+        );
+    }
+    let d = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        None,
+        "50 refused",
+        |d| field(d, "failed_refused") == 50,
+    );
+    assert_eq!(field(&d, "failed_timeout"), 0);
+    assert_eq!(field(&d, "failed_other"), 0);
+    assert_eq!(field(&d, "opened"), 0);
+    assert_eq!(field(&d, "active"), 0);
+}
+
+/// A listener with backlog 0 and one unaccepted connection has a full accept queue: the kernel
+/// drops further SYNs, and a client with TCP_SYNCNT=1 gives up after about 3 s (1 s + 2 s).
+#[test]
+fn three_syn_timeouts() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).expect("first connection fills the queue");
+
+    let started = Instant::now();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            thread::spawn(move || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt on a socket we own, with a properly sized int.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_SYNCNT,
+                        &one as *const _ as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "TCP_SYNCNT");
+                s.connect(&addr.into()).expect_err("SYNs are dropped")
+            })
+        })
+        .collect();
+    for c in clients {
+        let err = c.join().unwrap();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ETIMEDOUT),
+            "client sees ETIMEDOUT: {err}"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "gave up after {took:?}: not a SYN timeout"
+    );
+
+    let d = wait_for(
+        &agent,
+        "127.0.0.1",
+        addr.port(),
+        "outbound",
+        None,
+        "3 timeouts",
+        |d| field(d, "failed_timeout") == 3,
+    );
+    assert_eq!(field(&d, "failed_refused"), 0);
+    assert_eq!(field(&d, "failed_other"), 0);
+    // The one connection that got into the queue.
+    assert_eq!(field(&d, "opened"), 1);
+    drop(filler);
+}
+
+#[test]
+fn connections_open_before_start_are_seeded() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let server = Server::start("127.0.0.1:0");
+    let clients = connect_many(server.addr, 10);
+    assert_eq!(ss_established_to(server.addr, None), 10);
+
+    let agent = Agent::start();
+    let port = server.addr.port();
+    let d = wait_for(&agent, "127.0.0.1", port, "outbound", None, "seeded", |d| {
+        field(d, "active") == 10
+    });
+    // Seen, not opened while we watched.
+    assert_eq!(field(&d, "opened"), 0);
+    let inbound = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "inbound",
+        None,
+        "seeded in",
+        |d| field(d, "active") == 10,
+    );
+    assert_eq!(field(&inbound, "opened"), 0);
+    assert!(agent.counter("seeded") >= 20);
+
+    drop(clients);
+    server.close();
+    let d = wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        None,
+        "seeded closed",
+        |d| field(d, "active") == 0,
+    );
+    assert_eq!(field(&d, "closed"), 10);
+    assert_eq!(agent.counter("underflows"), 0);
+}
+
+#[test]
+fn same_address_in_two_namespaces_is_two_places() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let ns = NetNs::new("two");
+    let host_server = Server::start("127.0.0.1:0");
+    let port = host_server.addr.port();
+    let (ns_server, ns_clients) = ns.run(move || {
+        let server = Server::start(&format!("127.0.0.1:{port}"));
+        let clients = connect_many(server.addr, 5);
+        (server, clients)
+    });
+    let host_clients = connect_many(host_server.addr, 3);
+
+    assert_eq!(ss_established_to(host_server.addr, None), 3);
+    assert_eq!(ss_established_to(host_server.addr, Some(&ns.name)), 5);
+    let host_ns = agent.info().host_netns;
+    assert_ne!(host_ns, ns.inode());
+    wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        Some(host_ns),
+        "host",
+        |d| field(d, "active") == 3,
+    );
+    wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        Some(ns.inode()),
+        "netns",
+        |d| field(d, "active") == 5,
+    );
+
+    drop(ns_clients);
+    ns_server.close();
+    wait_for(
+        &agent,
+        "127.0.0.1",
+        port,
+        "outbound",
+        Some(ns.inode()),
+        "netns closed",
+        |d| field(d, "active") == 0 && field(d, "closed") == 5,
+    );
+    let host = agent
+        .destination("127.0.0.1", port, "outbound", Some(host_ns))
+        .unwrap();
+    assert_eq!(
+        field(&host, "active"),
+        3,
+        "the host's connections are untouched"
+    );
+    drop(host_clients);
+}
+
+#[test]
+fn ipv6_connections_match_ss() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let server = Server::from_listener(TcpListener::bind("[::1]:0").expect("IPv6 loopback"));
+    let clients = connect_many(server.addr, 7);
+    assert_eq!(ss_established_to(server.addr, None), 7);
+    wait_for(
+        &agent,
+        "::1",
+        server.addr.port(),
+        "outbound",
+        None,
+        "v6",
+        |d| field(d, "active") == 7 && field(d, "opened") == 7,
+    );
+    drop(clients);
+    wait_for(
+        &agent,
+        "::1",
+        server.addr.port(),
+        "outbound",
+        None,
+        "v6 closed",
+        |d| field(d, "active") == 0 && field(d, "closed") == 7,
+    );
+}

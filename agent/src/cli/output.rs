@@ -6,7 +6,7 @@ use comfy_table::{presets::NOTHING, Cell, CellAlignment, Table};
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(header.iter().map(|h| Cell::new(h)));
+    t.set_header(header.iter().map(Cell::new));
     t
 }
 
@@ -52,8 +52,8 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
         "IN-OPENED",
     ]);
     for s in &r.services {
-        let o = s.outbound.clone().unwrap_or_default();
-        let i = s.inbound.clone().unwrap_or_default();
+        let o = s.outbound.unwrap_or_default();
+        let i = s.inbound.unwrap_or_default();
         t.add_row(vec![
             Cell::new(&s.name),
             Cell::new(s.endpoints.join(",")),

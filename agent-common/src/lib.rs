@@ -24,7 +24,8 @@ pub mod names {
     pub const MAP_SVC_LPM: &str = "BW_SVC_LPM";
     /// Per service aggregates: index `svc_id * 2 + direction` -> `ConnStats`.
     pub const MAP_SVC_STATS: &str = "BW_SVC_STATS";
-    /// Listening ports seen while seeding: `ListenKey -> u8`.
+    /// Listening sockets and the process that called `listen()`: `ListenKey -> ListenerInfo`.
+    /// Inbound connections are attributed to their listener's process.
     pub const MAP_LISTENERS: &str = "BW_LISTENERS";
     /// Per-CPU counters, indexed by [`crate::counter`].
     pub const MAP_COUNTERS: &str = "BW_COUNTERS";
@@ -231,7 +232,8 @@ pub struct ConnInfo {
     pub start_ns: u64,
     pub cgroup_id: u64,
     pub netns: u32,
-    /// Thread-group id of the connecting process; 0 for inbound and seeded sockets.
+    /// Thread-group id of the process that connected (outbound) or listens (inbound); 0 when
+    /// unknown (the socket or its listener predates the agent).
     pub pid: u32,
     pub sport: u16,
     pub dport: u16,
@@ -265,6 +267,16 @@ pub struct ListenKey {
     pub _pad: u16,
 }
 
+/// Value of `BW_LISTENERS`. Zero pid for listeners that existed before the agent started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+
 /// Index of a service's stats for one direction in `BW_SVC_STATS`.
 pub const fn svc_stats_index(svc: u32, direction: u8) -> u32 {
     svc * 2 + direction as u32
@@ -284,6 +296,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnInfo>() == 88);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
+    assert!(core::mem::size_of::<ListenerInfo>() == 32);
 };
 
 #[cfg(feature = "user")]
@@ -295,4 +308,5 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
+    unsafe impl aya::Pod for super::ListenerInfo {}
 }

@@ -9,10 +9,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
 };
-use breakwater_common::{conn_flags, counter, direction, scratch_slot, tcp_state, ListenKey};
+use breakwater_common::{conn_flags, counter, direction, scratch_slot, tcp_state, ListenerInfo};
 
 use crate::{
-    maps::{bump, offsets, service_of, BW_CONNS, BW_LISTENERS},
+    maps::{bump, listen_key, offsets, service_of, BW_CONNS, BW_LISTENERS},
     sock::{key_of, read, read_sock, record, scratch, Error, Event},
 };
 
@@ -51,24 +51,20 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     if !read_sock(sk, &o, c)? {
         return Ok(());
     }
+    let listening = listen_key(c.netns, c.sport);
     if state == tcp_state::LISTEN {
-        let key = ListenKey {
-            netns: c.netns,
-            port: c.sport,
-            _pad: 0,
-        };
-        BW_LISTENERS.insert(&key, &1, 0).map_err(|_| Error::Map)?;
+        // Keep what the tracepoint knows of a listener opened since the agent started.
+        let _ = BW_LISTENERS.insert(&listening, &ListenerInfo::default(), BPF_NOEXIST as u64);
         return Ok(());
     }
-    let listening = ListenKey {
-        netns: c.netns,
-        port: c.sport,
-        _pad: 0,
-    };
-    c.direction = if BW_LISTENERS.get(&listening).is_some() {
-        direction::INBOUND
-    } else {
-        direction::OUTBOUND
+    c.direction = match BW_LISTENERS.get(&listening) {
+        Some(l) => {
+            c.pid = l.pid;
+            c.comm = l.comm;
+            c.cgroup_id = l.cgroup_id;
+            direction::INBOUND
+        }
+        None => direction::OUTBOUND,
     };
     let key = key_of(c);
     let key_svc = service_of(&key.addr, key.port);

@@ -2,10 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use breakwater_common::{
-    counter, defaults, scratch_slot, ConnInfo, ConnStats, DestKey, ListenKey, Offsets, SvcLpmData,
+    counter, defaults, scratch_slot, ConnInfo, ConnStats, DestKey, ListenKey, ListenerInfo,
+    Offsets, SvcLpmData,
 };
 
 #[map]
@@ -24,8 +25,8 @@ pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
 pub static BW_SVC_STATS: Array<ConnStats> = Array::with_max_entries(defaults::MAX_SERVICES * 2, 0);
 
 #[map]
-pub static BW_LISTENERS: HashMap<ListenKey, u8> =
-    HashMap::with_max_entries(defaults::MAX_LISTENERS, 0);
+pub static BW_LISTENERS: LruHashMap<ListenKey, ListenerInfo> =
+    LruHashMap::with_max_entries(defaults::MAX_LISTENERS, 0);
 
 #[map]
 pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -64,4 +65,13 @@ pub fn service_of(addr: &[u8; 16], port: u16) -> u32 {
         },
     );
     BW_SVC_LPM.get(&key).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn listen_key(netns: u32, port: u16) -> ListenKey {
+    ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    }
 }

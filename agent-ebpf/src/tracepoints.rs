@@ -8,10 +8,12 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use breakwater_common::{conn_flags, counter, direction, scratch_slot, tcp_state::*, Offsets};
+use breakwater_common::{
+    conn_flags, counter, direction, scratch_slot, tcp_state::*, ListenerInfo, Offsets,
+};
 
 use crate::{
-    maps::{bump, offsets, service_of, BW_CONNS},
+    maps::{bump, listen_key, offsets, service_of, BW_CONNS, BW_LISTENERS},
     sock::{key_of, read, read_sock, record, scratch, Error, Event, IPPROTO_TCP},
 };
 
@@ -47,6 +49,14 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
         (SYN_RECV, ESTABLISHED) => on_established(sk, &o, cookie, direction::INBOUND),
         (ESTABLISHED, _) => on_leave_established(cookie, new),
         (SYN_SENT, CLOSE) => on_connect_failed(sk, &o, cookie),
+        (CLOSE, LISTEN) => on_listen(sk, &o),
+        (LISTEN, CLOSE) => {
+            let c = scratch(scratch_slot::TRACEPOINT)?;
+            if read_sock(sk, &o, c)? {
+                let _ = BW_LISTENERS.remove(&listen_key(c.netns, c.sport));
+            }
+            Ok(())
+        }
         (_, CLOSE) => {
             forget(cookie);
             Ok(())
@@ -100,7 +110,15 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, cookie: u64, dir: u8) -> Re
         return Ok(());
     }
     // Inbound, or an outbound entry lost to the LRU. This runs in softirq context, so the
-    // current task is not the socket's owner: leave the process unattributed.
+    // current task is not the socket's owner: an inbound connection belongs to the process
+    // that listens for it.
+    if dir == direction::INBOUND {
+        if let Some(l) = BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
+            c.pid = l.pid;
+            c.comm = l.comm;
+            c.cgroup_id = l.cgroup_id;
+        }
+    }
     c.start_ns = bpf_ktime_get_ns();
     c.svc = svc;
     c.state = ESTABLISHED;
@@ -108,6 +126,23 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, cookie: u64, dir: u8) -> Re
     BW_CONNS.insert(&cookie, &*c, 0).map_err(|_| Error::Map)?;
     bump(counter::CONN_INSERTS);
     Ok(())
+}
+
+/// `listen()`: process context, so remember who listens for the inbound connections to come.
+unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
+    let c = scratch(scratch_slot::TRACEPOINT)?;
+    if !read_sock(sk, o, c)? {
+        return Ok(());
+    }
+    let info = ListenerInfo {
+        cgroup_id: bpf_get_current_cgroup_id(),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    BW_LISTENERS
+        .insert(&listen_key(c.netns, c.sport), &info, 0)
+        .map_err(|_| Error::Map)
 }
 
 unsafe fn on_leave_established(cookie: u64, new: u8) -> Result<(), Error> {

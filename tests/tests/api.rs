@@ -111,7 +111,7 @@ fn services_from_config_and_api_count_their_connections() {
 }
 
 #[test]
-fn cgroup_id_is_the_clients_cgroup() {
+fn processes_and_cgroups_are_attributed() {
     let _s = serial();
     if !require_root() {
         return;
@@ -145,6 +145,24 @@ fn cgroup_id_is_the_clients_cgroup() {
         .find(|c| c.remote_port == u32::from(server.addr.port()) && c.pid == std::process::id())
         .expect("our connection");
     assert_eq!(mine.cgroup_id, ino);
+
+    // Inbound: attributed to the process that listens, i.e. this test's thread.
+    let comm: String = std::thread::current()
+        .name()
+        .unwrap()
+        .chars()
+        .take(15)
+        .collect();
+    let accepted = conns
+        .iter()
+        .find(|c| {
+            c.direction == pb::Direction::Inbound as i32
+                && c.local_port == u32::from(server.addr.port())
+        })
+        .expect("the accepted side");
+    assert_eq!(accepted.pid, std::process::id());
+    assert_eq!(accepted.comm, comm);
+    assert_eq!(accepted.cgroup_id, ino);
 }
 
 #[test]

@@ -114,7 +114,8 @@ pub struct Connection {
     pub state: ::prost::alloc::string::String,
     #[prost(uint32, tag = "7")]
     pub netns: u32,
-    /// Process that opened the connection; 0/empty when unknown (inbound, or open before the agent).
+    /// Process that connected (outbound) or that listens for it (inbound); 0/empty when unknown
+    /// (the socket or its listener existed before the agent started).
     #[prost(uint32, tag = "8")]
     pub pid: u32,
     #[prost(string, tag = "9")]

@@ -1,0 +1,305 @@
+//! `cargo xtask bench`: loopback TCP connect/accept/close throughput with the agent off and on,
+//! interleaved in one run so that both sides see the same machine state.
+
+use std::{
+    fs::{self, File},
+    io::Read,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{is_root, Workspace};
+
+/// Client threads running the connect loop.
+const CLIENTS: usize = 2;
+/// How long the agent may take to answer `info` after it starts.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Length of each round, in seconds
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
+    /// Number of rounds, each one OFF then one ON measurement
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Extra arguments for `breakwater agent` (one string, split on whitespace)
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        allow_hyphen_values = true
+    )]
+    agent_args: String,
+}
+
+pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask bench` runs the agent and must run as root (e.g. `sudo -E cargo xtask bench`)");
+    }
+    let bin = crate::build(ws)?;
+    let agent_args: Vec<&str> = args.agent_args.split_whitespace().collect();
+    let round = Duration::from_secs(args.seconds);
+
+    println!("machine: {}", machine());
+    let addr = start_server()?;
+    println!(
+        "bench: {} rounds of {}s OFF then {}s ON, {CLIENTS} client threads -> {addr}, agent args {agent_args:?}",
+        args.rounds, args.seconds, args.seconds
+    );
+
+    let tmp = tempfile::Builder::new()
+        .prefix("breakwater-bench-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for r in 1..=args.rounds {
+        let rate_off = connect_loop(addr, round)?;
+        let agent = Agent::start(&bin, tmp.path(), &agent_args)?;
+        let rate_on = connect_loop(addr, round);
+        agent.stop()?;
+        let rate_on = rate_on?;
+        println!(
+            "round {r}/{}: off {rate_off:.0} conn/s, on {rate_on:.0} conn/s",
+            args.rounds
+        );
+        off.push(rate_off);
+        on.push(rate_on);
+    }
+
+    let (off, on) = (median(&mut off), median(&mut on));
+    println!(
+        "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {:.3} (goal >= 0.97)",
+        on / off
+    );
+    Ok(())
+}
+
+/// "N CPUs (model), kernel X".
+fn machine() -> String {
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("nproc {cpus} ({model}), kernel {}", kernel.trim())
+}
+
+/// A listener on 127.0.0.1 served by one thread that accepts and closes at once. The server
+/// closes first, so TIME_WAIT lands on its side and the clients' ephemeral ports stay free.
+fn start_server() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::Builder::new()
+        .name("bench-server".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        })
+        .context("starting the server thread")?;
+    Ok(addr)
+}
+
+/// Runs the connect/close loop on `CLIENTS` threads for `length`; returns connections per second.
+fn connect_loop(addr: SocketAddr, length: Duration) -> Result<f64> {
+    let start = Instant::now();
+    let deadline = start + length;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| thread::spawn(move || client(addr, deadline)))
+        .collect();
+    let mut done = 0u64;
+    let mut failed = 0u64;
+    let mut first_error = None;
+    for client in clients {
+        let stats = client
+            .join()
+            .map_err(|_| anyhow!("a client thread panicked"))?;
+        done += stats.done;
+        failed += stats.failed;
+        first_error = first_error.or(stats.first_error);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(error) = first_error {
+        println!("warning: {failed} connections failed (first: {error})");
+    }
+    if done == 0 {
+        bail!("no connection to {addr} succeeded");
+    }
+    Ok(done as f64 / elapsed)
+}
+
+struct ClientStats {
+    done: u64,
+    failed: u64,
+    first_error: Option<std::io::Error>,
+}
+
+fn client(addr: SocketAddr, deadline: Instant) -> ClientStats {
+    let mut stats = ClientStats {
+        done: 0,
+        failed: 0,
+        first_error: None,
+    };
+    let mut byte = [0u8; 1];
+    while Instant::now() < deadline {
+        // Wait for the server's close (EOF) before closing: the server closes first.
+        let result = TcpStream::connect(addr).and_then(|mut stream| stream.read(&mut byte));
+        match result {
+            Ok(_) => stats.done += 1,
+            Err(error) => {
+                stats.failed += 1;
+                stats.first_error.get_or_insert(error);
+            }
+        }
+    }
+    stats
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+/// A running `breakwater agent`; killed when dropped before `stop`.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent with its API on `<dir>/agent.sock` and waits until `info` answers.
+    fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let socket = dir.join("agent.sock");
+        let log = dir.join("agent.log");
+        let _ = fs::remove_file(&socket);
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(bin)
+            .arg("agent")
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {} agent", bin.display()))?;
+        let mut agent = Self { child, log };
+
+        let url = format!("unix://{}", socket.display());
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "the agent exited before it was ready ({status}){}",
+                    agent.log_tail()
+                );
+            }
+            let ready = Command::new(bin)
+                .args(["--agent", &url, "info"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .with_context(|| format!("running {} --agent {url} info", bin.display()))?
+                .success();
+            if ready {
+                return Ok(agent);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "`{} --agent {url} info` did not succeed within {}s{}",
+                    bin.display(),
+                    READY_TIMEOUT.as_secs(),
+                    agent.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`).
+    fn stop(mut self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sending SIGTERM to the agent");
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    println!(
+                        "warning: the agent exited with {status} after SIGTERM{}",
+                        self.log_tail()
+                    );
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                println!(
+                    "warning: the agent did not exit within {}s of SIGTERM; killing it{}",
+                    STOP_TIMEOUT.as_secs(),
+                    self.log_tail()
+                );
+                self.child.kill()?;
+                self.child.wait()?;
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the agent's output, for error messages.
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        format!("\nlast lines of {}:\n{tail}", self.log.display())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn loop_counts_connections() {
+        let addr = start_server().unwrap();
+        let rate = connect_loop(addr, Duration::from_millis(200)).unwrap();
+        assert!(rate > 0.0);
+    }
+}

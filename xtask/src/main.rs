@@ -1,0 +1,278 @@
+//! Developer tasks for breakwater: `cargo xtask <setup|build|run|test|bench>`.
+
+mod bench;
+mod setup;
+
+use std::{
+    env,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// Where `breakwater agent` serves its API unless given `--socket`.
+const DEFAULT_SOCKET: &str = "/run/breakwater/agent.sock";
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "breakwater developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready to build and run breakwater (idempotent; root for mounts and apt)
+    Setup,
+    /// Setup, then build the agent in release mode (target/release/breakwater)
+    Build,
+    /// Setup, build, then run the agent in the foreground (root)
+    Run {
+        /// Extra arguments for `breakwater agent`, after `--`
+        #[arg(last = true)]
+        agent_args: Vec<String>,
+    },
+    /// Setup, unit tests, then the privileged integration tests (root)
+    Test {
+        /// Extra arguments for the integration test binary after `--` (e.g. a test name filter)
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
+    /// Loopback connect/accept/close throughput with the agent off and on (root)
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_task(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(task: Task) -> Result<()> {
+    let ws = Workspace::new();
+    match task {
+        Task::Setup => setup::run(),
+        Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
+        Task::Run { agent_args } => run_agent(&ws, &agent_args),
+        Task::Test { test_args } => test(&ws, &test_args),
+        Task::Bench(args) => bench::run(&ws, &args),
+    }
+}
+
+/// The cargo workspace this xtask belongs to.
+pub struct Workspace {
+    root: PathBuf,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf();
+        Self { root }
+    }
+
+    /// `cargo` (the one that runs this xtask), started in the workspace root.
+    fn cargo(&self) -> Command {
+        let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    /// The absolute path of the release agent binary (honours CARGO_TARGET_DIR and the like).
+    fn agent_bin(&self) -> Result<PathBuf> {
+        let metadata =
+            output(
+                self.cargo()
+                    .args(["metadata", "--format-version", "1", "--no-deps"]),
+            )?;
+        let metadata: serde_json::Value =
+            serde_json::from_str(&metadata).context("parsing `cargo metadata` output")?;
+        let target_dir = metadata["target_directory"]
+            .as_str()
+            .context("`cargo metadata` printed no target_directory")?;
+        Ok(Path::new(target_dir).join("release").join("breakwater"))
+    }
+}
+
+/// Setup, then build the release agent; returns the absolute path of the binary.
+pub fn build(ws: &Workspace) -> Result<PathBuf> {
+    setup::run()?;
+    build_release(ws)
+}
+
+fn build_release(ws: &Workspace) -> Result<PathBuf> {
+    run(ws
+        .cargo()
+        .args(["build", "--release", "--package", "breakwater"]))?;
+    let bin = ws.agent_bin()?;
+    if !bin.is_file() {
+        bail!(
+            "`cargo build --release -p breakwater` succeeded but {} does not exist",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+fn run_agent(ws: &Workspace, agent_args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask run` loads eBPF programs and must run as root (e.g. `sudo -E cargo xtask run`)");
+    }
+    let bin = build(ws)?;
+    let socket = socket_arg(agent_args);
+    let has_config = env::var_os("BREAKWATER_CONFIG").is_some()
+        || agent_args
+            .iter()
+            .any(|arg| arg == "--config" || arg.starts_with("--config="));
+    let note = if socket.is_none() && has_config {
+        " (unless the config file sets agent.socket)"
+    } else {
+        ""
+    };
+    let socket = socket.unwrap_or(DEFAULT_SOCKET);
+    let socket = std::path::absolute(socket).unwrap_or_else(|_| socket.into());
+    let url = format!("unix://{}", socket.display());
+    println!("agent API: {url}{note}");
+    println!(
+        "try:       {} --agent {url} destinations",
+        shown(&bin).display()
+    );
+    let err = Command::new(&bin).arg("agent").args(agent_args).exec();
+    Err(err).with_context(|| format!("executing {}", bin.display()))
+}
+
+/// The value of `--socket X` / `--socket=X` among the agent's arguments.
+fn socket_arg(args: &[String]) -> Option<&str> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == "--socket" {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            arg.strip_prefix("--socket=")
+        }
+    })
+}
+
+fn test(ws: &Workspace, test_args: &[String]) -> Result<()> {
+    setup::run()?;
+    println!("== unit tests");
+    run(ws
+        .cargo()
+        .args(["test", "--workspace", "--exclude", "breakwater-tests"]))?;
+
+    println!("== privileged integration tests (breakwater-tests)");
+    if !is_root() {
+        if env::var("CI").as_deref() == Ok("true") {
+            bail!("CI=true but not running as root: the privileged integration tests (breakwater-tests) need root");
+        }
+        println!(
+            "skipped: privileged integration tests need root (run `cargo xtask test` as root)"
+        );
+        return Ok(());
+    }
+    let bin = build_release(ws)?;
+    run(ws
+        .cargo()
+        .args([
+            "test",
+            "--package",
+            "breakwater-tests",
+            "--",
+            "--test-threads=1",
+        ])
+        .args(test_args)
+        .env("BREAKWATER_BIN", &bin))
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `path` relative to the current directory when it is below it.
+fn shown(path: &Path) -> &Path {
+    env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok())
+        .unwrap_or(path)
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut line = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+/// Runs `cmd` with inherited stdio; fails unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and returns its stdout; fails (with its stderr) unless it exits 0.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start `{}`", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8", describe(cmd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn socket_arg_forms() {
+        assert_eq!(socket_arg(&args(&["--foo"])), None);
+        assert_eq!(socket_arg(&args(&["--socket", "/x.sock"])), Some("/x.sock"));
+        assert_eq!(
+            socket_arg(&args(&["-v", "--socket=/y.sock"])),
+            Some("/y.sock")
+        );
+        assert_eq!(socket_arg(&args(&["--socket"])), None);
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--", "some_filter", "--nocapture"]).unwrap();
+        match cli.command {
+            Task::Test { test_args } => assert_eq!(test_args, ["some_filter", "--nocapture"]),
+            _ => panic!("wrong task"),
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! `cargo xtask setup`: makes a Debian 12 x86_64 machine ready to build, test and run breakwater.
+//!
+//! Every step checks first and changes nothing when the machine is already ready, so running it
+//! again is cheap. It prints one `ok:` / `installing:` / `warning:` line per step and fails with
+//! what is missing when it cannot fix it.
+
+use std::{
+    env, fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{is_root, output, run as run_cmd};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    let root = is_root();
+    check_nightly()?;
+    check_rust_src()?;
+    check_bpf_linker()?;
+    check_mount("bpffs", "bpf", "/sys/fs/bpf", root)?;
+    check_mount("tracefs", "tracefs", "/sys/kernel/tracing", root)?;
+    check_ss(root)?;
+    check_cgroup2()?;
+    Ok(())
+}
+
+/// The installed toolchain called plain `nightly` (not a dated one), which aya-build uses.
+fn check_nightly() -> Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to find the nightly toolchain")?;
+    let name = list
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .find(|name| is_plain_nightly(name));
+    match name {
+        Some(name) => {
+            println!("ok: toolchain {name}");
+            Ok(())
+        }
+        None => bail!(
+            "the `nightly` toolchain is not installed (`rustup toolchain list` has no nightly-<host>); \
+             the eBPF programs are built with it (-Z build-std). It cannot be installed from here \
+             (RUSTUP_AUTO_INSTALL=0, no toolchain downloads): provide it on the machine, e.g. \
+             `rustup toolchain install nightly --profile minimal --component rust-src`"
+        ),
+    }
+}
+
+fn is_plain_nightly(name: &str) -> bool {
+    name == "nightly"
+        || name
+            .strip_prefix("nightly-")
+            .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+fn check_rust_src() -> Result<()> {
+    let has_rust_src = || -> Result<bool> {
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            "nightly",
+            "--installed",
+        ]))?;
+        Ok(installed.lines().any(|line| line.starts_with("rust-src")))
+    };
+    if has_rust_src()? {
+        println!("ok: rust-src for nightly");
+        return Ok(());
+    }
+    println!(
+        "installing: rust-src for nightly (rustup component add rust-src --toolchain nightly)"
+    );
+    run_cmd(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    if !has_rust_src()? {
+        bail!("`rustup component add rust-src --toolchain nightly` succeeded but rust-src is still not listed");
+    }
+    println!("ok: rust-src for nightly");
+    Ok(())
+}
+
+/// `bpf-linker` found on PATH that runs on its own (not only under `rustup run`) and is 0.13.
+fn bpf_linker() -> Result<(String, PathBuf), String> {
+    let path = which::which("bpf-linker").map_err(|_| "bpf-linker is not on PATH".to_string())?;
+    let version = output(Command::new(&path).arg("--version"))
+        .map_err(|e| format!("{} does not run: {e:#}", path.display()))?;
+    let version = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    if !version.starts_with("0.13.") {
+        return Err(format!(
+            "{} is version {version:?}, need 0.13",
+            path.display()
+        ));
+    }
+    Ok((version, path))
+}
+
+fn check_bpf_linker() -> Result<()> {
+    if let Err(why) = bpf_linker() {
+        println!(
+            "installing: bpf-linker {BPF_LINKER_VERSION} against nightly's libLLVM, about 2 minutes ({why})"
+        );
+        install_bpf_linker()?;
+    }
+    let (version, path) = bpf_linker().map_err(|why| {
+        anyhow!(
+            "bpf-linker was installed but the check still fails: {why}; \
+             is cargo's bin directory ($CARGO_HOME/bin, usually ~/.cargo/bin) on PATH?"
+        )
+    })?;
+    println!("ok: bpf-linker {version} ({})", path.display());
+    Ok(())
+}
+
+/// Builds bpf-linker against nightly's own shared libLLVM (see shared/TOOLCHAIN.md): a prefix
+/// whose lib/ holds libLLVM.so and the soname, both linked to the nightly sysroot's library.
+fn install_bpf_linker() -> Result<()> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major: u32 = version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version:"))
+        .and_then(|v| v.trim().split('.').next()?.parse().ok())
+        .context("`rustc +nightly -vV` printed no \"LLVM version: N.x\" line")?;
+
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let pattern = format!("libLLVM.so.{major}");
+    let mut candidates: Vec<PathBuf> = fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&pattern))
+        })
+        .collect();
+    candidates.sort();
+    let lib = candidates.pop().with_context(|| {
+        format!(
+            "no {pattern}* in {}: the nightly toolchain ships no shared libLLVM to build bpf-linker against",
+            libdir.display()
+        )
+    })?;
+    let soname = lib.file_name().context("libLLVM path has no file name")?;
+
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home)
+        .join(".cache/breakwater")
+        .join(format!("llvm-{major}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(soname)] {
+        replace_symlink(&lib, &link)?;
+    }
+
+    run_cmd(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--force", "--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
+    if fs::read_link(link).is_ok_and(|current| current == target) {
+        return Ok(());
+    }
+    match fs::remove_file(link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", link.display())),
+    }
+    symlink(target, link)
+        .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
+}
+
+/// (mount point, fstype) of every mount of this process's mount namespace.
+fn mounts() -> Result<Vec<(String, String)>> {
+    let table = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let mount_point = unescape_mount_field(fields.next()?);
+            Some((mount_point, fields.next()?.to_string()))
+        })
+        .collect())
+}
+
+/// /proc/self/mounts writes space, tab, newline and backslash as octal escapes (`\040`).
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let digits = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(digits, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_mounted(fstype: &str, path: &str) -> Result<bool> {
+    Ok(mounts()?
+        .iter()
+        .any(|(mount_point, fs)| mount_point == path && fs == fstype))
+}
+
+fn check_mount(what: &str, fstype: &str, path: &str, root: bool) -> Result<()> {
+    if is_mounted(fstype, path)? {
+        println!("ok: {what} mounted at {path}");
+        return Ok(());
+    }
+    if !root {
+        println!(
+            "warning: {what} is not mounted at {path} (not root, so not mounting it; \
+             as root: mount -t {fstype} {fstype} {path})"
+        );
+        return Ok(());
+    }
+    println!("installing: {what} at {path} (mount -t {fstype} {fstype} {path})");
+    run_cmd(Command::new("mount").args(["-t", fstype, fstype, path]))?;
+    if !is_mounted(fstype, path)? {
+        bail!(
+            "`mount -t {fstype} {fstype} {path}` succeeded but /proc/self/mounts does not show it"
+        );
+    }
+    println!("ok: {what} mounted at {path}");
+    Ok(())
+}
+
+fn check_ss(root: bool) -> Result<()> {
+    if let Ok(path) = which::which("ss") {
+        println!("ok: ss ({})", path.display());
+        return Ok(());
+    }
+    if !root {
+        bail!("the `ss` command is missing: install the Debian package iproute2 as root (apt-get install -y iproute2), or run `cargo xtask setup` as root");
+    }
+    println!("installing: iproute2 for `ss` (apt-get update && apt-get install -y iproute2)");
+    apt_install("iproute2")?;
+    let path = which::which("ss")
+        .map_err(|_| anyhow!("iproute2 was installed but `ss` is still not on PATH"))?;
+    println!("ok: ss ({})", path.display());
+    Ok(())
+}
+
+fn apt_install(package: &str) -> Result<()> {
+    run_cmd(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn check_cgroup2() -> Result<()> {
+    let mounts = mounts()?;
+    let cgroup2 = mounts.iter().find(|(_, fstype)| fstype == "cgroup2");
+    match cgroup2 {
+        Some((mount_point, _)) => {
+            println!("ok: cgroup2 mounted at {mount_point}");
+            Ok(())
+        }
+        None => bail!(
+            "no cgroup2 filesystem is mounted (none in /proc/self/mounts): breakwater attaches its \
+             programs to the cgroup v2 hierarchy; mount it (mount -t cgroup2 none /sys/fs/cgroup) \
+             or boot with cgroup v2 enabled"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_nightly_names() {
+        assert!(is_plain_nightly("nightly"));
+        assert!(is_plain_nightly("nightly-x86_64-unknown-linux-gnu"));
+        assert!(!is_plain_nightly(
+            "nightly-2024-01-01-x86_64-unknown-linux-gnu"
+        ));
+        assert!(!is_plain_nightly("stable-x86_64-unknown-linux-gnu"));
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        assert_eq!(unescape_mount_field("/sys/fs/bpf"), "/sys/fs/bpf");
+        assert_eq!(unescape_mount_field(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_field(r"/mnt/a\\b"), r"/mnt/a\\b");
+    }
+}

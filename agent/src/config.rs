@@ -153,6 +153,15 @@ mod tests {
         assert_eq!(t.get("db").unwrap().id, 2);
     }
 
+    /// The example in the repository stays a valid config that says what the defaults are.
+    #[test]
+    fn example_config_is_valid_and_shows_the_defaults() {
+        let c = Config::from_toml(include_str!("../../config/breakwater.example.toml")).unwrap();
+        assert_eq!(c.agent, AgentConfig::default());
+        assert_eq!(c.maps, MapSizes::default());
+        assert_eq!(c.service_table().unwrap().iter().count(), 2);
+    }
+
     #[test]
     fn bad_configs_say_why() {
         let cases = [

@@ -79,10 +79,11 @@ impl Agent {
             std::fs::write(&path, text).expect("write config");
             cmd.arg("--config").arg(path);
         }
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent log");
         let child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("spawn agent");
         // Multi-threaded so that client connections are driven (and closed) between calls.
@@ -100,7 +101,7 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = agent.child.try_wait().expect("try_wait") {
-                panic!("agent exited during start-up: {status}");
+                panic!("agent exited during start-up: {status}\n{}", agent.log());
             }
             if agent.socket.exists() && agent.try_info().is_ok() {
                 return agent;
@@ -111,6 +112,11 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
     pub fn address(&self) -> String {
@@ -243,7 +249,9 @@ impl Drop for Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
-        let _ = &self.dir;
+        if thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
     }
 }
 

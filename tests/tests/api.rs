@@ -301,6 +301,7 @@ fn info_reports_programs_maps_and_socket_mode() {
     if !require_root() {
         return;
     }
+    let _stats = BpfStats::enable();
     let agent = Agent::start_with_config(Some("[maps]\nmax_destinations = 16\n"));
     let mode = std::fs::metadata(&agent.socket)
         .unwrap()
@@ -334,4 +335,36 @@ fn info_reports_programs_maps_and_socket_mode() {
     .expect("evictions reported");
     assert!(info.entries <= 16, "{info:?}");
     assert_eq!(agent.counter("prog_errors"), 0);
+
+    // With kernel.bpf_stats_enabled the kernel's own run counts come through.
+    let state = agent
+        .info()
+        .programs
+        .into_iter()
+        .find(|p| p.name == "bw_sock_state")
+        .unwrap();
+    assert!(
+        state.run_count >= 80,
+        "2 state changes per refused connect: {state:?}"
+    );
+    assert!(state.run_time_ns > 0);
+}
+
+/// Turns on `kernel.bpf_stats_enabled` and restores the previous value on drop.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let old = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, "1").unwrap();
+        Self(old)
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
 }

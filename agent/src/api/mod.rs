@@ -322,7 +322,7 @@ impl Agent for AgentService {
         let (programs, maps, counters) = self
             .with_core(|core| {
                 let k = &core.kernel;
-                Ok((k.programs().to_vec(), k.maps(), k.counters()))
+                Ok((k.programs(), k.maps(), k.counters()))
             })
             .await?;
         let kernel = nix::sys::utsname::uname()
@@ -338,6 +338,9 @@ impl Agent for AgentService {
                     name: p.name.to_owned(),
                     attach: p.attach,
                     id: p.id,
+                    run_count: p.run_count,
+                    run_time_ns: p.run_time_ns,
+                    recursion_misses: p.recursion_misses,
                 })
                 .collect(),
             maps: maps

@@ -63,11 +63,16 @@ impl LoadError {
 }
 
 /// A program as loaded into the kernel.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ProgramSummary {
     pub name: &'static str,
     pub attach: String,
     pub id: u32,
+    /// From the program fd's fdinfo; run count and time need `kernel.bpf_stats_enabled=1`.
+    pub run_count: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU.
+    pub recursion_misses: u64,
 }
 
 /// Fill of one map.
@@ -158,6 +163,7 @@ impl Kernel {
             name: names::PROG_SEED_TCP,
             attach: format!("iter/{}", names::ITER_TCP),
             id,
+            ..Default::default()
         });
         info!(
             namespaces = walked,
@@ -167,8 +173,35 @@ impl Kernel {
         Ok(())
     }
 
-    pub fn programs(&self) -> &[ProgramSummary] {
-        &self.programs
+    /// The attached programs with their kernel run statistics now.
+    pub fn programs(&self) -> Vec<ProgramSummary> {
+        self.programs
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                let fdinfo = self
+                    .ebpf
+                    .program(p.name)
+                    .and_then(|prog| prog.fd().ok())
+                    .and_then(|fd| {
+                        use std::os::fd::{AsFd as _, AsRawFd as _};
+                        let raw = fd.as_fd().as_raw_fd();
+                        std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()
+                    })
+                    .unwrap_or_default();
+                let field = |name: &str| {
+                    fdinfo
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                p.run_count = field("run_cnt");
+                p.run_time_ns = field("run_time_ns");
+                p.recursion_misses = field("recursion_misses");
+                p
+            })
+            .collect()
     }
 
     pub fn put_endpoints(&mut self, id: u32, added: &[Endpoint]) -> Result<()> {

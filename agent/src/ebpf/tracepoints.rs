@@ -26,5 +26,6 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<ProgramSummary, LoadError> {
         name: names::PROG_SOCK_STATE,
         attach: format!("tp_btf/{}", names::TRACEPOINT_SOCK_STATE),
         id: prog.info().map(|i| i.id()).unwrap_or_default(),
+        ..Default::default()
     })
 }

@@ -181,6 +181,14 @@ pub struct ProgramInfo {
     pub attach: ::prost::alloc::string::String,
     #[prost(uint32, tag = "3")]
     pub id: u32,
+    /// Kernel run statistics; count and time need sysctl kernel.bpf_stats_enabled=1.
+    #[prost(uint64, tag = "4")]
+    pub run_count: u64,
+    #[prost(uint64, tag = "5")]
+    pub run_time_ns: u64,
+    /// Runs skipped because the program was already running on that CPU (events not counted).
+    #[prost(uint64, tag = "6")]
+    pub recursion_misses: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -39,16 +39,16 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         return Ok(());
     }
     let o = offsets();
-    if o.ready == 0 {
+    if unsafe { core::ptr::read_volatile(&o.ready) } == 0 {
         bump(counter::NO_OFFSETS);
         return Ok(());
     }
-    let state: u8 = read(sk, o.skc_state)?;
+    let state: u8 = read(sk, &o.skc_state);
     if state != tcp_state::LISTEN && state != tcp_state::ESTABLISHED {
         return Ok(());
     }
     let c = scratch(scratch_slot::ITER)?;
-    if !read_sock(sk, &o, c)? {
+    if !read_sock(sk, o, c)? {
         return Ok(());
     }
     let listening = listen_key(c.netns, c.sport);

@@ -36,14 +36,18 @@ pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 pub static BW_SCRATCH: PerCpuArray<ConnInfo> =
     PerCpuArray::with_max_entries(scratch_slot::COUNT, 0);
 
-/// Filled in by the loader before load (`EbpfLoader::set_global`).
+/// Filled in by the loader before load (`EbpfLoader::override_global`). Kept in `.rodata`
+/// (an all-zero static would land in `.bss`) so the map is frozen and read-only to programs,
+/// and the verifier knows every offset as a constant.
 #[unsafe(no_mangle)]
+#[unsafe(link_section = ".rodata")]
 pub static BW_OFFSETS: Offsets = Offsets::ZERO;
 
+/// The offsets, to be read field by field with `sock::read` at each use: a load straight from
+/// the frozen map is a constant to the verifier, a copy on the stack may not be.
 #[inline(always)]
-pub fn offsets() -> Offsets {
-    // SAFETY: a plain read of a global; volatile so the compiler keeps the load the loader patches.
-    unsafe { core::ptr::read_volatile(&BW_OFFSETS) }
+pub fn offsets() -> &'static Offsets {
+    &BW_OFFSETS
 }
 
 #[inline(always)]

@@ -31,28 +31,28 @@ pub fn bw_sock_state(ctx: BtfTracePointContext) -> i32 {
 
 unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     let o = offsets();
-    if o.ready == 0 {
+    if unsafe { core::ptr::read_volatile(&o.ready) } == 0 {
         bump(counter::NO_OFFSETS);
         return Ok(());
     }
     let sk: *const u8 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if read::<u16>(sk, o.sk_protocol)? != IPPROTO_TCP {
+    if read::<u16>(sk, &o.sk_protocol) != IPPROTO_TCP {
         return Ok(());
     }
     let (old, new) = (old as u8, new as u8);
     let cookie = bpf_get_socket_cookie(sk as *mut _);
     match (old, new) {
-        (CLOSE, SYN_SENT) => on_connect(sk, &o, cookie),
-        (SYN_SENT, ESTABLISHED) => on_established(sk, &o, cookie, direction::OUTBOUND),
-        (SYN_RECV, ESTABLISHED) => on_established(sk, &o, cookie, direction::INBOUND),
+        (CLOSE, SYN_SENT) => on_connect(sk, o, cookie),
+        (SYN_SENT, ESTABLISHED) => on_established(sk, o, cookie, direction::OUTBOUND),
+        (SYN_RECV, ESTABLISHED) => on_established(sk, o, cookie, direction::INBOUND),
         (ESTABLISHED, _) => on_leave_established(cookie, new),
-        (SYN_SENT, CLOSE) => on_connect_failed(sk, &o, cookie),
-        (CLOSE, LISTEN) => on_listen(sk, &o),
+        (SYN_SENT, CLOSE) => on_connect_failed(sk, o, cookie),
+        (CLOSE, LISTEN) => on_listen(sk, o),
         (LISTEN, CLOSE) => {
             let c = scratch(scratch_slot::TRACEPOINT)?;
-            if read_sock(sk, &o, c)? {
+            if read_sock(sk, o, c)? {
                 let _ = BW_LISTENERS.remove(&listen_key(c.netns, c.sport));
             }
             Ok(())
@@ -173,7 +173,7 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets, cookie: u64) -> Result<(
     c.direction = direction::OUTBOUND;
     let key = key_of(c);
     let svc = service_of(&key.addr, key.port);
-    let ev = match read::<i32>(sk, o.sk_err)? {
+    let ev = match read::<i32>(sk, &o.sk_err) {
         ECONNREFUSED => Event::FailedRefused,
         ETIMEDOUT => Event::FailedTimeout,
         _ => Event::FailedOther,

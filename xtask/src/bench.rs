@@ -51,7 +51,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
     println!("machine: {}", machine());
     let addr = start_server()?;
     println!(
-        "bench: {} rounds of {}s OFF then {}s ON, {CLIENTS} client threads -> {addr}, agent args {agent_args:?}",
+        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> {addr}, agent args {agent_args:?}",
         args.rounds, args.seconds, args.seconds
     );
 
@@ -61,26 +61,91 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         .context("creating a temporary directory")?;
     let mut off = Vec::new();
     let mut on = Vec::new();
+    let mut ratios = Vec::new();
+    let stats = BpfStats::enable()?;
+    let mut cost = ProgCost::default();
     for r in 1..=args.rounds {
-        let rate_off = connect_loop(addr, round)?;
+        // Alternate the order so that a drift (TIME_WAIT build-up, a busy neighbour) does not
+        // always favour the same side.
+        let off_first = r % 2 == 1;
+        let mut rate_off = None;
+        if off_first {
+            rate_off = Some(connect_loop(addr, round)?);
+        }
         let agent = Agent::start(&bin, tmp.path(), &agent_args)?;
         let rate_on = connect_loop(addr, round);
+        cost.add(&agent.program_cost(&bin, tmp.path()));
         agent.stop()?;
         let rate_on = rate_on?;
+        let rate_off = match rate_off {
+            Some(r) => r,
+            None => connect_loop(addr, round)?,
+        };
         println!(
-            "round {r}/{}: off {rate_off:.0} conn/s, on {rate_on:.0} conn/s",
-            args.rounds
+            "round {r}/{} ({}): off {rate_off:.0} conn/s, on {rate_on:.0} conn/s, ratio {:.3}",
+            args.rounds,
+            if off_first { "off, on" } else { "on, off" },
+            rate_on / rate_off
         );
         off.push(rate_off);
         on.push(rate_on);
+        ratios.push(rate_on / rate_off);
+    }
+    drop(stats);
+
+    let (off, on, ratio) = (median(&mut off), median(&mut on), median(&mut ratios));
+    println!(
+        "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
+    );
+    if let Some(ns) = cost.ns_per_run() {
+        println!(
+            "kernel cost: {ns:.0} ns per program run over {} runs ({:.1} runs per connection), {} runs missed (recursion)",
+            cost.runs,
+            cost.runs as f64 / (on * args.seconds as f64 * args.rounds as f64),
+            cost.misses
+        );
+    }
+    Ok(())
+}
+
+/// Program run statistics summed over the ON rounds.
+#[derive(Default)]
+struct ProgCost {
+    runs: u64,
+    time_ns: u64,
+    misses: u64,
+}
+
+impl ProgCost {
+    fn add(&mut self, other: &ProgCost) {
+        self.runs += other.runs;
+        self.time_ns += other.time_ns;
+        self.misses += other.misses;
     }
 
-    let (off, on) = (median(&mut off), median(&mut on));
-    println!(
-        "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {:.3} (goal >= 0.97)",
-        on / off
-    );
-    Ok(())
+    fn ns_per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.time_ns as f64 / self.runs as f64)
+    }
+}
+
+/// Turns on `kernel.bpf_stats_enabled` (per-program run counts and time) for the run, and
+/// restores the previous value when dropped.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<Self> {
+        let old = fs::read_to_string(Self::PATH).with_context(|| format!("reading {}", Self::PATH))?;
+        fs::write(Self::PATH, "1").with_context(|| format!("writing {}", Self::PATH))?;
+        Ok(Self(old.trim().to_owned()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(Self::PATH, &self.0);
+    }
 }
 
 /// "N CPUs (model), kernel X".
@@ -234,6 +299,30 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Run count, time and recursion misses of the programs on the connection path, from the
+    /// agent's own `info` (which reads the kernel's fdinfo).
+    fn program_cost(&self, bin: &Path, dir: &Path) -> ProgCost {
+        let url = format!("unix://{}", dir.join("agent.sock").display());
+        let out = Command::new(bin)
+            .args(["--agent", &url, "info", "-o", "json"])
+            .stdin(Stdio::null())
+            .output();
+        let Ok(out) = out else {
+            return ProgCost::default();
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let mut cost = ProgCost::default();
+        for p in v["programs"].as_array().into_iter().flatten() {
+            if p["attach"].as_str().is_some_and(|a| a.starts_with("iter/")) {
+                continue;
+            }
+            cost.runs += p["run_count"].as_u64().unwrap_or(0);
+            cost.time_ns += p["run_time_ns"].as_u64().unwrap_or(0);
+            cost.misses += p["recursion_misses"].as_u64().unwrap_or(0);
+        }
+        cost
     }
 
     /// SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`).

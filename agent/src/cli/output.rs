@@ -162,12 +162,16 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     if !r.config_path.is_empty() {
         out += &format!("config {}\n", r.config_path);
     }
-    let mut p = table(&["PROGRAM", "ATTACH", "ID"]);
+    let mut p = table(&["PROGRAM", "ATTACH", "ID", "RUNS", "NS/RUN", "MISSED"]);
     for x in &r.programs {
+        let per_run = x.run_time_ns.checked_div(x.run_count).unwrap_or(0);
         p.add_row(vec![
             Cell::new(&x.name),
             Cell::new(&x.attach),
             num(x.id.into()),
+            num(x.run_count),
+            num(per_run),
+            num(x.recursion_misses),
         ]);
     }
     let mut m = table(&["MAP", "ENTRIES", "CAPACITY", "EVICTIONS"]);

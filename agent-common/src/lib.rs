@@ -12,14 +12,16 @@ pub mod names {
     pub const PROG_SOCK_STATE: &str = "bw_sock_state";
     /// `iter/tcp`: seeds the gauges from the sockets that exist when the agent starts.
     pub const PROG_SEED_TCP: &str = "bw_seed_tcp";
+    /// `iter/tcp`: writes a `ConnRecord` for every tracked live socket (ListConnections).
+    pub const PROG_LIST_TCP: &str = "bw_list_tcp";
 
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
     pub const ITER_TCP: &str = "tcp";
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.
     pub const MAP_DESTS: &str = "BW_DESTS";
-    /// Live sockets: socket cookie -> `ConnInfo`.
-    pub const MAP_CONNS: &str = "BW_CONNS";
+    /// Socket-local storage: each tracked socket's `ConnInfo`, freed with the socket.
+    pub const MAP_SOCKS: &str = "BW_SOCKS";
     /// Service endpoints: LPM key (`SvcLpmData`) -> service id.
     pub const MAP_SVC_LPM: &str = "BW_SVC_LPM";
     /// Per service aggregates: index `svc_id * 2 + direction` -> `ConnStats`.
@@ -38,7 +40,7 @@ pub mod names {
     /// Every map the loader expects, for its presence check.
     pub const ALL_MAPS: [&str; 7] = [
         MAP_DESTS,
-        MAP_CONNS,
+        MAP_SOCKS,
         MAP_SVC_LPM,
         MAP_SVC_STATS,
         MAP_LISTENERS,
@@ -108,12 +110,13 @@ pub mod counter {
     pub const MAP_ERRORS: u32 = 2;
     /// New keys inserted into `BW_DESTS`.
     pub const DEST_INSERTS: u32 = 3;
-    /// New entries inserted into `BW_CONNS`.
-    pub const CONN_INSERTS: u32 = 4;
-    /// Entries removed from `BW_CONNS` by their socket's close.
-    pub const CONN_DELETES: u32 = 5;
-    /// A socket closed whose `BW_CONNS` entry was gone (evicted by the LRU).
-    pub const CONN_MISSING: u32 = 6;
+    /// Sockets given storage (connect, accept or seed).
+    pub const SOCKS_TRACKED: u32 = 4;
+    /// Listening sockets seen.
+    pub const LISTENS: u32 = 5;
+    /// An established socket left ESTABLISHED without having been counted (it predates the
+    /// agent and the seed missed it).
+    pub const UNTRACKED_CLOSES: u32 = 6;
     /// A decrement found the gauge at zero and was dropped (never underflow).
     pub const UNDERFLOWS: u32 = 7;
     /// Established sockets counted by the start-up seed.
@@ -129,9 +132,9 @@ pub mod counter {
         "read_errors",
         "map_errors",
         "dest_inserts",
-        "conn_inserts",
-        "conn_deletes",
-        "conn_missing",
+        "socks_tracked",
+        "listens",
+        "untracked_closes",
         "underflows",
         "seeded",
         "no_offsets",
@@ -148,7 +151,6 @@ pub mod scratch_slot {
 /// Default map sizes; the agent's config overrides them at load time.
 pub mod defaults {
     pub const MAX_DESTS: u32 = 65_536;
-    pub const MAX_CONNS: u32 = 262_144;
     pub const MAX_SERVICES: u32 = 1_024;
     pub const MAX_SERVICE_ENDPOINTS: u32 = 16_384;
     pub const MAX_LISTENERS: u32 = 16_384;
@@ -222,7 +224,7 @@ pub struct ConnStats {
     pub failed_other: u64,
 }
 
-/// Value of `BW_CONNS`: one live socket, with the process that opened it.
+/// Value of `BW_SOCKS`: one tracked socket, with the process that opened it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -244,6 +246,15 @@ pub struct ConnInfo {
     pub direction: u8,
     pub flags: u8,
     pub _pad: [u8; 5],
+}
+
+/// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub cookie: u64,
+    pub info: ConnInfo,
+    pub state: u64,
 }
 
 /// Data part of a `BW_SVC_LPM` key: the port (big endian) first, then the address, so that a
@@ -294,6 +305,7 @@ const _: () = {
     assert!(core::mem::size_of::<DestKey>() == 24);
     assert!(core::mem::size_of::<ConnStats>() == 48);
     assert!(core::mem::size_of::<ConnInfo>() == 88);
+    assert!(core::mem::size_of::<ConnRecord>() == 104);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
@@ -306,6 +318,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::ConnStats {}
     unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}

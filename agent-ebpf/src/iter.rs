@@ -1,25 +1,34 @@
-//! `iter/tcp`: seeds the gauges from the sockets that already exist when the agent starts.
+//! `iter/tcp` programs: seeding the gauges from the sockets that exist when the agent starts,
+//! and listing the tracked live sockets.
 //!
-//! The kernel runs this with each socket locked and skips sockets unhashed meanwhile, so a socket
-//! is either seeded here or its state change is seen by the tracepoint, never both. Listening
-//! sockets come before established ones in the walk, which lets an established socket on a
-//! listening port be told inbound.
+//! The kernel runs these with each socket locked and skips sockets unhashed meanwhile, so a
+//! socket is either seeded here or its state change is seen by the tracepoint, never both.
+//! Listening sockets come before established ones in the walk, which lets an established socket
+//! on a listening port be told inbound.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, generated::bpf_get_socket_cookie},
+use aya_ebpf::helpers::{
+    bpf_ktime_get_ns,
+    generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use breakwater_common::{conn_flags, counter, direction, scratch_slot, tcp_state, ListenerInfo};
 
 use crate::{
-    maps::{bump, listen_key, offsets, service_of, BW_CONNS, BW_LISTENERS},
+    maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
     sock::{key_of, read, read_sock, record, scratch, Error, Event},
 };
+
+/// `struct bpf_iter_meta`.
+#[repr(C)]
+pub struct IterMeta {
+    pub seq: *mut core::ffi::c_void,
+    pub session_id: u64,
+    pub seq_num: u64,
+}
 
 /// `struct bpf_iter__tcp`: the context of `iter/tcp` programs.
 #[repr(C)]
 pub struct IterTcpCtx {
-    pub meta: *const u8,
+    pub meta: *const IterMeta,
     pub sk_common: *const u8,
     pub uid: u32,
 }
@@ -39,25 +48,40 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         return Ok(());
     }
     let o = offsets();
-    if unsafe { core::ptr::read_volatile(&o.ready) } == 0 {
+    if core::ptr::read_volatile(&o.ready) == 0 {
         bump(counter::NO_OFFSETS);
         return Ok(());
     }
     let state: u8 = read(sk, &o.skc_state);
-    if state != tcp_state::LISTEN && state != tcp_state::ESTABLISHED {
+    if state == tcp_state::LISTEN {
+        let c = scratch(scratch_slot::ITER)?;
+        if read_sock(sk, o, c)? {
+            // Keep what the tracepoint knows of a listener opened since the agent started.
+            let _ = BW_LISTENERS.insert(
+                &listen_key(c.netns, c.sport),
+                &ListenerInfo::default(),
+                aya_ebpf::bindings::BPF_NOEXIST as u64,
+            );
+        }
         return Ok(());
     }
-    let c = scratch(scratch_slot::ITER)?;
+    if state != tcp_state::ESTABLISHED {
+        return Ok(());
+    }
+    // Full TCP sockets only (not timewait or request socks); storage hangs off `struct sock`.
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let c = storage(tp, true).ok_or(Error::Map)?;
+    if c.flags & conn_flags::COUNTED != 0 {
+        // Established after the tracepoint was attached: already counted.
+        return Ok(());
+    }
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
-    let listening = listen_key(c.netns, c.sport);
-    if state == tcp_state::LISTEN {
-        // Keep what the tracepoint knows of a listener opened since the agent started.
-        let _ = BW_LISTENERS.insert(&listening, &ListenerInfo::default(), BPF_NOEXIST as u64);
-        return Ok(());
-    }
-    c.direction = match BW_LISTENERS.get(&listening) {
+    c.direction = match BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
         Some(l) => {
             c.pid = l.pid;
             c.comm = l.comm;
@@ -67,17 +91,46 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         None => direction::OUTBOUND,
     };
     let key = key_of(c);
-    let key_svc = service_of(&key.addr, key.port);
-    c.svc = key_svc;
+    c.svc = service_of(&key.addr, key.port);
     c.start_ns = bpf_ktime_get_ns();
-    c.state = tcp_state::ESTABLISHED;
     c.flags = conn_flags::COUNTED | conn_flags::SEEDED;
-    let cookie = bpf_get_socket_cookie(sk as *mut _);
-    // Already tracked (established after the tracepoint was attached): nothing to seed.
-    if BW_CONNS.insert(&cookie, &*c, BPF_NOEXIST as u64).is_err() {
+    bump(counter::SOCKS_TRACKED);
+    bump(counter::SEEDED);
+    record(&key, c.svc, Event::Seeded)
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn bw_list_tcp(ctx: *const IterTcpCtx) -> i32 {
+    if let Err(e) = unsafe { try_list_tcp(ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// Writes a `ConnRecord` (cookie, storage, live state) for each tracked socket.
+unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
+    let sk = (*ctx).sk_common;
+    if sk.is_null() {
         return Ok(());
     }
-    bump(counter::CONN_INSERTS);
-    bump(counter::SEEDED);
-    record(&key, key_svc, Event::Seeded)
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let Some(c) = storage(tp, false) else {
+        return Ok(());
+    };
+    let o = offsets();
+    let seq = (*(*ctx).meta).seq;
+    let cookie = bpf_get_socket_cookie(sk as *mut _);
+    let state = u64::from(read::<u8>(sk, &o.skc_state));
+    bpf_seq_write(seq.cast(), (&raw const cookie).cast(), 8);
+    bpf_seq_write(
+        seq.cast(),
+        (c as *const breakwater_common::ConnInfo).cast(),
+        core::mem::size_of::<breakwater_common::ConnInfo>() as u32,
+    );
+    bpf_seq_write(seq.cast(), (&raw const state).cast(), 8);
+    Ok(())
 }

@@ -1,7 +1,10 @@
 //! Map declarations. Names match `breakwater_common::names` (checked by the loader).
 
 use aya_ebpf::{
-    macros::map,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    btf_maps::SkStorage,
+    helpers::generated::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use breakwater_common::{
@@ -13,9 +16,9 @@ use breakwater_common::{
 pub static BW_DESTS: LruHashMap<DestKey, ConnStats> =
     LruHashMap::with_max_entries(defaults::MAX_DESTS, 0);
 
-#[map]
-pub static BW_CONNS: LruHashMap<u64, ConnInfo> =
-    LruHashMap::with_max_entries(defaults::MAX_CONNS, 0);
+/// Per-socket state lives with the socket: no hashing, no eviction, freed when it closes.
+#[btf_map]
+pub static BW_SOCKS: SkStorage<ConnInfo> = SkStorage::new();
 
 #[map]
 pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
@@ -78,4 +81,18 @@ pub fn listen_key(netns: u32, port: u16) -> ListenKey {
         port,
         _pad: 0,
     }
+}
+
+/// The socket's `ConnInfo`, created zeroed if `create` and absent. `sk` must be a BTF pointer
+/// to a full socket (`struct sock` or a struct that starts with one).
+#[inline(always)]
+pub unsafe fn storage(sk: *const u8, create: bool) -> Option<&'static mut ConnInfo> {
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    let map = core::ptr::from_ref(&BW_SOCKS).cast_mut().cast();
+    let p = bpf_sk_storage_get(map, sk as *mut _, core::ptr::null_mut(), flags) as *mut ConnInfo;
+    p.as_mut()
 }

@@ -163,10 +163,18 @@ pub fn record(key: &DestKey, svc: u32, ev: Event) -> Result<(), Error> {
 pub fn scratch(slot: u32) -> Result<&'static mut ConnInfo, Error> {
     let p = BW_SCRATCH.get_ptr_mut(slot).ok_or(Error::Map)?;
     // SAFETY: per-CPU slot per program; the kernel does not nest a tracing program in itself.
-    // Zero it with word stores: `*c = ConnInfo::default()` becomes a call to a byte-wise memset.
-    let words = p as *mut u64;
+    let c = unsafe { &mut *p };
+    zero(c);
+    Ok(c)
+}
+
+/// Zeroes a `ConnInfo` with word stores: `*c = ConnInfo::default()` compiles to a call to a
+/// byte-wise memset loop.
+#[inline(always)]
+pub fn zero(c: &mut ConnInfo) {
+    let words = (c as *mut ConnInfo).cast::<u64>();
     for i in 0..core::mem::size_of::<ConnInfo>() / 8 {
+        // SAFETY: ConnInfo is 8-byte aligned, a multiple of 8 long, and all-zero is valid.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
-    Ok(unsafe { &mut *p })
 }

@@ -2,19 +2,18 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, generated::bpf_get_socket_cookie,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use breakwater_common::{
-    conn_flags, counter, direction, scratch_slot, tcp_state::*, ListenerInfo, Offsets,
+    conn_flags, counter, direction, scratch_slot, tcp_state::*, ConnInfo, ListenerInfo, Offsets,
 };
 
 use crate::{
-    maps::{bump, listen_key, offsets, service_of, BW_CONNS, BW_LISTENERS},
-    sock::{key_of, read, read_sock, record, scratch, Error, Event, IPPROTO_TCP},
+    maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
+    sock::{key_of, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -31,7 +30,7 @@ pub fn bw_sock_state(ctx: BtfTracePointContext) -> i32 {
 
 unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     let o = offsets();
-    if unsafe { core::ptr::read_volatile(&o.ready) } == 0 {
+    if core::ptr::read_volatile(&o.ready) == 0 {
         bump(counter::NO_OFFSETS);
         return Ok(());
     }
@@ -41,14 +40,13 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     if read::<u16>(sk, &o.sk_protocol) != IPPROTO_TCP {
         return Ok(());
     }
-    let (old, new) = (old as u8, new as u8);
-    let cookie = bpf_get_socket_cookie(sk as *mut _);
-    match (old, new) {
-        (CLOSE, SYN_SENT) => on_connect(sk, o, cookie),
-        (SYN_SENT, ESTABLISHED) => on_established(sk, o, cookie, direction::OUTBOUND),
-        (SYN_RECV, ESTABLISHED) => on_established(sk, o, cookie, direction::INBOUND),
-        (ESTABLISHED, _) => on_leave_established(cookie, new),
-        (SYN_SENT, CLOSE) => on_connect_failed(sk, o, cookie),
+    // Only the transitions that move a counter do any work: this runs ~10 times per connection.
+    match (old as u8, new as u8) {
+        (CLOSE, SYN_SENT) => on_connect(sk, o),
+        (SYN_SENT, ESTABLISHED) => on_established(sk, o, direction::OUTBOUND),
+        (SYN_RECV, ESTABLISHED) => on_established(sk, o, direction::INBOUND),
+        (ESTABLISHED, _) => on_leave_established(sk),
+        (SYN_SENT, CLOSE) => on_connect_failed(sk, o),
         (CLOSE, LISTEN) => on_listen(sk, o),
         (LISTEN, CLOSE) => {
             let c = scratch(scratch_slot::TRACEPOINT)?;
@@ -57,61 +55,45 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
             }
             Ok(())
         }
-        (_, CLOSE) => {
-            forget(cookie);
-            Ok(())
-        }
-        _ => {
-            if let Some(c) = BW_CONNS.get_ptr_mut(&cookie) {
-                (*c).state = new;
-            }
-            Ok(())
-        }
+        _ => Ok(()),
     }
+}
+
+#[inline(always)]
+fn attribute_to_current(c: &mut ConnInfo) {
+    c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    c.comm = bpf_get_current_comm().unwrap_or_default();
 }
 
 /// `connect()` sent a SYN: we are in the connecting process, so attribute the socket to it.
 /// The source port is not bound yet; it is read again when the connection is established.
-unsafe fn on_connect(sk: *const u8, o: &Offsets, cookie: u64) -> Result<(), Error> {
-    let c = scratch(scratch_slot::TRACEPOINT)?;
+unsafe fn on_connect(sk: *const u8, o: &Offsets) -> Result<(), Error> {
+    let c = storage(sk, true).ok_or(Error::Map)?;
+    // A socket may connect again after a failed attempt: start over.
+    zero(c);
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
+    attribute_to_current(c);
     c.start_ns = bpf_ktime_get_ns();
-    c.cgroup_id = bpf_get_current_cgroup_id();
-    c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    c.comm = bpf_get_current_comm().unwrap_or_default();
-    c.state = SYN_SENT;
     c.direction = direction::OUTBOUND;
-    BW_CONNS.insert(&cookie, &*c, 0).map_err(|_| Error::Map)?;
-    bump(counter::CONN_INSERTS);
+    bump(counter::SOCKS_TRACKED);
     Ok(())
 }
 
-unsafe fn on_established(sk: *const u8, o: &Offsets, cookie: u64, dir: u8) -> Result<(), Error> {
-    let c = scratch(scratch_slot::TRACEPOINT)?;
+unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Error> {
+    let c = storage(sk, true).ok_or(Error::Map)?;
+    if c.start_ns == 0 {
+        // Accepted here (or connected before the agent started): softirq context, so the
+        // current task is not the owner. An inbound connection belongs to its listener's process.
+        c.start_ns = bpf_ktime_get_ns();
+        bump(counter::SOCKS_TRACKED);
+    }
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
     c.direction = dir;
-    let key = key_of(c);
-    let svc = service_of(&key.addr, key.port);
-    record(&key, svc, Event::Opened)?;
-    if let Some(e) = BW_CONNS.get_ptr_mut(&cookie) {
-        let e = &mut *e;
-        e.saddr = c.saddr;
-        e.daddr = c.daddr;
-        e.sport = c.sport;
-        e.dport = c.dport;
-        e.svc = svc;
-        e.state = ESTABLISHED;
-        e.direction = dir;
-        e.flags |= conn_flags::COUNTED;
-        return Ok(());
-    }
-    // Inbound, or an outbound entry lost to the LRU. This runs in softirq context, so the
-    // current task is not the socket's owner: an inbound connection belongs to the process
-    // that listens for it.
     if dir == direction::INBOUND {
         if let Some(l) = BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
             c.pid = l.pid;
@@ -119,13 +101,23 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, cookie: u64, dir: u8) -> Re
             c.cgroup_id = l.cgroup_id;
         }
     }
-    c.start_ns = bpf_ktime_get_ns();
-    c.svc = svc;
-    c.state = ESTABLISHED;
-    c.flags = conn_flags::COUNTED;
-    BW_CONNS.insert(&cookie, &*c, 0).map_err(|_| Error::Map)?;
-    bump(counter::CONN_INSERTS);
-    Ok(())
+    let key = key_of(c);
+    c.svc = service_of(&key.addr, key.port);
+    c.flags |= conn_flags::COUNTED;
+    record(&key, c.svc, Event::Opened)
+}
+
+unsafe fn on_leave_established(sk: *const u8) -> Result<(), Error> {
+    let Some(c) = storage(sk, false) else {
+        bump(counter::UNTRACKED_CLOSES);
+        return Ok(());
+    };
+    if c.flags & conn_flags::COUNTED == 0 {
+        bump(counter::UNTRACKED_CLOSES);
+        return Ok(());
+    }
+    c.flags &= !conn_flags::COUNTED;
+    record(&key_of(c), c.svc, Event::Closed)
 }
 
 /// `listen()`: process context, so remember who listens for the inbound connections to come.
@@ -134,38 +126,21 @@ unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
+    attribute_to_current(c);
     let info = ListenerInfo {
-        cgroup_id: bpf_get_current_cgroup_id(),
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        cgroup_id: c.cgroup_id,
+        pid: c.pid,
         _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: c.comm,
     };
+    bump(counter::LISTENS);
     BW_LISTENERS
         .insert(&listen_key(c.netns, c.sport), &info, 0)
         .map_err(|_| Error::Map)
 }
 
-unsafe fn on_leave_established(cookie: u64, new: u8) -> Result<(), Error> {
-    let Some(c) = BW_CONNS.get_ptr_mut(&cookie) else {
-        bump(counter::CONN_MISSING);
-        return Ok(());
-    };
-    let c = &mut *c;
-    if c.flags & conn_flags::COUNTED != 0 {
-        c.flags &= !conn_flags::COUNTED;
-        record(&key_of(c), c.svc, Event::Closed)?;
-    }
-    if new == CLOSE {
-        forget(cookie);
-    } else {
-        c.state = new;
-    }
-    Ok(())
-}
-
 /// SYN_SENT -> CLOSE: the connect failed; `sk_err` says why (set before `tcp_done`).
-unsafe fn on_connect_failed(sk: *const u8, o: &Offsets, cookie: u64) -> Result<(), Error> {
-    forget(cookie);
+unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let c = scratch(scratch_slot::TRACEPOINT)?;
     if !read_sock(sk, o, c)? {
         return Ok(());
@@ -179,11 +154,4 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets, cookie: u64) -> Result<(
         _ => Event::FailedOther,
     };
     record(&key, svc, ev)
-}
-
-#[inline(always)]
-fn forget(cookie: u64) {
-    if BW_CONNS.remove(&cookie).is_ok() {
-        bump(counter::CONN_DELETES);
-    }
 }

@@ -44,8 +44,6 @@ impl Default for AgentConfig {
 pub struct MapSizes {
     /// Distinct destinations and local endpoints tracked (LRU).
     pub max_destinations: u32,
-    /// Live sockets tracked with their process (LRU).
-    pub max_connections: u32,
     pub max_services: u32,
     /// Endpoints over all services (LPM trie entries).
     pub max_service_endpoints: u32,
@@ -55,7 +53,6 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             max_destinations: defaults::MAX_DESTS,
-            max_connections: defaults::MAX_CONNS,
             max_services: defaults::MAX_SERVICES,
             max_service_endpoints: defaults::MAX_SERVICE_ENDPOINTS,
         }
@@ -87,7 +84,6 @@ impl Config {
         let m = &self.maps;
         for (name, v, min) in [
             ("maps.max_destinations", m.max_destinations, 16),
-            ("maps.max_connections", m.max_connections, 16),
             ("maps.max_services", m.max_services, 1),
             ("maps.max_service_endpoints", m.max_service_endpoints, 1),
         ] {
@@ -147,7 +143,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.maps.max_destinations, 1024);
-        assert_eq!(c.maps.max_connections, defaults::MAX_CONNS);
+        assert_eq!(c.maps.max_services, defaults::MAX_SERVICES);
         let t = c.service_table().unwrap();
         assert_eq!(t.get("inventory").unwrap().endpoints.len(), 2);
         assert_eq!(t.get("db").unwrap().id, 2);

@@ -312,8 +312,19 @@ fn info_reports_programs_maps_and_socket_mode() {
     let info = agent.info();
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
     assert!(!info.kernel.is_empty());
-    let attach: Vec<_> = info.programs.iter().map(|p| p.attach.as_str()).collect();
-    assert_eq!(attach, ["tp_btf/inet_sock_set_state", "iter/tcp"]);
+    let programs: Vec<_> = info
+        .programs
+        .iter()
+        .map(|p| (p.name.as_str(), p.attach.as_str()))
+        .collect();
+    assert_eq!(
+        programs,
+        [
+            ("bw_sock_state", "tp_btf/inet_sock_set_state"),
+            ("bw_seed_tcp", "iter/tcp"),
+            ("bw_list_tcp", "iter/tcp")
+        ]
+    );
     assert!(info.programs.iter().all(|p| p.id > 0));
     let dests = info.maps.iter().find(|m| m.name == "BW_DESTS").unwrap();
     assert_eq!(dests.capacity, 16);

@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use breakwater_common::{direction, tcp_state, ConnInfo, ConnStats, DestKey};
+use breakwater_common::{direction, tcp_state, ConnRecord, ConnStats, DestKey};
 use breakwater_proto::v1::{self as pb, agent_server::Agent};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -145,12 +145,8 @@ fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> p
     }
 }
 
-fn connection_message(
-    services: &ServiceTable,
-    cookie: u64,
-    c: &ConnInfo,
-    now_ns: u64,
-) -> pb::Connection {
+fn connection_message(services: &ServiceTable, r: &ConnRecord, now_ns: u64) -> pb::Connection {
+    let c = &r.info;
     let (addr, port) = if c.direction == direction::INBOUND {
         (&c.saddr, c.sport)
     } else {
@@ -163,7 +159,7 @@ fn connection_message(
         remote_address: display_addr(&c.daddr).to_string(),
         remote_port: c.dport.into(),
         direction: pb_direction(c.direction).into(),
-        state: tcp_state::name(c.state).to_owned(),
+        state: tcp_state::name(r.state as u8).to_owned(),
         netns: c.netns,
         pid: c.pid,
         comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
@@ -173,7 +169,7 @@ fn connection_message(
             .map(|s| s.name.clone())
             .unwrap_or_default(),
         age_ms: now_ns.saturating_sub(c.start_ns) / 1_000_000,
-        cookie,
+        cookie: r.cookie,
     }
 }
 
@@ -268,9 +264,9 @@ impl Agent for AgentService {
                 let now = monotonic_ns();
                 let mut out: Vec<pb::Connection> = core
                     .kernel
-                    .connections()
+                    .connections()?
                     .iter()
-                    .map(|(cookie, c)| connection_message(&core.services, *cookie, c, now))
+                    .map(|r| connection_message(&core.services, r, now))
                     .filter(|c| req.service.is_empty() || c.service == req.service)
                     .collect();
                 out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.cookie.cmp(&b.cookie)));

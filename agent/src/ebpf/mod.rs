@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
-    counter, names, svc_stats_index, ConnInfo, ConnStats, DestKey, SvcLpmData,
+    counter, names, svc_stats_index, ConnRecord, ConnStats, DestKey, SvcLpmData,
 };
 use tracing::info;
 
@@ -88,7 +88,6 @@ pub struct MapSummary {
 pub struct Kernel {
     ebpf: Ebpf,
     dests: HashMap<MapData, DestKey, ConnStats>,
-    conns: HashMap<MapData, u64, ConnInfo>,
     svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
     svc_stats: Array<MapData, ConnStats>,
     counters: PerCpuArray<MapData, u64>,
@@ -113,7 +112,6 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .map_max_entries(names::MAP_DESTS, sizes.max_destinations)
-            .map_max_entries(names::MAP_CONNS, sizes.max_connections)
             .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
             // Service ids run 1..=max_services; slot 0 is "no service".
             .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
@@ -125,7 +123,6 @@ impl Kernel {
         }
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,
-            conns: take(&mut ebpf, names::MAP_CONNS)?,
             svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
             svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
@@ -145,32 +142,37 @@ impl Kernel {
             what: "kernel BTF",
             source: ProgramError::Btf(e),
         })?;
-        let prog: &mut Iter = self
-            .ebpf
-            .program_mut(names::PROG_SEED_TCP)
-            .ok_or(LoadError::Missing {
-                kind: "program",
-                name: names::PROG_SEED_TCP,
-            })?
-            .try_into()
-            .map_err(LoadError::program("iter/tcp"))?;
-        prog.load(names::ITER_TCP, &btf)
-            .map_err(LoadError::program("iter/tcp load"))?;
+        for name in [names::PROG_SEED_TCP, names::PROG_LIST_TCP] {
+            let prog = self.iter(name)?;
+            prog.load(names::ITER_TCP, &btf)
+                .map_err(LoadError::program("iter/tcp load"))?;
+            let id = prog.info().map(|i| i.id()).unwrap_or_default();
+            self.programs.push(ProgramSummary {
+                name,
+                attach: format!("iter/{}", names::ITER_TCP),
+                id,
+                ..Default::default()
+            });
+        }
         let namespaces = netns::all();
-        let walked = iter::seed_all(prog, &namespaces)?;
-        let id = prog.info().map(|i| i.id()).unwrap_or_default();
-        self.programs.push(ProgramSummary {
-            name: names::PROG_SEED_TCP,
-            attach: format!("iter/{}", names::ITER_TCP),
-            id,
-            ..Default::default()
-        });
+        let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces)?;
         info!(
-            namespaces = walked,
+            namespaces = walked.len(),
             seeded = self.counter(counter::SEEDED),
             "seeded from existing sockets"
         );
         Ok(())
+    }
+
+    fn iter(&mut self, name: &'static str) -> Result<&mut Iter, LoadError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing {
+                kind: "program",
+                name,
+            })?
+            .try_into()
+            .map_err(LoadError::program("iter/tcp"))
     }
 
     /// The attached programs with their kernel run statistics now.
@@ -249,8 +251,23 @@ impl Kernel {
         self.dests.iter().filter_map(|r| r.ok()).collect()
     }
 
-    pub fn connections(&self) -> Vec<(u64, ConnInfo)> {
-        self.conns.iter().filter_map(|r| r.ok()).collect()
+    /// The tracked live sockets of every network namespace, read with the listing iterator.
+    pub fn connections(&mut self) -> Result<Vec<ConnRecord>> {
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_LIST_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let walked =
+            iter::walk_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))?;
+        const SIZE: usize = std::mem::size_of::<ConnRecord>();
+        Ok(walked
+            .iter()
+            .flat_map(|(_, bytes)| bytes.chunks_exact(SIZE))
+            .map(|chunk| {
+                // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
+                unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) }
+            })
+            .collect())
     }
 
     pub fn counter(&self, index: u32) -> u64 {
@@ -270,7 +287,6 @@ impl Kernel {
 
     pub fn maps(&self) -> Vec<MapSummary> {
         let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
-        let conns = self.conns.keys().filter(|k| k.is_ok()).count() as u64;
         let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
         let c = |i| self.counter(i);
         vec![
@@ -280,14 +296,6 @@ impl Kernel {
                 entries: dests,
                 // Nothing deletes destinations but the LRU.
                 evictions: c(counter::DEST_INSERTS).saturating_sub(dests),
-            },
-            MapSummary {
-                name: names::MAP_CONNS,
-                capacity: self.sizes.max_connections,
-                entries: conns,
-                evictions: c(counter::CONN_INSERTS)
-                    .saturating_sub(c(counter::CONN_DELETES))
-                    .saturating_sub(conns),
             },
             MapSummary {
                 name: names::MAP_SVC_LPM,

@@ -288,6 +288,16 @@ fn same_address_in_two_namespaces_is_two_places() {
         |d| field(d, "active") == 5,
     );
 
+    // ListConnections walks every namespace: the namespace's sockets are listed as its own.
+    let v = agent.cli_json(&["conns"]);
+    let in_ns = v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["netns"] == ns.inode() && c["remote_port"] == port && c["state"] == "ESTAB")
+        .count();
+    assert_eq!(in_ns, 5, "outbound connections listed in the test namespace");
+
     drop(ns_clients);
     ns_server.close();
     wait_for(

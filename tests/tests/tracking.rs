@@ -296,7 +296,10 @@ fn same_address_in_two_namespaces_is_two_places() {
         .iter()
         .filter(|c| c["netns"] == ns.inode() && c["remote_port"] == port && c["state"] == "ESTAB")
         .count();
-    assert_eq!(in_ns, 5, "outbound connections listed in the test namespace");
+    assert_eq!(
+        in_ns, 5,
+        "outbound connections listed in the test namespace"
+    );
 
     drop(ns_clients);
     ns_server.close();

@@ -379,3 +379,38 @@ impl Drop for BpfStats {
         let _ = std::fs::write(Self::PATH, self.0.trim());
     }
 }
+
+/// A destination evicted from a full LRU while its connection is open comes back at zero when
+/// that connection closes: the gauge stays at 0 (the dropped decrement is counted) instead of
+/// wrapping around.
+#[test]
+fn gauges_never_underflow_after_eviction() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start_with_config(Some("[maps]\nmax_destinations = 16\n"));
+    let server = Server::start("127.0.0.1:0");
+    let port = server.addr.port();
+    let client = connect_many(server.addr, 1);
+    eventually(Duration::from_secs(10), || {
+        agent
+            .destination("127.0.0.1", port, "outbound", None)
+            .filter(|d| field(d, "active") == 1)
+    })
+    .expect("counted");
+    // Push it out of the 16-entry LRU with refused connects to other ports.
+    for _ in 0..64 {
+        let _ = TcpStream::connect(("127.0.0.1", closed_port()));
+    }
+    drop(client);
+    server.close();
+    eventually(Duration::from_secs(10), || {
+        (agent.counter("underflows") >= 1).then_some(())
+    })
+    .expect("the dropped decrement is counted");
+    let v = agent.cli_json(&["destinations"]);
+    for d in v["destinations"].as_array().unwrap() {
+        assert!(field(d, "active") < 1 << 32, "a gauge wrapped around: {d}");
+    }
+}

@@ -14,6 +14,8 @@ pub mod names {
     pub const PROG_SEED_TCP: &str = "bw_seed_tcp";
     /// `iter/tcp`: writes a `ConnRecord` for every tracked live socket (ListConnections).
     pub const PROG_LIST_TCP: &str = "bw_list_tcp";
+    /// `iter/tcp`: writes a `SockRecord` for every TCP socket, TIME_WAIT included (GetTimeWait).
+    pub const PROG_SOCKS_TCP: &str = "bw_socks_tcp";
 
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
     pub const ITER_TCP: &str = "tcp";
@@ -257,6 +259,19 @@ pub struct ConnRecord {
     pub state: u64,
 }
 
+/// What `bw_socks_tcp` writes per socket of any state (listeners and TIME_WAIT included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRecord {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
 /// Data part of a `BW_SVC_LPM` key: the port (big endian) first, then the address, so that a
 /// prefix length of `16 + n` matches the port exactly and the first `n` address bits.
 #[repr(C)]
@@ -306,6 +321,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnStats>() == 48);
     assert!(core::mem::size_of::<ConnInfo>() == 88);
     assert!(core::mem::size_of::<ConnRecord>() == 104);
+    assert!(core::mem::size_of::<SockRecord>() == 48);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
@@ -319,6 +335,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnStats {}
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::SockRecord {}
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}

@@ -10,7 +10,9 @@ use aya_ebpf::helpers::{
     bpf_ktime_get_ns,
     generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
-use breakwater_common::{conn_flags, counter, direction, scratch_slot, tcp_state, ListenerInfo};
+use breakwater_common::{
+    conn_flags, counter, direction, scratch_slot, tcp_state, ListenerInfo, SockRecord,
+};
 
 use crate::{
     maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
@@ -132,5 +134,35 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         core::mem::size_of::<breakwater_common::ConnInfo>() as u32,
     );
     bpf_seq_write(seq.cast(), (&raw const state).cast(), 8);
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn bw_socks_tcp(ctx: *const IterTcpCtx) -> i32 {
+    if let Err(e) = unsafe { try_socks_tcp(ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// Writes a `SockRecord` for every TCP socket: listeners, request and TIME_WAIT sockets too.
+unsafe fn try_socks_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
+    let sk = (*ctx).sk_common;
+    if sk.is_null() {
+        return Ok(());
+    }
+    let o = offsets();
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
+        return Ok(());
+    }
+    rec.state = read(sk, &o.skc_state);
+    let seq = (*(*ctx).meta).seq;
+    bpf_seq_write(
+        seq.cast(),
+        (&raw const rec).cast(),
+        core::mem::size_of::<SockRecord>() as u32,
+    );
     Ok(())
 }

@@ -3,6 +3,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use breakwater_common::{
     counter, direction, svc_stats_index, v4_mapped, ConnInfo, ConnStats, DestKey, Offsets,
+    SockRecord,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -50,29 +51,69 @@ unsafe fn read_in6(base: *const u8, off: &u32) -> [u8; 16] {
     ]
 }
 
-/// Reads the `sock_common` identity fields into `c` (addresses, ports, namespace).
-/// `Ok(false)` for families other than IPv4/IPv6.
+/// The identity fields a socket read fills in, shared by `ConnInfo` and `SockRecord`.
+pub struct Ids<'a> {
+    pub saddr: &'a mut [u8; 16],
+    pub daddr: &'a mut [u8; 16],
+    pub sport: &'a mut u16,
+    pub dport: &'a mut u16,
+    pub netns: &'a mut u32,
+}
+
+pub trait SockIds {
+    fn ids(&mut self) -> Ids<'_>;
+}
+
+impl SockIds for ConnInfo {
+    #[inline(always)]
+    fn ids(&mut self) -> Ids<'_> {
+        Ids {
+            saddr: &mut self.saddr,
+            daddr: &mut self.daddr,
+            sport: &mut self.sport,
+            dport: &mut self.dport,
+            netns: &mut self.netns,
+        }
+    }
+}
+
+impl SockIds for SockRecord {
+    #[inline(always)]
+    fn ids(&mut self) -> Ids<'_> {
+        Ids {
+            saddr: &mut self.saddr,
+            daddr: &mut self.daddr,
+            sport: &mut self.sport,
+            dport: &mut self.dport,
+            netns: &mut self.netns,
+        }
+    }
+}
+
+/// Reads the `sock_common` identity fields into `c` (addresses, ports, namespace); works for
+/// full, request and timewait sockets alike. `Ok(false)` for families other than IPv4/IPv6.
 #[inline(always)]
-pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut ConnInfo) -> Result<bool, Error> {
+pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut impl SockIds) -> Result<bool, Error> {
+    let c = c.ids();
     let family: u16 = read(sk, &o.skc_family);
     match family {
         AF_INET => {
-            c.saddr = v4_mapped(read(sk, &o.skc_rcv_saddr));
-            c.daddr = v4_mapped(read(sk, &o.skc_daddr));
+            *c.saddr = v4_mapped(read(sk, &o.skc_rcv_saddr));
+            *c.daddr = v4_mapped(read(sk, &o.skc_daddr));
         }
         AF_INET6 => {
-            c.saddr = read_in6(sk, &o.skc_v6_rcv_saddr);
-            c.daddr = read_in6(sk, &o.skc_v6_daddr);
+            *c.saddr = read_in6(sk, &o.skc_v6_rcv_saddr);
+            *c.daddr = read_in6(sk, &o.skc_v6_daddr);
         }
         _ => return Ok(false),
     }
-    c.dport = u16::from_be(read::<u16>(sk, &o.skc_dport));
-    c.sport = read(sk, &o.skc_num);
+    *c.dport = u16::from_be(read::<u16>(sk, &o.skc_dport));
+    *c.sport = read(sk, &o.skc_num);
     let net: *const u8 = read(sk, &o.skc_net);
     if net.is_null() {
         return Err(Error::Read);
     }
-    c.netns = read(net, &o.net_inum);
+    *c.netns = read(net, &o.net_inum);
     Ok(true)
 }
 

@@ -7,3 +7,4 @@ pub mod ebpf;
 pub mod error;
 pub mod netns;
 pub mod service;
+pub mod timewait;

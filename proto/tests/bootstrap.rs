@@ -31,6 +31,8 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
     let enum_fields = [
         ("breakwater.v1.Destination.direction", "direction"),
         ("breakwater.v1.Connection.direction", "direction"),
+        ("breakwater.v1.TimeWaitDestination.direction", "direction"),
+        ("breakwater.v1.PortPressure.level", "pressure_level"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

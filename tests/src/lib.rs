@@ -300,6 +300,43 @@ pub fn ss_established_to(addr: SocketAddr, netns: Option<&str>) -> usize {
         .count()
 }
 
+/// Ground truth: sockets in TIME_WAIT whose destination is `addr:port`, as `ss` counts them.
+pub fn ss_time_wait_to(addr: SocketAddr, netns: Option<&str>) -> usize {
+    let mut cmd = Command::new("ss");
+    if let Some(ns) = netns {
+        cmd.arg("-N").arg(ns);
+    }
+    let out = cmd
+        .args(["-Htan", "state", "time-wait", "dst", &addr.to_string()])
+        .output()
+        .expect("run ss (Debian package iproute2)");
+    assert!(
+        out.status.success(),
+        "ss failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// Opens `n` connections to `listener`'s address, closes them from the client side first, then
+/// the accepted side: the client's sockets end in TIME_WAIT.
+pub fn churn_to_time_wait(listener: &TcpListener, n: usize) {
+    let addr = listener.local_addr().unwrap();
+    let clients: Vec<_> = (0..n)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let accepted: Vec<_> = (0..n)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
+    drop(clients);
+    thread::sleep(Duration::from_millis(100));
+    drop(accepted);
+    thread::sleep(Duration::from_millis(100));
+}
+
 /// A listener that accepts connections on a thread and keeps them until dropped.
 pub struct Server {
     pub addr: SocketAddr,

@@ -47,6 +47,21 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// Sets a sysctl inside the namespace (`net.*` settings are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run(&[
+            "netns",
+            "exec",
+            &self.name,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("{key}={value}"),
+        ]);
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -322,7 +322,8 @@ fn info_reports_programs_maps_and_socket_mode() {
         [
             ("bw_sock_state", "tp_btf/inet_sock_set_state"),
             ("bw_seed_tcp", "iter/tcp"),
-            ("bw_list_tcp", "iter/tcp")
+            ("bw_list_tcp", "iter/tcp"),
+            ("bw_socks_tcp", "iter/tcp")
         ]
     );
     assert!(info.programs.iter().all(|p| p.id > 0));
@@ -399,10 +400,17 @@ fn gauges_never_underflow_after_eviction() {
             .filter(|d| field(d, "active") == 1)
     })
     .expect("counted");
-    // Push it out of the 16-entry LRU with refused connects to other ports.
-    for _ in 0..64 {
-        let _ = TcpStream::connect(("127.0.0.1", closed_port()));
-    }
+    // Push it out of the 16-entry LRU with refused connects to other ports, until it is gone
+    // (the LRU keeps recently referenced entries a while).
+    let evicted = (0..100).any(|_| {
+        for _ in 0..50 {
+            let _ = TcpStream::connect(("127.0.0.1", closed_port()));
+        }
+        agent
+            .destination("127.0.0.1", port, "outbound", None)
+            .is_none()
+    });
+    assert!(evicted, "the destination was never evicted");
     drop(client);
     server.close();
     eventually(Duration::from_secs(10), || {

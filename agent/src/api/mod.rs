@@ -17,6 +17,7 @@ use crate::{
     ebpf::Kernel,
     error::{Error, Result},
     service::{display_addr, parse_endpoints, Service, ServiceTable},
+    timewait::{self, Level},
 };
 
 /// What the API serves from: the kernel side and the service table, changed together.
@@ -309,6 +310,63 @@ impl Agent for AgentService {
         })
         .await?;
         Ok(Response::new(pb::DeleteServiceResponse {}))
+    }
+
+    async fn get_time_wait(
+        &self,
+        request: Request<pb::GetTimeWaitRequest>,
+    ) -> Result<Response<pb::GetTimeWaitResponse>, Status> {
+        let limit = request.into_inner().limit as usize;
+        let response = self
+            .with_core(move |core| {
+                let report = timewait::analyze(&core.kernel.sockets()?);
+                let service = |addr: &[u8; 16], port: u16| {
+                    core.services
+                        .match_endpoint(addr, port)
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default()
+                };
+                let take = |n: usize| if limit == 0 { n } else { n.min(limit) };
+                let destinations = report.time_wait[..take(report.time_wait.len())]
+                    .iter()
+                    .map(|t| pb::TimeWaitDestination {
+                        address: display_addr(&t.addr).to_string(),
+                        port: t.port.into(),
+                        direction: pb_direction(t.direction).into(),
+                        netns: t.netns,
+                        service: service(&t.addr, t.port),
+                        time_wait: t.count,
+                    })
+                    .collect();
+                let pressure = report.pressure[..take(report.pressure.len())]
+                    .iter()
+                    .map(|p| pb::PortPressure {
+                        netns: p.netns,
+                        source_address: display_addr(&p.saddr).to_string(),
+                        address: display_addr(&p.daddr).to_string(),
+                        port: p.dport.into(),
+                        service: service(&p.daddr, p.dport),
+                        ports_in_use: p.in_use,
+                        time_wait: p.time_wait,
+                        port_range_low: p.settings.port_range.0.into(),
+                        port_range_high: p.settings.port_range.1.into(),
+                        ratio: p.ratio,
+                        level: match p.level {
+                            Level::Ok => pb::PressureLevel::Ok,
+                            Level::Warn => pb::PressureLevel::Warn,
+                            Level::Critical => pb::PressureLevel::Critical,
+                        }
+                        .into(),
+                        tcp_tw_reuse: p.settings.tcp_tw_reuse.into(),
+                    })
+                    .collect();
+                Ok(pb::GetTimeWaitResponse {
+                    destinations,
+                    pressure,
+                })
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn get_agent_info(

@@ -145,6 +145,14 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .into_inner();
             print(format, &r, |_| format!("deleted service {name}"))
         }
+        Command::Timewait { limit } => {
+            let r = client
+                .get_time_wait(pb::GetTimeWaitRequest { limit })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print(format, &r, output::time_wait)
+        }
         Command::Info => {
             let r = client
                 .get_agent_info(pb::GetAgentInfoRequest {})

@@ -66,6 +66,12 @@ pub enum Command {
     Service(ServiceCommand),
     /// The agent's version, kernel, programs, maps and error counters.
     Info,
+    /// Sockets in TIME_WAIT per destination and ephemeral-port pressure, every namespace.
+    Timewait {
+        /// At most N rows per table (0 = all).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -141,6 +141,49 @@ fn age(ms: u64) -> String {
     }
 }
 
+pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
+    let mut t = table(&["TIME-WAIT", "DIR", "SERVICE", "NETNS", "SOCKETS"]);
+    for d in &r.destinations {
+        t.add_row(vec![
+            Cell::new(endpoint(&d.address, d.port)),
+            Cell::new(direction(d.direction)),
+            Cell::new(or_dash(&d.service)),
+            Cell::new(d.netns),
+            num(d.time_wait),
+        ]);
+    }
+    let mut p = table(&[
+        "SOURCE",
+        "DESTINATION",
+        "NETNS",
+        "PORTS",
+        "OF RANGE",
+        "IN-TW",
+        "USED",
+        "LEVEL",
+        "TW_REUSE",
+    ]);
+    for x in &r.pressure {
+        let level = match pb::PressureLevel::try_from(x.level) {
+            Ok(pb::PressureLevel::Critical) => "CRITICAL",
+            Ok(pb::PressureLevel::Warn) => "warn",
+            _ => "ok",
+        };
+        p.add_row(vec![
+            Cell::new(&x.source_address),
+            Cell::new(endpoint(&x.address, x.port)),
+            Cell::new(x.netns),
+            num(x.ports_in_use),
+            Cell::new(format!("{}-{}", x.port_range_low, x.port_range_high)),
+            num(x.time_wait),
+            Cell::new(format!("{:.1}%", x.ratio * 100.0)).set_alignment(CellAlignment::Right),
+            Cell::new(level),
+            num(x.tcp_tw_reuse.into()),
+        ]);
+    }
+    format!("{t}\n\nephemeral port pressure (warn at 50%, critical at 80%)\n{p}")
+}
+
 pub fn put_service(r: &pb::PutServiceResponse) -> String {
     let s = r.service.clone().unwrap_or_default();
     format!(

@@ -11,9 +11,23 @@ use crate::netns::NetNs;
 
 use super::LoadError;
 
-/// Walks every namespace's TCP sockets with `prog` and returns what the program wrote, per
-/// namespace. A namespace that vanished meanwhile is skipped.
-pub fn walk_all(prog: &mut Iter, namespaces: &[NetNs]) -> Result<Vec<(u32, Vec<u8>)>, LoadError> {
+/// What one namespace's walk produced.
+pub struct Walk<T> {
+    pub netns: u32,
+    /// What the program wrote.
+    pub bytes: Vec<u8>,
+    /// What `inside` returned, run on the walking thread inside the namespace (e.g. its
+    /// `/proc/sys/net` settings, which are per namespace).
+    pub inside: T,
+}
+
+/// Walks every namespace's TCP sockets with `prog`. A namespace that vanished meanwhile is
+/// skipped.
+pub fn walk_all<T: Send + 'static>(
+    prog: &mut Iter,
+    namespaces: &[NetNs],
+    inside: fn() -> T,
+) -> Result<Vec<Walk<T>>, LoadError> {
     let mut out = Vec::with_capacity(namespaces.len());
     for ns in namespaces {
         let link_id = prog
@@ -23,13 +37,17 @@ pub fn walk_all(prog: &mut Iter, namespaces: &[NetNs]) -> Result<Vec<(u32, Vec<u
             .take_link(link_id)
             .map_err(LoadError::program("iter/tcp link"))?;
         let path = ns.path.clone();
-        let result = std::thread::spawn(move || walk_in(&path, link))
+        let result = std::thread::spawn(move || walk_in(&path, link, inside))
             .join()
             .map_err(|_| LoadError::Seed("iterator thread panicked".into()))?;
         match result {
-            Ok(bytes) => {
+            Ok((bytes, inside)) => {
                 debug!(netns = ns.inode, path = %ns.path.display(), bytes = bytes.len(), "walked");
-                out.push((ns.inode, bytes));
+                out.push(Walk {
+                    netns: ns.inode,
+                    bytes,
+                    inside,
+                });
             }
             Err(e) => {
                 warn!(netns = ns.inode, path = %ns.path.display(), error = %e, "cannot walk namespace")
@@ -39,12 +57,12 @@ pub fn walk_all(prog: &mut Iter, namespaces: &[NetNs]) -> Result<Vec<(u32, Vec<u
     Ok(out)
 }
 
-fn walk_in(path: &Path, link: IterLink) -> Result<Vec<u8>, String> {
+fn walk_in<T>(path: &Path, link: IterLink, inside: fn() -> T) -> Result<(Vec<u8>, T), String> {
     let ns = File::open(path).map_err(|e| format!("open: {e}"))?;
     setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
     let mut file = link.into_file().map_err(|e| format!("iterator: {e}"))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(|e| format!("read: {e}"))?;
-    Ok(bytes)
+    Ok((bytes, inside()))
 }

@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
-    counter, names, svc_stats_index, ConnRecord, ConnStats, DestKey, SvcLpmData,
+    counter, names, svc_stats_index, ConnRecord, ConnStats, DestKey, SockRecord, SvcLpmData,
 };
 use tracing::info;
 
@@ -58,6 +58,46 @@ impl LoadError {
         move |e| Self::Program {
             what,
             source: e.into(),
+        }
+    }
+}
+
+/// Fixed-size records an iterator wrote.
+fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
+    bytes
+        .chunks_exact(std::mem::size_of::<T>())
+        .map(|chunk| {
+            // SAFETY: T is plain old data, and the chunk is exactly its size.
+            unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) }
+        })
+        .collect()
+}
+
+/// A namespace's settings that bound its ephemeral ports, read inside the namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetSettings {
+    /// `net.ipv4.ip_local_port_range`, inclusive.
+    pub port_range: (u16, u16),
+    /// `net.ipv4.tcp_tw_reuse`.
+    pub tcp_tw_reuse: u8,
+}
+
+impl NetSettings {
+    /// Reads `/proc/sys/net/ipv4`, which shows the reading thread's namespace.
+    fn read() -> Self {
+        let read = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default()
+        };
+        let range: Vec<u16> = read("ip_local_port_range")
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        Self {
+            port_range: match range[..] {
+                [lo, hi] => (lo, hi),
+                _ => (0, 0),
+            },
+            tcp_tw_reuse: read("tcp_tw_reuse").trim().parse().unwrap_or(0),
         }
     }
 }
@@ -142,7 +182,11 @@ impl Kernel {
             what: "kernel BTF",
             source: ProgramError::Btf(e),
         })?;
-        for name in [names::PROG_SEED_TCP, names::PROG_LIST_TCP] {
+        for name in [
+            names::PROG_SEED_TCP,
+            names::PROG_LIST_TCP,
+            names::PROG_SOCKS_TCP,
+        ] {
             let prog = self.iter(name)?;
             prog.load(names::ITER_TCP, &btf)
                 .map_err(LoadError::program("iter/tcp load"))?;
@@ -155,7 +199,7 @@ impl Kernel {
             });
         }
         let namespaces = netns::all();
-        let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces)?;
+        let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces, || ())?;
         info!(
             namespaces = walked.len(),
             seeded = self.counter(counter::SEEDED),
@@ -258,15 +302,22 @@ impl Kernel {
             .iter(names::PROG_LIST_TCP)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let walked =
-            iter::walk_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))?;
-        const SIZE: usize = std::mem::size_of::<ConnRecord>();
+            iter::walk_all(prog, &namespaces, || ()).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(walked.iter().flat_map(|w| records(&w.bytes)).collect())
+    }
+
+    /// Every TCP socket of every network namespace (TIME_WAIT included), with each namespace's
+    /// port settings.
+    pub fn sockets(&mut self) -> Result<Vec<(u32, Vec<SockRecord>, NetSettings)>> {
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_SOCKS_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let walked = iter::walk_all(prog, &namespaces, NetSettings::read)
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(walked
-            .iter()
-            .flat_map(|(_, bytes)| bytes.chunks_exact(SIZE))
-            .map(|chunk| {
-                // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
-                unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) }
-            })
+            .into_iter()
+            .map(|w| (w.netns, records(&w.bytes), w.inside))
             .collect())
     }
 

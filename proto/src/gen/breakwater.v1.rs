@@ -238,6 +238,74 @@ pub struct GetAgentInfoResponse {
     pub config_path: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetTimeWaitRequest {
+    /// At most this many rows in each list; 0 = no limit.
+    #[prost(uint32, tag = "1")]
+    pub limit: u32,
+}
+/// Sockets in TIME_WAIT now. Outbound: keyed by the remote end (what `ss -tan state time-wait  dst ADDR:PORT` counts); inbound (the local port has a listener): keyed by the local end.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TimeWaitDestination {
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    #[prost(enumeration = "Direction", tag = "3")]
+    #[serde(serialize_with = "crate::json::direction")]
+    pub direction: i32,
+    #[prost(uint32, tag = "4")]
+    pub netns: u32,
+    #[prost(string, tag = "5")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "6")]
+    pub time_wait: u64,
+}
+/// Ephemeral ports in use (any state, TIME_WAIT included) from one source address to one
+/// destination, against the namespace's net.ipv4.ip_local_port_range.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct PortPressure {
+    #[prost(uint32, tag = "1")]
+    pub netns: u32,
+    #[prost(string, tag = "2")]
+    pub source_address: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub address: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    #[prost(string, tag = "5")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "6")]
+    pub ports_in_use: u64,
+    #[prost(uint64, tag = "7")]
+    pub time_wait: u64,
+    #[prost(uint32, tag = "8")]
+    pub port_range_low: u32,
+    #[prost(uint32, tag = "9")]
+    pub port_range_high: u32,
+    /// ports_in_use / (high - low + 1).
+    #[prost(double, tag = "10")]
+    pub ratio: f64,
+    #[prost(enumeration = "PressureLevel", tag = "11")]
+    #[serde(serialize_with = "crate::json::pressure_level")]
+    pub level: i32,
+    /// The namespace's net.ipv4.tcp_tw_reuse (0 off, 1 on, 2 loopback only).
+    #[prost(uint32, tag = "12")]
+    pub tcp_tw_reuse: u32,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetTimeWaitResponse {
+    /// Most TIME_WAIT first.
+    #[prost(message, repeated, tag = "1")]
+    pub destinations: ::prost::alloc::vec::Vec<TimeWaitDestination>,
+    /// Highest ratio first.
+    #[prost(message, repeated, tag = "2")]
+    pub pressure: ::prost::alloc::vec::Vec<PortPressure>,
+}
+#[derive(serde::Serialize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Direction {
@@ -298,6 +366,41 @@ impl DestinationSort {
             "DESTINATION_SORT_ACTIVE" => Some(Self::Active),
             "DESTINATION_SORT_OPENED" => Some(Self::Opened),
             "DESTINATION_SORT_FAILED" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PressureLevel {
+    Unspecified = 0,
+    Ok = 1,
+    /// ratio >= 0.5
+    Warn = 2,
+    /// ratio >= 0.8
+    Critical = 3,
+}
+impl PressureLevel {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "PRESSURE_LEVEL_UNSPECIFIED",
+            Self::Ok => "PRESSURE_LEVEL_OK",
+            Self::Warn => "PRESSURE_LEVEL_WARN",
+            Self::Critical => "PRESSURE_LEVEL_CRITICAL",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "PRESSURE_LEVEL_UNSPECIFIED" => Some(Self::Unspecified),
+            "PRESSURE_LEVEL_OK" => Some(Self::Ok),
+            "PRESSURE_LEVEL_WARN" => Some(Self::Warn),
+            "PRESSURE_LEVEL_CRITICAL" => Some(Self::Critical),
             _ => None,
         }
     }
@@ -542,6 +645,31 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "GetAgentInfo"));
             self.inner.unary(req, path, codec).await
         }
+        /// Sockets in TIME_WAIT per destination and ephemeral-port pressure, in every namespace.
+        pub async fn get_time_wait(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetTimeWaitRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetTimeWaitResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/GetTimeWait",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "GetTimeWait"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -602,6 +730,14 @@ pub mod agent_server {
             request: tonic::Request<super::GetAgentInfoRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetAgentInfoResponse>,
+            tonic::Status,
+        >;
+        /// Sockets in TIME_WAIT per destination and ephemeral-port pressure, in every namespace.
+        async fn get_time_wait(
+            &self,
+            request: tonic::Request<super::GetTimeWaitRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetTimeWaitResponse>,
             tonic::Status,
         >;
     }
@@ -934,6 +1070,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetAgentInfoSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/GetTimeWait" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetTimeWaitSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::GetTimeWaitRequest>
+                    for GetTimeWaitSvc<T> {
+                        type Response = super::GetTimeWaitResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetTimeWaitRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::get_time_wait(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetTimeWaitSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

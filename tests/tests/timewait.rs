@@ -1,0 +1,107 @@
+//! TIME_WAIT per destination and ephemeral-port pressure against `ss` and hand-computed values.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use breakwater_tests::{
+    churn_to_time_wait, eventually, netns::NetNs, require_root, serial, ss_time_wait_to, Agent,
+};
+use serde_json::Value;
+
+fn time_wait_row(agent: &Agent, port: u16, netns: u32) -> Option<Value> {
+    let v = agent.cli_json(&["timewait", "--limit", "0"]);
+    v["destinations"]
+        .as_array()?
+        .iter()
+        .find(|d| {
+            d["address"] == "127.0.0.1"
+                && d["port"] == port
+                && d["netns"] == netns
+                && d["direction"] == "outbound"
+        })
+        .cloned()
+}
+
+fn pressure_row(agent: &Agent, port: u16, netns: u32) -> Option<Value> {
+    let v = agent.cli_json(&["timewait", "--limit", "0"]);
+    v["pressure"]
+        .as_array()?
+        .iter()
+        .find(|p| p["address"] == "127.0.0.1" && p["port"] == port && p["netns"] == netns)
+        .cloned()
+}
+
+#[test]
+fn time_wait_per_destination_matches_ss() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    churn_to_time_wait(&listener, 30);
+    let ss = ss_time_wait_to(addr, None);
+    assert_eq!(ss, 30, "ss ground truth");
+    let host = agent.info().host_netns;
+    let row = eventually(Duration::from_secs(5), || {
+        time_wait_row(&agent, addr.port(), host)
+    })
+    .expect("a TIME_WAIT row for the destination");
+    assert_eq!(row["time_wait"], ss as u64);
+}
+
+/// In a namespace with a 100-port ephemeral range and tcp_tw_reuse=0: 40 open + 15 in
+/// TIME_WAIT is 55% (warn), 30 more is 85% (critical); TIME_WAIT equals `ss -N`.
+#[test]
+fn port_pressure_in_a_narrow_namespace() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let ns = NetNs::new("ports");
+    ns.sysctl("net.ipv4.ip_local_port_range", "50000 50099");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let (listener, mut held) = ns.run(|| {
+        // A fixed server port, outside the ephemeral range.
+        let listener = TcpListener::bind("127.0.0.1:8080").unwrap();
+        let held: Vec<(TcpStream, TcpStream)> = (0..40)
+            .map(|_| {
+                let c = TcpStream::connect("127.0.0.1:8080").unwrap();
+                (c, listener.accept().unwrap().0)
+            })
+            .collect();
+        churn_to_time_wait(&listener, 15);
+        (listener, held)
+    });
+    let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    assert_eq!(ss_time_wait_to(addr, Some(&ns.name)), 15, "ss ground truth");
+    let tw = time_wait_row(&agent, 8080, ns.inode()).expect("TIME_WAIT row in the namespace");
+    assert_eq!(tw["time_wait"], 15);
+
+    let p = pressure_row(&agent, 8080, ns.inode()).expect("pressure row");
+    assert_eq!(p["ports_in_use"], 55);
+    assert_eq!(p["time_wait"], 15);
+    assert_eq!(p["port_range_low"], 50000);
+    assert_eq!(p["port_range_high"], 50099);
+    assert!((p["ratio"].as_f64().unwrap() - 0.55).abs() < 1e-9, "{p}");
+    assert_eq!(p["level"], "warn");
+    assert_eq!(p["tcp_tw_reuse"], 0);
+
+    let more = ns.run(move || {
+        (0..30)
+            .map(|_| {
+                let c = TcpStream::connect("127.0.0.1:8080").unwrap();
+                (c, listener.accept().unwrap().0)
+            })
+            .collect::<Vec<_>>()
+    });
+    held.extend(more);
+    let p = pressure_row(&agent, 8080, ns.inode()).expect("pressure row");
+    assert_eq!(p["ports_in_use"], 85);
+    assert_eq!(p["level"], "critical");
+    drop(held);
+}

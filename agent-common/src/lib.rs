@@ -177,6 +177,9 @@ pub struct Offsets {
     pub net_inum: u32,
     pub sk_protocol: u32,
     pub sk_err: u32,
+    /// `sock_common.skc_nulls_node.pprev`: NULL once the socket left the established hash
+    /// (a timewait socket took its place).
+    pub skc_node_pprev: u32,
     pub ready: u32,
 }
 
@@ -194,6 +197,7 @@ impl Offsets {
         net_inum: 0,
         sk_protocol: 0,
         sk_err: 0,
+        skc_node_pprev: 0,
         ready: 0,
     };
 }
@@ -224,6 +228,8 @@ pub struct ConnStats {
     pub failed_refused: u64,
     pub failed_timeout: u64,
     pub failed_other: u64,
+    /// Connections that entered TIME_WAIT (this side closed first).
+    pub time_wait_entered: u64,
 }
 
 /// Value of `BW_SOCKS`: one tracked socket, with the process that opened it.
@@ -316,9 +322,9 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Offsets>() == 52);
+    assert!(core::mem::size_of::<Offsets>() == 56);
     assert!(core::mem::size_of::<DestKey>() == 24);
-    assert!(core::mem::size_of::<ConnStats>() == 48);
+    assert!(core::mem::size_of::<ConnStats>() == 56);
     assert!(core::mem::size_of::<ConnInfo>() == 88);
     assert!(core::mem::size_of::<ConnRecord>() == 104);
     assert!(core::mem::size_of::<SockRecord>() == 48);

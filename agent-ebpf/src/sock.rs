@@ -149,6 +149,7 @@ pub enum Event {
     FailedRefused,
     FailedTimeout,
     FailedOther,
+    TimeWait,
 }
 
 #[inline(always)]
@@ -172,6 +173,7 @@ unsafe fn apply(stats: *mut ConnStats, ev: Event) {
         Event::FailedRefused => add(&raw mut (*s).failed_refused, 1),
         Event::FailedTimeout => add(&raw mut (*s).failed_timeout, 1),
         Event::FailedOther => add(&raw mut (*s).failed_other, 1),
+        Event::TimeWait => add(&raw mut (*s).time_wait_entered, 1),
     }
 }
 

@@ -47,6 +47,7 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
         (SYN_RECV, ESTABLISHED) => on_established(sk, o, direction::INBOUND),
         (ESTABLISHED, _) => on_leave_established(sk),
         (SYN_SENT, CLOSE) => on_connect_failed(sk, o),
+        (FIN_WAIT2 | CLOSING, CLOSE) => on_time_wait(sk, o),
         (CLOSE, LISTEN) => on_listen(sk, o),
         (LISTEN, CLOSE) => {
             let c = scratch(scratch_slot::TRACEPOINT)?;
@@ -118,6 +119,32 @@ unsafe fn on_leave_established(sk: *const u8) -> Result<(), Error> {
     }
     c.flags &= !conn_flags::COUNTED;
     record(&key_of(c), c.svc, Event::Closed)
+}
+
+/// FIN_WAIT2/CLOSING -> CLOSE is `tcp_time_wait()` handing the connection to a timewait
+/// socket, which by now has replaced it in the established hash. If the socket is still hashed,
+/// no timewait socket was made (`tcp_max_tw_buckets` reached): nothing entered TIME_WAIT.
+unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
+    let pprev: *const u8 = read(sk, &o.skc_node_pprev);
+    if !pprev.is_null() {
+        return Ok(());
+    }
+    let (dir, svc) = match storage(sk, false) {
+        Some(c) => (c.direction, c.svc),
+        None => (direction::OUTBOUND, u32::MAX),
+    };
+    let c = scratch(scratch_slot::TRACEPOINT)?;
+    if !read_sock(sk, o, c)? {
+        return Ok(());
+    }
+    c.direction = dir;
+    let key = key_of(c);
+    let svc = if svc == u32::MAX {
+        service_of(&key.addr, key.port)
+    } else {
+        svc
+    };
+    record(&key, svc, Event::TimeWait)
 }
 
 /// `listen()`: process context, so remember who listens for the inbound connections to come.

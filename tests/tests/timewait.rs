@@ -51,6 +51,18 @@ fn time_wait_per_destination_matches_ss() {
     })
     .expect("a TIME_WAIT row for the destination");
     assert_eq!(row["time_wait"], ss as u64);
+
+    // Counted in the kernel as they happened: 30 entered TIME_WAIT on the client's side; the
+    // server closed second (LAST_ACK), so none on its side.
+    let out = agent
+        .destination("127.0.0.1", addr.port(), "outbound", None)
+        .expect("outbound row");
+    assert_eq!(out["time_wait_entered"], 30);
+    assert_eq!(out["closed"], 30);
+    let inbound = agent
+        .destination("127.0.0.1", addr.port(), "inbound", None)
+        .expect("inbound row");
+    assert_eq!(inbound["time_wait_entered"], 0);
 }
 
 /// In a namespace with a 100-port ephemeral range and tcp_tw_reuse=0: 40 open + 15 in

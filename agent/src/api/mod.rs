@@ -103,6 +103,7 @@ fn counts(s: &ConnStats) -> pb::ConnCounts {
         failed_refused: s.failed_refused,
         failed_timeout: s.failed_timeout,
         failed_other: s.failed_other,
+        time_wait_entered: s.time_wait_entered,
     }
 }
 
@@ -143,6 +144,7 @@ fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> p
         failed_refused: s.failed_refused,
         failed_timeout: s.failed_timeout,
         failed_other: s.failed_other,
+        time_wait_entered: s.time_wait_entered,
     }
 }
 

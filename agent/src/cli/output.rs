@@ -86,6 +86,7 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
         "REFUSED",
         "TIMEOUT",
         "OTHER",
+        "TO-TW",
     ]);
     for d in &r.destinations {
         t.add_row(vec![
@@ -99,6 +100,7 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
             num(d.failed_refused),
             num(d.failed_timeout),
             num(d.failed_other),
+            num(d.time_wait_entered),
         ]);
     }
     t.to_string()

@@ -46,6 +46,7 @@ pub fn resolve_offsets(path: &Path) -> Result<Offsets, BtfError> {
         // `struct sock` starts with its `sock_common`; these two are sock's own.
         sk_protocol: sk(&["sk_protocol"])?,
         sk_err: sk(&["sk_err"])?,
+        skc_node_pprev: sc(&["skc_nulls_node", "pprev"])?,
         ready: 1,
     })
 }

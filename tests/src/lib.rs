@@ -274,19 +274,15 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
-/// Ground truth: established TCP sockets whose destination is `addr:port`, as `ss` counts them
-/// (in network namespace `netns` if given, by its name under /run/netns).
-pub fn ss_established_to(addr: SocketAddr, netns: Option<&str>) -> usize {
+/// Ground truth: TCP sockets in `state` (as `ss` names it) whose destination is `dst`, as `ss`
+/// counts them (in network namespace `netns` if given, by its name under /run/netns).
+pub fn ss_count(state: &str, dst: SocketAddr, netns: Option<&str>) -> usize {
     let mut cmd = Command::new("ss");
     if let Some(ns) = netns {
         cmd.arg("-N").arg(ns);
     }
-    let dst = match addr {
-        SocketAddr::V4(a) => a.to_string(),
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-    };
     let out = cmd
-        .args(["-Htn", "state", "established", "dst", &dst])
+        .args(["-Htan", "state", state, "dst", &dst.to_string()])
         .output()
         .expect("run ss (Debian package iproute2)");
     assert!(
@@ -300,25 +296,12 @@ pub fn ss_established_to(addr: SocketAddr, netns: Option<&str>) -> usize {
         .count()
 }
 
-/// Ground truth: sockets in TIME_WAIT whose destination is `addr:port`, as `ss` counts them.
-pub fn ss_time_wait_to(addr: SocketAddr, netns: Option<&str>) -> usize {
-    let mut cmd = Command::new("ss");
-    if let Some(ns) = netns {
-        cmd.arg("-N").arg(ns);
-    }
-    let out = cmd
-        .args(["-Htan", "state", "time-wait", "dst", &addr.to_string()])
-        .output()
-        .expect("run ss (Debian package iproute2)");
-    assert!(
-        out.status.success(),
-        "ss failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
+pub fn ss_established_to(dst: SocketAddr, netns: Option<&str>) -> usize {
+    ss_count("established", dst, netns)
+}
+
+pub fn ss_time_wait_to(dst: SocketAddr, netns: Option<&str>) -> usize {
+    ss_count("time-wait", dst, netns)
 }
 
 /// Opens `n` connections to `listener`'s address, closes them from the client side first, then

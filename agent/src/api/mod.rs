@@ -192,6 +192,14 @@ fn direction_filter(v: i32) -> Result<Option<u8>> {
     }
 }
 
+/// The first `limit` items; 0 means all.
+fn limited<T>(mut items: Vec<T>, limit: u32) -> Vec<T> {
+    if limit > 0 {
+        items.truncate(limit as usize);
+    }
+    items
+}
+
 fn require_known(services: &ServiceTable, name: &str) -> Result<()> {
     if !name.is_empty() {
         services.require(name)?;
@@ -247,10 +255,7 @@ impl Agent for AgentService {
                         .cmp(&key(a))
                         .then_with(|| (&a.address, a.port).cmp(&(&b.address, b.port)))
                 });
-                if req.limit > 0 {
-                    out.truncate(req.limit as usize);
-                }
-                Ok(out)
+                Ok(limited(out, req.limit))
             })
             .await?;
         Ok(Response::new(pb::ListDestinationsResponse { destinations }))
@@ -273,10 +278,7 @@ impl Agent for AgentService {
                     .filter(|c| req.service.is_empty() || c.service == req.service)
                     .collect();
                 out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.cookie.cmp(&b.cookie)));
-                if req.limit > 0 {
-                    out.truncate(req.limit as usize);
-                }
-                Ok(out)
+                Ok(limited(out, req.limit))
             })
             .await?;
         Ok(Response::new(pb::ListConnectionsResponse { connections }))
@@ -318,7 +320,7 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::GetTimeWaitRequest>,
     ) -> Result<Response<pb::GetTimeWaitResponse>, Status> {
-        let limit = request.into_inner().limit as usize;
+        let limit = request.into_inner().limit;
         let response = self
             .with_core(move |core| {
                 let report = timewait::analyze(&core.kernel.sockets()?);
@@ -328,8 +330,7 @@ impl Agent for AgentService {
                         .map(|s| s.name.clone())
                         .unwrap_or_default()
                 };
-                let take = |n: usize| if limit == 0 { n } else { n.min(limit) };
-                let destinations = report.time_wait[..take(report.time_wait.len())]
+                let destinations = limited(report.time_wait, limit)
                     .iter()
                     .map(|t| pb::TimeWaitDestination {
                         address: display_addr(&t.addr).to_string(),
@@ -340,7 +341,7 @@ impl Agent for AgentService {
                         time_wait: t.count,
                     })
                     .collect();
-                let pressure = report.pressure[..take(report.pressure.len())]
+                let pressure = limited(report.pressure, limit)
                     .iter()
                     .map(|p| pb::PortPressure {
                         netns: p.netns,

@@ -422,3 +422,22 @@ fn gauges_never_underflow_after_eviction() {
         assert!(field(d, "active") < 1 << 32, "a gauge wrapped around: {d}");
     }
 }
+
+#[test]
+fn a_second_agent_does_not_take_the_socket_over() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let out = Command::new(agent_bin())
+        .args(["agent", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another agent already serves"), "{err}");
+    // The first one still answers on its socket.
+    assert!(!agent.info().programs.is_empty());
+}

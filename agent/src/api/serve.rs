@@ -18,8 +18,18 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agent already serves unix://{0}: stop it first, or pick another --socket")]
+    InUse(PathBuf),
     #[error("serving gRPC: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Fails if a live agent answers on `path`: a second agent must not take its socket over.
+pub fn ensure_free(path: &Path) -> Result<(), ServeError> {
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::InUse(path.to_owned())),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Binds the socket (mode 0600: only root may talk to the agent), replacing a stale one.

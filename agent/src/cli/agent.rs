@@ -36,6 +36,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         ));
     }
     let services = config.service_table()?;
+    serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
 
     let kernel = Kernel::load(&config.maps).context("loading eBPF programs")?;
     let mut core = Core { kernel, services };

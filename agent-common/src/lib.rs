@@ -31,6 +31,11 @@ pub mod names {
     /// Listening sockets and the process that called `listen()`: `ListenKey -> ListenerInfo`.
     /// Inbound connections are attributed to their listener's process.
     pub const MAP_LISTENERS: &str = "BW_LISTENERS";
+    /// Latency histograms per destination: `HistKey -> count` (LRU, sparse: one entry per bucket
+    /// in use).
+    pub const MAP_DEST_HIST: &str = "BW_DEST_HIST";
+    /// Latency histograms per service: index [`crate::svc_hist_index`] -> count.
+    pub const MAP_SVC_HIST: &str = "BW_SVC_HIST";
     /// Per-CPU counters, indexed by [`crate::counter`].
     pub const MAP_COUNTERS: &str = "BW_COUNTERS";
     /// Per-CPU room to build a `ConnInfo` in, one slot per program that may interrupt another.
@@ -40,7 +45,7 @@ pub mod names {
     pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 7] = [
+    pub const ALL_MAPS: [&str; 9] = [
         MAP_DESTS,
         MAP_SOCKS,
         MAP_SVC_LPM,
@@ -48,6 +53,8 @@ pub mod names {
         MAP_LISTENERS,
         MAP_COUNTERS,
         MAP_SCRATCH,
+        MAP_DEST_HIST,
+        MAP_SVC_HIST,
     ];
 }
 
@@ -100,6 +107,8 @@ pub mod conn_flags {
     pub const COUNTED: u8 = 1;
     /// The connection existed before the agent started (seeded from the socket iterator).
     pub const SEEDED: u8 = 2;
+    /// `start_ns` is when `connect()` sent the SYN, so SYN -> ESTABLISHED can be timed.
+    pub const CONNECT_TIMED: u8 = 4;
 }
 
 /// Indexes of the per-CPU counter array.
@@ -156,6 +165,7 @@ pub mod defaults {
     pub const MAX_SERVICES: u32 = 1_024;
     pub const MAX_SERVICE_ENDPOINTS: u32 = 16_384;
     pub const MAX_LISTENERS: u32 = 16_384;
+    pub const MAX_HIST_BUCKETS: u32 = 262_144;
 }
 
 /// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader
@@ -309,6 +319,58 @@ pub struct ListenerInfo {
     pub comm: [u8; 16],
 }
 
+/// Latency histograms: what is measured.
+pub mod hist_kind {
+    /// SYN sent -> ESTABLISHED, on outbound connections.
+    pub const CONNECT: u32 = 0;
+    pub const COUNT: u32 = 1;
+    pub const NAMES: [&str; COUNT as usize] = ["connect"];
+}
+
+/// Buckets per histogram: log2 of the value in microseconds with 4 sub-buckets each, so a bucket
+/// is at most 25% wide; the last bucket holds everything from about 2.4 hours up.
+pub const HIST_BUCKETS: u32 = 128;
+
+/// Bucket of a value in microseconds: 0..=3 exactly, then 4 buckets per power of two.
+#[inline(always)]
+pub const fn hist_bucket(us: u64) -> u32 {
+    if us < 4 {
+        return us as u32;
+    }
+    let major = 63 - us.leading_zeros();
+    let sub = ((us >> (major - 2)) & 3) as u32;
+    let idx = 4 * (major - 1) + sub;
+    if idx >= HIST_BUCKETS {
+        HIST_BUCKETS - 1
+    } else {
+        idx
+    }
+}
+
+/// Smallest value (µs) that falls in bucket `idx`; the bucket ends where `idx + 1` begins.
+pub const fn hist_bucket_low(idx: u32) -> u64 {
+    if idx < 4 {
+        return idx as u64;
+    }
+    let major = idx / 4 + 1;
+    let sub = (idx % 4) as u64;
+    (4 + sub) << (major - 2)
+}
+
+/// Key of `BW_DEST_HIST`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HistKey {
+    pub dest: DestKey,
+    pub kind: u32,
+    pub bucket: u32,
+}
+
+/// Index of one bucket of a service's histogram in `BW_SVC_HIST`.
+pub const fn svc_hist_index(svc: u32, kind: u32, bucket: u32) -> u32 {
+    (svc * hist_kind::COUNT + kind) * HIST_BUCKETS + bucket
+}
+
 /// Index of a service's stats for one direction in `BW_SVC_STATS`.
 pub const fn svc_stats_index(svc: u32, direction: u8) -> u32 {
     svc * 2 + direction as u32
@@ -328,6 +390,7 @@ const _: () = {
     assert!(core::mem::size_of::<ConnInfo>() == 88);
     assert!(core::mem::size_of::<ConnRecord>() == 104);
     assert!(core::mem::size_of::<SockRecord>() == 48);
+    assert!(core::mem::size_of::<HistKey>() == 32);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
@@ -342,7 +405,48 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::SockRecord {}
+    unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_at_most_a_quarter_wide() {
+        for v in [
+            0u64,
+            1,
+            3,
+            4,
+            5,
+            7,
+            8,
+            9,
+            15,
+            16,
+            1000,
+            1_000_000,
+            123_456_789,
+        ] {
+            let b = hist_bucket(v);
+            assert!(hist_bucket_low(b) <= v, "{v} below its bucket {b}");
+            assert!(v < hist_bucket_low(b + 1), "{v} beyond its bucket {b}");
+        }
+        for b in 0..HIST_BUCKETS - 1 {
+            assert_eq!(hist_bucket(hist_bucket_low(b)), b);
+            let (lo, hi) = (hist_bucket_low(b), hist_bucket_low(b + 1));
+            assert!(hi > lo);
+            if lo >= 4 {
+                assert!(
+                    (hi - lo) * 4 <= lo,
+                    "bucket {b} [{lo}, {hi}) is wider than 25%"
+                );
+            }
+        }
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+    }
 }

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
 };
 use breakwater_common::{
-    counter, defaults, scratch_slot, ConnInfo, ConnStats, DestKey, ListenKey, ListenerInfo,
-    Offsets, SvcLpmData,
+    counter, defaults, hist_kind, scratch_slot, ConnInfo, ConnStats, DestKey, HistKey, ListenKey,
+    ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
 };
 
 #[map]
@@ -30,6 +30,16 @@ pub static BW_SVC_STATS: Array<ConnStats> = Array::with_max_entries(defaults::MA
 #[map]
 pub static BW_LISTENERS: LruHashMap<ListenKey, ListenerInfo> =
     LruHashMap::with_max_entries(defaults::MAX_LISTENERS, 0);
+
+#[map]
+pub static BW_DEST_HIST: LruHashMap<HistKey, u64> =
+    LruHashMap::with_max_entries(defaults::MAX_HIST_BUCKETS, 0);
+
+#[map]
+pub static BW_SVC_HIST: Array<u64> = Array::with_max_entries(
+    (defaults::MAX_SERVICES + 1) * hist_kind::COUNT * HIST_BUCKETS,
+    0,
+);
 
 #[map]
 pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

@@ -2,12 +2,12 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use breakwater_common::{
-    counter, direction, svc_stats_index, v4_mapped, ConnInfo, ConnStats, DestKey, Offsets,
-    SockRecord,
+    counter, direction, hist_bucket, svc_hist_index, svc_stats_index, v4_mapped, ConnInfo,
+    ConnStats, DestKey, HistKey, Offsets, SockRecord,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use crate::maps::{bump, BW_DESTS, BW_SCRATCH, BW_SVC_STATS};
+use crate::maps::{bump, BW_DESTS, BW_DEST_HIST, BW_SCRATCH, BW_SVC_HIST, BW_SVC_STATS};
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -220,4 +220,29 @@ pub fn zero(c: &mut ConnInfo) {
         // SAFETY: ConnInfo is 8-byte aligned, a multiple of 8 long, and all-zero is valid.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
+}
+
+/// Adds one sample (µs) to a destination's and, if it has one, its service's histogram.
+#[inline(always)]
+pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error> {
+    let bucket = hist_bucket(us);
+    let hk = HistKey {
+        dest: *key,
+        kind,
+        bucket,
+    };
+    let count = match BW_DEST_HIST.get_ptr_mut(&hk) {
+        Some(p) => p,
+        None => {
+            let _ = BW_DEST_HIST.insert(&hk, &0, BPF_NOEXIST as u64);
+            BW_DEST_HIST.get_ptr_mut(&hk).ok_or(Error::Map)?
+        }
+    };
+    add(count, 1);
+    if svc != 0 {
+        if let Some(p) = BW_SVC_HIST.get_ptr_mut(svc_hist_index(svc, kind, bucket)) {
+            add(p, 1);
+        }
+    }
+    Ok(())
 }

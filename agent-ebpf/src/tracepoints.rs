@@ -8,12 +8,13 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use breakwater_common::{
-    conn_flags, counter, direction, scratch_slot, tcp_state::*, ConnInfo, ListenerInfo, Offsets,
+    conn_flags, counter, direction, hist_kind, scratch_slot, tcp_state::*, ConnInfo, ListenerInfo,
+    Offsets,
 };
 
 use crate::{
     maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
-    sock::{key_of, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP},
+    sock::{key_of, observe, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -79,6 +80,7 @@ unsafe fn on_connect(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     attribute_to_current(c);
     c.start_ns = bpf_ktime_get_ns();
     c.direction = direction::OUTBOUND;
+    c.flags = conn_flags::CONNECT_TIMED;
     bump(counter::SOCKS_TRACKED);
     Ok(())
 }
@@ -104,8 +106,13 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Erro
     }
     let key = key_of(c);
     c.svc = service_of(&key.addr, key.port);
-    c.flags |= conn_flags::COUNTED;
-    record(&key, c.svc, Event::Opened)
+    record(&key, c.svc, Event::Opened)?;
+    if c.flags & conn_flags::CONNECT_TIMED != 0 {
+        let us = (bpf_ktime_get_ns().saturating_sub(c.start_ns)) / 1000;
+        observe(&key, c.svc, hist_kind::CONNECT, us)?;
+    }
+    c.flags = (c.flags & !conn_flags::CONNECT_TIMED) | conn_flags::COUNTED;
+    Ok(())
 }
 
 unsafe fn on_leave_established(sk: *const u8) -> Result<(), Error> {

@@ -47,6 +47,9 @@ pub struct MapSizes {
     pub max_services: u32,
     /// Endpoints over all services (LPM trie entries).
     pub max_service_endpoints: u32,
+    /// Latency histogram buckets in use over all destinations (LRU; one entry per non-empty
+    /// bucket of a destination's histogram).
+    pub max_histogram_buckets: u32,
 }
 
 impl Default for MapSizes {
@@ -55,6 +58,7 @@ impl Default for MapSizes {
             max_destinations: defaults::MAX_DESTS,
             max_services: defaults::MAX_SERVICES,
             max_service_endpoints: defaults::MAX_SERVICE_ENDPOINTS,
+            max_histogram_buckets: defaults::MAX_HIST_BUCKETS,
         }
     }
 }
@@ -86,6 +90,7 @@ impl Config {
             ("maps.max_destinations", m.max_destinations, 16),
             ("maps.max_services", m.max_services, 1),
             ("maps.max_service_endpoints", m.max_service_endpoints, 1),
+            ("maps.max_histogram_buckets", m.max_histogram_buckets, 16),
         ] {
             if v < min || v > 1 << 24 {
                 return Err(Error::invalid(format!(

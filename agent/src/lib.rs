@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod ebpf;
 pub mod error;
+pub mod latency;
 pub mod netns;
 pub mod service;
 pub mod timewait;

@@ -32,7 +32,19 @@ fn wait_for(
         last = d.clone();
         d.filter(|d| pred(d))
     })
-    .unwrap_or_else(|| panic!("{what}: destination {addr}:{port} {dir} is {last:?}"))
+    .unwrap_or_else(|| {
+        let all = agent.cli_json(&["destinations"]);
+        let same_port: Vec<_> = all["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["port"] == port)
+            .collect();
+        panic!(
+            "{what}: destination {addr}:{port} {dir} is {last:?}\nall rows on that port: {same_port:?}\nagent: {:?}",
+            agent.info()
+        )
+    })
 }
 
 #[test]

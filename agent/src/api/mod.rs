@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use breakwater_common::{direction, tcp_state, ConnRecord, ConnStats, DestKey};
+use breakwater_common::{direction, hist_kind, tcp_state, ConnRecord, ConnStats, DestKey};
 use breakwater_proto::v1::{self as pb, agent_server::Agent};
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -16,6 +16,8 @@ use tracing::info;
 use crate::{
     ebpf::Kernel,
     error::{Error, Result},
+    latency,
+    service::Endpoint,
     service::{display_addr, parse_endpoints, Service, ServiceTable},
     timewait::{self, Level},
 };
@@ -116,7 +118,10 @@ fn pb_direction(d: u8) -> pb::Direction {
 }
 
 fn service_message(core: &Core, s: &Service) -> Result<pb::Service> {
+    let connect = latency::summarize(&core.kernel.service_histogram(s.id, hist_kind::CONNECT)?);
     Ok(pb::Service {
+        connect_p50_us: connect.p50,
+        connect_p99_us: connect.p99,
         name: s.name.clone(),
         endpoints: s.endpoints.iter().map(ToString::to_string).collect(),
         outbound: Some(counts(
@@ -189,6 +194,69 @@ fn direction_filter(v: i32) -> Result<Option<u8>> {
         Ok(pb::Direction::Outbound) => Ok(Some(direction::OUTBOUND)),
         Ok(pb::Direction::Inbound) => Ok(Some(direction::INBOUND)),
         Err(_) => Err(Error::invalid(format!("direction: unknown value {v}"))),
+    }
+}
+
+fn histogram_message(kind: u32, h: &crate::ebpf::Histogram) -> pb::Histogram {
+    let s = latency::summarize(h);
+    pb::Histogram {
+        kind: hist_kind::NAMES[kind as usize].to_owned(),
+        count: s.count,
+        p50_us: s.p50,
+        p90_us: s.p90,
+        p99_us: s.p99,
+        max_us: s.max,
+        buckets: h
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &count)| {
+                let (low_us, high_us) = latency::bounds(i as u32);
+                pb::HistogramBucket {
+                    index: i as u32,
+                    low_us,
+                    high_us,
+                    count,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// What a `GetLatency` request asks for.
+enum LatencyOf {
+    Service(String),
+    Destination {
+        addr: [u8; 16],
+        port: u16,
+        netns: u32,
+    },
+}
+
+fn latency_target(req: &pb::GetLatencyRequest) -> Result<LatencyOf> {
+    match (req.service.is_empty(), req.destination.is_empty()) {
+        (false, true) => Ok(LatencyOf::Service(req.service.clone())),
+        (true, false) => {
+            let e: Endpoint = req.destination.parse()?;
+            if e.net.prefix_len() != e.net.max_prefix_len() {
+                return Err(Error::invalid(format!(
+                    "destination {:?} must be one address, not a network",
+                    req.destination
+                )));
+            }
+            let addr = match e.net.addr() {
+                std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(a) => a.octets(),
+            };
+            Ok(LatencyOf::Destination {
+                addr,
+                port: e.port,
+                netns: req.netns,
+            })
+        }
+        _ => Err(Error::invalid(
+            "give either a service or a destination (IP:port), not both and not neither",
+        )),
     }
 }
 
@@ -370,6 +438,37 @@ impl Agent for AgentService {
             })
             .await?;
         Ok(Response::new(response))
+    }
+
+    async fn get_latency(
+        &self,
+        request: Request<pb::GetLatencyRequest>,
+    ) -> Result<Response<pb::GetLatencyResponse>, Status> {
+        let target = latency_target(&request.into_inner())?;
+        let histograms = self
+            .with_core(move |core| {
+                (0..hist_kind::COUNT)
+                    .map(|kind| {
+                        let h = match &target {
+                            LatencyOf::Service(name) => {
+                                let id = core.services.require(name)?.id;
+                                core.kernel.service_histogram(id, kind)?
+                            }
+                            LatencyOf::Destination { addr, port, netns } => {
+                                core.kernel.destination_histogram(kind, |k| {
+                                    k.addr == *addr
+                                        && k.port == *port
+                                        && k.direction == direction::OUTBOUND
+                                        && (*netns == 0 || k.netns == *netns)
+                                })
+                            }
+                        };
+                        Ok(histogram_message(kind, &h))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(Response::new(pb::GetLatencyResponse { histograms }))
     }
 
     async fn get_agent_info(

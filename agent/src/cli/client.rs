@@ -145,6 +145,22 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .into_inner();
             print(format, &r, |_| format!("deleted service {name}"))
         }
+        Command::Latency {
+            service,
+            destination,
+            netns,
+        } => {
+            let r = client
+                .get_latency(pb::GetLatencyRequest {
+                    service: service.unwrap_or_default(),
+                    destination: destination.unwrap_or_default(),
+                    netns,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print(format, &r, output::latency)
+        }
         Command::Timewait { limit } => {
             let r = client
                 .get_time_wait(pb::GetTimeWaitRequest { limit })

@@ -66,6 +66,21 @@ pub enum Command {
     Service(ServiceCommand),
     /// The agent's version, kernel, programs, maps and error counters.
     Info,
+    /// Latency histograms of a service (or with --destination, of one destination).
+    Latency {
+        /// Service name.
+        #[arg(
+            required_unless_present = "destination",
+            conflicts_with = "destination"
+        )]
+        service: Option<String>,
+        /// A destination instead: IP:port or [IPv6]:port.
+        #[arg(long)]
+        destination: Option<String>,
+        /// With --destination: only this network namespace (inode); default all.
+        #[arg(long, default_value_t = 0)]
+        netns: u32,
+    },
     /// Sockets in TIME_WAIT per destination and ephemeral-port pressure, every namespace.
     Timewait {
         /// At most N rows per table (0 = all).

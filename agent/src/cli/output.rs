@@ -50,6 +50,8 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
         "OTHER",
         "IN-ACTIVE",
         "IN-OPENED",
+        "CONNECT-P50",
+        "CONNECT-P99",
     ]);
     for s in &r.services {
         let o = s.outbound.unwrap_or_default();
@@ -65,6 +67,16 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
             num(o.failed_other),
             num(i.active),
             num(i.opened),
+            Cell::new(if s.connect_p50_us == 0 {
+                "-".into()
+            } else {
+                micros(s.connect_p50_us)
+            }),
+            Cell::new(if s.connect_p99_us == 0 {
+                "-".into()
+            } else {
+                micros(s.connect_p99_us)
+            }),
         ]);
     }
     if r.services.is_empty() {
@@ -140,6 +152,44 @@ fn age(ms: u64) -> String {
         1_000..60_000 => format!("{}s", ms / 1_000),
         60_000..3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1_000),
         _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+/// bcc-style histograms: one line per bucket from the first to the last non-empty one.
+pub fn latency(r: &pb::GetLatencyResponse) -> String {
+    let mut out = String::new();
+    for h in &r.histograms {
+        out += &format!(
+            "{} latency: {} samples, p50 {}, p90 {}, p99 {}, max < {}\n",
+            h.kind,
+            h.count,
+            micros(h.p50_us),
+            micros(h.p90_us),
+            micros(h.p99_us),
+            micros(h.max_us)
+        );
+        if h.buckets.is_empty() {
+            continue;
+        }
+        out += &format!("{:>24} : {:<8} distribution\n", "µs", "count");
+        let top = h.buckets.iter().map(|b| b.count).max().unwrap_or(1).max(1);
+        let (first, last) = (h.buckets[0].index, h.buckets[h.buckets.len() - 1].index);
+        for idx in first..=last {
+            let b = h.buckets.iter().find(|b| b.index == idx);
+            let count = b.map_or(0, |b| b.count);
+            let (lo, hi) = crate::latency::bounds(idx);
+            let bar = "*".repeat((count * 40).div_ceil(top) as usize);
+            out += &format!("{lo:>10} -> {:<10} : {count:<8} |{bar:<40}|\n", hi - 1);
+        }
+    }
+    out.trim_end().to_owned()
+}
+
+fn micros(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}µs"),
+        1_000..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
     }
 }
 

@@ -13,7 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
-    counter, names, svc_stats_index, ConnRecord, ConnStats, DestKey, SockRecord, SvcLpmData,
+    counter, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord, ConnStats, DestKey,
+    HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
 };
 use tracing::info;
 
@@ -61,6 +62,9 @@ impl LoadError {
         }
     }
 }
+
+/// Counts per bucket (see `breakwater_common::hist_bucket`).
+pub type Histogram = [u64; HIST_BUCKETS as usize];
 
 /// Fixed-size records an iterator wrote.
 fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
@@ -128,6 +132,8 @@ pub struct MapSummary {
 pub struct Kernel {
     ebpf: Ebpf,
     dests: HashMap<MapData, DestKey, ConnStats>,
+    dest_hist: HashMap<MapData, HistKey, u64>,
+    svc_hist: Array<MapData, u64>,
     svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
     svc_stats: Array<MapData, ConnStats>,
     counters: PerCpuArray<MapData, u64>,
@@ -155,6 +161,11 @@ impl Kernel {
             .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
             // Service ids run 1..=max_services; slot 0 is "no service".
             .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
+            .map_max_entries(names::MAP_DEST_HIST, sizes.max_histogram_buckets)
+            .map_max_entries(
+                names::MAP_SVC_HIST,
+                (sizes.max_services + 1) * hist_kind::COUNT * HIST_BUCKETS,
+            )
             .load(OBJECT)?;
         for name in names::ALL_MAPS {
             if ebpf.map(name).is_none() {
@@ -163,6 +174,8 @@ impl Kernel {
         }
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,
+            dest_hist: take(&mut ebpf, names::MAP_DEST_HIST)?,
+            svc_hist: take(&mut ebpf, names::MAP_SVC_HIST)?,
             svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
             svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
@@ -271,8 +284,15 @@ impl Kernel {
         Ok(())
     }
 
-    /// Zeroes a service's counters (a new service starts from zero).
+    /// Zeroes a service's counters and histograms (a new service starts from zero).
     pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
+        for kind in 0..hist_kind::COUNT {
+            for b in 0..HIST_BUCKETS {
+                self.svc_hist
+                    .set(svc_hist_index(id, kind, b), 0, 0)
+                    .map_err(Error::map(names::MAP_SVC_HIST))?;
+            }
+        }
         for dir in [
             breakwater_common::direction::OUTBOUND,
             breakwater_common::direction::INBOUND,
@@ -288,6 +308,29 @@ impl Kernel {
         self.svc_stats
             .get(&svc_stats_index(id, dir), 0)
             .map_err(Error::map(names::MAP_SVC_STATS))
+    }
+
+    /// A service's histogram of one kind.
+    pub fn service_histogram(&self, id: u32, kind: u32) -> Result<Histogram> {
+        let mut h = [0u64; HIST_BUCKETS as usize];
+        for (b, slot) in h.iter_mut().enumerate() {
+            *slot = self
+                .svc_hist
+                .get(&svc_hist_index(id, kind, b as u32), 0)
+                .map_err(Error::map(names::MAP_SVC_HIST))?;
+        }
+        Ok(h)
+    }
+
+    /// Histograms of one kind for the destinations `keep` selects, summed.
+    pub fn destination_histogram(&self, kind: u32, keep: impl Fn(&DestKey) -> bool) -> Histogram {
+        let mut h = [0u64; HIST_BUCKETS as usize];
+        for (k, count) in self.dest_hist.iter().filter_map(|r| r.ok()) {
+            if k.kind == kind && keep(&k.dest) && k.bucket < HIST_BUCKETS {
+                h[k.bucket as usize] += count;
+            }
+        }
+        h
     }
 
     pub fn destinations(&self) -> Vec<(DestKey, ConnStats)> {
@@ -347,6 +390,13 @@ impl Kernel {
                 entries: dests,
                 // Nothing deletes destinations but the LRU.
                 evictions: c(counter::DEST_INSERTS).saturating_sub(dests),
+            },
+            MapSummary {
+                name: names::MAP_DEST_HIST,
+                capacity: self.sizes.max_histogram_buckets,
+                entries: self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64,
+                // Not derivable without an insert counter; histograms are best effort per bucket.
+                evictions: 0,
             },
             MapSummary {
                 name: names::MAP_SVC_LPM,

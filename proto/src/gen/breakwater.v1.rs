@@ -36,6 +36,11 @@ pub struct Service {
     /// Connections into this node on the service's endpoints.
     #[prost(message, optional, tag = "4")]
     pub inbound: ::core::option::Option<ConnCounts>,
+    /// Connect latency (SYN sent -> established) of outbound connections, from the histogram.
+    #[prost(uint64, tag = "5")]
+    pub connect_p50_us: u64,
+    #[prost(uint64, tag = "6")]
+    pub connect_p99_us: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -310,6 +315,59 @@ pub struct GetTimeWaitResponse {
     /// Highest ratio first.
     #[prost(message, repeated, tag = "2")]
     pub pressure: ::prost::alloc::vec::Vec<PortPressure>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetLatencyRequest {
+    /// Exactly one of: a service name, or a destination "IP:port" / "\[IPv6\]:port".
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
+    /// With a destination: only this network namespace; 0 = all namespaces together.
+    #[prost(uint32, tag = "3")]
+    pub netns: u32,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HistogramBucket {
+    #[prost(uint32, tag = "1")]
+    pub index: u32,
+    /// \[low_us, high_us)
+    #[prost(uint64, tag = "2")]
+    pub low_us: u64,
+    #[prost(uint64, tag = "3")]
+    pub high_us: u64,
+    #[prost(uint64, tag = "4")]
+    pub count: u64,
+}
+/// Kernel histogram: log2 buckets of microseconds with 4 sub-buckets each (at most 25% wide).
+/// Percentiles are the midpoints of the buckets they fall in; max is the top bucket's upper end.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Histogram {
+    /// "connect": SYN sent -> established, outbound connections.
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub count: u64,
+    #[prost(uint64, tag = "3")]
+    pub p50_us: u64,
+    #[prost(uint64, tag = "4")]
+    pub p90_us: u64,
+    #[prost(uint64, tag = "5")]
+    pub p99_us: u64,
+    #[prost(uint64, tag = "6")]
+    pub max_us: u64,
+    /// Non-empty buckets, lowest first.
+    #[prost(message, repeated, tag = "7")]
+    pub buckets: ::prost::alloc::vec::Vec<HistogramBucket>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetLatencyResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub histograms: ::prost::alloc::vec::Vec<Histogram>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -676,6 +734,31 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "GetTimeWait"));
             self.inner.unary(req, path, codec).await
         }
+        /// Latency histograms of a service or a destination.
+        pub async fn get_latency(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetLatencyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetLatencyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/GetLatency",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "GetLatency"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -744,6 +827,14 @@ pub mod agent_server {
             request: tonic::Request<super::GetTimeWaitRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetTimeWaitResponse>,
+            tonic::Status,
+        >;
+        /// Latency histograms of a service or a destination.
+        async fn get_latency(
+            &self,
+            request: tonic::Request<super::GetLatencyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetLatencyResponse>,
             tonic::Status,
         >;
     }
@@ -1119,6 +1210,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetTimeWaitSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/GetLatency" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetLatencySvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::GetLatencyRequest>
+                    for GetLatencySvc<T> {
+                        type Response = super::GetLatencyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetLatencyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::get_latency(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetLatencySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -1,0 +1,151 @@
+//! Latency histograms against the client's own timing.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_common::hist_bucket;
+use breakwater_proto::v1 as pb;
+use breakwater_tests::{require_root, serial, Agent};
+use tonic::Code;
+
+/// A listener whose accept queue is full drops the first SYN; once the queue drains, the
+/// retransmitted SYN (about 1 s later) gets through. The agent's connect latency for that
+/// destination must land within one bucket of what the client measured.
+#[test]
+fn connect_latency_matches_the_clients_timing() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let agent = Agent::start_with_config(Some(&format!(
+        "[[service]]\nname = \"slow\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        addr.port()
+    )));
+    let filler = TcpStream::connect(addr).expect("fills the accept queue");
+
+    let client = thread::spawn(move || {
+        let t = Instant::now();
+        let c = TcpStream::connect(addr).expect("connects after the SYN retransmission");
+        (t.elapsed(), c)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let (accepted, _) = listener.accept().unwrap();
+    drop((accepted, filler));
+    let (took, _c) = client.join().unwrap();
+    assert!(
+        took >= Duration::from_millis(900),
+        "first SYN was not dropped: {took:?}"
+    );
+    let client_us = took.as_micros() as u64;
+
+    let mut c = agent.client();
+    let r = agent
+        .block_on(c.get_latency(pb::GetLatencyRequest {
+            destination: addr.to_string(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let h = &r.histograms[0];
+    assert_eq!(h.kind, "connect");
+    assert_eq!(h.count, 2, "the filler and the slow connect: {h:?}");
+    let slow = h.buckets.last().unwrap();
+    assert!(
+        slow.index.abs_diff(hist_bucket(client_us)) <= 1,
+        "agent bucket [{}, {}) vs client {client_us} µs",
+        slow.low_us,
+        slow.high_us
+    );
+    assert!(hist_bucket(h.max_us - 1).abs_diff(hist_bucket(client_us)) <= 1);
+
+    // The service's histogram holds the same samples; its p99 is the slow one.
+    let s = agent
+        .block_on(c.list_services(pb::ListServicesRequest {}))
+        .unwrap()
+        .into_inner()
+        .services
+        .remove(0);
+    assert!(
+        hist_bucket(s.connect_p99_us).abs_diff(hist_bucket(client_us)) <= 1,
+        "{s:?}"
+    );
+    let r = agent
+        .block_on(c.get_latency(pb::GetLatencyRequest {
+            service: "slow".into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.histograms[0].count, 2);
+}
+
+#[test]
+fn latency_requests_are_checked() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let cases = [
+        (
+            pb::GetLatencyRequest::default(),
+            Code::InvalidArgument,
+            "give either a service or a destination",
+        ),
+        (
+            pb::GetLatencyRequest {
+                service: "a".into(),
+                destination: "1.2.3.4:5".into(),
+                netns: 0,
+            },
+            Code::InvalidArgument,
+            "not both",
+        ),
+        (
+            pb::GetLatencyRequest {
+                destination: "10.0.0.0/8:80".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "must be one address, not a network",
+        ),
+        (
+            pb::GetLatencyRequest {
+                destination: "nonsense".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "invalid endpoint \"nonsense\"",
+        ),
+        (
+            pb::GetLatencyRequest {
+                service: "nope".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+            "no service named \"nope\"",
+        ),
+    ];
+    for (req, code, why) in cases {
+        let status = agent
+            .block_on(c.get_latency(req.clone()))
+            .expect_err("bad request");
+        assert_eq!(status.code(), code, "{req:?}");
+        assert!(
+            status.message().contains(why),
+            "{:?} lacks {why:?}",
+            status.message()
+        );
+    }
+}

@@ -165,9 +165,11 @@ fn three_syn_timeouts() {
     let filler = TcpStream::connect(addr).expect("first connection fills the queue");
 
     let started = Instant::now();
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
+    // Staggered, so that each one times out on a timer run of its own.
+    let clients: Vec<_> = (0..3u64)
+        .map(|i| {
             thread::spawn(move || {
+                thread::sleep(Duration::from_millis(150 * i));
                 let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
                     .unwrap();
                 let one: libc::c_int = 1;

@@ -17,7 +17,14 @@ pub mod names {
     /// `iter/tcp`: writes a `SockRecord` for every TCP socket, TIME_WAIT included (GetTimeWait).
     pub const PROG_SOCKS_TCP: &str = "bw_socks_tcp";
 
+    /// `tp_btf/sock_send_length`: a send on a client connection starts a request's clock.
+    pub const PROG_SOCK_SEND: &str = "bw_sock_send";
+    /// `tp_btf/sk_data_ready`: the first data after it stops the clock.
+    pub const PROG_DATA_READY: &str = "bw_data_ready";
+
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
+    pub const TRACEPOINT_SOCK_SEND: &str = "sock_send_length";
+    pub const TRACEPOINT_DATA_READY: &str = "sk_data_ready";
     pub const ITER_TCP: &str = "tcp";
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.
@@ -109,6 +116,8 @@ pub mod conn_flags {
     pub const SEEDED: u8 = 2;
     /// `start_ns` is when `connect()` sent the SYN, so SYN -> ESTABLISHED can be timed.
     pub const CONNECT_TIMED: u8 = 4;
+    /// A request was sent at `send_ns` and no data has arrived since.
+    pub const AWAITING: u8 = 8;
 }
 
 /// Indexes of the per-CPU counter array.
@@ -264,6 +273,8 @@ pub struct ConnInfo {
     pub direction: u8,
     pub flags: u8,
     pub _pad: [u8; 5],
+    /// When the request now awaiting its response was sent (`conn_flags::AWAITING`).
+    pub send_ns: u64,
 }
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
@@ -323,8 +334,10 @@ pub struct ListenerInfo {
 pub mod hist_kind {
     /// SYN sent -> ESTABLISHED, on outbound connections.
     pub const CONNECT: u32 = 0;
-    pub const COUNT: u32 = 1;
-    pub const NAMES: [&str; COUNT as usize] = ["connect"];
+    /// A send on an outbound connection -> the first data that arrives after it.
+    pub const FIRST_RESPONSE: u32 = 1;
+    pub const COUNT: u32 = 2;
+    pub const NAMES: [&str; COUNT as usize] = ["connect", "first_response"];
 }
 
 /// Buckets per histogram: log2 of the value in microseconds with 4 sub-buckets each, so a bucket
@@ -387,8 +400,8 @@ const _: () = {
     assert!(core::mem::size_of::<Offsets>() == 56);
     assert!(core::mem::size_of::<DestKey>() == 24);
     assert!(core::mem::size_of::<ConnStats>() == 56);
-    assert!(core::mem::size_of::<ConnInfo>() == 88);
-    assert!(core::mem::size_of::<ConnRecord>() == 104);
+    assert!(core::mem::size_of::<ConnInfo>() == 96);
+    assert!(core::mem::size_of::<ConnRecord>() == 112);
     assert!(core::mem::size_of::<SockRecord>() == 48);
     assert!(core::mem::size_of::<HistKey>() == 32);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);

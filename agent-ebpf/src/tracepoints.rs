@@ -189,3 +189,61 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     };
     record(&key, svc, ev)
 }
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
+    if let Err(e) = unsafe { try_sock_send(&ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// A send on a tracked client connection starts the clock, unless a request is already waiting
+/// for its response (a request sent in several writes is timed from its first).
+unsafe fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), Error> {
+    let sent: i32 = ctx.arg(1);
+    if sent <= 0 {
+        return Ok(());
+    }
+    let Some(c) = tracked_client(ctx.arg(0)) else {
+        return Ok(());
+    };
+    if c.flags & conn_flags::AWAITING == 0 {
+        c.send_ns = bpf_ktime_get_ns();
+        c.flags |= conn_flags::AWAITING;
+    }
+    Ok(())
+}
+
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
+    if let Err(e) = unsafe { try_data_ready(&ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// The first data after a send stops the clock: request -> first response.
+unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
+    let Some(c) = tracked_client(ctx.arg(0)) else {
+        return Ok(());
+    };
+    if c.flags & conn_flags::AWAITING == 0 {
+        return Ok(());
+    }
+    c.flags &= !conn_flags::AWAITING;
+    let us = bpf_ktime_get_ns().saturating_sub(c.send_ns) / 1000;
+    observe(&key_of(c), c.svc, hist_kind::FIRST_RESPONSE, us)
+}
+
+/// The storage of an established outbound TCP connection the agent counts; None for anything
+/// else (other protocols, servers, untracked sockets), cheaply.
+#[inline(always)]
+unsafe fn tracked_client(sk: *const u8) -> Option<&'static mut ConnInfo> {
+    let o = offsets();
+    if core::ptr::read_volatile(&o.ready) == 0 || read::<u16>(sk, &o.sk_protocol) != IPPROTO_TCP {
+        return None;
+    }
+    let c = storage(sk, false)?;
+    (c.direction == direction::OUTBOUND && c.flags & conn_flags::COUNTED != 0).then_some(c)
+}

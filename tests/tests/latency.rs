@@ -149,3 +149,59 @@ fn latency_requests_are_checked() {
         );
     }
 }
+
+/// A server that answers each request after 50 ms: the agent's first-response p50 lands within
+/// one bucket of the client's own median.
+#[test]
+fn first_response_latency_matches_the_clients_timing() {
+    use std::io::{Read, Write};
+
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        while s.read_exact(&mut buf).is_ok() {
+            thread::sleep(Duration::from_millis(50));
+            s.write_all(b"pong").unwrap();
+        }
+    });
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut took = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        took.push(t.elapsed().as_micros() as u64);
+    }
+    drop(c);
+    server.join().unwrap();
+    took.sort_unstable();
+    let client_p50 = took[took.len() / 2];
+
+    let mut client = agent.client();
+    let r = agent
+        .block_on(client.get_latency(pb::GetLatencyRequest {
+            destination: addr.to_string(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let h = r
+        .histograms
+        .iter()
+        .find(|h| h.kind == "first_response")
+        .expect("first_response histogram");
+    assert_eq!(h.count, 9, "one sample per request: {h:?}");
+    assert!(
+        hist_bucket(h.p50_us).abs_diff(hist_bucket(client_p50)) <= 1,
+        "agent p50 {} µs vs client {client_p50} µs",
+        h.p50_us
+    );
+}

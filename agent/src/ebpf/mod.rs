@@ -188,13 +188,12 @@ impl Kernel {
     /// Attaches the tracking programs, then seeds the gauges from the sockets that already
     /// exist in every network namespace (after attaching, so that nothing falls in between).
     pub fn attach(&mut self) -> Result<(), LoadError> {
-        let p = tracepoints::attach(&mut self.ebpf)?;
-        self.programs.push(p);
-
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
             what: "kernel BTF",
             source: ProgramError::Btf(e),
         })?;
+        let attached = tracepoints::attach(&mut self.ebpf, &btf)?;
+        self.programs.extend(attached);
         for name in [
             names::PROG_SEED_TCP,
             names::PROG_LIST_TCP,

@@ -5,27 +5,34 @@ use breakwater_common::names;
 
 use super::{LoadError, ProgramSummary};
 
-pub fn attach(ebpf: &mut Ebpf) -> Result<ProgramSummary, LoadError> {
-    let btf = Btf::from_sys_fs().map_err(|e| LoadError::Program {
-        what: "kernel BTF",
-        source: aya::programs::ProgramError::Btf(e),
-    })?;
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(names::PROG_SOCK_STATE)
-        .ok_or(LoadError::Missing {
-            kind: "program",
-            name: names::PROG_SOCK_STATE,
-        })?
-        .try_into()
-        .map_err(LoadError::program("tp_btf"))?;
-    prog.load(names::TRACEPOINT_SOCK_STATE, &btf)
-        .map_err(LoadError::program("tp_btf/inet_sock_set_state load"))?;
-    prog.attach()
-        .map_err(LoadError::program("tp_btf/inet_sock_set_state attach"))?;
-    Ok(ProgramSummary {
-        name: names::PROG_SOCK_STATE,
-        attach: format!("tp_btf/{}", names::TRACEPOINT_SOCK_STATE),
-        id: prog.info().map(|i| i.id()).unwrap_or_default(),
-        ..Default::default()
-    })
+/// The `tp_btf` programs and the tracepoints they attach to.
+pub const PROGRAMS: [(&str, &str); 3] = [
+    (names::PROG_SOCK_STATE, names::TRACEPOINT_SOCK_STATE),
+    (names::PROG_SOCK_SEND, names::TRACEPOINT_SOCK_SEND),
+    (names::PROG_DATA_READY, names::TRACEPOINT_DATA_READY),
+];
+
+pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProgramSummary>, LoadError> {
+    PROGRAMS
+        .iter()
+        .map(|&(name, tracepoint)| {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(LoadError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(LoadError::program("tp_btf"))?;
+            prog.load(tracepoint, btf)
+                .map_err(LoadError::program("tp_btf load"))?;
+            prog.attach().map_err(LoadError::program("tp_btf attach"))?;
+            Ok(ProgramSummary {
+                name,
+                attach: format!("tp_btf/{tracepoint}"),
+                id: prog.info().map(|i| i.id()).unwrap_or_default(),
+                ..Default::default()
+            })
+        })
+        .collect()
 }

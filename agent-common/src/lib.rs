@@ -22,7 +22,11 @@ pub mod names {
     /// `tp_btf/sk_data_ready`: the first data after it stops the clock.
     pub const PROG_DATA_READY: &str = "bw_data_ready";
 
+    /// `tp_btf/tcp_retransmit_skb`: retransmits per destination.
+    pub const PROG_RETRANSMIT: &str = "bw_retransmit";
+
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
+    pub const TRACEPOINT_RETRANSMIT: &str = "tcp_retransmit_skb";
     pub const TRACEPOINT_SOCK_SEND: &str = "sock_send_length";
     pub const TRACEPOINT_DATA_READY: &str = "sk_data_ready";
     pub const ITER_TCP: &str = "tcp";
@@ -199,6 +203,10 @@ pub struct Offsets {
     /// `sock_common.skc_nulls_node.pprev`: NULL once the socket left the established hash
     /// (a timewait socket took its place).
     pub skc_node_pprev: u32,
+    /// `struct tcp_sock` fields read when a connection leaves ESTABLISHED.
+    pub tcp_srtt_us: u32,
+    pub tcp_bytes_acked: u32,
+    pub tcp_bytes_received: u32,
     pub ready: u32,
 }
 
@@ -217,6 +225,9 @@ impl Offsets {
         sk_protocol: 0,
         sk_err: 0,
         skc_node_pprev: 0,
+        tcp_srtt_us: 0,
+        tcp_bytes_acked: 0,
+        tcp_bytes_received: 0,
         ready: 0,
     };
 }
@@ -249,6 +260,11 @@ pub struct ConnStats {
     pub failed_other: u64,
     /// Connections that entered TIME_WAIT (this side closed first).
     pub time_wait_entered: u64,
+    /// Segments retransmitted (SYNs included).
+    pub retransmits: u64,
+    /// Payload bytes acknowledged by the peer / received, over connections that have closed.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
 }
 
 /// Value of `BW_SOCKS`: one tracked socket, with the process that opened it.
@@ -336,8 +352,10 @@ pub mod hist_kind {
     pub const CONNECT: u32 = 0;
     /// A send on an outbound connection -> the first data that arrives after it.
     pub const FIRST_RESPONSE: u32 = 1;
-    pub const COUNT: u32 = 2;
-    pub const NAMES: [&str; COUNT as usize] = ["connect", "first_response"];
+    /// Smoothed RTT of a connection when it leaves ESTABLISHED.
+    pub const SRTT: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["connect", "first_response", "srtt"];
 }
 
 /// Buckets per histogram: log2 of the value in microseconds with 4 sub-buckets each, so a bucket
@@ -397,9 +415,9 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Offsets>() == 56);
+    assert!(core::mem::size_of::<Offsets>() == 68);
     assert!(core::mem::size_of::<DestKey>() == 24);
-    assert!(core::mem::size_of::<ConnStats>() == 56);
+    assert!(core::mem::size_of::<ConnStats>() == 80);
     assert!(core::mem::size_of::<ConnInfo>() == 96);
     assert!(core::mem::size_of::<ConnRecord>() == 112);
     assert!(core::mem::size_of::<SockRecord>() == 48);

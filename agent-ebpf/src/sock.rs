@@ -144,12 +144,17 @@ fn add(p: *mut u64, v: u64) {
 #[derive(Clone, Copy)]
 pub enum Event {
     Opened,
-    Closed,
+    /// Left ESTABLISHED, with the payload bytes the connection moved.
+    Closed {
+        sent: u64,
+        received: u64,
+    },
     Seeded,
     FailedRefused,
     FailedTimeout,
     FailedOther,
     TimeWait,
+    Retransmit,
 }
 
 #[inline(always)]
@@ -161,7 +166,9 @@ unsafe fn apply(stats: *mut ConnStats, ev: Event) {
             add(&raw mut (*s).active, 1);
         }
         Event::Seeded => add(&raw mut (*s).active, 1),
-        Event::Closed => {
+        Event::Closed { sent, received } => {
+            add(&raw mut (*s).bytes_sent, sent);
+            add(&raw mut (*s).bytes_received, received);
             add(&raw mut (*s).closed, 1);
             // A gauge never underflows: the entry may have been evicted and re-created since.
             if core::ptr::read_volatile(&raw const (*s).active) == 0 {
@@ -174,6 +181,7 @@ unsafe fn apply(stats: *mut ConnStats, ev: Event) {
         Event::FailedTimeout => add(&raw mut (*s).failed_timeout, 1),
         Event::FailedOther => add(&raw mut (*s).failed_other, 1),
         Event::TimeWait => add(&raw mut (*s).time_wait_entered, 1),
+        Event::Retransmit => add(&raw mut (*s).retransmits, 1),
     }
 }
 

@@ -1,8 +1,10 @@
-//! `tp_btf` programs: TCP state changes for every socket in every network namespace.
+//! `tp_btf` programs: TCP state changes, sends, data arrivals and retransmits, for every socket
+//! in every network namespace.
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -46,7 +48,7 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
         (CLOSE, SYN_SENT) => on_connect(sk, o),
         (SYN_SENT, ESTABLISHED) => on_established(sk, o, direction::OUTBOUND),
         (SYN_RECV, ESTABLISHED) => on_established(sk, o, direction::INBOUND),
-        (ESTABLISHED, _) => on_leave_established(sk),
+        (ESTABLISHED, _) => on_leave_established(sk, o, new as u8),
         (SYN_SENT, CLOSE) => on_connect_failed(sk, o),
         (FIN_WAIT2 | CLOSING, CLOSE) => on_time_wait(sk, o),
         (CLOSE, LISTEN) => on_listen(sk, o),
@@ -115,7 +117,7 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Erro
     Ok(())
 }
 
-unsafe fn on_leave_established(sk: *const u8) -> Result<(), Error> {
+unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<(), Error> {
     let Some(c) = storage(sk, false) else {
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
@@ -125,7 +127,32 @@ unsafe fn on_leave_established(sk: *const u8) -> Result<(), Error> {
         return Ok(());
     }
     c.flags &= !conn_flags::COUNTED;
-    record(&key_of(c), c.svc, Event::Closed)
+    let key = key_of(c);
+    // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
+    // verifier wants a pointer typed as one for fields beyond `struct sock`).
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return record(
+            &key,
+            c.svc,
+            Event::Closed {
+                sent: 0,
+                received: 0,
+            },
+        );
+    }
+    // Both count sequence space: an active opener's SYN is in `bytes_acked`, and when the peer
+    // closed first (-> CLOSE_WAIT) its FIN is in `bytes_received`.
+    let syn = u64::from(c.direction == direction::OUTBOUND);
+    let sent = read::<u64>(tp, &o.tcp_bytes_acked).saturating_sub(syn);
+    let fin = u64::from(new == CLOSE_WAIT);
+    let received = read::<u64>(tp, &o.tcp_bytes_received).saturating_sub(fin);
+    record(&key, c.svc, Event::Closed { sent, received })?;
+    let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
+    if srtt_us > 0 {
+        observe(&key, c.svc, hist_kind::SRTT, srtt_us)?;
+    }
+    Ok(())
 }
 
 /// FIN_WAIT2/CLOSING -> CLOSE is `tcp_time_wait()` handing the connection to a timewait
@@ -246,4 +273,32 @@ unsafe fn tracked_client(sk: *const u8) -> Option<&'static mut ConnInfo> {
     }
     let c = storage(sk, false)?;
     (c.direction == direction::OUTBOUND && c.flags & conn_flags::COUNTED != 0).then_some(c)
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn bw_retransmit(ctx: BtfTracePointContext) -> i32 {
+    if let Err(e) = unsafe { try_retransmit(&ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// A segment (a SYN too) went out again: counted for the connection's destination.
+unsafe fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), Error> {
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        return Ok(());
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let Some(c) = storage(sk, false) else {
+        return Ok(());
+    };
+    let svc = if c.flags & conn_flags::COUNTED != 0 {
+        c.svc
+    } else {
+        // Still connecting: the service is decided when it is established.
+        let key = key_of(c);
+        service_of(&key.addr, key.port)
+    };
+    record(&key_of(c), svc, Event::Retransmit)
 }

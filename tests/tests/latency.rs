@@ -67,6 +67,11 @@ fn connect_latency_matches_the_clients_timing() {
         slow.high_us
     );
     assert!(hist_bucket(h.max_us - 1).abs_diff(hist_bucket(client_us)) <= 1);
+    // The dropped SYN went out again once.
+    let d = agent
+        .destination("127.0.0.1", addr.port(), "outbound", None)
+        .unwrap();
+    assert_eq!(d["retransmits"], 1);
 
     // The service's histogram holds the same samples; its p99 is the slow one.
     let s = agent
@@ -204,4 +209,21 @@ fn first_response_latency_matches_the_clients_timing() {
         "agent p50 {} µs vs client {client_p50} µs",
         h.p50_us
     );
+
+    // What the closed connection moved, from the kernel's own accounting; its SRTT sampled once.
+    let d = agent
+        .destination("127.0.0.1", addr.port(), "outbound", None)
+        .expect("destination row");
+    assert_eq!(d["bytes_sent"], 9 * 4);
+    assert_eq!(d["bytes_received"], 9 * 4);
+    assert_eq!(d["retransmits"], 0);
+    // The server's side closed second (CLOSE_WAIT): the same bytes, the other way round.
+    let server_side = agent
+        .destination("127.0.0.1", addr.port(), "inbound", None)
+        .expect("inbound row");
+    assert_eq!(server_side["bytes_sent"], 9 * 4);
+    assert_eq!(server_side["bytes_received"], 9 * 4);
+    let srtt = r.histograms.iter().find(|h| h.kind == "srtt").unwrap();
+    assert_eq!(srtt.count, 1);
+    assert!(srtt.max_us < 50_000, "loopback SRTT: {srtt:?}");
 }

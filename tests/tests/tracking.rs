@@ -215,6 +215,10 @@ fn three_syn_timeouts() {
     assert_eq!(field(&d, "failed_other"), 0);
     // The one connection that got into the queue.
     assert_eq!(field(&d, "opened"), 1);
+    assert!(
+        field(&d, "retransmits") >= 3,
+        "each client retransmitted its SYN"
+    );
     drop(filler);
 }
 
@@ -366,4 +370,66 @@ fn ipv6_connections_match_ss() {
         "v6 closed",
         |d| field(d, "active") == 0 && field(d, "closed") == 7,
     );
+}
+
+/// The namespace's own SNMP counter (`TcpExt: TCPSynRetrans` in /proc/net/netstat, read inside
+/// it) against the agent's `retransmits` for the destination.
+#[test]
+fn syn_retransmits_match_the_namespace_counter() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let ns = NetNs::new("retx");
+    let retransmitted = ns.run(|| {
+        let before = syn_retrans();
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 8081)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let _filler = TcpStream::connect("127.0.0.1:8081").unwrap();
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a properly sized int.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        s.connect(&addr.into()).expect_err("SYNs are dropped");
+        syn_retrans() - before
+    });
+    assert!(retransmitted >= 1, "the kernel retransmitted the SYN");
+    wait_for(
+        &agent,
+        "127.0.0.1",
+        8081,
+        "outbound",
+        Some(ns.inode()),
+        "retransmits",
+        |d| field(d, "retransmits") == retransmitted && field(d, "failed_timeout") == 1,
+    );
+}
+
+/// `TcpExt: TCPSynRetrans` of the calling thread's network namespace.
+fn syn_retrans() -> u64 {
+    // thread-self: this thread may have entered a namespace its process has not.
+    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("TCPSynRetrans in /proc/net/netstat")
 }

@@ -106,6 +106,9 @@ fn counts(s: &ConnStats) -> pb::ConnCounts {
         failed_timeout: s.failed_timeout,
         failed_other: s.failed_other,
         time_wait_entered: s.time_wait_entered,
+        retransmits: s.retransmits,
+        bytes_sent: s.bytes_sent,
+        bytes_received: s.bytes_received,
     }
 }
 
@@ -150,6 +153,9 @@ fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> p
         failed_timeout: s.failed_timeout,
         failed_other: s.failed_other,
         time_wait_entered: s.time_wait_entered,
+        retransmits: s.retransmits,
+        bytes_sent: s.bytes_sent,
+        bytes_received: s.bytes_received,
     }
 }
 

@@ -99,6 +99,7 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
         "TIMEOUT",
         "OTHER",
         "TO-TW",
+        "RETX",
     ]);
     for d in &r.destinations {
         t.add_row(vec![
@@ -113,6 +114,7 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
             num(d.failed_timeout),
             num(d.failed_other),
             num(d.time_wait_entered),
+            num(d.retransmits),
         ]);
     }
     t.to_string()

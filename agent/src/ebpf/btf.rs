@@ -47,6 +47,9 @@ pub fn resolve_offsets(path: &Path) -> Result<Offsets, BtfError> {
         sk_protocol: sk(&["sk_protocol"])?,
         sk_err: sk(&["sk_err"])?,
         skc_node_pprev: sc(&["skc_nulls_node", "pprev"])?,
+        tcp_srtt_us: offset_of(&btf, "tcp_sock", &["srtt_us"])?,
+        tcp_bytes_acked: offset_of(&btf, "tcp_sock", &["bytes_acked"])?,
+        tcp_bytes_received: offset_of(&btf, "tcp_sock", &["bytes_received"])?,
         ready: 1,
     })
 }

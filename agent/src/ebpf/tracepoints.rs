@@ -6,10 +6,11 @@ use breakwater_common::names;
 use super::{LoadError, ProgramSummary};
 
 /// The `tp_btf` programs and the tracepoints they attach to.
-pub const PROGRAMS: [(&str, &str); 3] = [
+pub const PROGRAMS: [(&str, &str); 4] = [
     (names::PROG_SOCK_STATE, names::TRACEPOINT_SOCK_STATE),
     (names::PROG_SOCK_SEND, names::TRACEPOINT_SOCK_SEND),
     (names::PROG_DATA_READY, names::TRACEPOINT_DATA_READY),
+    (names::PROG_RETRANSMIT, names::TRACEPOINT_RETRANSMIT),
 ];
 
 pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProgramSummary>, LoadError> {

@@ -21,6 +21,14 @@ pub struct ConnCounts {
     /// Connections that entered TIME_WAIT (this side closed first), counted in the kernel.
     #[prost(uint64, tag = "7")]
     pub time_wait_entered: u64,
+    /// Segments retransmitted (SYNs included).
+    #[prost(uint64, tag = "8")]
+    pub retransmits: u64,
+    /// Payload bytes acknowledged by the peer / received, over connections that have closed.
+    #[prost(uint64, tag = "9")]
+    pub bytes_sent: u64,
+    #[prost(uint64, tag = "10")]
+    pub bytes_received: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -81,6 +89,12 @@ pub struct Destination {
     pub failed_other: u64,
     #[prost(uint64, tag = "12")]
     pub time_wait_entered: u64,
+    #[prost(uint64, tag = "13")]
+    pub retransmits: u64,
+    #[prost(uint64, tag = "14")]
+    pub bytes_sent: u64,
+    #[prost(uint64, tag = "15")]
+    pub bytes_received: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -346,7 +360,8 @@ pub struct HistogramBucket {
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Histogram {
-    /// "connect": SYN sent -> established, outbound connections.
+    /// "connect": SYN sent -> established; "first_response": a send -> the first data after it;
+    /// "srtt": smoothed RTT when a connection leaves ESTABLISHED. Outbound connections only.
     #[prost(string, tag = "1")]
     pub kind: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]

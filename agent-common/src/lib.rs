@@ -352,10 +352,13 @@ pub mod hist_kind {
     pub const CONNECT: u32 = 0;
     /// A send on an outbound connection -> the first data that arrives after it.
     pub const FIRST_RESPONSE: u32 = 1;
-    /// Smoothed RTT of a connection when it leaves ESTABLISHED.
+    /// Smoothed RTT of an outbound connection when it leaves ESTABLISHED.
     pub const SRTT: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] = ["connect", "first_response", "srtt"];
+    /// How long a connection stayed ESTABLISHED (from connect or accept); per destination in
+    /// both directions, per service for outbound connections.
+    pub const LIFETIME: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = ["connect", "first_response", "srtt", "lifetime"];
 }
 
 /// Buckets per histogram: log2 of the value in microseconds with 4 sub-buckets each, so a bucket

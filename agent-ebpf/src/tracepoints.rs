@@ -148,9 +148,16 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
     let fin = u64::from(new == CLOSE_WAIT);
     let received = read::<u64>(tp, &o.tcp_bytes_received).saturating_sub(fin);
     record(&key, c.svc, Event::Closed { sent, received })?;
-    let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
-    if srtt_us > 0 {
-        observe(&key, c.svc, hist_kind::SRTT, srtt_us)?;
+    let lifetime_us = bpf_ktime_get_ns().saturating_sub(c.start_ns) / 1000;
+    if c.direction == direction::OUTBOUND {
+        observe(&key, c.svc, hist_kind::LIFETIME, lifetime_us)?;
+        let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
+        if srtt_us > 0 {
+            observe(&key, c.svc, hist_kind::SRTT, srtt_us)?;
+        }
+    } else {
+        // Service histograms are outbound only; the local endpoint's row keeps inbound ones.
+        observe(&key, 0, hist_kind::LIFETIME, lifetime_us)?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! breakwater's node agent: loader, domain core, gRPC server and CLI.
 
+pub mod advise;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_common::{direction, tcp_state, SockRecord};
 
-use crate::ebpf::NetSettings;
+use crate::netns::NetSettings;
 
 /// Share of a namespace's ephemeral port range in use toward one destination that raises a
 /// warning, and a critical finding.
@@ -158,7 +158,7 @@ mod tests {
     fn counts_time_wait_by_direction_and_pressure_by_destination() {
         let settings = NetSettings {
             port_range: (50000, 50099),
-            tcp_tw_reuse: 0,
+            ..Default::default()
         };
         let (me, db, web) = ([10, 0, 0, 1], [10, 0, 0, 9], [10, 0, 0, 5]);
         let mut socks = vec![sock(tcp_state::LISTEN, me, 80, [0; 4], 0)];

@@ -11,7 +11,7 @@ pub mod v1 {
 pub mod json {
     use serde::Serializer;
 
-    use crate::v1::{DestinationSort, Direction, PressureLevel};
+    use crate::v1::{DestinationSort, Direction, PressureLevel, Severity};
 
     fn short(full: &str, prefix: &str) -> String {
         full.strip_prefix(prefix)
@@ -36,6 +36,13 @@ pub mod json {
     pub fn pressure_level<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         match PressureLevel::try_from(*v) {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "PRESSURE_LEVEL_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    pub fn severity<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match Severity::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "SEVERITY_")),
             Err(_) => s.serialize_i32(*v),
         }
     }

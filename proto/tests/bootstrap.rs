@@ -33,6 +33,7 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
         ("breakwater.v1.Connection.direction", "direction"),
         ("breakwater.v1.TimeWaitDestination.direction", "direction"),
         ("breakwater.v1.PortPressure.level", "pressure_level"),
+        ("breakwater.v1.Finding.severity", "severity"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

@@ -117,3 +117,84 @@ fn port_pressure_in_a_narrow_namespace() {
     assert_eq!(p["level"], "critical");
     drop(held);
 }
+
+/// A churning client in a namespace with tcp_tw_reuse=0 and 100 ephemeral ports: the advisor
+/// names the pressure, recommends tcp_tw_reuse=1 and a wider range, and reports the churn with
+/// its numbers. It changes nothing.
+#[test]
+fn advisor_finds_pressure_and_churn() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let ns = NetNs::new("advise");
+    ns.sysctl("net.ipv4.ip_local_port_range", "50000 50099");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    ns.run(|| {
+        let listener = TcpListener::bind("127.0.0.1:8080").unwrap();
+        churn_to_time_wait(&listener, 80);
+    });
+    let v = agent.cli_json(&["advise"]);
+    let findings = v["findings"].as_array().unwrap();
+    let mine = |kind: &str| {
+        findings
+            .iter()
+            .find(|f| f["kind"] == kind && f["netns"] == ns.inode())
+            .unwrap_or_else(|| panic!("no {kind} finding in {findings:#?}"))
+    };
+    let p = mine("port_pressure");
+    assert_eq!(p["severity"], "critical");
+    assert!(
+        p["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("80 of 100 ephemeral ports (80%)"),
+        "{p}"
+    );
+    let advice = p["recommendation"].as_str().unwrap();
+    assert!(
+        advice.contains("tcp_tw_reuse=1") && advice.contains("ip_local_port_range"),
+        "{advice}"
+    );
+
+    let churn = mine("churn");
+    assert!(
+        churn["subject"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:8080"),
+        "{churn}"
+    );
+    assert!(
+        churn["evidence"]
+            .as_str()
+            .unwrap()
+            .contains("over 80 closed connections"),
+        "{churn}"
+    );
+
+    let settings = v["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["netns"] == ns.inode())
+        .expect("the namespace's settings");
+    assert_eq!(settings["tcp_tw_reuse"], 0);
+    assert_eq!(settings["port_range_low"], 50000);
+    assert_eq!(settings["time_wait"], 80);
+
+    // Advice only: the namespace's settings are as the test left them.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "sysctl",
+            "-n",
+            "net.ipv4.tcp_tw_reuse",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+}

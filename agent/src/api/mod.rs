@@ -3,6 +3,7 @@
 pub mod serve;
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
@@ -14,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
+    advise,
     ebpf::Kernel,
     error::{Error, Result},
     latency,
@@ -26,9 +28,138 @@ use crate::{
 pub struct Core {
     pub kernel: Kernel,
     pub services: ServiceTable,
+    pub rates: RateWindow,
+}
+
+/// Recent snapshots of every destination's `opened`, for connection rates.
+pub struct RateWindow {
+    started: Instant,
+    snapshots: std::collections::VecDeque<(Instant, HashMap<DestKey, u64>)>,
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            snapshots: Default::default(),
+        }
+    }
+}
+
+impl RateWindow {
+    /// Snapshots kept: one a `SAMPLE_EVERY`, a minute's worth.
+    const KEEP: usize = 12;
+    pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// New connections per second for each destination, over the oldest snapshot kept (or
+    /// since the agent started).
+    fn rates(&self, now: &[(DestKey, ConnStats)]) -> HashMap<DestKey, f64> {
+        let (since, base) = match self.snapshots.front() {
+            Some((t, base)) => (*t, Some(base)),
+            None => (self.started, None),
+        };
+        let secs = since.elapsed().as_secs_f64().max(1.0);
+        now.iter()
+            .map(|(k, s)| {
+                let before = base.and_then(|b| b.get(k)).copied().unwrap_or(0);
+                (*k, s.opened.saturating_sub(before) as f64 / secs)
+            })
+            .collect()
+    }
 }
 
 impl Core {
+    /// Takes a snapshot of every destination's `opened` (the agent calls it periodically).
+    pub fn sample(&mut self) {
+        let snap = self
+            .kernel
+            .destinations()
+            .into_iter()
+            .map(|(k, s)| (k, s.opened))
+            .collect();
+        self.rates.snapshots.push_back((Instant::now(), snap));
+        while self.rates.snapshots.len() > RateWindow::KEEP {
+            self.rates.snapshots.pop_front();
+        }
+    }
+
+    /// The advisor's findings and what it looked at.
+    pub fn advise(&mut self) -> Result<pb::AdviseResponse> {
+        let walked = self.kernel.sockets()?;
+        let report = timewait::analyze(&walked);
+        let views: Vec<advise::NsView> = walked
+            .iter()
+            .map(|(ns, socks, settings)| advise::NsView::new(*ns, socks, *settings))
+            .collect();
+        let dests = self.kernel.destinations();
+        let rates = self.rates.rates(&dests);
+        let lifetimes = self.kernel.histograms_by_destination(hist_kind::LIFETIME);
+        let service_name = |addr: &[u8; 16], port: u16| {
+            self.services
+                .match_endpoint(addr, port)
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        };
+        let churn: Vec<advise::ChurnSample> = dests
+            .iter()
+            .filter(|(k, _)| rates.get(k).copied().unwrap_or(0.0) >= advise::CHURN_MIN_RATE)
+            .filter_map(|(k, _)| {
+                let life = latency::summarize(lifetimes.get(k)?);
+                Some(advise::ChurnSample {
+                    netns: k.netns,
+                    addr: k.addr,
+                    port: k.port,
+                    direction: k.direction,
+                    service: service_name(&k.addr, k.port),
+                    opened_per_s: rates[k],
+                    median_lifetime_us: life.p50,
+                    samples: life.count,
+                })
+            })
+            .collect();
+        let file_max = std::fs::read_to_string("/proc/sys/fs/file-max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let findings = advise::advise(&views, &report, &churn, service_name, file_max);
+        Ok(pb::AdviseResponse {
+            findings: findings
+                .into_iter()
+                .map(|f| pb::Finding {
+                    kind: f.kind.to_owned(),
+                    severity: match f.severity {
+                        advise::Severity::Info => pb::Severity::Info,
+                        advise::Severity::Warn => pb::Severity::Warn,
+                        advise::Severity::Critical => pb::Severity::Critical,
+                    }
+                    .into(),
+                    netns: f.netns,
+                    subject: f.subject,
+                    evidence: f.evidence,
+                    recommendation: f.recommendation,
+                })
+                .collect(),
+            namespaces: views
+                .iter()
+                .map(|v| pb::NamespaceSettings {
+                    netns: v.netns,
+                    tcp_tw_reuse: v.settings.tcp_tw_reuse.into(),
+                    port_range_low: v.settings.port_range.0.into(),
+                    port_range_high: v.settings.port_range.1.into(),
+                    somaxconn: v.settings.somaxconn,
+                    tcp_max_tw_buckets: v.settings.tcp_max_tw_buckets,
+                    tcp_fin_timeout: v.settings.tcp_fin_timeout,
+                    listen_overflows: v.settings.listen_overflows,
+                    listen_drops: v.settings.listen_drops,
+                    sockets: v.sockets,
+                    time_wait: v.time_wait,
+                    fin_wait2: v.fin_wait2,
+                })
+                .collect(),
+            file_max,
+        })
+    }
+
     /// Applies the configured services to the kernel maps (at start, before seeding).
     pub fn apply_all(&mut self) -> Result<()> {
         for s in self.services.iter() {
@@ -475,6 +606,14 @@ impl Agent for AgentService {
             })
             .await?;
         Ok(Response::new(pb::GetLatencyResponse { histograms }))
+    }
+
+    async fn advise(
+        &self,
+        _: Request<pb::AdviseRequest>,
+    ) -> Result<Response<pb::AdviseResponse>, Status> {
+        let r = self.with_core(|core| core.advise()).await?;
+        Ok(Response::new(r))
     }
 
     async fn get_agent_info(

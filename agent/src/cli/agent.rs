@@ -39,14 +39,28 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
 
     let kernel = Kernel::load(&config.maps).context("loading eBPF programs")?;
-    let mut core = Core { kernel, services };
+    let mut core = Core {
+        kernel,
+        services,
+        rates: Default::default(),
+    };
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_all()?;
     core.kernel.attach().context("attaching eBPF programs")?;
 
     let listener = serve::bind(&socket).map_err(anyhow::Error::from)?;
     let host_netns = netns::current().unwrap_or_default();
-    let service = AgentService::new(Arc::new(Mutex::new(core)), host_netns, args.config.clone());
+    let core = Arc::new(Mutex::new(core));
+    // Connection rates for the advisor: snapshots of `opened` on a thread of their own.
+    let sampled = Arc::downgrade(&core);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(crate::api::RateWindow::SAMPLE_EVERY);
+        let Some(core) = sampled.upgrade() else { break };
+        if let Ok(mut guard) = core.lock() {
+            guard.sample();
+        };
+    });
+    let service = AgentService::new(core, host_netns, args.config.clone());
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
     eprintln!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",

@@ -161,6 +161,14 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .into_inner();
             print(format, &r, output::latency)
         }
+        Command::Advise => {
+            let r = client
+                .advise(pb::AdviseRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print(format, &r, output::advise)
+        }
         Command::Timewait { limit } => {
             let r = client
                 .get_time_wait(pb::GetTimeWaitRequest { limit })

@@ -81,6 +81,8 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         netns: u32,
     },
+    /// Findings about this node's TCP settings against what the agent sees, with advice.
+    Advise,
     /// Sockets in TIME_WAIT per destination and ephemeral-port pressure, every namespace.
     Timewait {
         /// At most N rows per table (0 = all).

@@ -195,6 +195,52 @@ fn micros(us: u64) -> String {
     }
 }
 
+pub fn advise(r: &pb::AdviseResponse) -> String {
+    let mut out = String::new();
+    if r.findings.is_empty() {
+        out += "no findings: nothing the agent sees calls for a change\n";
+    }
+    for f in &r.findings {
+        let severity = match pb::Severity::try_from(f.severity) {
+            Ok(pb::Severity::Critical) => "CRITICAL",
+            Ok(pb::Severity::Warn) => "WARN",
+            _ => "INFO",
+        };
+        out += &format!(
+            "{severity} {} netns {}: {}\n  evidence: {}\n  advice:   {}\n\n",
+            f.kind, f.netns, f.subject, f.evidence, f.recommendation
+        );
+    }
+    let mut t = table(&[
+        "NETNS",
+        "SOCKETS",
+        "TIME-WAIT",
+        "PORT RANGE",
+        "TW_REUSE",
+        "SOMAXCONN",
+        "MAX_TW",
+        "FIN_TIMEOUT",
+        "LISTEN-OVF",
+    ]);
+    for n in &r.namespaces {
+        t.add_row(vec![
+            Cell::new(n.netns),
+            num(n.sockets),
+            num(n.time_wait),
+            Cell::new(format!("{}-{}", n.port_range_low, n.port_range_high)),
+            num(n.tcp_tw_reuse.into()),
+            num(n.somaxconn.into()),
+            num(n.tcp_max_tw_buckets.into()),
+            num(n.tcp_fin_timeout.into()),
+            num(n.listen_overflows),
+        ]);
+    }
+    format!(
+        "{out}{t}\nfs.file-max {}\nbreakwater never changes a setting itself.",
+        r.file_max
+    )
+}
+
 pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
     let mut t = table(&["TIME-WAIT", "DIR", "SERVICE", "NETNS", "SOCKETS"]);
     for d in &r.destinations {

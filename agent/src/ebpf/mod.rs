@@ -22,6 +22,7 @@ use crate::{
     config::MapSizes,
     error::{Error, Result},
     netns,
+    netns::NetSettings,
     service::Endpoint,
 };
 
@@ -75,35 +76,6 @@ fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
             unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) }
         })
         .collect()
-}
-
-/// A namespace's settings that bound its ephemeral ports, read inside the namespace.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetSettings {
-    /// `net.ipv4.ip_local_port_range`, inclusive.
-    pub port_range: (u16, u16),
-    /// `net.ipv4.tcp_tw_reuse`.
-    pub tcp_tw_reuse: u8,
-}
-
-impl NetSettings {
-    /// Reads `/proc/sys/net/ipv4`, which shows the reading thread's namespace.
-    fn read() -> Self {
-        let read = |name: &str| {
-            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap_or_default()
-        };
-        let range: Vec<u16> = read("ip_local_port_range")
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        Self {
-            port_range: match range[..] {
-                [lo, hi] => (lo, hi),
-                _ => (0, 0),
-            },
-            tcp_tw_reuse: read("tcp_tw_reuse").trim().parse().unwrap_or(0),
-        }
-    }
 }
 
 /// A program as loaded into the kernel.
@@ -330,6 +302,20 @@ impl Kernel {
             }
         }
         h
+    }
+
+    /// Every destination's histogram of one kind, in one walk of the map.
+    pub fn histograms_by_destination(
+        &self,
+        kind: u32,
+    ) -> std::collections::HashMap<DestKey, Histogram> {
+        let mut out = std::collections::HashMap::<DestKey, Histogram>::new();
+        for (k, count) in self.dest_hist.iter().filter_map(|r| r.ok()) {
+            if k.kind == kind && k.bucket < HIST_BUCKETS {
+                out.entry(k.dest).or_insert([0; HIST_BUCKETS as usize])[k.bucket as usize] += count;
+            }
+        }
+        out
     }
 
     pub fn destinations(&self) -> Vec<(DestKey, ConnStats)> {

@@ -361,7 +361,8 @@ pub struct HistogramBucket {
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Histogram {
     /// "connect": SYN sent -> established; "first_response": a send -> the first data after it;
-    /// "srtt": smoothed RTT when a connection leaves ESTABLISHED. Outbound connections only.
+    /// "srtt": smoothed RTT when a connection leaves ESTABLISHED; "lifetime": how long it stayed
+    /// ESTABLISHED. Outbound connections only.
     #[prost(string, tag = "1")]
     pub kind: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
@@ -383,6 +384,73 @@ pub struct Histogram {
 pub struct GetLatencyResponse {
     #[prost(message, repeated, tag = "1")]
     pub histograms: ::prost::alloc::vec::Vec<Histogram>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AdviseRequest {}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Finding {
+    /// port_pressure, time_wait_reuse, time_wait_buckets, listen_overflow, fin_wait2, churn,
+    /// file_max.
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(enumeration = "Severity", tag = "2")]
+    #[serde(serialize_with = "crate::json::severity")]
+    pub severity: i32,
+    /// Namespace the finding is about (0: the node).
+    #[prost(uint32, tag = "3")]
+    pub netns: u32,
+    /// What it is about, e.g. a destination "10.0.0.7:5000 (inventory)".
+    #[prost(string, tag = "4")]
+    pub subject: ::prost::alloc::string::String,
+    /// The numbers behind it.
+    #[prost(string, tag = "5")]
+    pub evidence: ::prost::alloc::string::String,
+    /// The concrete change it recommends; breakwater never applies it.
+    #[prost(string, tag = "6")]
+    pub recommendation: ::prost::alloc::string::String,
+}
+/// A namespace's settings as read inside it, with what the agent saw there.
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NamespaceSettings {
+    #[prost(uint32, tag = "1")]
+    pub netns: u32,
+    #[prost(uint32, tag = "2")]
+    pub tcp_tw_reuse: u32,
+    #[prost(uint32, tag = "3")]
+    pub port_range_low: u32,
+    #[prost(uint32, tag = "4")]
+    pub port_range_high: u32,
+    #[prost(uint32, tag = "5")]
+    pub somaxconn: u32,
+    #[prost(uint32, tag = "6")]
+    pub tcp_max_tw_buckets: u32,
+    #[prost(uint32, tag = "7")]
+    pub tcp_fin_timeout: u32,
+    #[prost(uint64, tag = "8")]
+    pub listen_overflows: u64,
+    #[prost(uint64, tag = "9")]
+    pub listen_drops: u64,
+    #[prost(uint64, tag = "10")]
+    pub sockets: u64,
+    #[prost(uint64, tag = "11")]
+    pub time_wait: u64,
+    #[prost(uint64, tag = "12")]
+    pub fin_wait2: u64,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AdviseResponse {
+    /// Most severe first.
+    #[prost(message, repeated, tag = "1")]
+    pub findings: ::prost::alloc::vec::Vec<Finding>,
+    #[prost(message, repeated, tag = "2")]
+    pub namespaces: ::prost::alloc::vec::Vec<NamespaceSettings>,
+    /// fs.file-max
+    #[prost(uint64, tag = "3")]
+    pub file_max: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -480,6 +548,39 @@ impl PressureLevel {
             "PRESSURE_LEVEL_OK" => Some(Self::Ok),
             "PRESSURE_LEVEL_WARN" => Some(Self::Warn),
             "PRESSURE_LEVEL_CRITICAL" => Some(Self::Critical),
+            _ => None,
+        }
+    }
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Severity {
+    Unspecified = 0,
+    Info = 1,
+    Warn = 2,
+    Critical = 3,
+}
+impl Severity {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "SEVERITY_UNSPECIFIED",
+            Self::Info => "SEVERITY_INFO",
+            Self::Warn => "SEVERITY_WARN",
+            Self::Critical => "SEVERITY_CRITICAL",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "SEVERITY_UNSPECIFIED" => Some(Self::Unspecified),
+            "SEVERITY_INFO" => Some(Self::Info),
+            "SEVERITY_WARN" => Some(Self::Warn),
+            "SEVERITY_CRITICAL" => Some(Self::Critical),
             _ => None,
         }
     }
@@ -774,6 +875,29 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "GetLatency"));
             self.inner.unary(req, path, codec).await
         }
+        /// Kernel settings set against what the agent observed: findings with evidence and the change
+        /// each recommends. Changes nothing.
+        pub async fn advise(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AdviseRequest>,
+        ) -> std::result::Result<tonic::Response<super::AdviseResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/Advise",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "Advise"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -852,6 +976,12 @@ pub mod agent_server {
             tonic::Response<super::GetLatencyResponse>,
             tonic::Status,
         >;
+        /// Kernel settings set against what the agent observed: findings with evidence and the change
+        /// each recommends. Changes nothing.
+        async fn advise(
+            &self,
+            request: tonic::Request<super::AdviseRequest>,
+        ) -> std::result::Result<tonic::Response<super::AdviseResponse>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AgentServer<T> {
@@ -1268,6 +1398,49 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetLatencySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/Advise" => {
+                    #[allow(non_camel_case_types)]
+                    struct AdviseSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::AdviseRequest>
+                    for AdviseSvc<T> {
+                        type Response = super::AdviseResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AdviseRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::advise(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AdviseSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -3,7 +3,7 @@
 
 use std::{
     fs::{self, File},
-    io::Read,
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -38,6 +38,9 @@ pub struct Args {
         allow_hyphen_values = true
     )]
     agent_args: String,
+    /// Sockets to hold open (both ends count) for the agent's memory measurement; 0 skips it
+    #[arg(long, default_value_t = 100_000)]
+    sockets: usize,
 }
 
 pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
@@ -94,6 +97,11 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
     );
 
+    pingpong(&bin, tmp.path(), &agent_args, args.rounds, round)?;
+    if args.sockets > 0 {
+        memory(&bin, tmp.path(), &agent_args, args.sockets)?;
+    }
+
     // The kernel's own accounting costs time per run, so it is measured in a round of its own.
     let stats = BpfStats::enable()?;
     let agent = Agent::start(&bin, tmp.path(), &agent_args)?;
@@ -110,6 +118,178 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
             cost.misses
         );
     }
+    Ok(())
+}
+
+/// Request/response on kept-alive connections (one byte each way), agent off and on.
+fn pingpong(
+    bin: &Path,
+    dir: &Path,
+    agent_args: &[&str],
+    rounds: u32,
+    round: Duration,
+) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut stream = stream;
+                let mut b = [0u8; 1];
+                while stream.read_exact(&mut b).is_ok() && stream.write_all(&b).is_ok() {}
+            });
+        }
+    });
+    let run = |length: Duration| -> Result<f64> {
+        let deadline = Instant::now() + length;
+        let start = Instant::now();
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                thread::spawn(move || -> std::io::Result<u64> {
+                    let mut s = TcpStream::connect(addr)?;
+                    s.set_nodelay(true)?;
+                    let mut b = [7u8; 1];
+                    let mut n = 0;
+                    while Instant::now() < deadline {
+                        s.write_all(&b)?;
+                        s.read_exact(&mut b)?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for c in clients {
+            total += c
+                .join()
+                .map_err(|_| anyhow!("a ping-pong client panicked"))??;
+        }
+        Ok(total as f64 / start.elapsed().as_secs_f64())
+    };
+    let mut ratios = Vec::new();
+    let (mut offs, mut ons) = (Vec::new(), Vec::new());
+    for r in 1..=rounds {
+        let off_first = r % 2 == 1;
+        let mut off = None;
+        if off_first {
+            off = Some(run(round)?);
+        }
+        let agent = Agent::start(bin, dir, agent_args)?;
+        let on = run(round);
+        agent.stop()?;
+        let on = on?;
+        let off = match off {
+            Some(v) => v,
+            None => run(round)?,
+        };
+        ratios.push(on / off);
+        offs.push(off);
+        ons.push(on);
+    }
+    let (off, on, ratio) = (median(&mut offs), median(&mut ons), median(&mut ratios));
+    println!(
+        "request/response on kept-alive connections: off {off:.0} req/s, on {on:.0} req/s, ratio {ratio:.3} (goal >= 0.98)"
+    );
+    Ok(())
+}
+
+/// The agent's resident memory idle, and with `sockets` tracked sockets listed once. A process
+/// may not hold that many descriptors here (RLIMIT_NOFILE, no CAP_SYS_RESOURCE), so helper
+/// processes (`cargo xtask hold-sockets`) hold them, each within its own limit.
+fn memory(bin: &Path, dir: &Path, agent_args: &[&str], sockets: usize) -> Result<()> {
+    let agent = Agent::start(bin, dir, agent_args)?;
+    let idle = agent.rss_kib();
+    let per_helper = fd_limit().saturating_sub(1024) / 2;
+    if per_helper == 0 {
+        bail!("RLIMIT_NOFILE is too low to hold sockets");
+    }
+    let mut pairs = sockets / 2;
+    let mut helpers = Vec::new();
+    while pairs > 0 {
+        let n = pairs.min(per_helper);
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["hold-sockets", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a socket-holding helper")?;
+        let mut ready = [0u8; 1];
+        child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_exact(&mut ready)
+            .context("waiting for a socket-holding helper")?;
+        helpers.push(child);
+        pairs -= n;
+    }
+    let url = format!("unix://{}", dir.join("agent.sock").display());
+    for cmd in [
+        &["conns", "-o", "json"][..],
+        &["destinations"][..],
+        &["timewait"][..],
+    ] {
+        let ok = Command::new(bin)
+            .args(["--agent", &url])
+            .args(cmd)
+            .stdout(Stdio::null())
+            .status()?
+            .success();
+        if !ok {
+            bail!("breakwater {cmd:?} failed with {sockets} sockets open");
+        }
+    }
+    // Let the agent finish sending and give the memory back (it trims after large answers).
+    thread::sleep(Duration::from_secs(1));
+    let (rss, peak) = (agent.rss_kib(), agent.hwm_kib());
+    agent.stop()?;
+    for mut h in helpers {
+        drop(h.stdin.take());
+        let _ = h.wait();
+    }
+    println!(
+        "agent memory: idle {:.1} MB; with {} tracked sockets listed: {:.1} MB now, {:.1} MB peak (goals <= 30 MB idle, <= 64 MB)",
+        idle as f64 / 1024.0,
+        sockets / 2 * 2,
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn fd_limit() -> usize {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a valid struct; raise the soft limit to the hard one.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    l.rlim_cur as usize
+}
+
+/// `cargo xtask hold-sockets PAIRS`: opens PAIRS loopback connections (both ends here), writes
+/// one byte to stdout when they are up, and holds them until stdin closes.
+pub fn hold_sockets(pairs: usize) -> Result<()> {
+    fd_limit();
+    // One (source, destination) pair has ~28k ephemeral ports: spread over listeners.
+    let listeners: Vec<TcpListener> = (0..pairs.div_ceil(20_000).max(1))
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    let mut held = Vec::with_capacity(pairs * 2);
+    for i in 0..pairs {
+        let l = &listeners[i % listeners.len()];
+        held.push(TcpStream::connect(l.local_addr()?)?);
+        held.push(l.accept()?.0);
+    }
+    std::io::stdout().write_all(b"r")?;
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
     Ok(())
 }
 
@@ -323,6 +503,23 @@ impl Agent {
             cost.misses += p["recursion_misses"].as_u64().unwrap_or(0);
         }
         cost
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn hwm_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
     }
 
     /// SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`).

@@ -47,6 +47,9 @@ enum Task {
     },
     /// Loopback connect/accept/close throughput with the agent off and on (root)
     Bench(bench::Args),
+    /// (used by bench) hold PAIRS loopback connections open until stdin closes
+    #[command(hide = true)]
+    HoldSockets { pairs: usize },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
         Task::Test { test_args } => test(&ws, &test_args),
         Task::Bench(args) => bench::run(&ws, &args),
+        Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
     }
 }
 

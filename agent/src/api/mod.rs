@@ -397,6 +397,13 @@ fn latency_target(req: &pb::GetLatencyRequest) -> Result<LatencyOf> {
     }
 }
 
+/// Returns freed heap memory to the system: after start-up and after answers that built large
+/// messages, so the agent's RSS reflects what it holds, not what it once held.
+pub fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// The first `limit` items; 0 means all.
 fn limited<T>(mut items: Vec<T>, limit: u32) -> Vec<T> {
     if limit > 0 {
@@ -486,6 +493,11 @@ impl Agent for AgentService {
                 Ok(limited(out, req.limit))
             })
             .await?;
+        // The response is encoded and freed after we return: trim once it is gone.
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            trim_heap();
+        });
         Ok(Response::new(pb::ListConnectionsResponse { connections }))
     }
 

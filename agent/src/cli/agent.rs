@@ -47,6 +47,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_all()?;
     core.kernel.attach().context("attaching eBPF programs")?;
+    // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
+    crate::api::trim_heap();
 
     let listener = serve::bind(&socket).map_err(anyhow::Error::from)?;
     let host_netns = netns::current().unwrap_or_default();

@@ -13,6 +13,8 @@ use tower::service_fn;
 use super::{output, CliError, Command, DirectionArg, Output, ServiceCommand, Sort};
 use crate::service::parse_endpoints;
 
+const MAX_RESPONSE: usize = 1 << 30;
+
 /// Where the agent listens, from `--agent`.
 fn socket_path(agent: &str) -> Result<PathBuf, CliError> {
     match agent.strip_prefix("unix://") {
@@ -46,7 +48,8 @@ async fn connect(agent: &str) -> Result<AgentClient<Channel>, CliError> {
             let source = std::error::Error::source(&e).map(ToString::to_string);
             unreachable(&source.unwrap_or_else(|| e.to_string()))
         })?;
-    Ok(AgentClient::new(channel))
+    // A node's full connection list outgrows gRPC's default 4 MiB (100k sockets: ~7 MB).
+    Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
 fn status_error(s: tonic::Status) -> CliError {

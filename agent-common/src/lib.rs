@@ -147,8 +147,10 @@ pub mod counter {
     pub const SEEDED: u32 = 8;
     /// The offsets global was not filled in by the loader.
     pub const NO_OFFSETS: u32 = 9;
+    /// New keys inserted into `BW_DEST_HIST`.
+    pub const HIST_INSERTS: u32 = 10;
 
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Names as reported by the API, index for index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -162,6 +164,7 @@ pub mod counter {
         "underflows",
         "seeded",
         "no_offsets",
+        "hist_inserts",
     ];
 }
 

@@ -242,7 +242,9 @@ pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error>
     let count = match BW_DEST_HIST.get_ptr_mut(&hk) {
         Some(p) => p,
         None => {
-            let _ = BW_DEST_HIST.insert(&hk, &0, BPF_NOEXIST as u64);
+            if BW_DEST_HIST.insert(&hk, &0, BPF_NOEXIST as u64).is_ok() {
+                bump(counter::HIST_INSERTS);
+            }
             BW_DEST_HIST.get_ptr_mut(&hk).ok_or(Error::Map)?
         }
     };

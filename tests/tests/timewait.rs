@@ -42,6 +42,8 @@ fn time_wait_per_destination_matches_ss() {
     let agent = Agent::start();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let out = agent.cli(&["service", "put", "tw", "--endpoint", &addr.to_string()]);
+    assert!(out.status.success());
     churn_to_time_wait(&listener, 30);
     let ss = ss_time_wait_to(addr, None);
     assert_eq!(ss, 30, "ss ground truth");
@@ -51,6 +53,16 @@ fn time_wait_per_destination_matches_ss() {
     })
     .expect("a TIME_WAIT row for the destination");
     assert_eq!(row["time_wait"], ss as u64);
+    assert_eq!(row["service"], "tw");
+    let v = agent.cli_json(&["timewait", "--limit", "0"]);
+    let svc = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "tw")
+        .expect("per-service TIME_WAIT");
+    assert_eq!(svc["outbound"], 30);
+    assert_eq!(svc["inbound"], 0);
 
     // Counted in the kernel as they happened: 30 entered TIME_WAIT on the client's side; the
     // server closed second (LAST_ACK), so none on its side.

@@ -547,6 +547,31 @@ impl Agent for AgentService {
                         .map(|s| s.name.clone())
                         .unwrap_or_default()
                 };
+                let mut per_service: HashMap<String, (u64, u64)> = HashMap::new();
+                for t in &report.time_wait {
+                    let name = service(&t.addr, t.port);
+                    if !name.is_empty() {
+                        let e = per_service.entry(name).or_default();
+                        if t.direction == direction::INBOUND {
+                            e.1 += t.count;
+                        } else {
+                            e.0 += t.count;
+                        }
+                    }
+                }
+                let mut services: Vec<pb::ServiceTimeWait> = per_service
+                    .into_iter()
+                    .map(|(service, (outbound, inbound))| pb::ServiceTimeWait {
+                        service,
+                        outbound,
+                        inbound,
+                    })
+                    .collect();
+                services.sort_by(|a, b| {
+                    (b.outbound + b.inbound)
+                        .cmp(&(a.outbound + a.inbound))
+                        .then_with(|| a.service.cmp(&b.service))
+                });
                 let destinations = limited(report.time_wait, limit)
                     .iter()
                     .map(|t| pb::TimeWaitDestination {
@@ -583,6 +608,7 @@ impl Agent for AgentService {
                 Ok(pb::GetTimeWaitResponse {
                     destinations,
                     pressure,
+                    services: limited(services, limit),
                 })
             })
             .await?;

@@ -281,7 +281,16 @@ pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
             num(x.tcp_tw_reuse.into()),
         ]);
     }
-    format!("{t}\n\nephemeral port pressure (warn at 50%, critical at 80%)\n{p}")
+    let mut sv = table(&["SERVICE", "OUT TIME-WAIT", "IN TIME-WAIT"]);
+    for x in &r.services {
+        sv.add_row(vec![Cell::new(&x.service), num(x.outbound), num(x.inbound)]);
+    }
+    let services = if r.services.is_empty() {
+        String::new()
+    } else {
+        format!("\n\n{sv}")
+    };
+    format!("{t}{services}\n\nephemeral port pressure (warn at 50%, critical at 80%)\n{p}")
 }
 
 pub fn put_service(r: &pb::PutServiceResponse) -> String {

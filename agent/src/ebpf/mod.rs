@@ -366,6 +366,7 @@ impl Kernel {
 
     pub fn maps(&self) -> Vec<MapSummary> {
         let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
+        let hist = self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64;
         let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
         let c = |i| self.counter(i);
         vec![
@@ -379,9 +380,9 @@ impl Kernel {
             MapSummary {
                 name: names::MAP_DEST_HIST,
                 capacity: self.sizes.max_histogram_buckets,
-                entries: self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64,
-                // Not derivable without an insert counter; histograms are best effort per bucket.
-                evictions: 0,
+                entries: hist,
+                // Nothing deletes histogram buckets but the LRU.
+                evictions: c(counter::HIST_INSERTS).saturating_sub(hist),
             },
             MapSummary {
                 name: names::MAP_SVC_LPM,

@@ -321,6 +321,18 @@ pub struct PortPressure {
     pub tcp_tw_reuse: u32,
 }
 #[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ServiceTimeWait {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// Outbound sockets in TIME_WAIT toward the service's endpoints, every namespace.
+    #[prost(uint64, tag = "2")]
+    pub outbound: u64,
+    /// Inbound ones on its endpoints (this node closed first).
+    #[prost(uint64, tag = "3")]
+    pub inbound: u64,
+}
+#[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct GetTimeWaitResponse {
     /// Most TIME_WAIT first.
@@ -329,6 +341,9 @@ pub struct GetTimeWaitResponse {
     /// Highest ratio first.
     #[prost(message, repeated, tag = "2")]
     pub pressure: ::prost::alloc::vec::Vec<PortPressure>,
+    /// Per service, most first; services with none are left out.
+    #[prost(message, repeated, tag = "3")]
+    pub services: ::prost::alloc::vec::Vec<ServiceTimeWait>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -707,3 +707,68 @@ impl Agent for AgentService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_requests_name_exactly_one_target() {
+        let req = |service: &str, destination: &str| pb::GetLatencyRequest {
+            service: service.into(),
+            destination: destination.into(),
+            netns: 0,
+        };
+        assert!(matches!(latency_target(&req("db", "")), Ok(LatencyOf::Service(s)) if s == "db"));
+        match latency_target(&req("", "[::1]:80")) {
+            Ok(LatencyOf::Destination { addr, port, .. }) => {
+                assert_eq!(port, 80);
+                assert_eq!(addr, std::net::Ipv6Addr::LOCALHOST.octets());
+            }
+            _ => panic!("a destination"),
+        }
+        match latency_target(&req("", "10.0.0.1:80")) {
+            Ok(LatencyOf::Destination { addr, .. }) => {
+                assert_eq!(&addr[10..], &[0xff, 0xff, 10, 0, 0, 1])
+            }
+            _ => panic!("a destination"),
+        }
+        for (s, d, why) in [
+            ("", "", "not both and not neither"),
+            ("db", "10.0.0.1:80", "not both"),
+            ("", "10.0.0.0/8:80", "must be one address"),
+            ("", "10.0.0.1", "missing \":port\""),
+        ] {
+            let err = latency_target(&req(s, d)).err().expect("rejected");
+            assert!(matches!(err, Error::InvalidArgument(_)));
+            assert!(err.to_string().contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn enum_filters_reject_unknown_values() {
+        assert_eq!(direction_filter(0).unwrap(), None);
+        assert_eq!(direction_filter(2).unwrap(), Some(direction::INBOUND));
+        let err = direction_filter(9).unwrap_err();
+        assert_eq!(err.to_string(), "direction: unknown value 9");
+        assert_eq!(Status::from(err).code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn errors_keep_their_status_codes() {
+        let code = |e: Error| Status::from(e).code();
+        assert_eq!(code(Error::invalid("x")), tonic::Code::InvalidArgument);
+        assert_eq!(code(Error::NotFound("x".into())), tonic::Code::NotFound);
+        assert_eq!(
+            code(Error::ResourceExhausted("x".into())),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(code(Error::Internal("x".into())), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn limits_of_zero_mean_all() {
+        assert_eq!(limited(vec![1, 2, 3], 0), vec![1, 2, 3]);
+        assert_eq!(limited(vec![1, 2, 3], 2), vec![1, 2]);
+    }
+}

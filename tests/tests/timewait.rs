@@ -54,6 +54,9 @@ fn time_wait_per_destination_matches_ss() {
     .expect("a TIME_WAIT row for the destination");
     assert_eq!(row["time_wait"], ss as u64);
     assert_eq!(row["service"], "tw");
+    // 30 entries since the agent started (well under a minute ago, counted over at least 1 s).
+    let rate = row["entered_per_s"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate <= 30.0, "entered_per_s {rate}");
     let v = agent.cli_json(&["timewait", "--limit", "0"]);
     let svc = v["services"]
         .as_array()

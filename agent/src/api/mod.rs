@@ -31,10 +31,26 @@ pub struct Core {
     pub rates: RateWindow,
 }
 
-/// Recent snapshots of every destination's `opened`, for connection rates.
+/// Counters whose per-second rates the agent reports.
+#[derive(Clone, Copy)]
+pub enum Rate {
+    Opened = 0,
+    TimeWaitEntered = 1,
+}
+
+impl Rate {
+    fn of(self, s: &ConnStats) -> u64 {
+        match self {
+            Rate::Opened => s.opened,
+            Rate::TimeWaitEntered => s.time_wait_entered,
+        }
+    }
+}
+
+/// Recent snapshots of every destination's rate counters.
 pub struct RateWindow {
     started: Instant,
-    snapshots: std::collections::VecDeque<(Instant, HashMap<DestKey, u64>)>,
+    snapshots: std::collections::VecDeque<(Instant, HashMap<DestKey, [u64; 2]>)>,
 }
 
 impl Default for RateWindow {
@@ -48,12 +64,12 @@ impl Default for RateWindow {
 
 impl RateWindow {
     /// Snapshots kept: one a `SAMPLE_EVERY`, a minute's worth.
-    const KEEP: usize = 12;
-    pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    const KEEP: usize = 6;
+    pub const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// New connections per second for each destination, over the oldest snapshot kept (or
-    /// since the agent started).
-    fn rates(&self, now: &[(DestKey, ConnStats)]) -> HashMap<DestKey, f64> {
+    /// Per second for each destination, over the oldest snapshot kept (or since the agent
+    /// started).
+    fn rates(&self, now: &[(DestKey, ConnStats)], rate: Rate) -> HashMap<DestKey, f64> {
         let (since, base) = match self.snapshots.front() {
             Some((t, base)) => (*t, Some(base)),
             None => (self.started, None),
@@ -61,21 +77,21 @@ impl RateWindow {
         let secs = since.elapsed().as_secs_f64().max(1.0);
         now.iter()
             .map(|(k, s)| {
-                let before = base.and_then(|b| b.get(k)).copied().unwrap_or(0);
-                (*k, s.opened.saturating_sub(before) as f64 / secs)
+                let before = base.and_then(|b| b.get(k)).map_or(0, |v| v[rate as usize]);
+                (*k, rate.of(s).saturating_sub(before) as f64 / secs)
             })
             .collect()
     }
 }
 
 impl Core {
-    /// Takes a snapshot of every destination's `opened` (the agent calls it periodically).
+    /// Takes a snapshot of every destination's rate counters (the agent calls it periodically).
     pub fn sample(&mut self) {
         let snap = self
             .kernel
             .destinations()
             .into_iter()
-            .map(|(k, s)| (k, s.opened))
+            .map(|(k, s)| (k, [s.opened, s.time_wait_entered]))
             .collect();
         self.rates.snapshots.push_back((Instant::now(), snap));
         while self.rates.snapshots.len() > RateWindow::KEEP {
@@ -92,7 +108,7 @@ impl Core {
             .map(|(ns, socks, settings)| advise::NsView::new(*ns, socks, *settings))
             .collect();
         let dests = self.kernel.destinations();
-        let rates = self.rates.rates(&dests);
+        let rates = self.rates.rates(&dests, Rate::Opened);
         let lifetimes = self.kernel.histograms_by_destination(hist_kind::LIFETIME);
         let service_name = |addr: &[u8; 16], port: u16| {
             self.services
@@ -572,9 +588,22 @@ impl Agent for AgentService {
                         .cmp(&(a.outbound + a.inbound))
                         .then_with(|| a.service.cmp(&b.service))
                 });
+                let entering = core
+                    .rates
+                    .rates(&core.kernel.destinations(), Rate::TimeWaitEntered);
                 let destinations = limited(report.time_wait, limit)
                     .iter()
                     .map(|t| pb::TimeWaitDestination {
+                        entered_per_s: entering
+                            .get(&DestKey {
+                                addr: t.addr,
+                                netns: t.netns,
+                                port: t.port,
+                                direction: t.direction,
+                                _pad: 0,
+                            })
+                            .copied()
+                            .unwrap_or(0.0),
                         address: display_addr(&t.addr).to_string(),
                         port: t.port.into(),
                         direction: pb_direction(t.direction).into(),

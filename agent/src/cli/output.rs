@@ -242,7 +242,14 @@ pub fn advise(r: &pb::AdviseResponse) -> String {
 }
 
 pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
-    let mut t = table(&["TIME-WAIT", "DIR", "SERVICE", "NETNS", "SOCKETS"]);
+    let mut t = table(&[
+        "TIME-WAIT",
+        "DIR",
+        "SERVICE",
+        "NETNS",
+        "SOCKETS",
+        "ENTERING/S",
+    ]);
     for d in &r.destinations {
         t.add_row(vec![
             Cell::new(endpoint(&d.address, d.port)),
@@ -250,6 +257,7 @@ pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
             Cell::new(or_dash(&d.service)),
             Cell::new(d.netns),
             num(d.time_wait),
+            Cell::new(format!("{:.1}", d.entered_per_s)).set_alignment(CellAlignment::Right),
         ]);
     }
     let mut p = table(&[

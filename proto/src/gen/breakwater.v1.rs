@@ -271,7 +271,7 @@ pub struct GetTimeWaitRequest {
 }
 /// Sockets in TIME_WAIT now. Outbound: keyed by the remote end (what `ss -tan state time-wait  dst ADDR:PORT` counts); inbound (the local port has a listener): keyed by the local end.
 #[derive(serde::Serialize)]
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct TimeWaitDestination {
     #[prost(string, tag = "1")]
     pub address: ::prost::alloc::string::String,
@@ -286,6 +286,10 @@ pub struct TimeWaitDestination {
     pub service: ::prost::alloc::string::String,
     #[prost(uint64, tag = "6")]
     pub time_wait: u64,
+    /// Connections entering TIME_WAIT per second over the last minute (or since the agent
+    /// started), from the kernel's count.
+    #[prost(double, tag = "7")]
+    pub entered_per_s: f64,
 }
 /// Ephemeral ports in use (any state, TIME_WAIT included) from one source address to one
 /// destination, against the namespace's net.ipv4.ip_local_port_range.

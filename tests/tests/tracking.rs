@@ -373,7 +373,7 @@ fn ipv6_connections_match_ss() {
 }
 
 /// The namespace's own SNMP counter (`TcpExt: TCPSynRetrans` in /proc/net/netstat, read inside
-/// it) against the agent's `retransmits` for the destination.
+/// it) bounds the agent's `retransmits` for the destination.
 #[test]
 fn syn_retransmits_match_the_namespace_counter() {
     let _s = serial();
@@ -409,14 +409,22 @@ fn syn_retransmits_match_the_namespace_counter() {
         syn_retrans() - before
     });
     assert!(retransmitted >= 1, "the kernel retransmitted the SYN");
-    wait_for(
+    // The agent counts retransmissions the tracepoint reports as sent (err == 0); the SNMP
+    // counter is bumped for attempts as well, so it bounds the agent's count from above (one CI
+    // run saw 1 against 2).
+    let d = wait_for(
         &agent,
         "127.0.0.1",
         8081,
         "outbound",
         Some(ns.inode()),
         "retransmits",
-        |d| field(d, "retransmits") == retransmitted && field(d, "failed_timeout") == 1,
+        |d| field(d, "retransmits") >= 1 && field(d, "failed_timeout") == 1,
+    );
+    assert!(
+        field(&d, "retransmits") <= retransmitted,
+        "agent {} vs TCPSynRetrans {retransmitted}",
+        field(&d, "retransmits")
     );
 }
 

@@ -199,20 +199,7 @@ fn syn_timeouts_once(agent: &Agent) -> (serde_json::Value, u16) {
         .map(|i| {
             thread::spawn(move || {
                 thread::sleep(Duration::from_millis(150 * i));
-                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .unwrap();
-                let one: libc::c_int = 1;
-                // SAFETY: setsockopt on a socket we own, with a properly sized int.
-                let rc = unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::IPPROTO_TCP,
-                        libc::TCP_SYNCNT,
-                        &one as *const _ as *const libc::c_void,
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-                assert_eq!(rc, 0, "TCP_SYNCNT");
+                let s = one_syn_retry_socket();
                 s.connect(&addr.into()).expect_err("SYNs are dropped")
             })
         })
@@ -409,19 +396,7 @@ fn syn_retransmits_match_the_namespace_counter() {
             .unwrap();
         listener.listen(0).unwrap();
         let _filler = TcpStream::connect("127.0.0.1:8081").unwrap();
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket we own, with a properly sized int.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_SYNCNT,
-                (&raw const one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0);
+        let s = one_syn_retry_socket();
         let addr: SocketAddr = "127.0.0.1:8081".parse().unwrap();
         s.connect(&addr.into()).expect_err("SYNs are dropped");
         syn_retrans() - before
@@ -444,6 +419,24 @@ fn syn_retransmits_match_the_namespace_counter() {
         "agent {} vs TCPSynRetrans {retransmitted}",
         field(&d, "retransmits")
     );
+}
+
+/// An IPv4 TCP socket whose connect gives up after one SYN retry (`TCP_SYNCNT=1`).
+fn one_syn_retry_socket() -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a properly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_SYNCNT");
+    s
 }
 
 /// `TcpExt: TCPSynRetrans` of the calling thread's network namespace.

@@ -64,6 +64,24 @@ impl LoadError {
     }
 }
 
+/// A program of the object by name, as its concrete type.
+fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    kind: &'static str,
+) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(LoadError::program(kind))
+}
+
 /// Counts per bucket (see `breakwater_common::hist_bucket`).
 pub type Histogram = [u64; HIST_BUCKETS as usize];
 
@@ -193,14 +211,7 @@ impl Kernel {
     }
 
     fn iter(&mut self, name: &'static str) -> Result<&mut Iter, LoadError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing {
-                kind: "program",
-                name,
-            })?
-            .try_into()
-            .map_err(LoadError::program("iter/tcp"))
+        program(&mut self.ebpf, name, "iter/tcp")
     }
 
     /// The attached programs with their kernel run statistics now.

@@ -17,14 +17,7 @@ pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProgramSummary>, LoadErr
     PROGRAMS
         .iter()
         .map(|&(name, tracepoint)| {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(LoadError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(LoadError::program("tp_btf"))?;
+            let prog: &mut BtfTracePoint = super::program(ebpf, name, "tp_btf")?;
             prog.load(tracepoint, btf)
                 .map_err(LoadError::program("tp_btf load"))?;
             prog.attach().map_err(LoadError::program("tp_btf attach"))?;

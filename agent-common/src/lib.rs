@@ -4,6 +4,8 @@
 //! `#[repr(C)]` with explicit padding and a size assertion. The `user` feature adds `aya::Pod`.
 #![no_std]
 
+pub mod breaker;
+
 /// Names of programs, maps and globals. The eBPF side declares statics with these exact names
 /// (aya's attribute macros only take literals); the loader looks every one of them up and fails
 /// with the missing name, so a rename on one side cannot go unnoticed.
@@ -52,11 +54,51 @@ pub mod names {
     /// Per-CPU room to build a `ConnInfo` in, one slot per program that may interrupt another.
     pub const MAP_SCRATCH: &str = "BW_SCRATCH";
 
+    /// `cgroup/connect4` and `cgroup/connect6`: the breaker's gate, in the enforced cgroups.
+    pub const PROG_CONNECT4: &str = "bw_connect4";
+    pub const PROG_CONNECT6: &str = "bw_connect6";
+    /// `sock_ops`: outcomes of the connects the gate admitted (established, failed, reset).
+    pub const PROG_SOCKOPS: &str = "bw_sockops";
+    /// `iter/tcp`: writes a `BreakerSockRecord` for every socket the gate admitted to a
+    /// service, so that the agent can destroy a tripped service's connections.
+    pub const PROG_BREAKER_TCP: &str = "bw_breaker_tcp";
+
+    /// Breaker policies: service id -> `breaker::Policy`.
+    pub const MAP_POLICIES: &str = "BW_POLICIES";
+    /// Breaker state: service id -> `breaker::BreakerEntry` (spin-locked).
+    pub const MAP_BREAKERS: &str = "BW_BREAKERS";
+    /// Breaker totals: service id -> `breaker::Totals`.
+    pub const MAP_BREAKER_TOTALS: &str = "BW_BRK_TOTALS";
+    /// Socket-local storage: `breaker::BreakerSock` of each admitted connect.
+    pub const MAP_BREAKER_SOCKS: &str = "BW_BRK_SOCKS";
+    /// Ring buffer of `breaker::Event`s.
+    pub const MAP_BREAKER_EVENTS: &str = "BW_BRK_EVENTS";
+    /// Service id -> `breaker::SvcMeta` (name, trip reason), to rebuild the table on restart.
+    pub const MAP_SVC_META: &str = "BW_SVC_META";
+
+    /// Maps pinned under the agent's bpffs directory: enforcement state that outlives the
+    /// agent process and is picked up again by the next one.
+    pub const PINNED_MAPS: [&str; 7] = [
+        MAP_SVC_LPM,
+        MAP_SVC_META,
+        MAP_POLICIES,
+        MAP_BREAKERS,
+        MAP_BREAKER_TOTALS,
+        MAP_BREAKER_SOCKS,
+        MAP_BREAKER_EVENTS,
+    ];
+
     /// Kernel struct offsets, resolved from BTF by the loader (read-only global).
     pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 9] = [
+    pub const ALL_MAPS: [&str; 15] = [
+        MAP_POLICIES,
+        MAP_BREAKERS,
+        MAP_BREAKER_TOTALS,
+        MAP_BREAKER_SOCKS,
+        MAP_BREAKER_EVENTS,
+        MAP_SVC_META,
         MAP_DESTS,
         MAP_SOCKS,
         MAP_SVC_LPM,
@@ -318,6 +360,15 @@ pub struct SockRecord {
     pub _pad: [u8; 7],
 }
 
+/// What `bw_breaker_tcp` writes per socket the breaker's gate admitted to a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BreakerSockRecord {
+    pub sock: SockRecord,
+    pub svc: u32,
+    pub _pad: u32,
+}
+
 /// Data part of a `BW_SVC_LPM` key: the port (big endian) first, then the address, so that a
 /// prefix length of `16 + n` matches the port exactly and the first `n` address bits.
 #[repr(C)]
@@ -431,6 +482,7 @@ const _: () = {
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
+    assert!(core::mem::size_of::<BreakerSockRecord>() == 56);
 };
 
 #[cfg(feature = "user")]
@@ -446,6 +498,13 @@ mod pod {
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}
+    unsafe impl aya::Pod for super::BreakerSockRecord {}
+    unsafe impl aya::Pod for super::breaker::Policy {}
+    unsafe impl aya::Pod for super::breaker::BreakerEntry {}
+    unsafe impl aya::Pod for super::breaker::Totals {}
+    unsafe impl aya::Pod for super::breaker::BreakerSock {}
+    unsafe impl aya::Pod for super::breaker::Event {}
+    unsafe impl aya::Pod for super::breaker::SvcMeta {}
 }
 
 #[cfg(test)]

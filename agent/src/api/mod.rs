@@ -1,5 +1,6 @@
 //! The `breakwater.v1.Agent` gRPC service: a thin layer over the domain core and the kernel maps.
 
+pub mod enforce;
 pub mod serve;
 
 use std::{
@@ -29,6 +30,8 @@ pub struct Core {
     pub kernel: Kernel,
     pub services: ServiceTable,
     pub rates: RateWindow,
+    /// Breaker state changes, fanned out to `WatchBreakerEvents` subscribers.
+    pub events: tokio::sync::broadcast::Sender<enforce::BreakerEventView>,
 }
 
 /// Counters whose per-second rates the agent reports.

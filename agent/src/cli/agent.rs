@@ -43,6 +43,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         kernel,
         services,
         rates: Default::default(),
+        events: tokio::sync::broadcast::channel(1024).0,
     };
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_all()?;

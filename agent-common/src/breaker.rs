@@ -223,7 +223,10 @@ pub struct Transition {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     /// Let it through; `generation` is the one its outcome will count in.
-    Admit { generation: u64, probe: bool },
+    Admit {
+        generation: u64,
+        probe: bool,
+    },
     Reject,
 }
 
@@ -267,8 +270,7 @@ impl Counts {
     /// Closed: a new counting interval when the current one has ended (gobreaker's rollover).
     #[inline(always)]
     fn roll(&mut self, p: &Policy, now: u64) {
-        if self.state == state::CLOSED && self.interval_end_ns != 0 && now >= self.interval_end_ns
-        {
+        if self.state == state::CLOSED && self.interval_end_ns != 0 && now >= self.interval_end_ns {
             self.clear();
             self.generation = self.generation.wrapping_add(1);
             self.interval_end_ns = if p.interval_ns > 0 {
@@ -358,7 +360,8 @@ impl Counts {
     /// Which rule, if any, the counts now meet.
     #[inline(always)]
     fn trip_cause(&self, p: &Policy) -> u32 {
-        if p.consecutive_failures > 0 && self.consecutive_failures >= u64::from(p.consecutive_failures)
+        if p.consecutive_failures > 0
+            && self.consecutive_failures >= u64::from(p.consecutive_failures)
         {
             cause::CONSECUTIVE_FAILURES
         } else if p.max_failures > 0 && self.failures >= u64::from(p.max_failures) {
@@ -385,6 +388,21 @@ impl Counts {
     /// An operator's reset (or a new policy): Closed, counts cleared, any force lifted.
     pub fn reset(&mut self, p: &Policy, cause: u32, now: u64) -> Transition {
         self.enter(state::CLOSED, cause, p, now)
+    }
+
+    /// The counts as the next connect will find them: an Open breaker past its deadline is
+    /// Half-Open (or, forced, Closed) although the kernel moves it only at that connect.
+    pub fn effective(&self, p: &Policy, now: u64) -> Counts {
+        let mut c = *self;
+        if c.state == state::OPEN && c.open_until_ns != 0 && now >= c.open_until_ns {
+            let to = if c.forced != 0 {
+                state::CLOSED
+            } else {
+                state::HALF_OPEN
+            };
+            c.enter(to, cause::TIMEOUT, p, now);
+        }
+        c
     }
 
     /// Milliseconds until an Open breaker turns Half-Open (or a forced one closes); 0 otherwise.
@@ -476,7 +494,13 @@ mod tests {
     fn probe_failure_reopens_and_stale_outcomes_are_ignored() {
         let p = gobreaker();
         let mut c = Counts::default();
-        let (Admission::Admit { generation: old, .. }, _) = c.on_connect(&p, 1) else {
+        let (
+            Admission::Admit {
+                generation: old, ..
+            },
+            _,
+        ) = c.on_connect(&p, 1)
+        else {
             panic!()
         };
         run(&mut c, &p, &[true, true, true], 1);

@@ -11,11 +11,14 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use breakwater_common::{
-    conn_flags, counter, direction, scratch_slot, tcp_state, ListenerInfo, SockRecord,
+    conn_flags, counter, direction, scratch_slot, tcp_state, BreakerSockRecord, ListenerInfo,
+    SockRecord,
 };
 
 use crate::{
-    maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
+    maps::{
+        bump, listen_key, offsets, service_of, sk_storage, storage, BW_BRK_SOCKS, BW_LISTENERS,
+    },
     sock::{key_of, read, read_sock, record, scratch, Error, Event},
 };
 
@@ -163,6 +166,47 @@ unsafe fn try_socks_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         seq.cast(),
         (&raw const rec).cast(),
         core::mem::size_of::<SockRecord>() as u32,
+    );
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn bw_breaker_tcp(ctx: *const IterTcpCtx) -> i32 {
+    if let Err(e) = unsafe { try_breaker_tcp(ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// Writes a `BreakerSockRecord` for every established socket the breaker's gate marked: the
+/// connections a trip of their service terminates.
+unsafe fn try_breaker_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
+    let sk = (*ctx).sk_common;
+    if sk.is_null() {
+        return Ok(());
+    }
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let Some(bs) = sk_storage(&BW_BRK_SOCKS, tp, false) else {
+        return Ok(());
+    };
+    let o = offsets();
+    let mut rec = BreakerSockRecord {
+        svc: bs.svc,
+        ..Default::default()
+    };
+    rec.sock.state = read(sk, &o.skc_state);
+    if rec.sock.state != tcp_state::ESTABLISHED || !read_sock(sk, o, &mut rec.sock)? {
+        return Ok(());
+    }
+    let seq = (*(*ctx).meta).seq;
+    bpf_seq_write(
+        seq.cast(),
+        (&raw const rec).cast(),
+        core::mem::size_of::<BreakerSockRecord>() as u32,
     );
     Ok(())
 }

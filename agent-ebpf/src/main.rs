@@ -5,6 +5,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod breaker;
+#[cfg(target_arch = "bpf")]
 mod iter;
 #[cfg(target_arch = "bpf")]
 mod maps;

@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
-    btf_maps::SkStorage,
+    btf_maps::{self, SkStorage},
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use breakwater_common::{
+    breaker::{BreakerEntry, BreakerSock, Policy, SvcMeta, Totals},
     counter, defaults, hist_kind, scratch_slot, ConnInfo, ConnStats, DestKey, HistKey, ListenKey,
     ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
 };
@@ -40,6 +41,30 @@ pub static BW_SVC_HIST: Array<u64> = Array::with_max_entries(
     (defaults::MAX_SERVICES + 1) * hist_kind::COUNT * HIST_BUCKETS,
     0,
 );
+
+/// Breaker maps are indexed by service id (1..=max_services; 0 is "no service").
+const SVC_SLOTS: u32 = defaults::MAX_SERVICES + 1;
+
+#[map]
+pub static BW_POLICIES: Array<Policy> = Array::with_max_entries(SVC_SLOTS, 0);
+
+/// BTF-described so that the verifier accepts the `bpf_spin_lock` inside each entry.
+#[btf_map]
+pub static BW_BREAKERS: btf_maps::Array<BreakerEntry, { SVC_SLOTS as usize }> =
+    btf_maps::Array::new();
+
+#[map]
+pub static BW_BRK_TOTALS: Array<Totals> = Array::with_max_entries(SVC_SLOTS, 0);
+
+#[btf_map]
+pub static BW_BRK_SOCKS: SkStorage<BreakerSock> = SkStorage::new();
+
+#[map]
+pub static BW_BRK_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Written and read by the agent only; here so that it is created, sized and pinned with the rest.
+#[map]
+pub static BW_SVC_META: Array<SvcMeta> = Array::with_max_entries(SVC_SLOTS, 0);
 
 #[map]
 pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -97,12 +122,22 @@ pub fn listen_key(netns: u32, port: u16) -> ListenKey {
 /// to a full socket (`struct sock` or a struct that starts with one).
 #[inline(always)]
 pub unsafe fn storage(sk: *const u8, create: bool) -> Option<&'static mut ConnInfo> {
+    sk_storage(&BW_SOCKS, sk, create)
+}
+
+/// The socket's entry in a socket-local storage map (see [`storage`]).
+#[inline(always)]
+pub unsafe fn sk_storage<T>(
+    map: &SkStorage<T>,
+    sk: *const u8,
+    create: bool,
+) -> Option<&'static mut T> {
     let flags = if create {
         BPF_SK_STORAGE_GET_F_CREATE as u64
     } else {
         0
     };
-    let map = core::ptr::from_ref(&BW_SOCKS).cast_mut().cast();
-    let p = bpf_sk_storage_get(map, sk as *mut _, core::ptr::null_mut(), flags) as *mut ConnInfo;
+    let map = core::ptr::from_ref(map).cast_mut().cast();
+    let p = bpf_sk_storage_get(map, sk as *mut _, core::ptr::null_mut(), flags) as *mut T;
     p.as_mut()
 }

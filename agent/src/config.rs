@@ -3,21 +3,26 @@
 
 use std::path::{Path, PathBuf};
 
-use breakwater_common::defaults;
+use breakwater_common::{breaker::Policy, defaults};
 use serde::Deserialize;
 
 use crate::{
+    breaker::{parse_duration, PolicySpec},
     error::{Error, Result},
     service::{parse_endpoints, ServiceTable},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/breakwater/agent.sock";
+/// Where the agent pins its programs, links and maps (on bpffs), so that enforcement and the
+/// breakers' state survive an agent restart.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/breakwater";
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub agent: AgentConfig,
     pub maps: MapSizes,
+    pub breaker: BreakerScope,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -27,13 +32,57 @@ pub struct Config {
 pub struct AgentConfig {
     /// Where the gRPC API listens (a unix socket, mode 0600).
     pub socket: PathBuf,
+    /// bpffs directory of the pinned programs, links and maps.
+    pub pin_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             socket: DEFAULT_SOCKET.into(),
+            pin_dir: DEFAULT_PIN_DIR.into(),
         }
+    }
+}
+
+/// Where breakers are enforced: the connects of processes in these cgroups (and their
+/// descendants) are counted and, while a breaker is open, refused.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerScope {
+    /// Cgroup paths relative to the cgroup2 mount ("/" = every process on the node).
+    pub scope: Vec<String>,
+}
+
+impl Default for BreakerScope {
+    fn default() -> Self {
+        Self {
+            scope: vec!["/".into()],
+        }
+    }
+}
+
+impl BreakerScope {
+    fn validate(&self) -> Result<()> {
+        if self.scope.is_empty() {
+            return Err(Error::invalid(
+                "breaker.scope is empty: give at least one cgroup (\"/\" for the whole node)",
+            ));
+        }
+        for path in &self.scope {
+            if !path.starts_with('/') {
+                return Err(Error::invalid(format!(
+                    "breaker.scope {path:?} must be absolute (a cgroup path under the cgroup2 \
+                     mount, starting with \"/\")"
+                )));
+            }
+            if path.split('/').any(|c| c == "..") {
+                return Err(Error::invalid(format!(
+                    "breaker.scope {path:?} must not contain \"..\""
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -68,6 +117,51 @@ impl Default for MapSizes {
 pub struct ServiceConfig {
     pub name: String,
     pub endpoints: Vec<String>,
+    /// The service's circuit-breaker policy; none = its connects are only observed.
+    pub breaker: Option<BreakerConfig>,
+}
+
+/// `[service.breaker]`: a preset, explicit fields, or a preset with some fields overridden
+/// (the same fields and checks as the API's `SetPolicy`). Durations are written "30s", "500ms".
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    pub preset: Option<String>,
+    pub min_requests: Option<u32>,
+    pub failure_ratio: Option<f64>,
+    pub consecutive_failures: Option<u32>,
+    pub max_failures: Option<u32>,
+    pub interval: Option<String>,
+    pub open_timeout: Option<String>,
+    pub half_open_max: Option<u32>,
+    pub errno: Option<String>,
+    pub slow_connect: Option<String>,
+    pub terminate_established: Option<bool>,
+}
+
+impl BreakerConfig {
+    pub fn spec(&self) -> Result<PolicySpec> {
+        let duration = |field: &str, v: &Option<String>| {
+            v.as_deref().map(|t| parse_duration(field, t)).transpose()
+        };
+        Ok(PolicySpec {
+            preset: self.preset.clone(),
+            min_requests: self.min_requests,
+            failure_ratio: self.failure_ratio,
+            consecutive_failures: self.consecutive_failures,
+            max_failures: self.max_failures,
+            interval: duration("interval", &self.interval)?,
+            open_timeout: duration("open_timeout", &self.open_timeout)?,
+            half_open_max: self.half_open_max,
+            errno: self.errno.clone(),
+            slow_connect: duration("slow_connect", &self.slow_connect)?,
+            terminate_established: self.terminate_established,
+        })
+    }
+
+    pub fn policy(&self) -> Result<Policy> {
+        self.spec()?.resolve()
+    }
 }
 
 impl Config {
@@ -84,7 +178,7 @@ impl Config {
         Self::from_toml(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let m = &self.maps;
         for (name, v, min) in [
             ("maps.max_destinations", m.max_destinations, 16),
@@ -99,7 +193,22 @@ impl Config {
                 )));
             }
         }
-        self.service_table().map(drop)
+        self.breaker.validate()?;
+        self.service_table()?;
+        self.policies().map(drop)
+    }
+
+    /// The resolved breaker policy of every service that has one, in file order.
+    pub fn policies(&self) -> Result<Vec<(String, Policy)>> {
+        self.services
+            .iter()
+            .filter_map(|s| s.breaker.as_ref().map(|b| (s, b)))
+            .map(|(s, b)| {
+                b.policy()
+                    .map(|p| (s.name.clone(), p))
+                    .map_err(|e| Error::invalid(format!("service {:?}: breaker: {e}", s.name)))
+            })
+            .collect()
     }
 
     /// The configured services as a table (checks names, endpoints, conflicts and limits).
@@ -160,7 +269,71 @@ mod tests {
         let c = Config::from_toml(include_str!("../../config/breakwater.example.toml")).unwrap();
         assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(c.maps, MapSizes::default());
+        assert_eq!(c.breaker, BreakerScope::default());
         assert_eq!(c.service_table().unwrap().iter().count(), 2);
+        let policies = c.policies().unwrap();
+        assert_eq!(policies.len(), 2);
+        assert_eq!(
+            policies[0],
+            (
+                "inventory".into(),
+                PolicySpec {
+                    preset: Some("gobreaker".into()),
+                    ..Default::default()
+                }
+                .resolve()
+                .unwrap()
+            )
+        );
+    }
+
+    #[test]
+    fn breakers_parse_and_resolve() {
+        let c = Config::from_toml(
+            r#"
+            [agent]
+            pin_dir = "/sys/fs/bpf/bw-test"
+            [breaker]
+            scope = ["/system.slice/app.service", "/kubepods"]
+            [[service]]
+            name = "a"
+            endpoints = ["10.0.0.1:80"]
+            [service.breaker]
+            preset = "nginx"
+            open_timeout = "1m 30s"
+            errno = "eperm"
+            [[service]]
+            name = "b"
+            endpoints = ["10.0.0.2:80"]
+            [[service]]
+            name = "c"
+            endpoints = ["10.0.0.3:80"]
+            [service.breaker]
+            failure_ratio = 0.5
+            min_requests = 10
+            consecutive_failures = 0
+            interval = "10s"
+            slow_connect = "250ms"
+            terminate_established = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.agent.pin_dir, Path::new("/sys/fs/bpf/bw-test"));
+        assert_eq!(c.breaker.scope, ["/system.slice/app.service", "/kubepods"]);
+        let p = c.policies().unwrap();
+        assert_eq!(
+            p.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "c"]
+        );
+        assert_eq!(p[0].1.max_failures, 3);
+        assert_eq!(p[0].1.open_timeout_ns, 90_000_000_000);
+        assert_eq!(p[0].1.errno, 1);
+        assert_eq!(p[1].1.failure_ratio_ppm, 500_000);
+        assert_eq!(p[1].1.slow_connect_ns, 250_000_000);
+        assert_eq!(
+            p[1].1.flags,
+            breakwater_common::breaker::policy_flags::ENABLED
+        );
     }
 
     #[test]
@@ -174,9 +347,42 @@ mod tests {
                 "defined twice",
             ),
             ("[maps]\nmax_services = 0", "maps.max_services = 0 is out of range"),
+            ("[breaker]\nscope = []", "breaker.scope is empty"),
+            ("[breaker]\nscope = [\"kubepods\"]", "breaker.scope \"kubepods\" must be absolute"),
+            ("[breaker]\nscope = [\"/a/../b\"]", "must not contain \"..\""),
         ];
         for (text, why) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err:?} lacks {why:?}");
+        }
+    }
+
+    #[test]
+    fn bad_breakers_say_why() {
+        let svc = "[[service]]\nname = \"a\"\nendpoints = [\"1.2.3.4:1\"]\n[service.breaker]\n";
+        let cases = [
+            (
+                "preset = \"hystrix\"",
+                "service \"a\": breaker: unknown preset \"hystrix\" (known: gobreaker, nginx)",
+            ),
+            ("failure_ratio = 1.5", "failure_ratio 1.5 is outside 0..=1"),
+            ("failure_ratio = nan", "failure_ratio NaN is outside 0..=1"),
+            ("open_timeout = \"0s\"", "open_timeout must be more than 0"),
+            (
+                "open_timeout = \"30\"",
+                "open_timeout: invalid duration \"30\"",
+            ),
+            ("half_open_max = 0", "half_open_max must be at least 1"),
+            (
+                "errno = \"EIO\"",
+                "unknown errno \"EIO\" (allowed: ECONNREFUSED, EHOSTUNREACH, EPERM)",
+            ),
+            ("consecutive_failures = 0", "the policy has no trip rule"),
+            ("treshold = 3", "unknown field `treshold`"),
+        ];
+        for (body, why) in cases {
+            let text = format!("{svc}{body}");
+            let err = Config::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(why), "{text:?}: {err:?} lacks {why:?}");
         }
     }

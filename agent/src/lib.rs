@@ -2,8 +2,10 @@
 
 pub mod advise;
 pub mod api;
+pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod destroy;
 pub mod ebpf;
 pub mod error;
 pub mod latency;

@@ -293,6 +293,21 @@ impl ServiceTable {
         Ok(change)
     }
 
+    /// Puts back a service a previous agent left in the pinned maps, under its old id.
+    pub fn restore(&mut self, id: u32, name: &str, endpoints: Vec<Endpoint>) {
+        self.by_name.insert(
+            name.to_owned(),
+            Service {
+                id,
+                name: name.to_owned(),
+                endpoints,
+            },
+        );
+        if id >= self.next_id {
+            self.next_id = if id >= self.max_services { 1 } else { id + 1 };
+        }
+    }
+
     pub fn delete(&mut self, name: &str) -> Result<Service> {
         self.require(name)?;
         Ok(self.by_name.remove(name).expect("checked above"))

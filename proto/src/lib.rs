@@ -11,7 +11,9 @@ pub mod v1 {
 pub mod json {
     use serde::Serializer;
 
-    use crate::v1::{DestinationSort, Direction, PressureLevel, Severity};
+    use crate::v1::{
+        BreakerCause, BreakerState, DestinationSort, Direction, PressureLevel, Severity,
+    };
 
     fn short(full: &str, prefix: &str) -> String {
         full.strip_prefix(prefix)
@@ -43,6 +45,20 @@ pub mod json {
     pub fn severity<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         match Severity::try_from(*v) {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "SEVERITY_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    pub fn breaker_state<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match BreakerState::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "BREAKER_STATE_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    pub fn breaker_cause<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match BreakerCause::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "BREAKER_CAUSE_")),
             Err(_) => s.serialize_i32(*v),
         }
     }

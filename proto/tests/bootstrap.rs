@@ -34,6 +34,10 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
         ("breakwater.v1.TimeWaitDestination.direction", "direction"),
         ("breakwater.v1.PortPressure.level", "pressure_level"),
         ("breakwater.v1.Finding.severity", "severity"),
+        ("breakwater.v1.Breaker.state", "breaker_state"),
+        ("breakwater.v1.BreakerEvent.from", "breaker_state"),
+        ("breakwater.v1.BreakerEvent.to", "breaker_state"),
+        ("breakwater.v1.BreakerEvent.cause", "breaker_cause"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

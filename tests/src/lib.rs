@@ -17,6 +17,7 @@ use breakwater_proto::v1::{self as pb, agent_client::AgentClient};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod cgroup;
 pub mod netns;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -54,12 +55,19 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
-/// A running agent on its own socket; stopped (SIGTERM) and cleaned up on drop.
+/// A running agent on its own socket, pin directory and enforced cgroup (a child cgroup made
+/// for it, never the machine's root); stopped (SIGTERM) and everything removed on drop.
 pub struct Agent {
-    child: Child,
+    /// None only while being built.
+    child: Option<Child>,
     dir: tempfile::TempDir,
     pub socket: PathBuf,
     rt: tokio::runtime::Runtime,
+    pin_dir: PathBuf,
+    config: Option<PathBuf>,
+    extra: Vec<String>,
+    // Dropped after the agent is stopped and the pins removed.
+    cgroup: cgroup::CgroupGuard,
 }
 
 impl Agent {
@@ -70,22 +78,19 @@ impl Agent {
     /// Starts the agent with a TOML config (None: embedded defaults) and waits until its API
     /// answers.
     pub fn start_with_config(config: Option<&str>) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// As `start_with_config`, with more `breakwater agent` arguments.
+    pub fn start_with(config: Option<&str>, extra: &[&str]) -> Self {
+        cgroup::mount_bpffs_if_needed();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
-        let mut cmd = Command::new(agent_bin());
-        cmd.arg("agent").arg("--socket").arg(&socket);
-        if let Some(text) = config {
+        let config = config.map(|text| {
             let path = dir.path().join("breakwater.toml");
             std::fs::write(&path, text).expect("write config");
-            cmd.arg("--config").arg(path);
-        }
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("agent log");
-        let child = cmd
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
+            path
+        });
         // Multi-threaded so that client connections are driven (and closed) between calls.
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -93,24 +98,80 @@ impl Agent {
             .build()
             .expect("runtime");
         let mut agent = Self {
-            child,
+            child: None,
             dir,
             socket,
             rt,
+            pin_dir: cgroup::pin_dir(),
+            config,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            cgroup: cgroup::CgroupGuard::new(),
         };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the agent process (again) with the same socket, config, pins and scope, and
+    /// waits until its API answers.
+    pub fn spawn(&mut self) {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("agent")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--scope")
+            .arg(self.cgroup.relative())
+            .args(&self.extra);
+        if let Some(path) = &self.config {
+            cmd.arg("--config").arg(path);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .expect("agent log");
+        self.child = Some(
+            cmd.env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn agent"),
+        );
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = agent.child.try_wait().expect("try_wait") {
-                panic!("agent exited during start-up: {status}\n{}", agent.log());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("try_wait"));
+            if let Some(status) = exited {
+                panic!("agent exited during start-up: {status}\n{}", self.log());
             }
-            if agent.socket.exists() && agent.try_info().is_ok() {
-                return agent;
+            if self.socket.exists() && self.try_info().is_ok() {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
                 "agent did not answer within 30 s"
             );
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The cgroup the agent's breakers apply to; `enter` it before creating client sockets.
+    pub fn cgroup(&mut self) -> &mut cgroup::CgroupGuard {
+        &mut self.cgroup
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// SIGKILL: no clean-up at all, as when the agent crashes.
+    pub fn kill(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -124,7 +185,7 @@ impl Agent {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().expect("agent started").id()
     }
 
     /// A gRPC client over the agent's unix socket.
@@ -237,18 +298,28 @@ impl Agent {
     /// Stops the agent with SIGTERM and waits for it; returns its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        self.child.wait().expect("wait agent")
+        self.child
+            .as_mut()
+            .expect("agent started")
+            .wait()
+            .expect("wait agent")
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none());
+        if running {
             self.stop();
         }
+        // What the agent pinned (links and maps) outlives it on purpose: remove it.
+        cgroup::remove_pin_dir(&self.pin_dir);
         if thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.log());
         }

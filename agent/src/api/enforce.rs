@@ -1,9 +1,15 @@
 //! The breaker side of the core: policies, manual trips and resets, and the state the kernel
 //! keeps. Everything here acts on the pinned maps, so it works the same after a restart.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
-use breakwater_common::breaker::{Counts, Policy, Totals};
+use aya::maps::{MapData, RingBuf};
+use breakwater_common::breaker::{self as brk, cause, policy_flags, state, Counts, Policy, Totals};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
 
 use super::Core;
 use crate::error::{Error, Result};
@@ -13,6 +19,7 @@ use crate::error::{Error, Result};
 pub struct BreakerView {
     pub service: String,
     pub policy: Policy,
+    /// As the next connect will find them (see `Counts::effective`).
     pub counts: Counts,
     pub totals: Totals,
     /// Why an operator tripped it (while forced).
@@ -36,44 +43,239 @@ pub struct BreakerEventView {
     pub reason: String,
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the kernel's deadlines use.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// The wall-clock time of a CLOCK_MONOTONIC instant.
+fn wall_time(mono_ns: u64) -> SystemTime {
+    let ago = monotonic_ns().saturating_sub(mono_ns);
+    SystemTime::now() - Duration::from_nanos(ago)
+}
+
 impl Core {
-    /// Every service with a policy, by name.
-    pub fn breakers(&self) -> Result<Vec<BreakerView>> {
-        Err(Error::Internal("not yet".into()))
+    /// A service's id and policy; InvalidArgument if the service is unknown or has no breaker.
+    fn breaker_of(&self, service: &str) -> Result<(u32, Policy)> {
+        let id = self.service_id(service)?;
+        let policy = self.kernel.policy(id)?;
+        if policy.flags & policy_flags::ENABLED == 0 {
+            return Err(Error::invalid(format!(
+                "service {service:?} has no breaker policy (set one with `breakwater policy set {service} --preset gobreaker`)"
+            )));
+        }
+        Ok((id, policy))
     }
 
-    /// One service's breaker; NotFound for an unknown service, InvalidArgument if it has no
-    /// policy.
-    pub fn breaker(&self, _service: &str) -> Result<BreakerView> {
-        Err(Error::Internal("not yet".into()))
+    fn service_id(&self, service: &str) -> Result<u32> {
+        self.services
+            .get(service)
+            .map(|s| s.id)
+            .ok_or_else(|| Error::invalid(format!("no service named {service:?}")))
+    }
+
+    fn view(&self, id: u32, service: &str, policy: Policy) -> Result<BreakerView> {
+        let now = monotonic_ns();
+        let counts = self.kernel.counts(id)?.effective(&policy, now);
+        Ok(BreakerView {
+            service: service.to_owned(),
+            policy,
+            counts,
+            totals: self.kernel.totals(id)?,
+            reason: if counts.forced != 0 {
+                self.kernel.trip_reason(id)
+            } else {
+                String::new()
+            },
+            open_remaining_ms: counts.open_remaining_ms(now),
+        })
+    }
+
+    /// Every service with a policy, by name.
+    pub fn breakers(&self) -> Result<Vec<BreakerView>> {
+        let mut out = Vec::new();
+        for s in self.services.iter() {
+            let policy = self.kernel.policy(s.id)?;
+            if policy.flags & policy_flags::ENABLED != 0 {
+                out.push(self.view(s.id, &s.name, policy)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One service's breaker; InvalidArgument for an unknown service or one without a policy.
+    pub fn breaker(&self, service: &str) -> Result<BreakerView> {
+        let (id, policy) = self.breaker_of(service)?;
+        self.view(id, service, policy)
     }
 
     /// Sets (or replaces) a service's policy: the breaker starts Closed with counts cleared.
-    pub fn set_policy(&mut self, _service: &str, _policy: Policy) -> Result<BreakerView> {
-        Err(Error::Internal("not yet".into()))
+    pub fn set_policy(&mut self, service: &str, policy: Policy) -> Result<BreakerView> {
+        let id = self.service_id(service)?;
+        let policy = Policy {
+            flags: policy.flags | policy_flags::ENABLED,
+            ..policy
+        };
+        let mut counts = self.kernel.counts(id)?;
+        let had_policy = self.kernel.policy(id)?.flags & policy_flags::ENABLED != 0;
+        let t = counts.reset(&policy, cause::POLICY, monotonic_ns());
+        self.kernel.set_counts(id, counts)?;
+        self.kernel.set_policy(id, &policy)?;
+        self.kernel.set_service_meta(id, service, "")?;
+        if had_policy && (t.from != t.to || t.from == state::OPEN) {
+            self.publish(service, &t, "");
+        }
+        info!(service, ?policy, "breaker policy set");
+        self.view(id, service, policy)
     }
 
-    pub fn clear_policy(&mut self, _service: &str) -> Result<()> {
-        Err(Error::Internal("not yet".into()))
+    /// Removes a service's breaker: its connects pass uncounted from now on.
+    pub fn clear_policy(&mut self, service: &str) -> Result<()> {
+        let (id, _) = self.breaker_of(service)?;
+        self.kernel.set_policy(id, &Policy::default())?;
+        self.kernel.set_counts(id, Counts::default())?;
+        self.kernel.set_service_meta(id, service, "")?;
+        info!(service, "breaker policy cleared");
+        Ok(())
     }
 
     /// Forces the breaker open, for `ttl` (None: until reset).
     pub fn trip(
         &mut self,
-        _service: &str,
-        _ttl: Option<Duration>,
-        _reason: &str,
+        service: &str,
+        ttl: Option<Duration>,
+        reason: &str,
     ) -> Result<BreakerView> {
-        Err(Error::Internal("not yet".into()))
+        let (id, policy) = self.breaker_of(service)?;
+        let ttl_ns = ttl.map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
+        let mut counts = self.kernel.counts(id)?;
+        let t = counts.trip(&policy, ttl_ns, monotonic_ns());
+        self.kernel.set_service_meta(id, service, reason)?;
+        self.kernel.set_counts(id, counts)?;
+        self.kernel.count_trip(id)?;
+        self.publish(service, &t, reason);
+        info!(service, ?ttl, reason, "breaker tripped by hand");
+        if policy.flags & policy_flags::TERMINATE != 0 {
+            let destroyed = self.kernel.terminate(id)?;
+            info!(service, destroyed, "connections terminated");
+        }
+        self.view(id, service, policy)
     }
 
-    pub fn reset(&mut self, _service: &str) -> Result<BreakerView> {
-        Err(Error::Internal("not yet".into()))
+    /// Back to Closed, counts cleared, any force lifted.
+    pub fn reset(&mut self, service: &str) -> Result<BreakerView> {
+        let (id, policy) = self.breaker_of(service)?;
+        let mut counts = self.kernel.counts(id)?;
+        let t = counts.reset(&policy, cause::RESET, monotonic_ns());
+        self.kernel.set_counts(id, counts)?;
+        self.kernel.set_service_meta(id, service, "")?;
+        self.publish(service, &t, "");
+        info!(service, "breaker reset by hand");
+        self.view(id, service, policy)
     }
 
     /// A receiver of every state change from now on (`Lagged(n)` tells a slow subscriber how
     /// many it lost).
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BreakerEventView> {
         self.events.subscribe()
+    }
+
+    fn publish(&self, service: &str, t: &brk::Transition, reason: &str) {
+        // No subscribers is no error.
+        let _ = self.events.send(BreakerEventView {
+            service: service.to_owned(),
+            from: t.from,
+            to: t.to,
+            cause: t.cause,
+            requests: t.requests,
+            failures: t.failures,
+            consecutive_failures: t.consecutive_failures,
+            time: SystemTime::now(),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// A transition the kernel made: published, and on a trip the service's connections are
+    /// terminated if its policy says so.
+    fn on_kernel_event(&mut self, ev: &brk::Event) {
+        let Some(service) = self.services.name_of(ev.svc).map(str::to_owned) else {
+            return;
+        };
+        let t = brk::Transition {
+            from: ev.from,
+            to: ev.to,
+            cause: ev.cause,
+            requests: ev.requests,
+            failures: ev.failures,
+            consecutive_failures: ev.consecutive_failures,
+        };
+        info!(
+            service,
+            from = state::name(t.from),
+            to = state::name(t.to),
+            cause = cause::NAMES
+                .get(t.cause as usize)
+                .copied()
+                .unwrap_or("unknown"),
+            requests = t.requests,
+            failures = t.failures,
+            "breaker changed state"
+        );
+        let _ = self.events.send(BreakerEventView {
+            service: service.clone(),
+            from: t.from,
+            to: t.to,
+            cause: t.cause,
+            requests: t.requests,
+            failures: t.failures,
+            consecutive_failures: t.consecutive_failures,
+            time: wall_time(ev.time_ns),
+            reason: String::new(),
+        });
+        if t.to == state::OPEN && t.from != state::OPEN {
+            let terminate = self
+                .kernel
+                .policy(ev.svc)
+                .is_ok_and(|p| p.flags & policy_flags::TERMINATE != 0);
+            if terminate {
+                match self.kernel.terminate(ev.svc) {
+                    Ok(destroyed) => info!(service, destroyed, "connections terminated"),
+                    Err(e) => warn!(service, error = %e, "cannot terminate connections"),
+                }
+            }
+        }
+    }
+}
+
+/// Reads the kernel's transitions as they come and hands each to the core.
+pub async fn read_events(core: Arc<Mutex<Core>>, ring: RingBuf<MapData>) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, while the AsyncFd
+    // owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let mut batch = Vec::new();
+        while let Some(item) = guard.get_inner_mut().next() {
+            if item.len() >= std::mem::size_of::<brk::Event>() {
+                // SAFETY: the kernel wrote a `breaker::Event` (plain old data) here.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<brk::Event>()) });
+            }
+        }
+        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
+        let core = core.clone();
+        // Termination walks every namespace: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut core) = core.lock() {
+                for ev in &batch {
+                    core.on_kernel_event(ev);
+                }
+            }
+        })
+        .await;
     }
 }

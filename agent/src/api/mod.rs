@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::{
     advise,
+    breaker::{self, PolicySpec},
     ebpf::Kernel,
     error::{Error, Result},
     latency,
@@ -179,11 +180,22 @@ impl Core {
         })
     }
 
-    /// Applies the configured services to the kernel maps (at start, before seeding).
-    pub fn apply_all(&mut self) -> Result<()> {
-        for s in self.services.iter() {
-            self.kernel.reset_service_stats(s.id)?;
-            self.kernel.put_endpoints(s.id, &s.endpoints)?;
+    /// Applies the config over what a previous agent left pinned (at start, before seeding):
+    /// its services are put, and its breaker policies set where they differ from the pinned
+    /// ones (an unchanged policy keeps the breaker's state across the restart).
+    pub fn apply_config(&mut self, config: &crate::config::Config) -> Result<()> {
+        for s in &config.services {
+            self.put_service(&s.name, &s.endpoints)?;
+        }
+        for (name, policy) in config.policies()? {
+            let id = self.services.require(&name)?.id;
+            let enabled = breakwater_common::breaker::Policy {
+                flags: policy.flags | breakwater_common::breaker::policy_flags::ENABLED,
+                ..policy
+            };
+            if self.kernel.policy(id)? != enabled {
+                self.set_policy(&name, enabled)?;
+            }
         }
         Ok(())
     }
@@ -195,6 +207,8 @@ impl Core {
         let change = next.put(name, endpoints)?;
         if change.created {
             self.kernel.reset_service_stats(change.id)?;
+            self.kernel.clear_breaker(change.id)?;
+            self.kernel.set_service_meta(change.id, name, "")?;
         }
         self.kernel.put_endpoints(change.id, &change.added)?;
         self.kernel.remove_endpoints(&change.removed)?;
@@ -207,6 +221,7 @@ impl Core {
         let svc = self.services.require(name)?.clone();
         self.kernel.remove_endpoints(&svc.endpoints)?;
         self.kernel.reset_service_stats(svc.id)?;
+        self.kernel.clear_breaker(svc.id)?;
         self.services.delete(name)?;
         Ok(())
     }
@@ -438,8 +453,146 @@ fn require_known(services: &ServiceTable, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The stream `WatchBreakerEvents` answers with.
+pub type BreakerEventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BreakerEvent, Status>> + Send>>;
+
+/// Events from `rx` (only `service`'s, unless empty), each with the number this subscriber lost
+/// just before it.
+fn breaker_events(
+    rx: tokio::sync::broadcast::Receiver<enforce::BreakerEventView>,
+    service: String,
+) -> BreakerEventStream {
+    use tokio::sync::broadcast::error::RecvError;
+    Box::pin(futures::stream::unfold(rx, move |mut rx| {
+        let service = service.clone();
+        async move {
+            let mut lost = 0;
+            loop {
+                match rx.recv().await {
+                    Ok(e) if service.is_empty() || e.service == service => {
+                        return Some((Ok(breaker::event_message(&e, lost)), rx));
+                    }
+                    Ok(_) => {}
+                    // Lost events may have been any service's: count them all.
+                    Err(RecvError::Lagged(n)) => lost += n,
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    }))
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
+    type WatchBreakerEventsStream = BreakerEventStream;
+
+    async fn list_breakers(
+        &self,
+        _: Request<pb::ListBreakersRequest>,
+    ) -> Result<Response<pb::ListBreakersResponse>, Status> {
+        let breakers = self.with_core(|core| core.breakers()).await?;
+        Ok(Response::new(pb::ListBreakersResponse {
+            breakers: breakers.iter().map(breaker::breaker_message).collect(),
+        }))
+    }
+
+    async fn get_breaker(
+        &self,
+        request: Request<pb::GetBreakerRequest>,
+    ) -> Result<Response<pb::GetBreakerResponse>, Status> {
+        let service = request.into_inner().service;
+        let b = self.with_core(move |core| core.breaker(&service)).await?;
+        Ok(Response::new(pb::GetBreakerResponse {
+            breaker: Some(breaker::breaker_message(&b)),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let req = request.into_inner();
+        // A bad policy is refused before anything is touched.
+        let policy = PolicySpec::from_request(&req).resolve()?;
+        let b = self
+            .with_core(move |core| {
+                let b = core.set_policy(&req.service, policy)?;
+                info!(service = %req.service, ?policy, "breaker policy set");
+                Ok(b)
+            })
+            .await?;
+        Ok(Response::new(pb::SetPolicyResponse {
+            breaker: Some(breaker::breaker_message(&b)),
+        }))
+    }
+
+    async fn clear_policy(
+        &self,
+        request: Request<pb::ClearPolicyRequest>,
+    ) -> Result<Response<pb::ClearPolicyResponse>, Status> {
+        let service = request.into_inner().service;
+        self.with_core(move |core| {
+            core.clear_policy(&service)?;
+            info!(%service, "breaker policy cleared");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::ClearPolicyResponse {}))
+    }
+
+    async fn trip(
+        &self,
+        request: Request<pb::TripRequest>,
+    ) -> Result<Response<pb::TripResponse>, Status> {
+        let req = request.into_inner();
+        let ttl = breaker::trip_ttl(req.ttl_ms)?;
+        breaker::check_reason(&req.reason)?;
+        let b = self
+            .with_core(move |core| {
+                let b = core.trip(&req.service, ttl, &req.reason)?;
+                info!(service = %req.service, ?ttl, reason = %req.reason, "breaker tripped");
+                Ok(b)
+            })
+            .await?;
+        Ok(Response::new(pb::TripResponse {
+            breaker: Some(breaker::breaker_message(&b)),
+        }))
+    }
+
+    async fn reset(
+        &self,
+        request: Request<pb::ResetRequest>,
+    ) -> Result<Response<pb::ResetResponse>, Status> {
+        let service = request.into_inner().service;
+        let b = self
+            .with_core(move |core| {
+                let b = core.reset(&service)?;
+                info!(%service, "breaker reset");
+                Ok(b)
+            })
+            .await?;
+        Ok(Response::new(pb::ResetResponse {
+            breaker: Some(breaker::breaker_message(&b)),
+        }))
+    }
+
+    async fn watch_breaker_events(
+        &self,
+        request: Request<pb::WatchBreakerEventsRequest>,
+    ) -> Result<Response<Self::WatchBreakerEventsStream>, Status> {
+        let service = request.into_inner().service;
+        let filter = service.clone();
+        // Subscribe under the lock, then let it go: the stream never holds it.
+        let rx = self
+            .with_core(move |core| {
+                require_known(&core.services, &filter)?;
+                Ok(core.subscribe())
+            })
+            .await?;
+        Ok(Response::new(breaker_events(rx, service)))
+    }
+
     async fn list_services(
         &self,
         _: Request<pb::ListServicesRequest>,
@@ -796,6 +949,34 @@ mod tests {
             tonic::Code::ResourceExhausted
         );
         assert_eq!(code(Error::Internal("x".into())), tonic::Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn breaker_event_streams_filter_and_count_what_was_lost() {
+        use futures::StreamExt as _;
+        let event = |service: &str, cause: u32| enforce::BreakerEventView {
+            service: service.into(),
+            from: 0,
+            to: 1,
+            cause,
+            requests: 0,
+            failures: 0,
+            consecutive_failures: 0,
+            time: std::time::SystemTime::now(),
+            reason: String::new(),
+        };
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        let mut stream = breaker_events(rx, "db".into());
+        for (i, s) in ["db", "web", "db", "db"].iter().enumerate() {
+            tx.send(event(s, i as u32 + 1)).unwrap();
+        }
+        drop(tx);
+        // Capacity 2: the first two were overwritten; the web one is filtered out.
+        let got: Vec<_> = stream.by_ref().map(Result::unwrap).collect().await;
+        assert_eq!(
+            got.iter().map(|e| (e.cause, e.lost)).collect::<Vec<_>>(),
+            vec![(3, 2), (4, 0)]
+        );
     }
 
     #[test]

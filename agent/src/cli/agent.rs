@@ -3,14 +3,15 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{AgentArgs, CliError};
 use crate::{
     api::{serve, AgentService, Core},
     config::Config,
-    ebpf::Kernel,
+    ebpf::{breaker, Kernel},
     netns,
+    service::ServiceTable,
 };
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -22,10 +23,17 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    if let Some(dir) = &args.pin_dir {
+        config.agent.pin_dir = dir.clone();
+    }
+    if !args.scope.is_empty() {
+        config.breaker.scope = args.scope.clone();
+        config.validate()?;
+    }
     let socket = args
         .socket
         .clone()
@@ -35,10 +43,19 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             "breakwater agent must run as root (it loads eBPF programs)".into(),
         ));
     }
-    let services = config.service_table()?;
+    // Validates the config's services before anything is loaded.
+    config.service_table()?;
     serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
 
-    let kernel = Kernel::load(&config.maps).context("loading eBPF programs")?;
+    let pin_dir = config.agent.pin_dir.clone();
+    let mut kernel = Kernel::load(&config.maps, &pin_dir).context("loading eBPF programs")?;
+    let mut services =
+        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
+    for (id, name, endpoints) in kernel.pinned_services() {
+        info!(service = name, id, "service kept from the previous agent");
+        services.restore(id, &name, endpoints);
+    }
+    let events = kernel.take_events();
     let mut core = Core {
         kernel,
         services,
@@ -46,14 +63,25 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         events: tokio::sync::broadcast::channel(1024).0,
     };
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
-    core.apply_all()?;
+    core.apply_config(&config)?;
     core.kernel.attach().context("attaching eBPF programs")?;
+    core.kernel
+        .attach_breaker(&config.breaker.scope)
+        .context("attaching the circuit breaker")?;
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
 
     let listener = serve::bind(&socket).map_err(anyhow::Error::from)?;
     let host_netns = netns::current().unwrap_or_default();
     let core = Arc::new(Mutex::new(core));
+    if let Some(ring) = events {
+        let core = core.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::enforce::read_events(core, ring).await {
+                warn!(error = %e, "breaker events: reader stopped");
+            }
+        });
+    }
     // Connection rates for the advisor: snapshots of `opened` on a thread of their own.
     let sampled = Arc::downgrade(&core);
     std::thread::spawn(move || loop {
@@ -88,6 +116,10 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         } => Ok(()),
     };
     let _ = std::fs::remove_file(&socket);
+    if args.release_on_exit {
+        breaker::release(&pin_dir).context("releasing the pinned programs and maps")?;
+        info!(pin_dir = %pin_dir.display(), "released: enforcement removed");
+    }
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))
 }
@@ -100,4 +132,19 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     info!("shutting down");
+}
+
+/// `breakwater uninstall`: removes what agents pinned in `pin_dir` (links and maps), which
+/// ends enforcement once no agent runs.
+pub fn uninstall(pin_dir: &std::path::Path) -> Result<(), CliError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(CliError::Usage(
+            "breakwater uninstall must run as root".into(),
+        ));
+    }
+    breaker::release(pin_dir)
+        .with_context(|| format!("removing {}", pin_dir.display()))
+        .map_err(CliError::Failed)?;
+    println!("removed {}", pin_dir.display());
+    Ok(())
 }

@@ -4,11 +4,11 @@ mod agent;
 mod client;
 mod output;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::DEFAULT_SOCKET;
+use crate::config::{DEFAULT_PIN_DIR, DEFAULT_SOCKET};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -89,6 +89,113 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Circuit breakers: every service with a policy, its state and counts.
+    Breakers,
+    /// Force a service's breaker open: its connects are refused until reset (or --for ends).
+    Trip {
+        /// Service name.
+        name: String,
+        /// Open for this long, then closed again (e.g. 30s, 5m); default until reset.
+        #[arg(long = "for", value_name = "DURATION", value_parser = duration_arg)]
+        ttl: Option<Duration>,
+        /// Why, shown with the breaker while it is forced open.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Close a service's breaker: counts cleared, a forced trip lifted.
+    Reset {
+        /// Service name.
+        name: String,
+    },
+    /// Set or clear a service's circuit-breaker policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Follow changes as they happen.
+    #[command(subcommand)]
+    Watch(WatchCommand),
+    /// Remove everything the agent pinned (programs, links, maps) after it has stopped (as root).
+    Uninstall {
+        /// bpffs directory the agent pinned to (agent.pin_dir in its config).
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+/// A duration flag: "30s", "500ms", "2m"; whole milliseconds (what the API carries).
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    let d = crate::breaker::parse_duration("duration", text)
+        .map_err(|e| e.to_string().trim_start_matches("duration: ").to_owned())?;
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("{text:?} is not a whole number of milliseconds"));
+    }
+    Ok(d)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Set or replace a service's policy: its breaker starts closed with counts cleared.
+    ///
+    /// Start from a preset and override fields, or give fields alone (unset ones then come from
+    /// the base policy: 5 consecutive failures, open 60s, 1 probe).
+    Set {
+        /// Service name.
+        name: String,
+        #[arg(long, value_enum)]
+        preset: Option<Preset>,
+        /// The ratio rule needs at least N requests in the interval.
+        #[arg(long, value_name = "N")]
+        min_requests: Option<u32>,
+        /// Trip when failures / requests >= F (0..=1; 0 = off).
+        #[arg(long, value_name = "F")]
+        failure_ratio: Option<f64>,
+        /// Trip after N failures in a row (0 = off).
+        #[arg(long, value_name = "N")]
+        consecutive_failures: Option<u32>,
+        /// Trip when N failures fall in one interval (0 = off).
+        #[arg(long, value_name = "N")]
+        max_failures: Option<u32>,
+        /// Counting window in closed; counts are cleared when it ends (0s = never).
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+        interval: Option<Duration>,
+        /// How long open lasts before half-open.
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+        open_timeout: Option<Duration>,
+        /// Probes admitted in half-open; that many successes close the breaker.
+        #[arg(long, value_name = "N")]
+        half_open_max: Option<u32>,
+        /// What refused connects return: ECONNREFUSED (default), EHOSTUNREACH or EPERM.
+        #[arg(long, value_name = "NAME")]
+        errno: Option<String>,
+        /// A connect slower than this counts as a failure (0s = off).
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+        slow_connect: Option<Duration>,
+        /// Keep established connections when the breaker trips (default: destroy them).
+        #[arg(long)]
+        no_terminate: bool,
+    },
+    /// Remove a service's policy: its connects pass uncounted again.
+    Clear {
+        /// Service name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// min_requests 3, failure_ratio 0.6, interval 60s, open_timeout 30s, half_open_max 1.
+    Gobreaker,
+    /// nginx's max_fails=3 fail_timeout=30s: 3 failures within 30s open it for 30s.
+    Nginx,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WatchCommand {
+    /// Breaker state changes, one line each (with -o json, one JSON object per line).
+    Breakers {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,6 +206,17 @@ pub struct AgentArgs {
     /// Unix socket to serve the API on [default: agent.socket from the config, else /run/breakwater/agent.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// On exit, remove everything pinned (programs, links, maps): enforcement and the breakers'
+    /// state do not survive. Without it they stay in the kernel until the next start.
+    #[arg(long)]
+    pub release_on_exit: bool,
+    /// bpffs directory for the pinned maps and links [default: agent.pin_dir from the config].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// A cgroup (path under the cgroup2 mount) whose processes the breakers apply to; repeat
+    /// for more [default: breaker.scope from the config, else "/", the whole node].
+    #[arg(long = "scope")]
+    pub scope: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +283,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent(args) => agent::run(args).await,
+            Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir),
             command => client::run(&cli.agent, cli.output, command).await,
         }
     });

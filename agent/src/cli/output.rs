@@ -350,9 +350,201 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     format!("{out}\n{p}\n\n{m}\n\n{c}")
 }
 
+fn breaker_state(state: i32) -> &'static str {
+    match pb::BreakerState::try_from(state) {
+        Ok(pb::BreakerState::Closed) => "closed",
+        Ok(pb::BreakerState::Open) => "open",
+        Ok(pb::BreakerState::HalfOpen) => "half_open",
+        _ => "?",
+    }
+}
+
+fn breaker_cause(cause: i32) -> String {
+    pb::BreakerCause::try_from(cause)
+        .map(|c| {
+            c.as_str_name()
+                .trim_start_matches("BREAKER_CAUSE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// "30s", "1m30s", "500ms": the durations people typed.
+fn millis(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms))
+        .to_string()
+        .replace(' ', "")
+}
+
+/// A policy on one line: its trip rules, then what happens when it trips.
+pub fn policy_summary(p: &pb::BreakerPolicy) -> String {
+    let mut rules = Vec::new();
+    if p.failure_ratio > 0.0 {
+        rules.push(format!("ratio>={} of>={}", p.failure_ratio, p.min_requests));
+    }
+    if p.consecutive_failures > 0 {
+        rules.push(format!("{} in a row", p.consecutive_failures));
+    }
+    if p.max_failures > 0 {
+        rules.push(format!("{} failures", p.max_failures));
+    }
+    let mut out = rules.join(" | ");
+    if p.interval_ms > 0 {
+        out += &format!(" per {}", millis(p.interval_ms));
+    }
+    out += &format!(
+        "; open {}, {} probe{}, {}",
+        millis(p.open_timeout_ms),
+        p.half_open_max,
+        if p.half_open_max == 1 { "" } else { "s" },
+        p.errno
+    );
+    if p.slow_connect_ms > 0 {
+        out += &format!(", slow>{}", millis(p.slow_connect_ms));
+    }
+    if !p.terminate_established {
+        out += ", keep established";
+    }
+    out
+}
+
+fn state_cell(b: &pb::Breaker) -> String {
+    let mut state = breaker_state(b.state).to_owned();
+    if b.forced {
+        state += " (forced)";
+    }
+    state
+}
+
+pub fn breakers(r: &pb::ListBreakersResponse) -> String {
+    if r.breakers.is_empty() {
+        return "no breakers (put a policy on a service with `breakwater policy set NAME --preset gobreaker`)"
+            .into();
+    }
+    let mut t = table(&[
+        "SERVICE", "STATE", "REQUESTS", "FAILURES", "IN-A-ROW", "REJECTED", "TRIPS", "OPEN-FOR",
+        "POLICY",
+    ]);
+    for b in &r.breakers {
+        t.add_row(vec![
+            Cell::new(&b.service),
+            Cell::new(state_cell(b)),
+            num(b.requests),
+            num(b.failures),
+            num(b.consecutive_failures),
+            num(b.rejected),
+            num(b.trips),
+            Cell::new(
+                match (
+                    b.open_remaining_ms,
+                    b.state == pb::BreakerState::Open as i32,
+                ) {
+                    (0, true) if b.forced => "until reset".to_owned(),
+                    (0, _) => "-".to_owned(),
+                    (ms, _) => millis(ms),
+                },
+            ),
+            Cell::new(b.policy.as_ref().map(policy_summary).unwrap_or_default()),
+        ]);
+    }
+    let reasons: Vec<String> = r
+        .breakers
+        .iter()
+        .filter(|b| b.forced && !b.reason.is_empty())
+        .map(|b| format!("{} forced open: {}", b.service, b.reason))
+        .collect();
+    if reasons.is_empty() {
+        t.to_string()
+    } else {
+        format!("{t}\n\n{}", reasons.join("\n"))
+    }
+}
+
+/// After a trip, reset or new policy: what was done, and the breaker now.
+pub fn breaker_changed(verb: &str, b: &Option<pb::Breaker>) -> String {
+    let Some(b) = b else {
+        return format!("{verb}: the agent returned no breaker");
+    };
+    let list = pb::ListBreakersResponse {
+        breakers: vec![b.clone()],
+    };
+    format!("{verb} {}\n{}", b.service, breakers(&list))
+}
+
+/// One line per state change.
+pub fn breaker_event(e: &pb::BreakerEvent) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms);
+    let mut out = format!(
+        "{} {} {} -> {} ({}) requests={} failures={} consecutive_failures={}",
+        humantime::format_rfc3339_millis(time),
+        e.service,
+        breaker_state(e.from),
+        breaker_state(e.to),
+        breaker_cause(e.cause),
+        e.requests,
+        e.failures,
+        e.consecutive_failures
+    );
+    if !e.reason.is_empty() {
+        out += &format!(" reason={:?}", e.reason);
+    }
+    if e.lost > 0 {
+        out += &format!(" [{} events lost before this one]", e.lost);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn breakers_read_naturally() {
+        let policy = pb::BreakerPolicy {
+            min_requests: 3,
+            failure_ratio: 0.6,
+            interval_ms: 60_000,
+            open_timeout_ms: 30_000,
+            half_open_max: 1,
+            errno: "ECONNREFUSED".into(),
+            terminate_established: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            policy_summary(&policy),
+            "ratio>=0.6 of>=3 per 1m; open 30s, 1 probe, ECONNREFUSED"
+        );
+        let b = pb::Breaker {
+            service: "db".into(),
+            state: pb::BreakerState::Open.into(),
+            forced: true,
+            reason: "maintenance".into(),
+            policy: Some(policy),
+            ..Default::default()
+        };
+        let out = breaker_changed("tripped", &Some(b));
+        assert!(out.starts_with("tripped db\n"), "{out}");
+        assert!(out.contains("open (forced)"), "{out}");
+        assert!(out.contains("until reset"), "{out}");
+        assert!(out.contains("db forced open: maintenance"), "{out}");
+        let line = breaker_event(&pb::BreakerEvent {
+            service: "db".into(),
+            from: pb::BreakerState::Closed.into(),
+            to: pb::BreakerState::Open.into(),
+            cause: pb::BreakerCause::FailureRatio.into(),
+            requests: 5,
+            failures: 3,
+            consecutive_failures: 3,
+            time_unix_ms: 1_000,
+            reason: String::new(),
+            lost: 2,
+        });
+        assert_eq!(
+            line,
+            "1970-01-01T00:00:01.000Z db closed -> open (failure_ratio) requests=5 failures=3 \
+             consecutive_failures=3 [2 events lost before this one]"
+        );
+    }
 
     #[test]
     fn ages_read_naturally() {

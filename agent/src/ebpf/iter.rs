@@ -16,8 +16,8 @@ pub struct Walk<T> {
     pub netns: u32,
     /// What the program wrote.
     pub bytes: Vec<u8>,
-    /// What `inside` returned, run on the walking thread inside the namespace (e.g. its
-    /// `/proc/sys/net` settings, which are per namespace).
+    /// What `inside` returned, run on the walking thread inside the namespace with what the
+    /// program wrote (e.g. the namespace's `/proc/sys/net` settings, which are per namespace).
     pub inside: T,
 }
 
@@ -26,7 +26,7 @@ pub struct Walk<T> {
 pub fn walk_all<T: Send + 'static>(
     prog: &mut Iter,
     namespaces: &[NetNs],
-    inside: fn() -> T,
+    inside: impl Fn(&[u8]) -> T + Clone + Send + 'static,
 ) -> Result<Vec<Walk<T>>, LoadError> {
     let mut out = Vec::with_capacity(namespaces.len());
     for ns in namespaces {
@@ -37,6 +37,7 @@ pub fn walk_all<T: Send + 'static>(
             .take_link(link_id)
             .map_err(LoadError::program("iter/tcp link"))?;
         let path = ns.path.clone();
+        let inside = inside.clone();
         let result = std::thread::spawn(move || walk_in(&path, link, inside))
             .join()
             .map_err(|_| LoadError::Seed("iterator thread panicked".into()))?;
@@ -57,12 +58,17 @@ pub fn walk_all<T: Send + 'static>(
     Ok(out)
 }
 
-fn walk_in<T>(path: &Path, link: IterLink, inside: fn() -> T) -> Result<(Vec<u8>, T), String> {
+fn walk_in<T>(
+    path: &Path,
+    link: IterLink,
+    inside: impl Fn(&[u8]) -> T,
+) -> Result<(Vec<u8>, T), String> {
     let ns = File::open(path).map_err(|e| format!("open: {e}"))?;
     setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
     let mut file = link.into_file().map_err(|e| format!("iterator: {e}"))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(|e| format!("read: {e}"))?;
-    Ok((bytes, inside()))
+    let inside = inside(&bytes);
+    Ok((bytes, inside))
 }

@@ -1,15 +1,16 @@
 //! Loading, attaching and reading the eBPF programs and maps; one module per hook family,
 //! mirroring `agent-ebpf/src`.
 
+pub mod breaker;
 pub mod btf;
 pub mod iter;
 pub mod tracepoints;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{Iter, ProgramError},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::{links::PinnedLink, Iter, ProgramError},
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
@@ -127,8 +128,13 @@ pub struct Kernel {
     svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
     svc_stats: Array<MapData, ConnStats>,
     counters: PerCpuArray<MapData, u64>,
+    brk: breaker::BreakerMaps,
+    events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
+    pin_dir: PathBuf,
+    /// Pinned cgroup links; dropping them leaves the pins (and so the enforcement) in place.
+    links: Vec<PinnedLink>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -142,10 +148,27 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 impl Kernel {
-    /// Loads the programs with the given map sizes; nothing is attached yet.
-    pub fn load(sizes: &MapSizes) -> Result<Self, LoadError> {
+    /// Loads the programs with the given map sizes; nothing is attached yet. The maps in
+    /// `names::PINNED_MAPS` are taken from `pin_dir` if a previous agent pinned them there,
+    /// else created and pinned.
+    pub fn load(sizes: &MapSizes, pin_dir: &Path) -> Result<Self, LoadError> {
         let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
-        let mut ebpf = EbpfLoader::new()
+        breaker::prepare_pin_dir(pin_dir)
+            .map_err(|e| LoadError::Seed(format!("pin directory {}: {e}", pin_dir.display())))?;
+        let mut loader = EbpfLoader::new();
+        for name in names::PINNED_MAPS {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        // Service ids run 1..=max_services; slot 0 is "no service".
+        for name in [
+            names::MAP_POLICIES,
+            names::MAP_BREAKERS,
+            names::MAP_BREAKER_TOTALS,
+            names::MAP_SVC_META,
+        ] {
+            loader.map_max_entries(name, sizes.max_services + 1);
+        }
+        let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .map_max_entries(names::MAP_DESTS, sizes.max_destinations)
             .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
@@ -169,9 +192,13 @@ impl Kernel {
             svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
             svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
+            brk: breaker::BreakerMaps::take(&mut ebpf)?,
+            events: Some(take(&mut ebpf, names::MAP_BREAKER_EVENTS)?),
             ebpf,
             sizes: sizes.clone(),
             programs: Vec::new(),
+            pin_dir: pin_dir.to_owned(),
+            links: Vec::new(),
         })
     }
 
@@ -201,7 +228,7 @@ impl Kernel {
             });
         }
         let namespaces = netns::all();
-        let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces, || ())?;
+        let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces, |_| ())?;
         info!(
             namespaces = walked.len(),
             seeded = self.counter(counter::SEEDED),
@@ -340,8 +367,8 @@ impl Kernel {
         let prog = self
             .iter(names::PROG_LIST_TCP)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let walked =
-            iter::walk_all(prog, &namespaces, || ()).map_err(|e| Error::Internal(e.to_string()))?;
+        let walked = iter::walk_all(prog, &namespaces, |_| ())
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(walked.iter().flat_map(|w| records(&w.bytes)).collect())
     }
 
@@ -352,7 +379,7 @@ impl Kernel {
         let prog = self
             .iter(names::PROG_SOCKS_TCP)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let walked = iter::walk_all(prog, &namespaces, NetSettings::read)
+        let walked = iter::walk_all(prog, &namespaces, |_| NetSettings::read())
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(walked
             .into_iter()

@@ -471,6 +471,222 @@ pub struct AdviseResponse {
     #[prost(uint64, tag = "3")]
     pub file_max: u64,
 }
+/// A breaker's policy, fully resolved (preset and overrides applied).
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BreakerPolicy {
+    /// The ratio rule needs at least this many requests in the interval.
+    #[prost(uint32, tag = "1")]
+    pub min_requests: u32,
+    /// Trip when failures / requests >= failure_ratio (0..=1; 0 = rule off).
+    #[prost(double, tag = "2")]
+    pub failure_ratio: f64,
+    /// Trip after this many failures in a row (0 = off).
+    #[prost(uint32, tag = "3")]
+    pub consecutive_failures: u32,
+    /// Trip when this many failures fall in one interval (0 = off).
+    #[prost(uint32, tag = "4")]
+    pub max_failures: u32,
+    /// Counting window in Closed: counts are cleared when it ends (0 = never).
+    #[prost(uint64, tag = "5")]
+    pub interval_ms: u64,
+    /// How long Open lasts before Half-Open.
+    #[prost(uint64, tag = "6")]
+    pub open_timeout_ms: u64,
+    /// Probe connects admitted in Half-Open; that many successes close the breaker.
+    #[prost(uint32, tag = "7")]
+    pub half_open_max: u32,
+    /// What a refused connect() returns: "ECONNREFUSED", "EHOSTUNREACH" or "EPERM".
+    #[prost(string, tag = "8")]
+    pub errno: ::prost::alloc::string::String,
+    /// A connect slower than this counts as a failure (0 = off).
+    #[prost(uint64, tag = "9")]
+    pub slow_connect_ms: u64,
+    /// Destroy established connections to the service when the breaker trips.
+    #[prost(bool, tag = "10")]
+    pub terminate_established: bool,
+}
+/// A service's circuit breaker. Counts are those of the current period (since the last state
+/// change or interval rollover); rejected, trips and probes are totals since the policy was set.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Breaker {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(enumeration = "BreakerState", tag = "2")]
+    #[serde(serialize_with = "crate::json::breaker_state")]
+    pub state: i32,
+    /// True while an operator's trip holds it Open.
+    #[prost(bool, tag = "3")]
+    pub forced: bool,
+    /// Why an operator tripped it (while forced).
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    #[prost(uint64, tag = "7")]
+    pub successes: u64,
+    #[prost(uint64, tag = "8")]
+    pub consecutive_failures: u64,
+    #[prost(uint64, tag = "9")]
+    pub consecutive_successes: u64,
+    /// Connects refused by the breaker.
+    #[prost(uint64, tag = "10")]
+    pub rejected: u64,
+    /// Times it went Open.
+    #[prost(uint64, tag = "11")]
+    pub trips: u64,
+    /// Probe connects admitted in Half-Open.
+    #[prost(uint64, tag = "12")]
+    pub probes: u64,
+    /// Open: milliseconds until it turns Half-Open (or a forced trip's TTL ends); 0 otherwise, and
+    /// 0 for a forced trip without TTL.
+    #[prost(uint64, tag = "13")]
+    pub open_remaining_ms: u64,
+    #[prost(message, optional, tag = "14")]
+    pub policy: ::core::option::Option<BreakerPolicy>,
+    /// Events the kernel's ring buffer had no room for.
+    #[prost(uint64, tag = "15")]
+    pub events_lost: u64,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListBreakersRequest {}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListBreakersResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub breakers: ::prost::alloc::vec::Vec<Breaker>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetBreakerRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetBreakerResponse {
+    #[prost(message, optional, tag = "1")]
+    pub breaker: ::core::option::Option<Breaker>,
+}
+/// A policy: a preset, explicit fields, or a preset with some fields overridden. Fields left
+/// unset take the preset's value, or without a preset the base policy's: consecutive_failures
+/// 5, interval 0, open_timeout 60 s, half_open_max 1, errno ECONNREFUSED, terminate on.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetPolicyRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// "gobreaker", "nginx", or "" for none.
+    #[prost(string, tag = "2")]
+    pub preset: ::prost::alloc::string::String,
+    #[prost(uint32, optional, tag = "3")]
+    pub min_requests: ::core::option::Option<u32>,
+    #[prost(double, optional, tag = "4")]
+    pub failure_ratio: ::core::option::Option<f64>,
+    #[prost(uint32, optional, tag = "5")]
+    pub consecutive_failures: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "6")]
+    pub max_failures: ::core::option::Option<u32>,
+    #[prost(uint64, optional, tag = "7")]
+    pub interval_ms: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "8")]
+    pub open_timeout_ms: ::core::option::Option<u64>,
+    #[prost(uint32, optional, tag = "9")]
+    pub half_open_max: ::core::option::Option<u32>,
+    #[prost(string, optional, tag = "10")]
+    pub errno: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(uint64, optional, tag = "11")]
+    pub slow_connect_ms: ::core::option::Option<u64>,
+    #[prost(bool, optional, tag = "12")]
+    pub terminate_established: ::core::option::Option<bool>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SetPolicyResponse {
+    #[prost(message, optional, tag = "1")]
+    pub breaker: ::core::option::Option<Breaker>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClearPolicyRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ClearPolicyResponse {}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TripRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// Open for this long, then Closed; unset = until Reset.
+    #[prost(uint64, optional, tag = "2")]
+    pub ttl_ms: ::core::option::Option<u64>,
+    /// Shown with the breaker while it is forced open.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct TripResponse {
+    #[prost(message, optional, tag = "1")]
+    pub breaker: ::core::option::Option<Breaker>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ResetRequest {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ResetResponse {
+    #[prost(message, optional, tag = "1")]
+    pub breaker: ::core::option::Option<Breaker>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchBreakerEventsRequest {
+    /// Only this service's events; empty = all.
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+}
+/// A breaker state change.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BreakerEvent {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(enumeration = "BreakerState", tag = "2")]
+    #[serde(serialize_with = "crate::json::breaker_state")]
+    pub from: i32,
+    #[prost(enumeration = "BreakerState", tag = "3")]
+    #[serde(serialize_with = "crate::json::breaker_state")]
+    pub to: i32,
+    #[prost(enumeration = "BreakerCause", tag = "4")]
+    #[serde(serialize_with = "crate::json::breaker_cause")]
+    pub cause: i32,
+    /// The counts at the moment of the change, before they were cleared.
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    #[prost(uint64, tag = "7")]
+    pub consecutive_failures: u64,
+    #[prost(uint64, tag = "8")]
+    pub time_unix_ms: u64,
+    /// An operator's reason (manual trips).
+    #[prost(string, tag = "9")]
+    pub reason: ::prost::alloc::string::String,
+    /// Events this subscriber lost, because it fell behind, just before this one.
+    #[prost(uint64, tag = "10")]
+    pub lost: u64,
+}
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -600,6 +816,107 @@ impl Severity {
             "SEVERITY_INFO" => Some(Self::Info),
             "SEVERITY_WARN" => Some(Self::Warn),
             "SEVERITY_CRITICAL" => Some(Self::Critical),
+            _ => None,
+        }
+    }
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum BreakerState {
+    Unspecified = 0,
+    /// Connects pass and are counted against the policy's trip rules.
+    Closed = 1,
+    /// Connects are refused with the policy's errno.
+    Open = 2,
+    /// Up to half_open_max probe connects pass; the rest are refused.
+    HalfOpen = 3,
+}
+impl BreakerState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "BREAKER_STATE_UNSPECIFIED",
+            Self::Closed => "BREAKER_STATE_CLOSED",
+            Self::Open => "BREAKER_STATE_OPEN",
+            Self::HalfOpen => "BREAKER_STATE_HALF_OPEN",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "BREAKER_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "BREAKER_STATE_CLOSED" => Some(Self::Closed),
+            "BREAKER_STATE_OPEN" => Some(Self::Open),
+            "BREAKER_STATE_HALF_OPEN" => Some(Self::HalfOpen),
+            _ => None,
+        }
+    }
+}
+/// Why a breaker changed state.
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum BreakerCause {
+    Unspecified = 0,
+    /// failures / requests >= failure_ratio with requests >= min_requests.
+    FailureRatio = 1,
+    /// consecutive_failures reached.
+    ConsecutiveFailures = 2,
+    /// max_failures failures within one interval.
+    MaxFailures = 3,
+    /// An operator tripped it.
+    Manual = 4,
+    /// Open for open_timeout: now Half-Open.
+    Timeout = 5,
+    /// half_open_max probes succeeded: Closed.
+    ProbeSuccess = 6,
+    /// A probe failed: Open again.
+    ProbeFailure = 7,
+    /// An operator reset it.
+    Reset = 8,
+    /// A manual trip's time to live ran out: Closed.
+    TtlExpired = 9,
+    /// A policy was set or changed: Closed.
+    Policy = 10,
+}
+impl BreakerCause {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "BREAKER_CAUSE_UNSPECIFIED",
+            Self::FailureRatio => "BREAKER_CAUSE_FAILURE_RATIO",
+            Self::ConsecutiveFailures => "BREAKER_CAUSE_CONSECUTIVE_FAILURES",
+            Self::MaxFailures => "BREAKER_CAUSE_MAX_FAILURES",
+            Self::Manual => "BREAKER_CAUSE_MANUAL",
+            Self::Timeout => "BREAKER_CAUSE_TIMEOUT",
+            Self::ProbeSuccess => "BREAKER_CAUSE_PROBE_SUCCESS",
+            Self::ProbeFailure => "BREAKER_CAUSE_PROBE_FAILURE",
+            Self::Reset => "BREAKER_CAUSE_RESET",
+            Self::TtlExpired => "BREAKER_CAUSE_TTL_EXPIRED",
+            Self::Policy => "BREAKER_CAUSE_POLICY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "BREAKER_CAUSE_UNSPECIFIED" => Some(Self::Unspecified),
+            "BREAKER_CAUSE_FAILURE_RATIO" => Some(Self::FailureRatio),
+            "BREAKER_CAUSE_CONSECUTIVE_FAILURES" => Some(Self::ConsecutiveFailures),
+            "BREAKER_CAUSE_MAX_FAILURES" => Some(Self::MaxFailures),
+            "BREAKER_CAUSE_MANUAL" => Some(Self::Manual),
+            "BREAKER_CAUSE_TIMEOUT" => Some(Self::Timeout),
+            "BREAKER_CAUSE_PROBE_SUCCESS" => Some(Self::ProbeSuccess),
+            "BREAKER_CAUSE_PROBE_FAILURE" => Some(Self::ProbeFailure),
+            "BREAKER_CAUSE_RESET" => Some(Self::Reset),
+            "BREAKER_CAUSE_TTL_EXPIRED" => Some(Self::TtlExpired),
+            "BREAKER_CAUSE_POLICY" => Some(Self::Policy),
             _ => None,
         }
     }
@@ -917,6 +1234,172 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "Advise"));
             self.inner.unary(req, path, codec).await
         }
+        /// Circuit breakers: every service that has a policy.
+        pub async fn list_breakers(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListBreakersRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListBreakersResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/ListBreakers",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "ListBreakers"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// One service's breaker. NotFound for an unknown service; InvalidArgument if it has no policy.
+        pub async fn get_breaker(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetBreakerRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetBreakerResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/GetBreaker",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "GetBreaker"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sets or replaces a service's policy: the breaker starts Closed with its counts cleared.
+        /// A bad policy is refused (InvalidArgument) and nothing changes.
+        pub async fn set_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SetPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/SetPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "SetPolicy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes a service's policy: its connects pass uncounted again.
+        pub async fn clear_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ClearPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ClearPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/ClearPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "ClearPolicy"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel.
+        pub async fn trip(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TripRequest>,
+        ) -> std::result::Result<tonic::Response<super::TripResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static("/breakwater.v1.Agent/Trip");
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("breakwater.v1.Agent", "Trip"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Closes a breaker: counts cleared, any forced trip lifted.
+        pub async fn reset(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ResetRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResetResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/Reset",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut().insert(GrpcMethod::new("breakwater.v1.Agent", "Reset"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Breaker state changes from now on, as they happen.
+        pub async fn watch_breaker_events(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchBreakerEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::BreakerEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/WatchBreakerEvents",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "WatchBreakerEvents"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1001,6 +1484,63 @@ pub mod agent_server {
             &self,
             request: tonic::Request<super::AdviseRequest>,
         ) -> std::result::Result<tonic::Response<super::AdviseResponse>, tonic::Status>;
+        /// Circuit breakers: every service that has a policy.
+        async fn list_breakers(
+            &self,
+            request: tonic::Request<super::ListBreakersRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListBreakersResponse>,
+            tonic::Status,
+        >;
+        /// One service's breaker. NotFound for an unknown service; InvalidArgument if it has no policy.
+        async fn get_breaker(
+            &self,
+            request: tonic::Request<super::GetBreakerRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetBreakerResponse>,
+            tonic::Status,
+        >;
+        /// Sets or replaces a service's policy: the breaker starts Closed with its counts cleared.
+        /// A bad policy is refused (InvalidArgument) and nothing changes.
+        async fn set_policy(
+            &self,
+            request: tonic::Request<super::SetPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SetPolicyResponse>,
+            tonic::Status,
+        >;
+        /// Removes a service's policy: its connects pass uncounted again.
+        async fn clear_policy(
+            &self,
+            request: tonic::Request<super::ClearPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ClearPolicyResponse>,
+            tonic::Status,
+        >;
+        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel.
+        async fn trip(
+            &self,
+            request: tonic::Request<super::TripRequest>,
+        ) -> std::result::Result<tonic::Response<super::TripResponse>, tonic::Status>;
+        /// Closes a breaker: counts cleared, any forced trip lifted.
+        async fn reset(
+            &self,
+            request: tonic::Request<super::ResetRequest>,
+        ) -> std::result::Result<tonic::Response<super::ResetResponse>, tonic::Status>;
+        /// Server streaming response type for the WatchBreakerEvents method.
+        type WatchBreakerEventsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::BreakerEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Breaker state changes from now on, as they happen.
+        async fn watch_breaker_events(
+            &self,
+            request: tonic::Request<super::WatchBreakerEventsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchBreakerEventsStream>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct AgentServer<T> {
@@ -1471,6 +2011,313 @@ pub mod agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/ListBreakers" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListBreakersSvc<T: Agent>(pub Arc<T>);
+                    impl<
+                        T: Agent,
+                    > tonic::server::UnaryService<super::ListBreakersRequest>
+                    for ListBreakersSvc<T> {
+                        type Response = super::ListBreakersResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListBreakersRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::list_breakers(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListBreakersSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/GetBreaker" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetBreakerSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::GetBreakerRequest>
+                    for GetBreakerSvc<T> {
+                        type Response = super::GetBreakerResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetBreakerRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::get_breaker(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetBreakerSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/SetPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetPolicySvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::SetPolicyRequest>
+                    for SetPolicySvc<T> {
+                        type Response = super::SetPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SetPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::set_policy(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetPolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/ClearPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct ClearPolicySvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::ClearPolicyRequest>
+                    for ClearPolicySvc<T> {
+                        type Response = super::ClearPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ClearPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::clear_policy(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ClearPolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/Trip" => {
+                    #[allow(non_camel_case_types)]
+                    struct TripSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::TripRequest>
+                    for TripSvc<T> {
+                        type Response = super::TripResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TripRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::trip(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TripSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/Reset" => {
+                    #[allow(non_camel_case_types)]
+                    struct ResetSvc<T: Agent>(pub Arc<T>);
+                    impl<T: Agent> tonic::server::UnaryService<super::ResetRequest>
+                    for ResetSvc<T> {
+                        type Response = super::ResetResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ResetRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::reset(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ResetSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/WatchBreakerEvents" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchBreakerEventsSvc<T: Agent>(pub Arc<T>);
+                    impl<
+                        T: Agent,
+                    > tonic::server::ServerStreamingService<
+                        super::WatchBreakerEventsRequest,
+                    > for WatchBreakerEventsSvc<T> {
+                        type Response = super::BreakerEvent;
+                        type ResponseStream = T::WatchBreakerEventsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchBreakerEventsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::watch_breaker_events(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchBreakerEventsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

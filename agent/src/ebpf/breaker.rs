@@ -1,0 +1,395 @@
+//! The breaker's side of the loader: pinning under bpffs, attaching the gate and the outcome
+//! counter to the enforced cgroups, and the agent's access to the breaker maps.
+//!
+//! Maps in `names::PINNED_MAPS` and the cgroup links are pinned in the agent's pin directory,
+//! so enforcement goes on without the agent and the next agent picks the state up again.
+
+use std::{
+    fs::File,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, MapData},
+    programs::{
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+        CgroupSockAddr, SockOps,
+    },
+    Ebpf,
+};
+use breakwater_common::{
+    breaker::{BreakerEntry, Counts, Policy, SvcMeta, Totals},
+    names, BreakerSockRecord, SvcLpmData,
+};
+use tracing::{info, warn};
+
+use super::{iter, program, records, Kernel, LoadError};
+use crate::{
+    error::{Error, Result},
+    netns,
+    service::Endpoint,
+};
+
+/// `BPF_F_LOCK`: map reads and writes that take the entry's spin lock.
+const F_LOCK: u64 = 4;
+const LINK_PREFIX: &str = "link-";
+
+/// Handles on the breaker maps.
+pub struct BreakerMaps {
+    policies: Array<MapData, Policy>,
+    breakers: Array<MapData, BreakerEntry>,
+    totals: Array<MapData, Totals>,
+    meta: Array<MapData, SvcMeta>,
+}
+
+impl BreakerMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
+        Ok(Self {
+            policies: super::take(ebpf, names::MAP_POLICIES)?,
+            breakers: super::take(ebpf, names::MAP_BREAKERS)?,
+            totals: super::take(ebpf, names::MAP_BREAKER_TOTALS)?,
+            meta: super::take(ebpf, names::MAP_SVC_META)?,
+        })
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts (it is not always /sys/fs/cgroup).
+pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1]))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 mount"))
+}
+
+/// Mounts bpffs at the pin directory's parent if nothing is mounted there, and creates the
+/// directory.
+pub fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<_> = l.split_whitespace().collect();
+        f.len() > 2 && f[2] == "bpf" && Path::new(f[1]) == parent
+    });
+    if !mounted {
+        std::fs::create_dir_all(parent)?;
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(std::io::Error::from)?;
+        info!(path = %parent.display(), "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir)
+}
+
+/// Removes everything pinned in `dir`: enforcement stops once no agent holds the links.
+pub fn release(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+impl Kernel {
+    /// Attaches the gate (`connect4/6`) and the outcome counter (`sock_ops`) to each enforced
+    /// cgroup (paths relative to the cgroup2 mount), pinning the links. Links a previous agent
+    /// pinned are replaced.
+    pub fn attach_breaker(&mut self, scope: &[String]) -> Result<(), LoadError> {
+        let root = cgroup2_mount().map_err(|e| LoadError::Seed(format!("cgroup2: {e}")))?;
+        let io = |what: String| move |e: std::io::Error| LoadError::Seed(format!("{what}: {e}"));
+        // Old links first: two gates at once would count every connect twice.
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .as_bytes()
+                    .starts_with(LINK_PREFIX.as_bytes())
+                {
+                    match PinnedLink::from_pin(entry.path()) {
+                        Ok(old) => drop(old.unpin()),
+                        Err(e) => {
+                            warn!(path = %entry.path().display(), error = %e, "stale link pin")
+                        }
+                    }
+                }
+            }
+        }
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            program::<CgroupSockAddr>(&mut self.ebpf, name, "cgroup/connect")?
+                .load()
+                .map_err(LoadError::program("cgroup/connect load"))?;
+        }
+        program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?
+            .load()
+            .map_err(LoadError::program("sock_ops load"))?;
+        // As links, cgroup programs always stack with others' (BPF_F_ALLOW_MULTI is implied, and
+        // bpf_link_create refuses it as a flag): `Single` here means no flags.
+        for (i, rel) in scope.iter().enumerate() {
+            let path = root.join(rel.trim_start_matches('/'));
+            let cgroup = File::open(&path).map_err(io(format!("cgroup {}", path.display())))?;
+            for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name, "cgroup/connect")?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(LoadError::program("cgroup/connect attach"))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(LoadError::program("cgroup/connect link"))?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| LoadError::Seed(e.to_string()))?;
+                self.pin_link(link, name, i)?;
+            }
+            let prog: &mut SockOps = program(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(LoadError::program("sock_ops attach"))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(LoadError::program("sock_ops link"))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| LoadError::Seed(e.to_string()))?;
+            self.pin_link(link, names::PROG_SOCKOPS, i)?;
+            info!(cgroup = %path.display(), "breaker enforced");
+        }
+        for name in [
+            names::PROG_CONNECT4,
+            names::PROG_CONNECT6,
+            names::PROG_SOCKOPS,
+        ] {
+            let attach = if name == names::PROG_SOCKOPS {
+                "sock_ops"
+            } else {
+                "cgroup/connect"
+            };
+            let id = self
+                .ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .map(|i| i.id())
+                .unwrap_or_default();
+            self.programs.push(super::ProgramSummary {
+                name,
+                attach: format!("{attach} ({})", scope.join(", ")),
+                id,
+                ..Default::default()
+            });
+        }
+        let breaker_iter = self.iter(names::PROG_BREAKER_TCP)?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
+            what: "kernel BTF",
+            source: aya::programs::ProgramError::Btf(e),
+        })?;
+        breaker_iter
+            .load(names::ITER_TCP, &btf)
+            .map_err(LoadError::program("iter/tcp load"))?;
+        Ok(())
+    }
+
+    fn pin_link(&mut self, link: FdLink, prog: &str, index: usize) -> Result<(), LoadError> {
+        let path = self.pin_dir.join(format!("{LINK_PREFIX}{prog}-{index}"));
+        let pinned = link
+            .pin(&path)
+            .map_err(|e| LoadError::Seed(format!("pinning {}: {e}", path.display())))?;
+        self.links.push(pinned);
+        Ok(())
+    }
+
+    /// Services a previous agent left in the pinned maps: (id, name, endpoints).
+    pub fn pinned_services(&self) -> Vec<(u32, String, Vec<Endpoint>)> {
+        let mut by_id = std::collections::BTreeMap::<u32, Vec<Endpoint>>::new();
+        for (key, id) in self.svc_lpm.iter().filter_map(|r| r.ok()) {
+            if let Some(e) = Endpoint::from_lpm_key(key.prefix_len(), &key.data()) {
+                by_id.entry(id).or_default().push(e);
+            }
+        }
+        by_id
+            .into_iter()
+            .filter_map(|(id, mut endpoints)| {
+                let meta = self.brk.meta.get(&id, 0).ok()?;
+                let name = meta_text(&meta.name, meta.name_len)?;
+                endpoints.sort();
+                Some((id, name, endpoints))
+            })
+            .collect()
+    }
+
+    pub fn set_service_meta(&mut self, id: u32, name: &str, reason: &str) -> Result<()> {
+        let mut meta = SvcMeta::default();
+        let n = name.len().min(meta.name.len());
+        meta.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        meta.name_len = n as u32;
+        let r = reason.len().min(meta.reason.len());
+        meta.reason[..r].copy_from_slice(&reason.as_bytes()[..r]);
+        meta.reason_len = r as u32;
+        self.brk
+            .meta
+            .set(id, meta, 0)
+            .map_err(Error::map(names::MAP_SVC_META))
+    }
+
+    /// The reason an operator gave for the service's current trip.
+    pub fn trip_reason(&self, id: u32) -> String {
+        self.brk
+            .meta
+            .get(&id, 0)
+            .ok()
+            .and_then(|m| meta_text(&m.reason, m.reason_len))
+            .unwrap_or_default()
+    }
+
+    pub fn policy(&self, id: u32) -> Result<Policy> {
+        self.brk
+            .policies
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_POLICIES))
+    }
+
+    pub fn set_policy(&mut self, id: u32, policy: &Policy) -> Result<()> {
+        self.brk
+            .policies
+            .set(id, policy, 0)
+            .map_err(Error::map(names::MAP_POLICIES))
+    }
+
+    /// A consistent copy of the breaker's counts (read under its lock).
+    pub fn counts(&self, id: u32) -> Result<Counts> {
+        self.brk
+            .breakers
+            .get(&id, F_LOCK)
+            .map(|e| e.counts)
+            .map_err(Error::map(names::MAP_BREAKERS))
+    }
+
+    /// Replaces the counts under the entry's lock.
+    pub fn set_counts(&mut self, id: u32, counts: Counts) -> Result<()> {
+        let entry = BreakerEntry {
+            counts,
+            ..Default::default()
+        };
+        self.brk
+            .breakers
+            .set(id, entry, F_LOCK)
+            .map_err(Error::map(names::MAP_BREAKERS))
+    }
+
+    pub fn totals(&self, id: u32) -> Result<Totals> {
+        self.brk
+            .totals
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
+    }
+
+    /// Counts a trip made from user space (the kernel counts its own).
+    pub fn count_trip(&mut self, id: u32) -> Result<()> {
+        let mut t = self.totals(id)?;
+        t.trips += 1;
+        self.brk
+            .totals
+            .set(id, t, 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
+    }
+
+    /// Forgets everything about a service's breaker (the service is gone or its id reused).
+    pub fn clear_breaker(&mut self, id: u32) -> Result<()> {
+        self.set_policy(id, &Policy::default())?;
+        self.set_counts(id, Counts::default())?;
+        self.brk
+            .totals
+            .set(id, Totals::default(), 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))?;
+        self.brk
+            .meta
+            .set(id, SvcMeta::default(), 0)
+            .map_err(Error::map(names::MAP_SVC_META))
+    }
+
+    /// The ring buffer the kernel reports transitions through (once; the reader owns it).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Destroys the established connections the gate admitted to service `id`, in every
+    /// network namespace. Returns how many were destroyed.
+    pub fn terminate(&mut self, id: u32) -> Result<usize> {
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_BREAKER_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let walked = iter::walk_all(prog, &namespaces, move |bytes| {
+            let conns: Vec<_> = records::<BreakerSockRecord>(bytes)
+                .into_iter()
+                .filter(|r| r.svc == id)
+                .map(|r| {
+                    let s = &r.sock;
+                    (
+                        std::net::SocketAddr::new(crate::service::display_addr(&s.saddr), s.sport),
+                        std::net::SocketAddr::new(crate::service::display_addr(&s.daddr), s.dport),
+                    )
+                })
+                .collect();
+            if conns.is_empty() {
+                return Ok(crate::destroy::DestroyReport::default());
+            }
+            crate::destroy::destroy_tcp(&conns)
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut destroyed = 0;
+        for w in walked {
+            match w.inside {
+                Ok(r) => destroyed += r.destroyed,
+                Err(e) => warn!(netns = w.netns, error = %e, "cannot destroy connections"),
+            }
+        }
+        Ok(destroyed)
+    }
+}
+
+fn meta_text(bytes: &[u8], len: u32) -> Option<String> {
+    let len = (len as usize).min(bytes.len());
+    if len == 0 {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&bytes[..len]).into_owned())
+}
+
+impl Endpoint {
+    /// The endpoint a `BW_SVC_LPM` key stands for (the inverse of `lpm_key`).
+    pub fn from_lpm_key(prefix_len: u32, data: &SvcLpmData) -> Option<Self> {
+        let bits = prefix_len.checked_sub(breakwater_common::SVC_LPM_PORT_BITS)? as u8;
+        let addr = std::net::Ipv6Addr::from(data.addr);
+        let net = match addr.to_ipv4_mapped() {
+            Some(v4) if bits >= 96 => ipnet::IpNet::V4(ipnet::Ipv4Net::new(v4, bits - 96).ok()?),
+            _ => ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr, bits).ok()?),
+        };
+        Some(Self {
+            net,
+            port: u16::from_be_bytes(data.port_be),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lpm_keys_round_trip() {
+        for s in [
+            "10.0.0.0/8:80",
+            "127.0.0.1:9",
+            "[::1]:443",
+            "[fd00::/64]:8080",
+        ] {
+            let e: Endpoint = s.parse().unwrap();
+            let (len, data) = e.lpm_key();
+            assert_eq!(Endpoint::from_lpm_key(len, &data), Some(e), "{s}");
+        }
+    }
+}

@@ -466,3 +466,21 @@ pub fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// An IPv4 TCP socket whose connect gives up after one SYN retry (`TCP_SYNCNT=1`).
+pub fn one_syn_retry_socket() -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a properly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_SYNCNT");
+    s
+}

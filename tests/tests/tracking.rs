@@ -4,14 +4,13 @@
 use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     thread,
     time::{Duration, Instant},
 };
 
 use breakwater_tests::{
-    closed_port, connect_many, eventually, field, netns::NetNs, require_root, serial,
-    ss_established_to, Agent, Server,
+    closed_port, connect_many, eventually, field, netns::NetNs, one_syn_retry_socket, require_root,
+    serial, ss_established_to, Agent, Server,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -419,24 +418,6 @@ fn syn_retransmits_match_the_namespace_counter() {
         "agent {} vs TCPSynRetrans {retransmitted}",
         field(&d, "retransmits")
     );
-}
-
-/// An IPv4 TCP socket whose connect gives up after one SYN retry (`TCP_SYNCNT=1`).
-fn one_syn_retry_socket() -> socket2::Socket {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a socket we own, with a properly sized int.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SYNCNT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_SYNCNT");
-    s
 }
 
 /// `TcpExt: TCPSynRetrans` of the calling thread's network namespace.

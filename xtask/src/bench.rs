@@ -1,12 +1,22 @@
 //! `cargo xtask bench`: loopback TCP connect/accept/close throughput with the agent off and on,
-//! interleaved in one run so that both sides see the same machine state.
+//! interleaved in one run so that both sides see the same machine state; then the breaker's
+//! figures: what a connect to an open breaker costs next to one refused by a closed port (RST),
+//! and how many connects still reach the network once a breaker's trip condition holds.
+//!
+//! Every agent the bench starts enforces only in a cgroup of the bench's own
+//! (`<cgroup2>/breakwater-bench-<pid>`, which this process joins for the whole run), pins in
+//! `/sys/fs/bpf/breakwater-bench-<pid>` and releases its pins on exit; [`Sandbox`] removes both
+//! at the end, on error paths too.
 
 use std::{
+    ffi::OsString,
     fs::{self, File},
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Barrier},
     thread,
     time::{Duration, Instant},
 };
@@ -41,6 +51,23 @@ pub struct Args {
     /// Sockets to hold open (both ends count) for the agent's memory measurement; 0 skips it
     #[arg(long, default_value_t = 100_000)]
     sockets: usize,
+    /// Run only this part of the bench
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+    /// Timed connects to the open breaker, and as many to a closed port, for the breaker's latency
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..))]
+    connects: u64,
+    /// Client threads connecting at once when the breaker trips
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    burst_threads: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Connect loop, request/response, memory and kernel cost, agent off and on
+    Throughput,
+    /// Connect to an open breaker versus a closed port, and connects that pass a tripped breaker
+    Breaker,
 }
 
 pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
@@ -49,19 +76,70 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
     }
     let bin = crate::build(ws)?;
     let agent_args: Vec<&str> = args.agent_args.split_whitespace().collect();
-    let round = Duration::from_secs(args.seconds);
 
     println!("machine: {}", machine());
-    let addr = start_server()?;
+    // Declared first so that it is dropped last, after every agent has stopped.
+    let sandbox = Sandbox::new(&bin)?;
     println!(
-        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> {addr}, agent args {agent_args:?}",
-        args.rounds, args.seconds, args.seconds
+        "agents: scope {} (this process and its children), pins {}, --release-on-exit",
+        sandbox.relative,
+        sandbox.pin_dir.display()
     );
-
     let tmp = tempfile::Builder::new()
         .prefix("breakwater-bench-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let env = Env {
+        bin: &bin,
+        dir: tmp.path(),
+        sandbox: &sandbox,
+        extra: &agent_args,
+    };
+    if args.only != Some(Part::Breaker) {
+        throughput(&env, args)?;
+    }
+    if args.only != Some(Part::Throughput) {
+        breaker(&env, args)?;
+    }
+    Ok(())
+}
+
+/// What every agent of one bench run is started with.
+struct Env<'a> {
+    bin: &'a Path,
+    /// Temporary directory: the agent's socket, log and config.
+    dir: &'a Path,
+    sandbox: &'a Sandbox,
+    /// `--agent-args`.
+    extra: &'a [&'a str],
+}
+
+impl Env<'_> {
+    fn agent(&self) -> Result<Agent> {
+        Agent::start(self, None)
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.dir.join("agent.sock").display())
+    }
+
+    /// `breakwater --agent <url> ARGS` (stdin closed).
+    fn cli(&self) -> Command {
+        let mut cmd = Command::new(self.bin);
+        cmd.args(["--agent", &self.url()]).stdin(Stdio::null());
+        cmd
+    }
+}
+
+/// The connect loop, request/response, memory and kernel cost, agent off and on.
+fn throughput(env: &Env, args: &Args) -> Result<()> {
+    let round = Duration::from_secs(args.seconds);
+    let addr = start_server()?;
+    println!(
+        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> {addr}, agent args {:?}",
+        args.rounds, args.seconds, args.seconds, env.extra
+    );
+
     let mut off = Vec::new();
     let mut on = Vec::new();
     let mut ratios = Vec::new();
@@ -73,7 +151,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         if off_first {
             rate_off = Some(connect_loop(addr, round)?);
         }
-        let agent = Agent::start(&bin, tmp.path(), &agent_args)?;
+        let agent = env.agent()?;
         let rate_on = connect_loop(addr, round);
         agent.stop()?;
         let rate_on = rate_on?;
@@ -97,16 +175,16 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
     );
 
-    pingpong(&bin, tmp.path(), &agent_args, args.rounds, round)?;
+    pingpong(env, args.rounds, round)?;
     if args.sockets > 0 {
-        memory(&bin, tmp.path(), &agent_args, args.sockets)?;
+        memory(env, args.sockets)?;
     }
 
     // The kernel's own accounting costs time per run, so it is measured in a round of its own.
     let stats = BpfStats::enable()?;
-    let agent = Agent::start(&bin, tmp.path(), &agent_args)?;
+    let agent = env.agent()?;
     let rate = connect_loop(addr, round);
-    let cost = agent.program_cost(&bin, tmp.path());
+    let cost = agent.program_cost(env);
     agent.stop()?;
     drop(stats);
     let rate = rate?;
@@ -122,13 +200,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
 }
 
 /// Request/response on kept-alive connections (one byte each way), agent off and on.
-fn pingpong(
-    bin: &Path,
-    dir: &Path,
-    agent_args: &[&str],
-    rounds: u32,
-    round: Duration,
-) -> Result<()> {
+fn pingpong(env: &Env, rounds: u32, round: Duration) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     thread::spawn(move || {
@@ -175,7 +247,7 @@ fn pingpong(
         if off_first {
             off = Some(run(round)?);
         }
-        let agent = Agent::start(bin, dir, agent_args)?;
+        let agent = env.agent()?;
         let on = run(round);
         agent.stop()?;
         let on = on?;
@@ -197,8 +269,8 @@ fn pingpong(
 /// The agent's resident memory idle, and with `sockets` tracked sockets listed once. A process
 /// may not hold that many descriptors here (RLIMIT_NOFILE, no CAP_SYS_RESOURCE), so helper
 /// processes (`cargo xtask hold-sockets`) hold them, each within its own limit.
-fn memory(bin: &Path, dir: &Path, agent_args: &[&str], sockets: usize) -> Result<()> {
-    let agent = Agent::start(bin, dir, agent_args)?;
+fn memory(env: &Env, sockets: usize) -> Result<()> {
+    let agent = env.agent()?;
     let idle = agent.rss_kib();
     let per_helper = fd_limit().saturating_sub(1024) / 2;
     if per_helper == 0 {
@@ -224,14 +296,13 @@ fn memory(bin: &Path, dir: &Path, agent_args: &[&str], sockets: usize) -> Result
         helpers.push(child);
         pairs -= n;
     }
-    let url = format!("unix://{}", dir.join("agent.sock").display());
     for cmd in [
         &["conns", "-o", "json"][..],
         &["destinations"][..],
         &["timewait"][..],
     ] {
-        let ok = Command::new(bin)
-            .args(["--agent", &url])
+        let ok = env
+            .cli()
             .args(cmd)
             .stdout(Stdio::null())
             .status()?
@@ -431,17 +502,24 @@ struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent with its API on `<dir>/agent.sock` and waits until `info` answers.
-    fn start(bin: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
-        let socket = dir.join("agent.sock");
-        let log = dir.join("agent.log");
+    /// Starts the agent with its API on `<dir>/agent.sock`, confined to the sandbox, and waits
+    /// until `info` answers.
+    fn start(env: &Env, config: Option<&Path>) -> Result<Self> {
+        let bin = env.bin;
+        let socket = env.dir.join("agent.sock");
+        let log = env.dir.join("agent.log");
         let _ = fs::remove_file(&socket);
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(bin)
-            .arg("agent")
+        let mut cmd = Command::new(bin);
+        cmd.arg("agent")
             .arg("--socket")
             .arg(&socket)
-            .args(extra)
+            .args(env.sandbox.agent_args());
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        let child = cmd
+            .args(env.extra)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -483,12 +561,8 @@ impl Agent {
 
     /// Run count, time and recursion misses of the programs on the connection path, from the
     /// agent's own `info` (which reads the kernel's fdinfo).
-    fn program_cost(&self, bin: &Path, dir: &Path) -> ProgCost {
-        let url = format!("unix://{}", dir.join("agent.sock").display());
-        let out = Command::new(bin)
-            .args(["--agent", &url, "info", "-o", "json"])
-            .stdin(Stdio::null())
-            .output();
+    fn program_cost(&self, env: &Env) -> ProgCost {
+        let out = env.cli().args(["info", "-o", "json"]).output();
         let Ok(out) = out else {
             return ProgCost::default();
         };
@@ -572,6 +646,538 @@ impl Drop for Agent {
     }
 }
 
+/// The breaker's service whose latency is measured, and the one tripped under a burst.
+const SVC_OPEN: &str = "bench-open";
+const SVC_BURST: &str = "bench-burst";
+/// Connects per burst thread.
+const BURST_CONNECTS: u64 = 2_000;
+/// How long the agent may take to show a trip (state, watch event).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The breaker's figures, from one agent with two services (`consecutive_failures = 1`, open
+/// for 10 minutes) on closed ports:
+///
+/// - latency: `connect()` to `bench-open`'s endpoint once the breaker is open (refused in the
+///   kernel) against `connect()` to a closed port of no service (refused by an RST), interleaved;
+/// - burst: `burst_threads` threads in a fresh network namespace connect to `bench-burst`'s
+///   endpoint at once; the first RST trips it, and every connect that still sends a SYN after
+///   that (the namespace's `ActiveOpens` minus the connects admitted before the trip, from the
+///   trip event's `requests`) passed a breaker whose trip condition held.
+fn breaker(env: &Env, args: &Args) -> Result<()> {
+    // Bound and never listening: a SYN to these ports is answered with an RST, and nothing
+    // else can take them during the run.
+    let (open_sock, open_addr) = reserve_port()?;
+    let (closed_sock, closed_addr) = reserve_port()?;
+    let (burst_sock, burst_addr) = reserve_port()?;
+    let config = env.dir.join("bench-breaker.toml");
+    let policy = "[service.breaker]\nconsecutive_failures = 1\nopen_timeout = \"10m\"\n";
+    fs::write(
+        &config,
+        format!(
+            "[[service]]\nname = \"{SVC_OPEN}\"\nendpoints = [\"{open_addr}\"]\n{policy}\n\
+             [[service]]\nname = \"{SVC_BURST}\"\nendpoints = [\"{burst_addr}\"]\n{policy}"
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let agent = Agent::start(env, Some(&config))?;
+
+    // Trip `bench-open` the way a dead service does: one connect refused by the network.
+    let errno = connect_once(open_addr)?;
+    if errno != libc::ECONNREFUSED {
+        bail!(
+            "the connect that should trip {SVC_OPEN} ({open_addr}) got {}",
+            errno_name(errno)
+        );
+    }
+    wait_open(env, SVC_OPEN)?;
+    let (open, closed) = connect_latency(open_addr, closed_addr, args.connects)?;
+    let rejected = breaker_json(env, SVC_OPEN)?["rejected"]
+        .as_u64()
+        .unwrap_or(0);
+    if rejected < args.connects {
+        bail!(
+            "{SVC_OPEN} counted {rejected} rejected connects, fewer than the {} timed ones",
+            args.connects
+        );
+    }
+    let n = open.len();
+    let (open_p50, open_p99) = (median(&mut open.clone()), percentile(&open, 99.0));
+    let (closed_p50, closed_p99) = (median(&mut closed.clone()), percentile(&closed, 99.0));
+    let ratio = open_p50 / closed_p50;
+    let met = open_p50 <= 1000.0 && ratio <= 0.25;
+    println!(
+        "connect() refused by an open breaker: median {:.2} us, p99 {:.2} us; to a closed port (RST): median {:.2} us, p99 {:.2} us; ratio of medians {ratio:.3} ({n} each, interleaved; goals median <= 1 us, ratio <= 0.25: {})",
+        open_p50 / 1000.0,
+        open_p99 / 1000.0,
+        closed_p50 / 1000.0,
+        closed_p99 / 1000.0,
+        if met { "met" } else { "not met" }
+    );
+
+    let burst = burst(env, burst_addr, args.burst_threads)?;
+    agent.stop()?;
+    drop((open_sock, closed_sock, burst_sock));
+    let after = burst.reached.saturating_sub(burst.admitted_before_trip);
+    println!(
+        "connects that reached the network after the trip condition held: {after} (goal 0: {}); {} threads at once in a fresh namespace, {} connects: {} reached the network (ActiveOpens), {} refused by the breaker, {} admitted before the trip (trip event's requests)",
+        if after == 0 { "met" } else { "not met" },
+        args.burst_threads,
+        burst.attempts,
+        burst.reached,
+        burst.rejected,
+        burst.admitted_before_trip,
+    );
+    if burst.reached + burst.rejected != burst.attempts {
+        println!(
+            "warning: reached + refused by the breaker ({}) != connects made ({})",
+            burst.reached + burst.rejected,
+            burst.attempts
+        );
+    }
+    Ok(())
+}
+
+/// Interleaved `connect()` times (ns) to `open` (a tripped breaker's endpoint) and `closed` (a
+/// closed port of no service), `n` each after a warm-up; each on a fresh socket, only the
+/// `connect` call timed. Every connect must fail with ECONNREFUSED.
+fn connect_latency(
+    open: SocketAddrV4,
+    closed: SocketAddrV4,
+    n: u64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let warmup = 500;
+    let mut times = (Vec::new(), Vec::new());
+    for i in 0..warmup + n {
+        for (addr, out) in [(open, &mut times.0), (closed, &mut times.1)] {
+            let sock = tcp_socket()?;
+            let sa = sockaddr(addr);
+            let start = Instant::now();
+            // SAFETY: a valid socket and a sockaddr_in of the size given.
+            let rc = unsafe {
+                libc::connect(
+                    sock.as_raw_fd(),
+                    std::ptr::from_ref(&sa).cast(),
+                    socklen::<libc::sockaddr_in>(),
+                )
+            };
+            let elapsed = start.elapsed();
+            let errno = if rc == 0 { 0 } else { last_errno() };
+            if errno != libc::ECONNREFUSED {
+                bail!(
+                    "connect() to {addr} returned {} instead of ECONNREFUSED",
+                    errno_name(errno)
+                );
+            }
+            if i >= warmup {
+                out.push(elapsed.as_nanos() as f64);
+            }
+        }
+    }
+    Ok(times)
+}
+
+struct Burst {
+    attempts: u64,
+    reached: u64,
+    rejected: u64,
+    admitted_before_trip: u64,
+}
+
+/// Trips `SVC_BURST` under `threads` concurrent connect loops in a namespace of their own, so
+/// that its `ActiveOpens` (SYNs sent) counts these connects and nothing else.
+fn burst(env: &Env, addr: SocketAddrV4, threads: u64) -> Result<Burst> {
+    let ns = NetNs::new()?;
+    let mut watch = env
+        .cli()
+        .args(["-o", "json", "watch", "breakers", "--service", SVC_BURST])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting `breakwater watch breakers`")?;
+    let events = watch_lines(&mut watch);
+    let result = (|| {
+        // The stream has no greeting: a manual trip and reset show that it is live, and leave
+        // the breaker closed with its counts cleared.
+        for verb in ["trip", "reset"] {
+            crate::output(env.cli().args([verb, SVC_BURST]))?;
+        }
+        next_event(&events, "closed")?;
+        let before = ns.run(tcp_snmp)?;
+        let start = Arc::new(Barrier::new(usize::try_from(threads)?));
+        let clients: Vec<_> = (0..threads)
+            .map(|_| {
+                let start = start.clone();
+                let file = ns.file()?;
+                Ok(thread::spawn(move || -> Result<(u64, u64)> {
+                    let joined = join(&file);
+                    start.wait();
+                    joined?;
+                    let (mut refused, mut other) = (0, 0);
+                    for _ in 0..BURST_CONNECTS {
+                        match connect_once(addr)? {
+                            libc::ECONNREFUSED => refused += 1,
+                            _ => other += 1,
+                        }
+                    }
+                    Ok((refused, other))
+                }))
+            })
+            .collect::<Result<_>>()?;
+        let mut attempts = 0;
+        for c in clients {
+            let (refused, other) = c.join().map_err(|_| anyhow!("a burst client panicked"))??;
+            if other > 0 {
+                bail!("{other} connects to {addr} failed otherwise than with ECONNREFUSED");
+            }
+            attempts += refused;
+        }
+        let after = ns.run(tcp_snmp)?;
+        let trip = next_event(&events, "open")?;
+        if trip["lost"].as_u64().unwrap_or(0) > 0 || trip["cause"] != "consecutive_failures" {
+            bail!("unexpected trip event: {trip}");
+        }
+        let rejected = breaker_json(env, SVC_BURST)?["rejected"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok(Burst {
+            attempts,
+            reached: after.active_opens - before.active_opens,
+            rejected,
+            admitted_before_trip: trip["requests"].as_u64().unwrap_or(0),
+        })
+    })();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    result
+}
+
+/// `Tcp:` counters of the calling thread's network namespace.
+struct TcpSnmp {
+    active_opens: u64,
+}
+
+fn tcp_snmp() -> Result<TcpSnmp> {
+    // /proc/self/net is the main thread's namespace; this thread's is under thread-self.
+    let text = fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut rows = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (rows.next(), rows.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Tcp: lines in /proc/thread-self/net/snmp");
+    };
+    let active_opens = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ActiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .context("no Tcp: ActiveOpens in /proc/thread-self/net/snmp")?;
+    Ok(TcpSnmp { active_opens })
+}
+
+/// The lines `watch` prints, parsed, on a channel (the reader thread ends with the process).
+fn watch_lines(child: &mut Child) -> mpsc::Receiver<serde_json::Value> {
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The next event (skipping others) whose `to` is `to`.
+fn next_event(events: &mpsc::Receiver<serde_json::Value>, to: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = events.recv_timeout(left).map_err(|_| {
+            anyhow!(
+                "no breaker event to {to:?} within {}s",
+                EVENT_TIMEOUT.as_secs()
+            )
+        })?;
+        if event["to"] == to {
+            return Ok(event);
+        }
+    }
+}
+
+/// One service's breaker from `breakwater breakers -o json`.
+fn breaker_json(env: &Env, service: &str) -> Result<serde_json::Value> {
+    let out = crate::output(env.cli().args(["-o", "json", "breakers"]))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing `breakers -o json`")?;
+    v["breakers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["service"] == service)
+        .cloned()
+        .with_context(|| format!("no breaker for {service} in `breakers -o json`: {out}"))
+}
+
+fn wait_open(env: &Env, service: &str) -> Result<()> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let b = breaker_json(env, service)?;
+        if b["state"] == "open" {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{service}'s breaker is not open after a refused connect: {b}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `p`th percentile (nearest rank).
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).expect("small struct")
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn errno_name(errno: i32) -> String {
+    if errno == 0 {
+        "success".into()
+    } else {
+        std::io::Error::from_raw_os_error(errno).to_string()
+    }
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn tcp_socket() -> Result<OwnedFd> {
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket()");
+    }
+    // SAFETY: a descriptor we just opened and own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// One blocking `connect()` from a fresh socket; its errno (0 if it connected).
+fn connect_once(addr: SocketAddrV4) -> Result<i32> {
+    let sock = tcp_socket()?;
+    let sa = sockaddr(addr);
+    // SAFETY: a valid socket and a sockaddr_in of the size given.
+    let rc = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            std::ptr::from_ref(&sa).cast(),
+            socklen::<libc::sockaddr_in>(),
+        )
+    };
+    Ok(if rc == 0 { 0 } else { last_errno() })
+}
+
+/// A socket bound to a free port of 127.0.0.1 and never listening: connects to it get an RST.
+fn reserve_port() -> Result<(OwnedFd, SocketAddrV4)> {
+    let sock = tcp_socket()?;
+    let mut sa = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let mut len = socklen::<libc::sockaddr_in>();
+    // SAFETY: a valid socket and a sockaddr_in of the size given, read back into the same.
+    let ok = unsafe {
+        libc::bind(sock.as_raw_fd(), std::ptr::from_ref(&sa).cast(), len) == 0
+            && libc::getsockname(
+                sock.as_raw_fd(),
+                std::ptr::from_mut(&mut sa).cast(),
+                &mut len,
+            ) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error()).context("binding a socket to 127.0.0.1:0");
+    }
+    Ok((
+        sock,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, u16::from_be(sa.sin_port)),
+    ))
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts.
+fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| PathBuf::from(f[1].replace("\\040", " ")))
+        .context("cgroup v2 is not mounted (no cgroup2 line in /proc/self/mounts)")
+}
+
+/// Where the bench's agents enforce and pin: a cgroup `<cgroup2>/breakwater-bench-<pid>` that
+/// this process joins (so its connects, and its children's, are in scope) and a pin directory
+/// `/sys/fs/bpf/breakwater-bench-<pid>`. Dropping it releases whatever is still pinned, moves
+/// this process (and anything left) back to the cgroup it came from and removes both.
+struct Sandbox {
+    bin: PathBuf,
+    /// The cgroup, absolute.
+    cgroup: PathBuf,
+    /// The cgroup relative to the mount, for `--scope`.
+    relative: String,
+    /// The cgroup this process was in, absolute.
+    origin: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl Sandbox {
+    fn new(bin: &Path) -> Result<Self> {
+        let mount = cgroup2_mount()?;
+        let own = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+        let origin = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("no cgroup v2 (0::) line in /proc/self/cgroup")?;
+        let name = format!("breakwater-bench-{}", std::process::id());
+        let cgroup = mount.join(&name);
+        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
+        if pin_dir.exists() {
+            bail!(
+                "{} exists already (a bench with this pid?)",
+                pin_dir.display()
+            );
+        }
+        fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let sandbox = Self {
+            bin: bin.to_owned(),
+            relative: format!("/{name}"),
+            origin: mount.join(origin.trim_start_matches('/')),
+            cgroup,
+            pin_dir,
+        };
+        // A socket keeps the cgroup of the process that created it: join before any socket.
+        fs::write(
+            sandbox.cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("moving this process into {}", sandbox.cgroup.display()))?;
+        Ok(sandbox)
+    }
+
+    fn agent_args(&self) -> [OsString; 5] {
+        [
+            "--scope".into(),
+            self.relative.clone().into(),
+            "--pin-dir".into(),
+            self.pin_dir.clone().into(),
+            "--release-on-exit".into(),
+        ]
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.pin_dir.exists() {
+            // An agent that was killed had no chance to release; `uninstall` does it.
+            let _ = Command::new(&self.bin)
+                .arg("uninstall")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+        let back = self.origin.join("cgroup.procs");
+        let _ = fs::write(&back, std::process::id().to_string());
+        for _ in 0..50 {
+            // Anything still inside is one of our children: move it out with us.
+            for pid in fs::read_to_string(self.cgroup.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+            {
+                let _ = fs::write(&back, pid);
+            }
+            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        for (what, path) in [("cgroup", &self.cgroup), ("pin directory", &self.pin_dir)] {
+            if path.exists() {
+                eprintln!(
+                    "warning: could not remove the bench's {what} {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// A named network namespace (`ip netns add bw-bench-<pid>`) with `lo` up, deleted on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new() -> Result<Self> {
+        let name = format!("bw-bench-{}", std::process::id());
+        crate::output(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        crate::output(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// A descriptor of the namespace, for [`join`] on the threads that should run in it.
+    fn file(&self) -> Result<File> {
+        let path = Path::new("/run/netns").join(&self.name);
+        File::open(&path).with_context(|| format!("opening {}", path.display()))
+    }
+
+    /// Runs `f` on a thread in the namespace and returns its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let file = self.file()?;
+        thread::spawn(move || {
+            join(&file)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("a thread in the namespace panicked"))?
+    }
+}
+
+/// Moves the calling thread (only) into the network namespace `ns`.
+fn join(ns: &File) -> Result<()> {
+    // SAFETY: setns on a namespace descriptor we hold; it affects the calling thread only.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns(CLONE_NEWNET)");
+    }
+    Ok(())
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,6 +1186,14 @@ mod tests {
     fn medians() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&[5.0], 99.0), 5.0);
     }
 
     #[test]

@@ -1,0 +1,793 @@
+//! The in-kernel circuit breaker, against the real kernel: real connects from a cgroup the test
+//! makes and enters, real servers, closed ports and full accept queues on loopback, and the
+//! errno and timing each client sees.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_proto::v1 as pb;
+use breakwater_tests::{
+    cgroup, closed_port, field, one_syn_retry_socket, require_root, serial, Agent, Server,
+};
+use pb::BreakerState::{Closed, HalfOpen, Open};
+
+/// What a step of a conformance sequence does.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Connect to the listening endpoint: established.
+    Up,
+    /// Connect to the closed endpoint: the network refuses it.
+    Refused,
+    /// Connect to the endpoint whose accept queue is full, with one SYN retry: times out.
+    Timeout,
+    /// Connect while open: the kernel rejects it with this errno before any SYN.
+    Rejected(i32),
+    /// Let time pass (open_timeout).
+    Wait(Duration),
+}
+
+/// A service with three endpoints on loopback, one per outcome, and an agent enforcing on a
+/// cgroup this test process has entered.
+struct Rig {
+    agent: Agent,
+    up: Server,
+    closed: SocketAddr,
+    hang: SocketAddr,
+    _hang_listener: socket2::Socket,
+    _filler: TcpStream,
+}
+
+const SERVICE: &str = "svc";
+
+impl Rig {
+    fn new() -> Self {
+        Self::with_policy_toml("")
+    }
+
+    /// `breaker` is the body of a `[service.breaker]` table ("" for none).
+    fn with_policy_toml(breaker: &str) -> Self {
+        let up = Server::start("127.0.0.1:0");
+        let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+        let (hang_listener, hang, filler) = full_queue();
+        let table = if breaker.is_empty() {
+            String::new()
+        } else {
+            format!("[service.breaker]\n{breaker}\n")
+        };
+        let config = format!(
+            "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\", \"{closed}\", \"{hang}\"]\n{table}",
+            up.addr
+        );
+        let mut agent = Agent::start_with_config(Some(&config));
+        agent.cgroup().enter();
+        Self {
+            agent,
+            up,
+            closed,
+            hang,
+            _hang_listener: hang_listener,
+            _filler: filler,
+        }
+    }
+
+    fn breaker(&self) -> pb::Breaker {
+        get_breaker(&self.agent, SERVICE).expect("GetBreaker")
+    }
+
+    fn set_policy(&self, req: pb::SetPolicyRequest) -> pb::Breaker {
+        let mut client = self.agent.client();
+        self.agent
+            .block_on(client.set_policy(pb::SetPolicyRequest {
+                service: SERVICE.into(),
+                ..req
+            }))
+            .expect("SetPolicy")
+            .into_inner()
+            .breaker
+            .expect("breaker")
+    }
+
+    /// Runs each step and checks the breaker's state after it.
+    fn run(&self, steps: &[(Step, pb::BreakerState)]) {
+        for (i, &(step, want)) in steps.iter().enumerate() {
+            match step {
+                Step::Up => {
+                    TcpStream::connect(self.up.addr)
+                        .unwrap_or_else(|e| panic!("step {i}: connect to the server: {e}"));
+                }
+                Step::Refused => {
+                    let before = self.breaker().rejected;
+                    let err = TcpStream::connect(self.closed).expect_err("closed port");
+                    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "step {i}");
+                    assert_eq!(
+                        self.breaker().rejected,
+                        before,
+                        "step {i}: refused by the network, not rejected by the breaker"
+                    );
+                }
+                Step::Timeout => {
+                    let s = one_syn_retry_socket();
+                    let err = s.connect(&self.hang.into()).expect_err("SYNs are dropped");
+                    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "step {i}");
+                }
+                Step::Rejected(errno) => self.assert_rejected(errno),
+                Step::Wait(d) => thread::sleep(d),
+            }
+            let b = self.breaker();
+            assert_eq!(
+                b.state(),
+                want,
+                "after step {i} ({step:?}) of {steps:?}: {b:?}"
+            );
+        }
+    }
+
+    /// Connects to every endpoint are rejected in the kernel: the policy's errno, at once, no
+    /// SYN sent (the destinations' own counters do not move), and the breaker counts them.
+    fn assert_rejected(&self, errno: i32) {
+        let before = self.breaker().rejected;
+        let opened_before = self.opened(self.up.addr);
+        let failed_before = self.failures(self.closed);
+        let mut took = Vec::new();
+        for addr in [
+            self.up.addr,
+            self.closed,
+            self.hang,
+            self.up.addr,
+            self.up.addr,
+        ] {
+            let started = Instant::now();
+            let err = TcpStream::connect(addr).expect_err("rejected");
+            took.push(started.elapsed());
+            assert_eq!(err.raw_os_error(), Some(errno), "rejected with {err}");
+        }
+        took.sort();
+        assert!(
+            took[2] < Duration::from_millis(1),
+            "rejections took {took:?}: the median must be under a millisecond"
+        );
+        assert_eq!(self.breaker().rejected, before + 5);
+        assert_eq!(
+            self.opened(self.up.addr),
+            opened_before,
+            "no rejected connect reached the server"
+        );
+        assert_eq!(self.failures(self.closed), failed_before);
+    }
+
+    fn opened(&self, addr: SocketAddr) -> u64 {
+        self.agent
+            .destination("127.0.0.1", addr.port(), "outbound", None)
+            .map_or(0, |d| field(&d, "opened"))
+    }
+
+    fn failures(&self, addr: SocketAddr) -> u64 {
+        self.agent
+            .destination("127.0.0.1", addr.port(), "outbound", None)
+            .map_or(0, |d| field(&d, "failed_refused"))
+    }
+}
+
+fn get_breaker(agent: &Agent, service: &str) -> Result<pb::Breaker, tonic::Status> {
+    let mut client = agent.client();
+    agent
+        .block_on(client.get_breaker(pb::GetBreakerRequest {
+            service: service.into(),
+        }))
+        .map(|r| r.into_inner().breaker.expect("breaker"))
+}
+
+/// A listener whose accept queue is full: further SYNs are dropped, so connects time out.
+fn full_queue() -> (socket2::Socket, SocketAddr, TcpStream) {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).expect("first connection fills the queue");
+    (listener, addr, filler)
+}
+
+const ECONNREFUSED: i32 = libc::ECONNREFUSED;
+const SHORT: Duration = Duration::from_millis(1100);
+
+#[test]
+fn gobreaker_preset_conformance() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::with_policy_toml("preset = \"gobreaker\"");
+    let b = rig.breaker();
+    assert_eq!(b.state(), Closed);
+    let p = b.policy.clone().expect("policy");
+    assert_eq!(
+        (
+            p.min_requests,
+            p.failure_ratio,
+            p.interval_ms,
+            p.open_timeout_ms,
+            p.half_open_max
+        ),
+        (3, 0.6, 60_000, 30_000, 1)
+    );
+    // Requests >= 3 and failures / requests >= 0.6: 2 of 3 trips it.
+    rig.run(&[
+        (Step::Up, Closed),
+        (Step::Refused, Closed),
+        (Step::Refused, Open),
+        (Step::Rejected(ECONNREFUSED), Open),
+    ]);
+    let b = rig.breaker();
+    assert_eq!((b.trips, b.forced), (1, false));
+    assert!(
+        b.open_remaining_ms > 25_000 && b.open_remaining_ms <= 30_000,
+        "{b:?}"
+    );
+
+    // The same preset with a short open_timeout, to see Half-Open; a timeout is a failure too.
+    rig.set_policy(pb::SetPolicyRequest {
+        preset: "gobreaker".into(),
+        open_timeout_ms: Some(1000),
+        ..Default::default()
+    });
+    rig.run(&[
+        (Step::Up, Closed),
+        (Step::Up, Closed),
+        // 1 of 3, then 2 of 4, then 3 of 5 = 0.6.
+        (Step::Timeout, Closed),
+        (Step::Refused, Closed),
+        (Step::Refused, Open),
+        (Step::Rejected(ECONNREFUSED), Open),
+        (Step::Wait(SHORT), HalfOpen),
+        // The one probe succeeds: closed again.
+        (Step::Up, Closed),
+        (Step::Up, Closed),
+    ]);
+    assert_eq!(rig.breaker().trips, 2);
+}
+
+#[test]
+fn nginx_preset_conformance() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new();
+    let b = rig.set_policy(pb::SetPolicyRequest {
+        preset: "nginx".into(),
+        ..Default::default()
+    });
+    let p = b.policy.expect("policy");
+    assert_eq!(
+        (
+            p.max_failures,
+            p.interval_ms,
+            p.open_timeout_ms,
+            p.half_open_max
+        ),
+        (3, 30_000, 30_000, 1)
+    );
+    // max_fails=3 within fail_timeout: successes in between do not matter.
+    rig.run(&[
+        (Step::Refused, Closed),
+        (Step::Up, Closed),
+        (Step::Refused, Closed),
+        (Step::Up, Closed),
+        (Step::Up, Closed),
+        (Step::Refused, Open),
+        (Step::Rejected(ECONNREFUSED), Open),
+    ]);
+
+    rig.set_policy(pb::SetPolicyRequest {
+        preset: "nginx".into(),
+        open_timeout_ms: Some(1000),
+        ..Default::default()
+    });
+    rig.run(&[
+        (Step::Refused, Closed),
+        (Step::Refused, Closed),
+        (Step::Refused, Open),
+        (Step::Wait(SHORT), HalfOpen),
+        // The trial connection fails: open again, for another open_timeout.
+        (Step::Refused, Open),
+        (Step::Rejected(ECONNREFUSED), Open),
+        (Step::Wait(SHORT), HalfOpen),
+        (Step::Up, Closed),
+    ]);
+}
+
+#[test]
+fn explicit_policy_conformance() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new();
+    rig.set_policy(pb::SetPolicyRequest {
+        consecutive_failures: Some(2),
+        open_timeout_ms: Some(1000),
+        half_open_max: Some(2),
+        errno: Some("EHOSTUNREACH".into()),
+        ..Default::default()
+    });
+    rig.run(&[
+        (Step::Refused, Closed),
+        (Step::Up, Closed),
+        (Step::Refused, Closed),
+        (Step::Timeout, Open),
+        (Step::Rejected(libc::EHOSTUNREACH), Open),
+        (Step::Wait(SHORT), HalfOpen),
+        // Two probes are needed to close; the first one's success is not enough.
+        (Step::Up, HalfOpen),
+        (Step::Up, Closed),
+        (Step::Refused, Closed),
+        (Step::Refused, Open),
+    ]);
+
+    rig.set_policy(pb::SetPolicyRequest {
+        consecutive_failures: Some(1),
+        errno: Some("EPERM".into()),
+        ..Default::default()
+    });
+    rig.run(&[(Step::Refused, Open), (Step::Rejected(libc::EPERM), Open)]);
+}
+
+#[test]
+fn reset_by_peer_turns_a_success_into_a_failure() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // A server of its own, which resets what it accepts.
+    let rst = TcpListener::bind("127.0.0.1:0").unwrap();
+    let rst_addr = rst.local_addr().unwrap();
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{rst_addr}\"]\n[service.breaker]\nconsecutive_failures = 1\n"
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    let client = TcpStream::connect(rst_addr).expect("connect");
+    let b = get_breaker(&agent, SERVICE).unwrap();
+    assert_eq!((b.state(), b.successes), (Closed, 1));
+    let (accepted, _) = rst.accept().unwrap();
+    socket2::SockRef::from(&accepted)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(accepted);
+    let mut buf = [0u8; 1];
+    let err = (&client).read(&mut buf).expect_err("reset by peer");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNRESET));
+    let b = get_breaker(&agent, SERVICE).unwrap();
+    assert_eq!((b.state(), b.trips), (Open, 1), "{b:?}");
+    // Our own close of a healthy connection is no failure.
+    drop(client);
+}
+
+#[test]
+fn half_open_admits_exactly_max_probes_under_concurrency() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::new();
+    rig.set_policy(pb::SetPolicyRequest {
+        consecutive_failures: Some(1),
+        open_timeout_ms: Some(1000),
+        half_open_max: Some(3),
+        ..Default::default()
+    });
+    rig.run(&[(Step::Refused, Open), (Step::Wait(SHORT), HalfOpen)]);
+    // 64 threads connect at once to the endpoint whose SYNs are dropped: the admitted probes
+    // stay in SYN-SENT (non-blocking: EINPROGRESS), everything else is rejected.
+    let threads = 64;
+    let barrier = Arc::new(Barrier::new(threads));
+    let hang = rig.hang;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.set_nonblocking(true).unwrap();
+                barrier.wait();
+                let errno = s.connect(&hang.into()).err().and_then(|e| e.raw_os_error());
+                (errno, s)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let admitted = results
+        .iter()
+        .filter(|(e, _)| *e == Some(libc::EINPROGRESS))
+        .count();
+    let rejected = results
+        .iter()
+        .filter(|(e, _)| *e == Some(ECONNREFUSED))
+        .count();
+    assert_eq!(
+        (admitted, rejected),
+        (3, threads - 3),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    let b = rig.breaker();
+    assert_eq!((b.state(), b.probes), (HalfOpen, 3), "{b:?}");
+    // A probe given up by its application is a failed probe: open again.
+    drop(results);
+    let b = rig.breaker();
+    assert_eq!(b.state(), Open, "{b:?}");
+}
+
+#[test]
+fn manual_trip_with_ttl_expires_in_the_kernel_with_the_agent_killed() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::with_policy_toml("preset = \"gobreaker\"");
+    let out = rig.agent.cli(&[
+        "trip",
+        SERVICE,
+        "--for",
+        "2s",
+        "--reason",
+        "deploying payments",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tripped = Instant::now();
+    let v = rig.agent.cli_json(&["breakers"]);
+    let b = &v["breakers"][0];
+    assert_eq!(b["service"], SERVICE);
+    assert_eq!(b["state"], "open");
+    assert_eq!(b["forced"], true);
+    assert_eq!(b["reason"], "deploying payments");
+    assert!(b["open_remaining_ms"].as_u64().unwrap() > 1000, "{b}");
+    for key in [
+        "requests",
+        "failures",
+        "consecutive_failures",
+        "rejected",
+        "trips",
+    ] {
+        assert!(b[key].is_u64(), "{key} in {b}");
+    }
+    rig.agent.kill();
+    // No agent: the kernel still rejects, and lifts the trip on its own when the TTL ends.
+    rig.assert_rejected_without_agent();
+    let left = Duration::from_millis(2100).saturating_sub(tripped.elapsed());
+    assert!(!left.is_zero(), "the test itself was too slow");
+    thread::sleep(left);
+    TcpStream::connect(rig.up.addr).expect("the trip expired: connects pass again");
+    // The next agent sees it closed.
+    rig.agent.spawn();
+    let b = rig.breaker();
+    assert_eq!((b.state(), b.forced, b.trips), (Closed, false, 1), "{b:?}");
+}
+
+impl Rig {
+    /// As `assert_rejected`, by the client's errno and timing only (no agent to ask).
+    fn assert_rejected_without_agent(&self) {
+        let started = Instant::now();
+        let err = TcpStream::connect(self.up.addr).expect_err("rejected");
+        assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+        assert!(started.elapsed() < Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn pooled_connections_fail_fast_after_a_trip() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // An echo server: a keep-alive pool of ten clients does a round trip each.
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { break };
+            thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{echo_addr}\", \"{closed}\"]\n[service.breaker]\nconsecutive_failures = 3\nopen_timeout = \"60s\"\n"
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    let mut pool: Vec<TcpStream> = (0..10)
+        .map(|_| TcpStream::connect(echo_addr).unwrap())
+        .collect();
+    for c in &mut pool {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    // Watch the transitions from before the trip.
+    let mut client = agent.client();
+    let mut events = agent
+        .block_on(client.watch_breaker_events(pb::WatchBreakerEventsRequest {
+            service: SERVICE.into(),
+        }))
+        .expect("WatchBreakerEvents")
+        .into_inner();
+    // Three refused connects to the service's other endpoint trip it in the kernel.
+    for _ in 0..3 {
+        let err = TcpStream::connect(closed).expect_err("closed port");
+        assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    }
+    let ev = agent
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), events.message()).await })
+        .expect("an event within 5 s")
+        .expect("stream")
+        .expect("event");
+    assert_eq!(
+        (ev.service.as_str(), ev.from(), ev.to(), ev.cause()),
+        (SERVICE, Closed, Open, pb::BreakerCause::ConsecutiveFailures),
+        "{ev:?}"
+    );
+    assert_eq!(
+        (ev.requests, ev.failures, ev.consecutive_failures),
+        (13, 3, 3)
+    );
+    // Every pooled connection fails on its next use, and the peer saw it go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for (i, c) in pool.iter_mut().enumerate() {
+        loop {
+            let used = c.write_all(b"ping").and_then(|_| {
+                let mut buf = [0u8; 4];
+                c.read_exact(&mut buf)
+            });
+            match used {
+                Err(e) => {
+                    assert!(
+                        matches!(
+                            e.raw_os_error(),
+                            Some(libc::ECONNABORTED | libc::EPIPE | libc::ECONNRESET)
+                        ) || e.kind() == std::io::ErrorKind::UnexpectedEof,
+                        "connection {i}: {e}"
+                    );
+                    break;
+                }
+                Ok(()) => assert!(
+                    Instant::now() < deadline,
+                    "connection {i} still works 5 s after the trip"
+                ),
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(
+        breakwater_tests::ss_established_to(echo_addr, None),
+        0,
+        "no connection to the tripped service is left"
+    );
+}
+
+#[test]
+fn restart_keeps_state_and_release_removes_everything() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::new();
+    rig.set_policy(pb::SetPolicyRequest {
+        consecutive_failures: Some(2),
+        open_timeout_ms: Some(600_000),
+        ..Default::default()
+    });
+    rig.run(&[
+        (Step::Up, Closed),
+        (Step::Refused, Closed),
+        (Step::Refused, Open),
+    ]);
+    let before = rig.breaker();
+    rig.agent.stop();
+    rig.assert_rejected_without_agent();
+    // A new agent, with no policy in its config: the pinned service, policy and state stand.
+    rig.agent.spawn();
+    let after = rig.breaker();
+    assert_eq!(after.state(), Open);
+    assert_eq!(
+        (after.trips, after.rejected, after.policy.clone()),
+        (before.trips, before.rejected + 1, before.policy.clone())
+    );
+    assert!(after.open_remaining_ms <= before.open_remaining_ms);
+    rig.assert_rejected(ECONNREFUSED);
+    // Reset: closed, counts cleared, connects pass.
+    let out = rig.agent.cli(&["reset", SERVICE]);
+    assert!(out.status.success());
+    rig.run(&[(Step::Up, Closed)]);
+    assert_eq!(rig.breaker().requests, 1);
+
+    // Trip again, then an agent that releases on exit: nothing is pinned and nothing enforced.
+    rig.agent.cli(&["trip", SERVICE]);
+    rig.agent.stop();
+    rig.assert_rejected_without_agent();
+    let pin_dir = rig.agent.pin_dir().to_owned();
+    let out = std::process::Command::new(breakwater_tests::agent_bin())
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pin_dir.exists());
+    TcpStream::connect(rig.up.addr).expect("uninstalled: no breaker left");
+}
+
+#[test]
+fn release_on_exit_removes_the_pins() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\"]\n[service.breaker]\npreset = \"nginx\"\n",
+        up.addr
+    );
+    let mut agent = Agent::start_with(Some(&config), &["--release-on-exit"]);
+    assert!(agent.pin_dir().join("BW_BREAKERS").exists());
+    agent.cgroup().enter();
+    let out = agent.cli(&["trip", SERVICE]);
+    assert!(out.status.success());
+    let err = TcpStream::connect(up.addr).expect_err("tripped");
+    assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    assert!(agent.stop().success());
+    assert!(!agent.pin_dir().exists(), "pins removed");
+    TcpStream::connect(up.addr).expect("released: nothing enforces any more");
+}
+
+#[test]
+fn processes_outside_the_scope_are_never_rejected() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut rig = Rig::with_policy_toml("preset = \"gobreaker\"");
+    let origin = rig.agent.cgroup().origin().expect("entered").to_owned();
+    let out = rig.agent.cli(&["trip", SERVICE]);
+    assert!(out.status.success());
+    rig.assert_rejected(ECONNREFUSED);
+    let rejected = rig.breaker().rejected;
+    // A process in the cgroup the test came from connects to the same endpoint.
+    cgroup::connect_from_cgroup(&origin, rig.up.addr).expect("outside the scope: connected");
+    // And one inside the scope, for contrast.
+    let err = cgroup::connect_from_cgroup(rig.agent.cgroup().relative(), rig.up.addr)
+        .expect_err("inside the scope: rejected");
+    assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    assert_eq!(rig.breaker().rejected, rejected + 1);
+}
+
+#[test]
+fn bad_breaker_input_is_refused_and_changes_nothing() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::with_policy_toml("preset = \"gobreaker\"");
+    rig.run(&[(Step::Refused, Closed)]);
+    let before = rig.breaker();
+    let mut client = rig.agent.client();
+    let bad = |req: pb::SetPolicyRequest, what: &str| {
+        let status = rig
+            .agent
+            .block_on(client.clone().set_policy(req))
+            .expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status}"
+        );
+        assert!(!status.message().is_empty());
+        status.message().to_owned()
+    };
+    let svc = || pb::SetPolicyRequest {
+        service: SERVICE.into(),
+        ..Default::default()
+    };
+    let msg = bad(
+        pb::SetPolicyRequest {
+            service: "nope".into(),
+            preset: "gobreaker".into(),
+            ..Default::default()
+        },
+        "unknown service",
+    );
+    assert!(msg.contains("nope"), "{msg}");
+    for ratio in [1.5, -0.1, f64::NAN] {
+        let msg = bad(
+            pb::SetPolicyRequest {
+                failure_ratio: Some(ratio),
+                ..svc()
+            },
+            "ratio",
+        );
+        assert!(msg.contains("failure_ratio"), "{msg}");
+    }
+    let msg = bad(
+        pb::SetPolicyRequest {
+            open_timeout_ms: Some(0),
+            ..svc()
+        },
+        "zero open_timeout",
+    );
+    assert!(msg.contains("open_timeout"), "{msg}");
+    let msg = bad(
+        pb::SetPolicyRequest {
+            errno: Some("EWHATEVER".into()),
+            ..svc()
+        },
+        "errno",
+    );
+    assert!(msg.contains("EWHATEVER"), "{msg}");
+    let msg = bad(
+        pb::SetPolicyRequest {
+            preset: "hystrix".into(),
+            ..svc()
+        },
+        "preset",
+    );
+    assert!(msg.contains("hystrix"), "{msg}");
+    for (what, status) in [
+        (
+            "trip unknown",
+            rig.agent
+                .block_on(client.trip(pb::TripRequest {
+                    service: "nope".into(),
+                    ..Default::default()
+                }))
+                .expect_err("trip"),
+        ),
+        (
+            "reset unknown",
+            rig.agent
+                .block_on(client.reset(pb::ResetRequest {
+                    service: "nope".into(),
+                }))
+                .expect_err("reset"),
+        ),
+    ] {
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status}"
+        );
+    }
+    // The CLI: exit code 2 with the reason.
+    for args in [
+        &["policy", "set", SERVICE, "--failure-ratio", "2"][..],
+        &["policy", "set", SERVICE, "--preset", "hystrix"][..],
+        &["policy", "set", SERVICE, "--errno", "EWHATEVER"][..],
+        &["policy", "set", SERVICE, "--open-timeout", "0s"][..],
+        &["policy", "set", "nope", "--preset", "nginx"][..],
+        &["trip", "nope"][..],
+    ] {
+        let out = rig.agent.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}");
+    }
+    let after = rig.breaker();
+    assert_eq!(after, before, "nothing changed");
+}

@@ -163,6 +163,11 @@ impl Agent {
         &mut self.cgroup
     }
 
+    /// The enforced cgroup, relative to the cgroup2 mount.
+    pub fn scope(&self) -> &str {
+        self.cgroup.relative()
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

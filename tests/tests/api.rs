@@ -310,6 +310,7 @@ fn info_reports_programs_maps_and_socket_mode() {
     assert_eq!(mode & 0o777, 0o600, "socket is root-only");
 
     let info = agent.info();
+    let scope = agent.scope();
     assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
     assert!(!info.kernel.is_empty());
     let programs: Vec<_> = info
@@ -326,7 +327,11 @@ fn info_reports_programs_maps_and_socket_mode() {
             ("bw_retransmit", "tp_btf/tcp_retransmit_skb"),
             ("bw_seed_tcp", "iter/tcp"),
             ("bw_list_tcp", "iter/tcp"),
-            ("bw_socks_tcp", "iter/tcp")
+            ("bw_socks_tcp", "iter/tcp"),
+            ("bw_connect4", &format!("cgroup/connect4 {scope}")),
+            ("bw_connect6", &format!("cgroup/connect6 {scope}")),
+            ("bw_sockops", &format!("sock_ops {scope}")),
+            ("bw_breaker_tcp", "iter/tcp"),
         ]
     );
     assert!(info.programs.iter().all(|p| p.id > 0));

@@ -791,3 +791,29 @@ fn bad_breaker_input_is_refused_and_changes_nothing() {
     let after = rig.breaker();
     assert_eq!(after, before, "nothing changed");
 }
+
+#[test]
+fn ipv6_connects_are_gated_too() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("[::1]:0");
+    let closed = TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap();
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\", \"{closed}\"]\n[service.breaker]\nconsecutive_failures = 1\n",
+        up.addr
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    TcpStream::connect(up.addr).expect("closed breaker: connects pass");
+    let err = TcpStream::connect(closed).expect_err("closed port");
+    assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    let b = get_breaker(&agent, SERVICE).unwrap();
+    assert_eq!((b.state(), b.requests, b.rejected), (Open, 0, 0), "{b:?}");
+    let started = Instant::now();
+    let err = TcpStream::connect(up.addr).expect_err("open: rejected");
+    assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    assert!(started.elapsed() < Duration::from_millis(5));
+    assert_eq!(get_breaker(&agent, SERVICE).unwrap().rejected, 1);
+}

@@ -649,8 +649,10 @@ impl Drop for Agent {
 /// The breaker's service whose latency is measured, and the one tripped under a burst.
 const SVC_OPEN: &str = "bench-open";
 const SVC_BURST: &str = "bench-burst";
-/// Connects per burst thread.
-const BURST_CONNECTS: u64 = 2_000;
+/// Connects per burst thread and round.
+const BURST_CONNECTS: u64 = 1_000;
+/// Bursts, each tripping the breaker once (reset in between).
+const BURST_ROUNDS: u64 = 10;
 /// How long the agent may take to show a trip (state, watch event).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -662,7 +664,8 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// - burst: `burst_threads` threads in a fresh network namespace connect to `bench-burst`'s
 ///   endpoint at once; the first RST trips it, and every connect that still sends a SYN after
 ///   that (the namespace's `ActiveOpens` minus the connects admitted before the trip, from the
-///   trip event's `requests`) passed a breaker whose trip condition held.
+///   trip event's `requests`) passed a breaker whose trip condition held; `BURST_ROUNDS`
+///   times, reset in between.
 fn breaker(env: &Env, args: &Args) -> Result<()> {
     // Bound and never listening: a SYN to these ports is answered with an RST, and nothing
     // else can take them during the run.
@@ -717,9 +720,9 @@ fn breaker(env: &Env, args: &Args) -> Result<()> {
     let burst = burst(env, burst_addr, args.burst_threads)?;
     agent.stop()?;
     drop((open_sock, closed_sock, burst_sock));
-    let after = burst.reached.saturating_sub(burst.admitted_before_trip);
+    let after = burst.reached_after_trip;
     println!(
-        "connects that reached the network after the trip condition held: {after} (goal 0: {}); {} threads at once in a fresh namespace, {} connects: {} reached the network (ActiveOpens), {} refused by the breaker, {} admitted before the trip (trip event's requests)",
+        "connects that reached the network after the trip condition held: {after} (goal 0: {}); {BURST_ROUNDS} trips under {} concurrent threads in a fresh namespace, {} connects: {} reached the network (ActiveOpens), {} refused by the breaker, {} admitted before the trips (trip events' requests)",
         if after == 0 { "met" } else { "not met" },
         args.burst_threads,
         burst.attempts,
@@ -776,11 +779,53 @@ fn connect_latency(
     Ok(times)
 }
 
+/// Totals over the burst rounds.
+#[derive(Default)]
 struct Burst {
+    /// Connects made.
     attempts: u64,
+    /// Connects that sent a SYN (the namespace's `ActiveOpens`).
     reached: u64,
+    /// Connects the breaker refused.
     rejected: u64,
+    /// Connects the breaker admitted while closed (each round's trip event's `requests`).
     admitted_before_trip: u64,
+    /// Per round, SYNs sent beyond the connects admitted before the trip.
+    reached_after_trip: u64,
+}
+
+/// `threads` threads in `ns`, released at once, each making `BURST_CONNECTS` connects to
+/// `addr`; returns how many were made. Every one must fail with ECONNREFUSED.
+fn burst_round(ns: &NetNs, addr: SocketAddrV4, threads: u64) -> Result<u64> {
+    let start = Arc::new(Barrier::new(usize::try_from(threads)?));
+    let clients: Vec<_> = (0..threads)
+        .map(|_| {
+            let start = start.clone();
+            let file = ns.file()?;
+            Ok(thread::spawn(move || -> Result<(u64, u64)> {
+                let joined = join(&file);
+                start.wait();
+                joined?;
+                let (mut refused, mut other) = (0, 0);
+                for _ in 0..BURST_CONNECTS {
+                    match connect_once(addr)? {
+                        libc::ECONNREFUSED => refused += 1,
+                        _ => other += 1,
+                    }
+                }
+                Ok((refused, other))
+            }))
+        })
+        .collect::<Result<_>>()?;
+    let mut attempts = 0;
+    for c in clients {
+        let (refused, other) = c.join().map_err(|_| anyhow!("a burst client panicked"))??;
+        if other > 0 {
+            bail!("{other} connects to {addr} failed otherwise than with ECONNREFUSED");
+        }
+        attempts += refused;
+    }
+    Ok(attempts)
 }
 
 /// Trips `SVC_BURST` under `threads` concurrent connect loops in a namespace of their own, so
@@ -796,55 +841,36 @@ fn burst(env: &Env, addr: SocketAddrV4, threads: u64) -> Result<Burst> {
         .context("starting `breakwater watch breakers`")?;
     let events = watch_lines(&mut watch);
     let result = (|| {
-        // The stream has no greeting: a manual trip and reset show that it is live, and leave
-        // the breaker closed with its counts cleared.
-        for verb in ["trip", "reset"] {
-            crate::output(env.cli().args([verb, SVC_BURST]))?;
-        }
-        next_event(&events, "closed")?;
-        let before = ns.run(tcp_snmp)?;
-        let start = Arc::new(Barrier::new(usize::try_from(threads)?));
-        let clients: Vec<_> = (0..threads)
-            .map(|_| {
-                let start = start.clone();
-                let file = ns.file()?;
-                Ok(thread::spawn(move || -> Result<(u64, u64)> {
-                    let joined = join(&file);
-                    start.wait();
-                    joined?;
-                    let (mut refused, mut other) = (0, 0);
-                    for _ in 0..BURST_CONNECTS {
-                        match connect_once(addr)? {
-                            libc::ECONNREFUSED => refused += 1,
-                            _ => other += 1,
-                        }
-                    }
-                    Ok((refused, other))
-                }))
-            })
-            .collect::<Result<_>>()?;
-        let mut attempts = 0;
-        for c in clients {
-            let (refused, other) = c.join().map_err(|_| anyhow!("a burst client panicked"))??;
-            if other > 0 {
-                bail!("{other} connects to {addr} failed otherwise than with ECONNREFUSED");
+        let mut total = Burst::default();
+        for round in 0..BURST_ROUNDS {
+            // The stream has no greeting: a manual trip and reset show that it is live; a reset
+            // closes the breaker, counts cleared, for the next round.
+            let verbs: &[&str] = if round == 0 {
+                &["trip", "reset"]
+            } else {
+                &["reset"]
+            };
+            for verb in verbs {
+                crate::output(env.cli().args([verb, SVC_BURST]))?;
             }
-            attempts += refused;
+            next_event(&events, "closed")?;
+            let before = ns.run(tcp_snmp)?;
+            total.attempts += burst_round(&ns, addr, threads)?;
+            let after = ns.run(tcp_snmp)?;
+            let trip = next_event(&events, "open")?;
+            if trip["lost"].as_u64().unwrap_or(0) > 0 || trip["cause"] != "consecutive_failures" {
+                bail!("unexpected trip event: {trip}");
+            }
+            let reached = after.active_opens - before.active_opens;
+            let admitted = trip["requests"].as_u64().unwrap_or(0);
+            total.reached += reached;
+            total.admitted_before_trip += admitted;
+            total.reached_after_trip += reached.saturating_sub(admitted);
         }
-        let after = ns.run(tcp_snmp)?;
-        let trip = next_event(&events, "open")?;
-        if trip["lost"].as_u64().unwrap_or(0) > 0 || trip["cause"] != "consecutive_failures" {
-            bail!("unexpected trip event: {trip}");
-        }
-        let rejected = breaker_json(env, SVC_BURST)?["rejected"]
+        total.rejected = breaker_json(env, SVC_BURST)?["rejected"]
             .as_u64()
             .unwrap_or(0);
-        Ok(Burst {
-            attempts,
-            reached: after.active_opens - before.active_opens,
-            rejected,
-            admitted_before_trip: trip["requests"].as_u64().unwrap_or(0),
-        })
+        Ok(total)
     })();
     let _ = watch.kill();
     let _ = watch.wait();

@@ -158,16 +158,11 @@ impl Kernel {
             self.pin_link(link, names::PROG_SOCKOPS, i)?;
             info!(cgroup = %path.display(), "breaker enforced");
         }
-        for name in [
-            names::PROG_CONNECT4,
-            names::PROG_CONNECT6,
-            names::PROG_SOCKOPS,
+        for (name, attach) in [
+            (names::PROG_CONNECT4, "cgroup/connect4"),
+            (names::PROG_CONNECT6, "cgroup/connect6"),
+            (names::PROG_SOCKOPS, "sock_ops"),
         ] {
-            let attach = if name == names::PROG_SOCKOPS {
-                "sock_ops"
-            } else {
-                "cgroup/connect"
-            };
             let id = self
                 .ebpf
                 .program(name)
@@ -176,7 +171,7 @@ impl Kernel {
                 .unwrap_or_default();
             self.programs.push(super::ProgramSummary {
                 name,
-                attach: format!("{attach} ({})", scope.join(", ")),
+                attach: format!("{attach} {}", scope.join(" ")),
                 id,
                 ..Default::default()
             });
@@ -189,6 +184,13 @@ impl Kernel {
         breaker_iter
             .load(names::ITER_TCP, &btf)
             .map_err(LoadError::program("iter/tcp load"))?;
+        let id = breaker_iter.info().map(|i| i.id()).unwrap_or_default();
+        self.programs.push(super::ProgramSummary {
+            name: names::PROG_BREAKER_TCP,
+            attach: format!("iter/{}", names::ITER_TCP),
+            id,
+            ..Default::default()
+        });
         Ok(())
     }
 

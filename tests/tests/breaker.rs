@@ -817,3 +817,33 @@ fn ipv6_connects_are_gated_too() {
     assert!(started.elapsed() < Duration::from_millis(5));
     assert_eq!(get_breaker(&agent, SERVICE).unwrap().rejected, 1);
 }
+
+#[test]
+fn pinned_maps_of_another_size_are_refused_with_the_way_out() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut agent = Agent::start();
+    agent.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, "[maps]\nmax_services = 8\n").unwrap();
+    let out = std::process::Command::new(breakwater_tests::agent_bin())
+        .arg("agent")
+        .arg("--socket")
+        .arg(dir.path().join("a.sock"))
+        .arg("--pin-dir")
+        .arg(agent.pin_dir())
+        .args(["--scope", agent.scope()])
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("maps.max_services") && stderr.contains("breakwater uninstall"),
+        "{stderr}"
+    );
+}

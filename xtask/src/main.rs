@@ -45,7 +45,7 @@ enum Task {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
-    /// Loopback connect/accept/close throughput with the agent off and on (root)
+    /// Throughput and memory with the agent off and on, and the breaker's rejection cost (root)
     Bench(bench::Args),
     /// (used by bench) hold PAIRS loopback connections open until stdin closes
     #[command(hide = true)]

@@ -89,6 +89,75 @@ pub fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
+/// Checks that maps a previous agent pinned fit this agent: the same layouts (a different
+/// version may have changed them) and the sizes the config asks for. Reusing a map that does
+/// not fit would corrupt its state or fail later with a less clear error.
+pub fn check_pins(dir: &Path, sizes: &crate::config::MapSizes) -> Result<(), LoadError> {
+    use std::mem::size_of;
+    let slots = sizes.max_services + 1;
+    let expected = [
+        (
+            names::MAP_SVC_LPM,
+            sizes.max_service_endpoints,
+            4,
+            "maps.max_service_endpoints",
+        ),
+        (
+            names::MAP_SVC_META,
+            slots,
+            size_of::<SvcMeta>(),
+            "maps.max_services",
+        ),
+        (
+            names::MAP_POLICIES,
+            slots,
+            size_of::<Policy>(),
+            "maps.max_services",
+        ),
+        (
+            names::MAP_BREAKERS,
+            slots,
+            size_of::<BreakerEntry>(),
+            "maps.max_services",
+        ),
+        (
+            names::MAP_BREAKER_TOTALS,
+            slots,
+            size_of::<Totals>(),
+            "maps.max_services",
+        ),
+    ];
+    for (name, entries, value_size, key) in expected {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|e| LoadError::Setup(format!("pinned map {}: {e}", path.display())))?;
+        let misfit = if info.value_size() as usize != value_size {
+            Some(format!(
+                "holds {}-byte values where this agent needs {value_size} (another version made it)",
+                info.value_size()
+            ))
+        } else if info.max_entries() != entries {
+            Some(format!(
+                "has {} entries where the config ({key}) asks for {entries}",
+                info.max_entries()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = misfit {
+            return Err(LoadError::Setup(format!(
+                "pinned map {} {why}: keep the old setting, or run `breakwater uninstall --pin-dir {}` (which drops the breakers' state) and start again",
+                path.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Removes everything pinned in `dir`: enforcement stops once no agent holds the links.
 pub fn release(dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(dir) {
@@ -102,8 +171,8 @@ impl Kernel {
     /// cgroup (paths relative to the cgroup2 mount), pinning the links. Links a previous agent
     /// pinned are replaced.
     pub fn attach_breaker(&mut self, scope: &[String]) -> Result<(), LoadError> {
-        let root = cgroup2_mount().map_err(|e| LoadError::Seed(format!("cgroup2: {e}")))?;
-        let io = |what: String| move |e: std::io::Error| LoadError::Seed(format!("{what}: {e}"));
+        let root = cgroup2_mount().map_err(|e| LoadError::Setup(format!("cgroup2: {e}")))?;
+        let io = |what: String| move |e: std::io::Error| LoadError::Setup(format!("{what}: {e}"));
         // Old links first: two gates at once would count every connect twice.
         if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
             for entry in entries.flatten() {
@@ -143,7 +212,9 @@ impl Kernel {
                     .take_link(id)
                     .map_err(LoadError::program("cgroup/connect link"))?
                     .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| LoadError::Seed(e.to_string()))?;
+                    .map_err(|e: aya::programs::links::LinkError| {
+                        LoadError::Setup(e.to_string())
+                    })?;
                 self.pin_link(link, name, i)?;
             }
             let prog: &mut SockOps = program(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?;
@@ -154,7 +225,7 @@ impl Kernel {
                 .take_link(id)
                 .map_err(LoadError::program("sock_ops link"))?
                 .try_into()
-                .map_err(|e: aya::programs::links::LinkError| LoadError::Seed(e.to_string()))?;
+                .map_err(|e: aya::programs::links::LinkError| LoadError::Setup(e.to_string()))?;
             self.pin_link(link, names::PROG_SOCKOPS, i)?;
             info!(cgroup = %path.display(), "breaker enforced");
         }
@@ -198,7 +269,7 @@ impl Kernel {
         let path = self.pin_dir.join(format!("{LINK_PREFIX}{prog}-{index}"));
         let pinned = link
             .pin(&path)
-            .map_err(|e| LoadError::Seed(format!("pinning {}: {e}", path.display())))?;
+            .map_err(|e| LoadError::Setup(format!("pinning {}: {e}", path.display())))?;
         self.links.push(pinned);
         Ok(())
     }

@@ -54,6 +54,9 @@ pub enum LoadError {
     },
     #[error("seeding from existing sockets: {0}")]
     Seed(String),
+    /// Pinning, cgroups, bpffs: the breaker's setup around the programs.
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl LoadError {
@@ -154,7 +157,8 @@ impl Kernel {
     pub fn load(sizes: &MapSizes, pin_dir: &Path) -> Result<Self, LoadError> {
         let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
         breaker::prepare_pin_dir(pin_dir)
-            .map_err(|e| LoadError::Seed(format!("pin directory {}: {e}", pin_dir.display())))?;
+            .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
+        breaker::check_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in names::PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));

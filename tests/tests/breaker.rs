@@ -433,6 +433,31 @@ fn manual_trip_with_ttl_expires_in_the_kernel_with_the_agent_killed() {
         return;
     }
     let mut rig = Rig::with_policy_toml("preset = \"gobreaker\"");
+    let mut watch = std::process::Command::new(breakwater_tests::agent_bin())
+        .args([
+            "--agent",
+            &rig.agent.address(),
+            "watch",
+            "breakers",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // Time for the watch to subscribe before the trip.
+    thread::sleep(Duration::from_millis(300));
     let out = rig.agent.cli(&[
         "trip",
         SERVICE,
@@ -463,6 +488,29 @@ fn manual_trip_with_ttl_expires_in_the_kernel_with_the_agent_killed() {
     ] {
         assert!(b[key].is_u64(), "{key} in {b}");
     }
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("`watch breakers` printed the trip");
+    let ev: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(
+        (
+            &ev["service"],
+            &ev["from"],
+            &ev["to"],
+            &ev["cause"],
+            &ev["reason"]
+        ),
+        (
+            &serde_json::json!(SERVICE),
+            &serde_json::json!("closed"),
+            &serde_json::json!("open"),
+            &serde_json::json!("manual"),
+            &serde_json::json!("deploying payments")
+        ),
+        "{line}"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
     rig.agent.kill();
     // No agent: the kernel still rejects, and lifts the trip on its own when the TTL ends.
     rig.assert_rejected_without_agent();
@@ -845,5 +893,107 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_out() {
     assert!(
         stderr.contains("maps.max_services") && stderr.contains("breakwater uninstall"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn slow_connects_count_as_failures() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // The first SYN to a full accept queue is dropped; the retransmit (about 1 s later) gets
+    // through once the queue has drained: a connect that succeeds, slowly.
+    let (listener, slow, filler) = full_queue();
+    let up = Server::start("127.0.0.1:0");
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{slow}\", \"{}\"]\n[service.breaker]\nconsecutive_failures = 1\nslow_connect = \"500ms\"\n",
+        up.addr
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    TcpStream::connect(up.addr).expect("fast connect");
+    assert_eq!(get_breaker(&agent, SERVICE).unwrap().state(), Closed);
+    let client = thread::spawn(move || {
+        let t = Instant::now();
+        let c = TcpStream::connect(slow).expect("connects after the SYN retransmission");
+        (t.elapsed(), c)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let (accepted, _) = listener.accept().unwrap();
+    drop((accepted, filler));
+    let (took, _c) = client.join().unwrap();
+    assert!(took >= Duration::from_millis(900), "not slow: {took:?}");
+    let b = get_breaker(&agent, SERVICE).unwrap();
+    assert_eq!((b.state(), b.trips), (Open, 1), "{b:?}");
+}
+
+#[test]
+fn a_trip_terminates_connections_in_other_namespaces() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut agent = Agent::start();
+    agent.cgroup().enter();
+    let ns = breakwater_tests::netns::NetNs::new("brk");
+    // An echo server and three pooled clients, all inside the namespace (the clients from this
+    // process, so from the enforced cgroup).
+    let addr = ns.run(|| {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = echo.local_addr().unwrap();
+        thread::spawn(move || {
+            for conn in echo.incoming() {
+                let Ok(mut conn) = conn else { break };
+                thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    });
+    let endpoint = addr.to_string();
+    for args in [
+        &["service", "put", SERVICE, "--endpoint", &endpoint][..],
+        &["policy", "set", SERVICE, "--preset", "gobreaker"][..],
+    ] {
+        let out = agent.cli(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let mut pool = ns.run(move || {
+        (0..3)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect::<Vec<_>>()
+    });
+    for c in &mut pool {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+    }
+    let out = agent.cli(&["trip", SERVICE]);
+    assert!(out.status.success(), "{out:?}");
+    for (i, c) in pool.iter_mut().enumerate() {
+        let used = c.write_all(b"ping").and_then(|_| {
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf)
+        });
+        let err = used.expect_err("terminated on trip");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ECONNABORTED),
+            "connection {i}: {err}"
+        );
+    }
+    assert_eq!(
+        breakwater_tests::ss_established_to(addr, Some(&ns.name)),
+        0,
+        "{}",
+        ns.name
     );
 }

@@ -489,3 +489,38 @@ pub fn one_syn_retry_socket() -> socket2::Socket {
     assert_eq!(rc, 0, "TCP_SYNCNT");
     s
 }
+
+/// A listener whose accept queue is full: further SYNs are dropped, so connects time out.
+pub fn full_queue() -> (socket2::Socket, SocketAddr, TcpStream) {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr).expect("first connection fills the queue");
+    (listener, addr, filler)
+}
+
+/// An echo server on 127.0.0.1 (in the calling thread's network namespace), on threads of its
+/// own for the rest of the test process.
+pub fn echo_server() -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = echo.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { break };
+            thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

@@ -12,7 +12,8 @@ use std::{
 
 use breakwater_proto::v1 as pb;
 use breakwater_tests::{
-    cgroup, closed_port, field, one_syn_retry_socket, require_root, serial, Agent, Server,
+    cgroup, closed_port, echo_server, field, full_queue, one_syn_retry_socket, require_root,
+    serial, Agent, Server,
 };
 use pb::BreakerState::{Closed, HalfOpen, Open};
 
@@ -180,19 +181,6 @@ fn get_breaker(agent: &Agent, service: &str) -> Result<pb::Breaker, tonic::Statu
             service: service.into(),
         }))
         .map(|r| r.into_inner().breaker.expect("breaker"))
-}
-
-/// A listener whose accept queue is full: further SYNs are dropped, so connects time out.
-fn full_queue() -> (socket2::Socket, SocketAddr, TcpStream) {
-    let listener =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    listener
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let filler = TcpStream::connect(addr).expect("first connection fills the queue");
-    (listener, addr, filler)
 }
 
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;
@@ -541,21 +529,7 @@ fn pooled_connections_fail_fast_after_a_trip() {
         return;
     }
     // An echo server: a keep-alive pool of ten clients does a round trip each.
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in echo.incoming() {
-            let Ok(mut conn) = conn else { break };
-            thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_addr = echo_server();
     let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
     let config = format!(
         "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{echo_addr}\", \"{closed}\"]\n[service.breaker]\nconsecutive_failures = 3\nopen_timeout = \"60s\"\n"
@@ -939,24 +913,7 @@ fn a_trip_terminates_connections_in_other_namespaces() {
     let ns = breakwater_tests::netns::NetNs::new("brk");
     // An echo server and three pooled clients, all inside the namespace (the clients from this
     // process, so from the enforced cgroup).
-    let addr = ns.run(|| {
-        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = echo.local_addr().unwrap();
-        thread::spawn(move || {
-            for conn in echo.incoming() {
-                let Ok(mut conn) = conn else { break };
-                thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = conn.read(&mut buf) {
-                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    });
+    let addr = ns.run(echo_server);
     let endpoint = addr.to_string();
     for args in [
         &["service", "put", SERVICE, "--endpoint", &endpoint][..],

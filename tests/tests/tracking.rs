@@ -9,8 +9,8 @@ use std::{
 };
 
 use breakwater_tests::{
-    closed_port, connect_many, eventually, field, netns::NetNs, one_syn_retry_socket, require_root,
-    serial, ss_established_to, Agent, Server,
+    closed_port, connect_many, eventually, field, full_queue, netns::NetNs, one_syn_retry_socket,
+    require_root, serial, ss_established_to, Agent, Server,
 };
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -183,14 +183,7 @@ fn three_syn_timeouts() {
 /// Three clients with TCP_SYNCNT=1 against a full accept queue; returns the destination's row
 /// once it shows 3 timeouts, or as it is after 10 s.
 fn syn_timeouts_once(agent: &Agent) -> (serde_json::Value, u16) {
-    let listener =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    listener
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let _filler = TcpStream::connect(addr).expect("first connection fills the queue");
+    let (_listener, addr, _filler) = full_queue();
 
     let started = Instant::now();
     // Staggered, so that each one times out on a timer run of its own.

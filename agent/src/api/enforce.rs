@@ -183,6 +183,10 @@ impl Core {
     }
 
     fn publish(&self, service: &str, t: &brk::Transition, reason: &str) {
+        self.publish_at(service, t, reason, SystemTime::now());
+    }
+
+    fn publish_at(&self, service: &str, t: &brk::Transition, reason: &str, time: SystemTime) {
         // No subscribers is no error.
         let _ = self.events.send(BreakerEventView {
             service: service.to_owned(),
@@ -192,7 +196,7 @@ impl Core {
             requests: t.requests,
             failures: t.failures,
             consecutive_failures: t.consecutive_failures,
-            time: SystemTime::now(),
+            time,
             reason: reason.to_owned(),
         });
     }
@@ -223,17 +227,7 @@ impl Core {
             failures = t.failures,
             "breaker changed state"
         );
-        let _ = self.events.send(BreakerEventView {
-            service: service.clone(),
-            from: t.from,
-            to: t.to,
-            cause: t.cause,
-            requests: t.requests,
-            failures: t.failures,
-            consecutive_failures: t.consecutive_failures,
-            time: wall_time(ev.time_ns),
-            reason: String::new(),
-        });
+        self.publish_at(&service, &t, "", wall_time(ev.time_ns));
         if t.to == state::OPEN && t.from != state::OPEN {
             let terminate = self
                 .kernel

@@ -88,11 +88,18 @@ pub mod names {
         MAP_BREAKER_EVENTS,
     ];
 
+    /// Ring buffer of `ConnEvent`s for `WatchConnections` (written only while `BW_AUDIT` is on).
+    pub const MAP_CONN_EVENTS: &str = "BW_CONN_EVENTS";
+    /// One `u32`: 1 while someone watches connection events.
+    pub const MAP_AUDIT: &str = "BW_AUDIT";
+
     /// Kernel struct offsets, resolved from BTF by the loader (read-only global).
     pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 15] = [
+    pub const ALL_MAPS: [&str; 17] = [
+        MAP_CONN_EVENTS,
+        MAP_AUDIT,
         MAP_POLICIES,
         MAP_BREAKERS,
         MAP_BREAKER_TOTALS,
@@ -191,8 +198,10 @@ pub mod counter {
     pub const NO_OFFSETS: u32 = 9;
     /// New keys inserted into `BW_DEST_HIST`.
     pub const HIST_INSERTS: u32 = 10;
+    /// Connection events the ring buffer had no room for.
+    pub const AUDIT_LOST: u32 = 11;
 
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Names as reported by the API, index for index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -207,6 +216,7 @@ pub mod counter {
         "seeded",
         "no_offsets",
         "hist_inserts",
+        "audit_lost",
     ];
 }
 
@@ -360,6 +370,51 @@ pub struct SockRecord {
     pub _pad: [u8; 7],
 }
 
+/// Kinds of [`ConnEvent`].
+pub mod conn_event {
+    pub const OPENED: u8 = 1;
+    pub const CLOSED: u8 = 2;
+    pub const FAILED: u8 = 3;
+    pub const REJECTED: u8 = 4;
+}
+
+/// Why a connect failed ([`ConnEvent::reason`] of a `FAILED` event).
+pub mod fail_reason {
+    pub const REFUSED: u8 = 1;
+    pub const TIMEOUT: u8 = 2;
+    pub const OTHER: u8 = 3;
+}
+
+/// One connection event of the audit stream (`BW_CONN_EVENTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// CLOCK_MONOTONIC ns.
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// closed: lifetime; opened outbound: connect time.
+    pub duration_us: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; 16],
+    pub netns: u32,
+    pub pid: u32,
+    /// Service id; 0 = none.
+    pub svc: u32,
+    /// rejected: the errno the caller got.
+    pub errno: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// [`conn_event`]
+    pub kind: u8,
+    /// failed: [`fail_reason`]
+    pub reason: u8,
+    pub direction: u8,
+    pub _pad: u8,
+}
+
 /// What `bw_breaker_tcp` writes per socket the breaker's gate admitted to a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -483,6 +538,7 @@ const _: () = {
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
     assert!(core::mem::size_of::<BreakerSockRecord>() == 56);
+    assert!(core::mem::size_of::<ConnEvent>() == 112);
 };
 
 #[cfg(feature = "user")]
@@ -499,6 +555,7 @@ mod pod {
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}
     unsafe impl aya::Pod for super::BreakerSockRecord {}
+    unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::breaker::Policy {}
     unsafe impl aya::Pod for super::breaker::BreakerEntry {}
     unsafe impl aya::Pod for super::breaker::Totals {}

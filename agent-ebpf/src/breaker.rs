@@ -9,6 +9,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns,
         generated::{bpf_set_retval, bpf_skc_to_tcp_sock, bpf_spin_lock, bpf_spin_unlock},
     },
@@ -17,14 +18,14 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     breaker::{policy_flags, sock_flags, state, Admission, BreakerEntry, Event, Transition},
-    tcp_state, v4_mapped,
+    conn_event, direction, tcp_state, v4_mapped,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS, BW_BRK_SOCKS, BW_BRK_TOTALS,
-        BW_POLICIES,
+        audit_entry, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS, BW_BRK_SOCKS,
+        BW_BRK_TOTALS, BW_POLICIES,
     },
     sock::{read, Error, IPPROTO_TCP},
 };
@@ -127,11 +128,43 @@ unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Resu
         Admission::Reject => {
             bs.flags = sock_flags::DONE;
             total(svc, |t| &raw mut t.rejected);
+            audit_rejected(addr, port, svc, policy.errno, now);
             // Without a retval the caller would see EPERM.
             bpf_set_retval(-(policy.errno as i32));
             Ok(0)
         }
     }
+}
+
+/// A rejected connect, for the audit stream: process context, so the caller is the current task.
+#[inline(always)]
+fn audit_rejected(addr: &[u8; 16], port: u16, svc: u32, errno: u32, now: u64) {
+    let Some(mut entry) = audit_entry() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry; every field is written before it is submitted.
+    unsafe {
+        (*e).time_ns = now;
+        (*e).cgroup_id = bpf_get_current_cgroup_id();
+        (*e).bytes_sent = 0;
+        (*e).bytes_received = 0;
+        (*e).duration_us = 0;
+        (*e).saddr = [0; 16];
+        (*e).daddr = *addr;
+        (*e).comm = bpf_get_current_comm().unwrap_or_default();
+        (*e).netns = 0;
+        (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*e).svc = svc;
+        (*e).errno = errno;
+        (*e).sport = 0;
+        (*e).dport = port;
+        (*e).kind = conn_event::REJECTED;
+        (*e).reason = 0;
+        (*e).direction = direction::OUTBOUND;
+        (*e)._pad = 0;
+    }
+    entry.submit(0);
 }
 
 #[inline(always)]

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     breaker::{BreakerEntry, BreakerSock, Policy, SvcMeta, Totals},
-    counter, defaults, hist_kind, scratch_slot, ConnInfo, ConnStats, DestKey, HistKey, ListenKey,
-    ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
+    counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnStats, DestKey, HistKey,
+    ListenKey, ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
 };
 
 #[map]
@@ -65,6 +65,26 @@ pub static BW_BRK_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Written and read by the agent only; here so that it is created, sized and pinned with the rest.
 #[map]
 pub static BW_SVC_META: Array<SvcMeta> = Array::with_max_entries(SVC_SLOTS, 0);
+
+#[map]
+pub static BW_CONN_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+pub static BW_AUDIT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Room in the audit ring buffer for one event, if someone is watching (and None otherwise, at
+/// the cost of one array lookup). The caller fills in every field and submits it.
+#[inline(always)]
+pub fn audit_entry() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ConnEvent>> {
+    if BW_AUDIT.get(0).copied().unwrap_or(0) == 0 {
+        return None;
+    }
+    let entry = BW_CONN_EVENTS.reserve::<ConnEvent>(0);
+    if entry.is_none() {
+        bump(counter::AUDIT_LOST);
+    }
+    entry
+}
 
 #[map]
 pub static BW_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

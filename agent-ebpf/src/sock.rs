@@ -230,6 +230,38 @@ pub fn zero(c: &mut ConnInfo) {
     }
 }
 
+/// Reports a connection event to the audit stream, if someone watches: the connection as
+/// `c` describes it.
+#[inline(always)]
+pub fn audit(c: &ConnInfo, kind: u8, reason: u8, sent: u64, received: u64, duration_us: u64) {
+    let Some(mut entry) = crate::maps::audit_entry() else {
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the reserved entry; every field is written before it is submitted.
+    unsafe {
+        (*e).time_ns = aya_ebpf::helpers::bpf_ktime_get_ns();
+        (*e).cgroup_id = c.cgroup_id;
+        (*e).bytes_sent = sent;
+        (*e).bytes_received = received;
+        (*e).duration_us = duration_us;
+        (*e).saddr = c.saddr;
+        (*e).daddr = c.daddr;
+        (*e).comm = c.comm;
+        (*e).netns = c.netns;
+        (*e).pid = c.pid;
+        (*e).svc = c.svc;
+        (*e).errno = 0;
+        (*e).sport = c.sport;
+        (*e).dport = c.dport;
+        (*e).kind = kind;
+        (*e).reason = reason;
+        (*e).direction = c.direction;
+        (*e)._pad = 0;
+    }
+    entry.submit(0);
+}
+
 /// Adds one sample (µs) to a destination's and, if it has one, its service's histogram.
 #[inline(always)]
 pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error> {

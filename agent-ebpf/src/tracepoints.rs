@@ -10,13 +10,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use breakwater_common::{
-    conn_flags, counter, direction, hist_kind, scratch_slot, tcp_state::*, ConnInfo, ListenerInfo,
-    Offsets,
+    conn_event, conn_flags, counter, direction, fail_reason, hist_kind, scratch_slot, tcp_state::*,
+    ConnInfo, ListenerInfo, Offsets,
 };
 
 use crate::{
     maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
-    sock::{key_of, observe, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP},
+    sock::{
+        audit, key_of, observe, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP,
+    },
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -109,11 +111,13 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Erro
     let key = key_of(c);
     c.svc = service_of(&key.addr, key.port);
     record(&key, c.svc, Event::Opened)?;
+    let mut connect_us = 0;
     if c.flags & conn_flags::CONNECT_TIMED != 0 {
-        let us = (bpf_ktime_get_ns().saturating_sub(c.start_ns)) / 1000;
-        observe(&key, c.svc, hist_kind::CONNECT, us)?;
+        connect_us = (bpf_ktime_get_ns().saturating_sub(c.start_ns)) / 1000;
+        observe(&key, c.svc, hist_kind::CONNECT, connect_us)?;
     }
     c.flags = (c.flags & !conn_flags::CONNECT_TIMED) | conn_flags::COUNTED;
+    audit(c, conn_event::OPENED, 0, 0, 0, connect_us);
     Ok(())
 }
 
@@ -131,7 +135,9 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
     // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
     // verifier wants a pointer typed as one for fields beyond `struct sock`).
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    let lifetime_us = bpf_ktime_get_ns().saturating_sub(c.start_ns) / 1000;
     if tp.is_null() {
+        audit(c, conn_event::CLOSED, 0, 0, 0, lifetime_us);
         return record(
             &key,
             c.svc,
@@ -148,7 +154,7 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
     let fin = u64::from(new == CLOSE_WAIT);
     let received = read::<u64>(tp, &o.tcp_bytes_received).saturating_sub(fin);
     record(&key, c.svc, Event::Closed { sent, received })?;
-    let lifetime_us = bpf_ktime_get_ns().saturating_sub(c.start_ns) / 1000;
+    audit(c, conn_event::CLOSED, 0, sent, received, lifetime_us);
     if c.direction == direction::OUTBOUND {
         observe(&key, c.svc, hist_kind::LIFETIME, lifetime_us)?;
         let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
@@ -216,12 +222,21 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     c.direction = direction::OUTBOUND;
     let key = key_of(c);
     let svc = service_of(&key.addr, key.port);
-    let ev = match read::<i32>(sk, &o.sk_err) {
-        ECONNREFUSED => Event::FailedRefused,
-        ETIMEDOUT => Event::FailedTimeout,
-        _ => Event::FailedOther,
+    let (ev, reason) = match read::<i32>(sk, &o.sk_err) {
+        ECONNREFUSED => (Event::FailedRefused, fail_reason::REFUSED),
+        ETIMEDOUT => (Event::FailedTimeout, fail_reason::TIMEOUT),
+        _ => (Event::FailedOther, fail_reason::OTHER),
     };
-    record(&key, svc, ev)
+    record(&key, svc, ev)?;
+    // Softirq or timer context: the connecting process is the one `connect()` recorded.
+    if let Some(owner) = storage(sk, false) {
+        c.pid = owner.pid;
+        c.comm = owner.comm;
+        c.cgroup_id = owner.cgroup_id;
+    }
+    c.svc = svc;
+    audit(c, conn_event::FAILED, reason, 0, 0, 0);
+    Ok(())
 }
 
 #[btf_tracepoint(function = "sock_send_length")]

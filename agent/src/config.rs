@@ -23,6 +23,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub maps: MapSizes,
     pub breaker: BreakerScope,
+    pub metrics: MetricsConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -30,18 +31,193 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Where the gRPC API listens (a unix socket, mode 0600).
+    /// Where the gRPC API listens (a unix socket, mode `socket_mode`).
     pub socket: PathBuf,
+    /// The socket's permission bits, octal ("0600": root only; "0666": anyone may read).
+    pub socket_mode: String,
+    /// The socket's group (a name or a numeric gid); none = root's.
+    pub socket_group: Option<String>,
     /// bpffs directory of the pinned programs, links and maps.
     pub pin_dir: PathBuf,
+    /// HOST:PORT to also serve the API on over TCP, with TLS and verified client certificates
+    /// (needs `tls_cert`, `tls_key` and `tls_client_ca`).
+    pub listen: Option<String>,
+    /// HOST:PORT to serve the API on over plain TCP: no TLS, no identity (reads only, unless
+    /// `authz.insecure_writers`).
+    pub insecure_listen: Option<String>,
+    /// HOST:PORT to serve `grpc.health.v1.Health` on, alone, over plain TCP (for probes that
+    /// cannot do mTLS, e.g. Kubernetes gRPC probes); none = off.
+    pub health_listen: Option<String>,
+    /// The agent's certificate chain (PEM) for `listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Who may change state through the API.
+    pub authz: AuthzConfig,
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             socket: DEFAULT_SOCKET.into(),
+            socket_mode: DEFAULT_SOCKET_MODE.into(),
+            socket_group: None,
             pin_dir: DEFAULT_PIN_DIR.into(),
+            listen: None,
+            insecure_listen: None,
+            health_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            authz: AuthzConfig::default(),
         }
+    }
+}
+
+pub const DEFAULT_SOCKET_MODE: &str = "0600";
+
+/// `[agent.authz]`: reading is open to every caller that can connect (and, over TLS,
+/// authenticates); changing state (trip, reset, policies, services, reload) only to these.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthzConfig {
+    /// Client-certificate identities allowed to change state: a SAN (DNS name or URI, e.g.
+    /// "spiffe://example.org/ops") or the subject's CN, matched exactly.
+    pub writers: Vec<String>,
+    /// Unix-socket callers (SO_PEERCRED) allowed to change state, by uid ...
+    pub writer_uids: Vec<u32>,
+    /// ... or by primary gid.
+    pub writer_gids: Vec<u32>,
+    /// Let callers of `insecure_listen` (who have no identity) change state too.
+    pub insecure_writers: bool,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        Self {
+            writers: Vec::new(),
+            writer_uids: vec![0],
+            writer_gids: Vec::new(),
+            insecure_writers: false,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// `socket_mode` as permission bits.
+    pub fn socket_mode(&self) -> Result<u32> {
+        let text = self.socket_mode.trim();
+        u32::from_str_radix(text.strip_prefix("0o").unwrap_or(text), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "agent.socket_mode {:?} is not an octal mode (e.g. \"0600\", \"0660\", \"0666\")",
+                    self.socket_mode
+                ))
+            })
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.socket_mode()?;
+        for (key, addr) in [
+            ("listen", &self.listen),
+            ("insecure_listen", &self.insecure_listen),
+            ("health_listen", &self.health_listen),
+        ] {
+            if let Some(addr) = addr {
+                check_host_port(addr)
+                    .map_err(|why| Error::invalid(format!("agent.{key} {addr:?}: {why}")))?;
+            }
+        }
+        if self.listen.is_some() {
+            let missing: Vec<&str> = [
+                ("tls_cert", &self.tls_cert),
+                ("tls_key", &self.tls_key),
+                ("tls_client_ca", &self.tls_client_ca),
+            ]
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k)
+            .collect();
+            if !missing.is_empty() {
+                return Err(Error::invalid(format!(
+                    "agent.listen (--listen) serves only TLS with verified client certificates: \
+                     it needs {} (--{})",
+                    missing
+                        .iter()
+                        .map(|k| format!("agent.{k}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    missing
+                        .iter()
+                        .map(|k| k.replace('_', "-"))
+                        .collect::<Vec<_>>()
+                        .join(", --")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 address.
+pub fn check_host_port(addr: &str) -> std::result::Result<(), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or("expected HOST:PORT, e.g. 0.0.0.0:7443 or [::]:7443")?;
+    port.parse::<u16>()
+        .map_err(|_| format!("invalid port {port:?}"))?;
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+    match bare {
+        Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => Ok(()),
+        Some(_) => Err(format!("invalid IPv6 address {host:?}")),
+        None if host.is_empty() || host.contains(':') => {
+            Err("expected HOST:PORT (an IPv6 address goes in brackets: [::1]:7443)".into())
+        }
+        None => Ok(()),
+    }
+}
+
+/// `[metrics]`: Prometheus metrics over plain HTTP (`GET /metrics`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// HOST:PORT to serve them on; none = off.
+    pub listen: Option<String>,
+    /// Per-destination series for the N destinations with the most opened connections (0 =
+    /// none): labels stay bounded.
+    pub top_destinations: u32,
+}
+
+pub const DEFAULT_TOP_DESTINATIONS: u32 = 20;
+/// More per-destination series than this is no longer a bounded label set.
+pub const MAX_TOP_DESTINATIONS: u32 = 1000;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            top_destinations: DEFAULT_TOP_DESTINATIONS,
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<()> {
+        if let Some(addr) = &self.listen {
+            check_host_port(addr)
+                .map_err(|why| Error::invalid(format!("metrics.listen {addr:?}: {why}")))?;
+        }
+        if self.top_destinations > MAX_TOP_DESTINATIONS {
+            return Err(Error::invalid(format!(
+                "metrics.top_destinations = {} is out of range (0..={MAX_TOP_DESTINATIONS})",
+                self.top_destinations
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -193,6 +369,8 @@ impl Config {
                 )));
             }
         }
+        self.agent.validate()?;
+        self.metrics.validate()?;
         self.breaker.validate()?;
         self.service_table()?;
         self.policies().map(drop)
@@ -270,6 +448,7 @@ mod tests {
         assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(c.maps, MapSizes::default());
         assert_eq!(c.breaker, BreakerScope::default());
+        assert_eq!(c.metrics, MetricsConfig::default());
         assert_eq!(c.service_table().unwrap().iter().count(), 2);
         let policies = c.policies().unwrap();
         assert_eq!(policies.len(), 2);
@@ -350,6 +529,63 @@ mod tests {
             ("[breaker]\nscope = []", "breaker.scope is empty"),
             ("[breaker]\nscope = [\"kubepods\"]", "breaker.scope \"kubepods\" must be absolute"),
             ("[breaker]\nscope = [\"/a/../b\"]", "must not contain \"..\""),
+            ("[metrics]\nlisten = \"9100\"", "metrics.listen \"9100\": expected HOST:PORT"),
+            ("[metrics]\ntop_destinations = 5000", "metrics.top_destinations = 5000 is out of range"),
+            ("[agent]\nhealth_listen = \":x\"", "agent.health_listen \":x\": "),
+        ];
+        for (text, why) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err:?} lacks {why:?}");
+        }
+    }
+
+    #[test]
+    fn remote_access_keys_parse_and_check() {
+        let c = Config::from_toml(
+            r#"
+            [agent]
+            socket_mode = "0660"
+            socket_group = "breakwater"
+            listen = "[::]:7443"
+            tls_cert = "/etc/bw/agent.pem"
+            tls_key = "/etc/bw/agent.key"
+            tls_client_ca = "/etc/bw/ca.pem"
+            insecure_listen = "localhost:7080"
+            [agent.authz]
+            writers = ["spiffe://x/ops", "ops.example.com"]
+            writer_gids = [50]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.agent.socket_mode().unwrap(), 0o660);
+        assert_eq!(c.agent.listen.as_deref(), Some("[::]:7443"));
+        assert_eq!(c.agent.authz.writers, ["spiffe://x/ops", "ops.example.com"]);
+        // Unset lists keep their defaults: root may change state.
+        assert_eq!(c.agent.authz.writer_uids, [0]);
+        assert_eq!(c.agent.authz.writer_gids, [50]);
+        assert!(!c.agent.authz.insecure_writers);
+        assert_eq!(AgentConfig::default().socket_mode().unwrap(), 0o600);
+
+        let cases = [
+            (
+                "[agent]\nsocket_mode = \"rw\"",
+                "agent.socket_mode \"rw\" is not an octal mode",
+            ),
+            ("[agent]\nsocket_mode = \"01777\"", "is not an octal mode"),
+            (
+                "[agent]\nlisten = \"0.0.0.0:7443\"\ntls_cert = \"/a.pem\"",
+                "it needs agent.tls_key, agent.tls_client_ca (--tls-key, --tls-client-ca)",
+            ),
+            (
+                "[agent]\ninsecure_listen = \"7080\"",
+                "agent.insecure_listen \"7080\": expected HOST:PORT",
+            ),
+            (
+                "[agent]\ninsecure_listen = \"h:http\"",
+                "invalid port \"http\"",
+            ),
+            ("[agent]\ninsecure_listen = \"::1:80\"", "in brackets"),
+            ("[agent.authz]\nwriter = []", "unknown field `writer`"),
         ];
         for (text, why) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

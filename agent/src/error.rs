@@ -9,6 +9,10 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not do this (a change by an identity not on the writers' allow-list);
+    /// nothing was changed.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A configured capacity (map size) would be exceeded; nothing was changed.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -37,11 +41,26 @@ impl From<Error> for Status {
         let code = match &e {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Map { .. } | Error::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }
+}
+
+/// An error and its sources on one line, each said once ("a: b: c").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

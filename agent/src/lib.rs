@@ -9,6 +9,7 @@ pub mod destroy;
 pub mod ebpf;
 pub mod error;
 pub mod latency;
+pub mod metrics;
 pub mod netns;
 pub mod service;
 pub mod timewait;

@@ -6,13 +6,18 @@ pub mod v1 {
     include!("gen/breakwater.v1.rs");
 }
 
+/// The encoded `FileDescriptorSet` of the .proto files (with their imports and comments), as
+/// gRPC server reflection serves it. Generated with the code and drift-checked like it.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/file_descriptor_set.bin");
+
 /// Serde helpers for enum fields: prost stores them as `i32`, the JSON output names them
 /// (`"outbound"`, `"active"`), without the proto's type prefix.
 pub mod json {
     use serde::Serializer;
 
     use crate::v1::{
-        BreakerCause, BreakerState, DestinationSort, Direction, PressureLevel, Severity,
+        BreakerCause, BreakerState, ConnectionEventKind, DestinationSort, Direction, PressureLevel,
+        Severity,
     };
 
     fn short(full: &str, prefix: &str) -> String {
@@ -61,5 +66,33 @@ pub mod json {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "BREAKER_CAUSE_")),
             Err(_) => s.serialize_i32(*v),
         }
+    }
+
+    pub fn connection_event_kind<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match ConnectionEventKind::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "CONNECTION_EVENT_KIND_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    /// Reflection resolves every service, method and message type from this set alone.
+    #[test]
+    fn descriptor_set_describes_the_agent_service() {
+        let fds = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET).unwrap();
+        let file = fds
+            .file
+            .iter()
+            .find(|f| f.name() == "breakwater/v1/agent.proto")
+            .expect("agent.proto");
+        assert_eq!(file.package(), "breakwater.v1");
+        let agent = file.service.iter().find(|s| s.name() == "Agent").unwrap();
+        assert!(agent.method.iter().any(|m| m.name() == "ListServices"));
+        // Comments come along, so `grpcurl describe` shows them.
+        assert!(file.source_code_info.is_some());
     }
 }

@@ -8,23 +8,33 @@ fn generated_code_is_up_to_date() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let proto_dir = root.join("proto");
     let fds = protox::compile(["breakwater/v1/agent.proto"], [&proto_dir]).expect("compile .proto");
+    // The descriptor set (imports and comments included) is what server reflection serves.
+    let descriptor_set = prost::Message::encode_to_vec(&fds);
     let out = tempfile::tempdir().expect("tempdir");
     breakwater_proto_codegen(out.path(), fds);
+    let code = fs::read(out.path().join("breakwater.v1.rs")).expect("generated");
 
-    let generated = fs::read_to_string(out.path().join("breakwater.v1.rs")).expect("generated");
-    let committed_path = root.join("src/gen/breakwater.v1.rs");
-    let committed = fs::read_to_string(&committed_path).unwrap_or_default();
-    if generated != committed {
+    let mut stale = Vec::new();
+    for (name, generated) in [
+        ("breakwater.v1.rs", code),
+        ("file_descriptor_set.bin", descriptor_set),
+    ] {
+        let committed_path = root.join("src/gen").join(name);
+        if fs::read(&committed_path).ok().as_ref() == Some(&generated) {
+            continue;
+        }
         if std::env::var_os("BREAKWATER_BLESS").is_some() {
             fs::create_dir_all(committed_path.parent().unwrap()).unwrap();
             fs::write(&committed_path, generated).unwrap();
-            return;
+        } else {
+            stale.push(committed_path.display().to_string());
         }
-        panic!(
-            "{} is out of date with the .proto files: run `BREAKWATER_BLESS=1 cargo test -p breakwater-proto --test bootstrap`",
-            committed_path.display()
-        );
     }
+    assert!(
+        stale.is_empty(),
+        "{} out of date with the .proto files: run `BREAKWATER_BLESS=1 cargo test -p breakwater-proto --test bootstrap`",
+        stale.join(" and ")
+    );
 }
 
 fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescriptorSet) {
@@ -38,6 +48,11 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
         ("breakwater.v1.BreakerEvent.from", "breaker_state"),
         ("breakwater.v1.BreakerEvent.to", "breaker_state"),
         ("breakwater.v1.BreakerEvent.cause", "breaker_cause"),
+        (
+            "breakwater.v1.ConnectionEvent.kind",
+            "connection_event_kind",
+        ),
+        ("breakwater.v1.ConnectionEvent.direction", "direction"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

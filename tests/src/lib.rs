@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod cgroup;
 pub mod netns;
+pub mod prom;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -86,8 +87,16 @@ impl Agent {
         cgroup::mount_bpffs_if_needed();
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
+        let cgroup = cgroup::CgroupGuard::new();
+        // The scope goes into the file (unless the test's config sets one), not on the command
+        // line, so that a reload can change it: flags win over the file.
         let config = config.map(|text| {
             let path = dir.path().join("breakwater.toml");
+            let text = if text.contains("[breaker]") {
+                text.to_owned()
+            } else {
+                format!("[breaker]\nscope = [\"{}\"]\n{text}", cgroup.relative())
+            };
             std::fs::write(&path, text).expect("write config");
             path
         });
@@ -105,7 +114,7 @@ impl Agent {
             pin_dir: cgroup::pin_dir(),
             config,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            cgroup: cgroup::CgroupGuard::new(),
+            cgroup,
         };
         agent.spawn();
         agent
@@ -120,12 +129,11 @@ impl Agent {
             .arg(&self.socket)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--scope")
-            .arg(self.cgroup.relative())
             .args(&self.extra);
-        if let Some(path) = &self.config {
-            cmd.arg("--config").arg(path);
-        }
+        match &self.config {
+            Some(path) => cmd.arg("--config").arg(path),
+            None => cmd.arg("--scope").arg(self.cgroup.relative()),
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -166,6 +174,11 @@ impl Agent {
     /// The enforced cgroup, relative to the cgroup2 mount.
     pub fn scope(&self) -> &str {
         self.cgroup.relative()
+    }
+
+    /// The config file the agent was started with (rewrite it, then reload).
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
     }
 
     pub fn pin_dir(&self) -> &Path {

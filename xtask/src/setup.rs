@@ -17,6 +17,21 @@ use crate::{is_root, output, run as run_cmd};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Python packages the tests run, pinned (a new release must not change a test's verdict), all
+/// in one venv: [`VENV`] under `~/.cache/breakwater`. Add a package here rather than a venv.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    // Validates deploy/kubernetes against the Kubernetes schemas (tests/tests/deploy.rs).
+    ("kubernetes-validate", "1.37.0"),
+    // A gRPC client that knows none of our .proto files: server reflection and health checks
+    // against the agent (tests/python/grpc_probe.py, run by tests/tests/observability.rs).
+    ("grpcio", "1.85.1"),
+    ("grpcio-reflection", "1.85.1"),
+    ("grpcio-health-checking", "1.85.1"),
+];
+
+/// The tests' Python venv, under `~/.cache/breakwater` (tests/tests/deploy.rs finds it there).
+const VENV: &str = "venv";
+
 pub fn run() -> Result<()> {
     let root = is_root();
     check_nightly()?;
@@ -26,6 +41,7 @@ pub fn run() -> Result<()> {
     check_mount("tracefs", "tracefs", "/sys/kernel/tracing", root)?;
     check_ss(root)?;
     check_cgroup2()?;
+    check_python_venv(root)?;
     Ok(())
 }
 
@@ -299,6 +315,88 @@ fn check_cgroup2() -> Result<()> {
              or boot with cgroup v2 enabled"
         ),
     }
+}
+
+/// The venv of [`PYTHON_PACKAGES`], made with Debian's python3 when there is one (it outlives
+/// pyenv or PATH changes), else the python3 on PATH.
+fn check_python_venv(root: bool) -> Result<()> {
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    let venv = Path::new(&home).join(".cache/breakwater").join(VENV);
+    let python = venv.join("bin/python");
+    let missing = |python: &Path| -> Vec<String> {
+        PYTHON_PACKAGES
+            .iter()
+            .filter(|(name, version)| {
+                let script = format!("import importlib.metadata as m; print(m.version({name:?}))");
+                output(Command::new(python).args(["-c", &script]))
+                    .map_or(true, |found| found.trim() != *version)
+            })
+            .map(|(name, version)| format!("{name}=={version}"))
+            .collect()
+    };
+    if !python.is_file() || output(Command::new(&python).arg("--version")).is_err() {
+        let base = if Path::new("/usr/bin/python3").is_file() {
+            PathBuf::from("/usr/bin/python3")
+        } else {
+            which::which("python3").map_err(|_| {
+                anyhow!("python3 is missing: install the Debian packages python3 and python3-venv")
+            })?
+        };
+        println!(
+            "installing: Python venv {} ({} -m venv)",
+            venv.display(),
+            base.display()
+        );
+        let make = || {
+            run_cmd(
+                Command::new(&base)
+                    .args(["-m", "venv", "--clear"])
+                    .arg(&venv),
+            )
+        };
+        if make().is_err() {
+            if !root || base != Path::new("/usr/bin/python3") {
+                bail!(
+                    "`{} -m venv {}` failed: install the Debian package python3-venv (as root: \
+                     apt-get install -y python3-venv) or run `cargo xtask setup` as root",
+                    base.display(),
+                    venv.display()
+                );
+            }
+            println!("installing: python3-venv (apt-get install -y python3-venv)");
+            apt_install("python3-venv")?;
+            make()?;
+        }
+    }
+    let wanted = missing(&python);
+    if !wanted.is_empty() {
+        println!("installing: {} into {}", wanted.join(" "), venv.display());
+        run_cmd(
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(&wanted),
+        )?;
+        let still = missing(&python);
+        if !still.is_empty() {
+            bail!(
+                "pip install succeeded but {} still does not report {}",
+                python.display(),
+                still.join(" ")
+            );
+        }
+    }
+    let list: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("{name} {version}"))
+        .collect();
+    println!("ok: Python venv {} ({})", venv.display(), list.join(", "));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! The `breakwater.v1.Agent` gRPC service: a thin layer over the domain core and the kernel maps.
 
+pub mod audit;
+pub mod authz;
 pub mod enforce;
+pub mod health;
+pub mod reload;
 pub mod serve;
 
 use std::{
@@ -33,6 +37,13 @@ pub struct Core {
     pub rates: RateWindow,
     /// Breaker state changes, fanned out to `WatchBreakerEvents` subscribers.
     pub events: tokio::sync::broadcast::Sender<enforce::BreakerEventView>,
+    /// Connection events, fanned out to `WatchConnections` subscribers.
+    pub audit: tokio::sync::broadcast::Sender<pb::ConnectionEvent>,
+    pub cgroups: audit::CgroupPaths,
+    /// The config last applied (at start or by a reload): a reload applies the difference.
+    pub config: crate::config::Config,
+    pub config_path: Option<PathBuf>,
+    pub overrides: reload::Overrides,
 }
 
 /// Counters whose per-second rates the agent reports.
@@ -486,6 +497,31 @@ fn breaker_events(
 #[tonic::async_trait]
 impl Agent for AgentService {
     type WatchBreakerEventsStream = BreakerEventStream;
+    type WatchConnectionsStream = audit::ConnectionEventStream;
+
+    async fn reload_config(
+        &self,
+        _: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        let changes = self.with_core(|core| core.reload()).await?;
+        Ok(Response::new(changes))
+    }
+
+    async fn watch_connections(
+        &self,
+        request: Request<pb::WatchConnectionsRequest>,
+    ) -> Result<Response<Self::WatchConnectionsStream>, Status> {
+        let service = request.into_inner().service;
+        let filter = service.clone();
+        let rx = self
+            .with_core(move |core| {
+                require_known(&core.services, &filter)?;
+                core.kernel.set_audit(true)?;
+                Ok(core.audit.subscribe())
+            })
+            .await?;
+        Ok(Response::new(audit::connection_events(rx, service)))
+    }
 
     async fn list_breakers(
         &self,

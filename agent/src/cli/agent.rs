@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::{AgentArgs, CliError};
 use crate::{
-    api::{serve, AgentService, Core},
+    api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::Config,
     ebpf::{breaker, Kernel},
     netns,
@@ -27,13 +27,13 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    if let Some(dir) = &args.pin_dir {
-        config.agent.pin_dir = dir.clone();
-    }
-    if !args.scope.is_empty() {
-        config.breaker.scope = args.scope.clone();
-        config.validate()?;
-    }
+    let overrides = Overrides {
+        pin_dir: args.pin_dir.clone(),
+        scope: args.scope.clone(),
+    };
+    overrides.apply(&mut config)?;
+    remote_flags(&args, &mut config)?;
+    observability_flags(&args, &mut config)?;
     let socket = args
         .socket
         .clone()
@@ -46,6 +46,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     // Validates the config's services before anything is loaded.
     config.service_table()?;
     serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
+    // Certificates are read and TCP ports bound before anything is loaded: a bad file or a
+    // taken port stops the start cleanly.
+    let (tls, insecure) = remote_listeners(&config).await?;
+    let health = Health::new().await;
+    let metrics_listener = observability_listeners(&config, &health).await?;
 
     let pin_dir = config.agent.pin_dir.clone();
     let mut kernel = Kernel::load(&config.maps, &pin_dir).context("loading eBPF programs")?;
@@ -56,11 +61,17 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         services.restore(id, &name, endpoints);
     }
     let events = kernel.take_events();
+    let conn_events = kernel.take_conn_events();
     let mut core = Core {
         kernel,
         services,
         rates: Default::default(),
         events: tokio::sync::broadcast::channel(1024).0,
+        audit: tokio::sync::broadcast::channel(4096).0,
+        cgroups: Default::default(),
+        config: config.clone(),
+        config_path: args.config.clone(),
+        overrides,
     };
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_config(&config)?;
@@ -71,9 +82,57 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
 
-    let listener = serve::bind(&socket).map_err(anyhow::Error::from)?;
+    let listener = serve::bind(
+        &socket,
+        config.agent.socket_mode()?,
+        config.agent.socket_group.as_deref(),
+    )
+    .map_err(serve_error)?;
     let host_netns = netns::current().unwrap_or_default();
     let core = Arc::new(Mutex::new(core));
+    if let Some(ring) = conn_events {
+        let core = core.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::audit::read_events(core, ring).await {
+                warn!(error = %e, "connection events: reader stopped");
+            }
+        });
+    }
+    // The audit programs write only while someone watches: check once a second.
+    let watched = Arc::downgrade(&core);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(core) = watched.upgrade() else { break };
+            let Ok(mut guard) = core.lock() else { break };
+            guard.update_audit();
+        }
+    });
+    // SIGHUP reloads the config file, like ReloadConfig.
+    let reloading = core.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let core = reloading.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                core.lock()
+                    .map_err(|_| crate::error::Error::Internal("core lock poisoned".into()))
+                    .and_then(|mut c| c.reload())
+            })
+            .await;
+            match result {
+                Ok(Ok(_)) => info!("SIGHUP: config reloaded"),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "SIGHUP: config not reloaded; the running one stays")
+                }
+                Err(e) => warn!(error = %e, "SIGHUP: reload failed"),
+            }
+        }
+    });
     if let Some(ring) = events {
         let core = core.clone();
         tokio::spawn(async move {
@@ -91,18 +150,45 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             guard.sample();
         };
     });
+    if let Some(listener) = metrics_listener {
+        let metrics = crate::metrics::Metrics::new(core.clone(), config.metrics.top_destinations);
+        // Like the health listener, it answers until the process ends.
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::new(metrics),
+            std::future::pending(),
+        ));
+    }
     let service = AgentService::new(core, host_netns, args.config.clone());
+    let authz = Authz::new(&config.agent.authz);
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
     eprintln!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
         socket.display()
     );
+    for (scheme, l) in [
+        ("https", tls.as_ref().map(|(l, _)| l)),
+        ("http", insecure.as_ref()),
+    ] {
+        if let Some(addr) = l.and_then(|l| l.local_addr().ok()) {
+            eprintln!("breakwater agent listening on {scheme}://{addr}");
+        }
+    }
+    let listeners = serve::Listeners {
+        unix: listener,
+        tls,
+        insecure,
+    };
+    // The programs are attached and every listener is bound.
+    health.set_serving(true).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping_health = health.clone();
     let stopping = async move {
         shutdown().await;
+        stopping_health.set_serving(false).await;
         let _ = stop_tx.send(true);
     };
-    let served = serve::serve(listener, service, async move {
+    let served = serve::serve(listeners, service, &health, authz, async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|s| *s).await;
     });
@@ -122,6 +208,141 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))
+}
+
+/// The remote-access flags over the config file's `[agent]` keys (flags > env > file).
+fn remote_flags(args: &AgentArgs, config: &mut Config) -> Result<(), CliError> {
+    let a = &mut config.agent;
+    if let Some(mode) = &args.socket_mode {
+        a.socket_mode = mode.clone();
+    }
+    for (flag, key) in [
+        (&args.listen, &mut a.listen),
+        (&args.insecure_listen, &mut a.insecure_listen),
+    ] {
+        if flag.is_some() {
+            key.clone_from(flag);
+        }
+    }
+    for (flag, key) in [
+        (&args.tls_cert, &mut a.tls_cert),
+        (&args.tls_key, &mut a.tls_key),
+        (&args.tls_client_ca, &mut a.tls_client_ca),
+    ] {
+        if flag.is_some() {
+            key.clone_from(flag);
+        }
+    }
+    config.validate()?;
+    Ok(())
+}
+
+/// `--health-listen` and `--metrics-listen` over the config file's keys.
+fn observability_flags(args: &AgentArgs, config: &mut Config) -> Result<(), CliError> {
+    if args.health_listen.is_some() {
+        config.agent.health_listen.clone_from(&args.health_listen);
+    }
+    if args.metrics_listen.is_some() {
+        config.metrics.listen.clone_from(&args.metrics_listen);
+    }
+    config.validate()?;
+    Ok(())
+}
+
+/// Binds the health-only and the metrics listeners (before loading: a taken port stops the
+/// start cleanly). The health listener starts serving at once, NOT_SERVING until the programs
+/// are attached, and answers until the process ends (NOT_SERVING while it shuts down); the
+/// metrics listener is returned, to serve once the core exists.
+async fn observability_listeners(
+    config: &Config,
+    health: &Health,
+) -> Result<Option<tokio::net::TcpListener>, CliError> {
+    if let Some(addr) = &config.agent.health_listen {
+        let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
+        if let Ok(local) = listener.local_addr() {
+            info!(health_listen = %local, "serving grpc.health.v1.Health alone over plain TCP");
+            eprintln!("breakwater agent health on http://{local} (grpc.health.v1 only)");
+        }
+        let health = health.clone();
+        tokio::spawn(async move {
+            let served =
+                crate::api::health::serve_health_only(listener, health, std::future::pending())
+                    .await;
+            if let Err(e) = served {
+                warn!(error = %e, "health listener stopped");
+            }
+        });
+    }
+    match &config.metrics.listen {
+        Some(addr) => {
+            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
+            if let Ok(local) = listener.local_addr() {
+                info!(metrics_listen = %local, "serving Prometheus metrics");
+                eprintln!("breakwater agent metrics on http://{local}/metrics");
+            }
+            Ok(Some(listener))
+        }
+        None => Ok(None),
+    }
+}
+
+type TcpListeners = (
+    Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
+    Option<tokio::net::TcpListener>,
+);
+
+/// The TCP listeners the config asks for: TLS with client certificates, and plain.
+async fn remote_listeners(config: &Config) -> Result<TcpListeners, CliError> {
+    let a = &config.agent;
+    let tls = match &a.listen {
+        Some(addr) => {
+            // validate() made sure all three are there.
+            let path = |p: &Option<std::path::PathBuf>| p.clone().unwrap_or_default();
+            let tls = serve::tls_config(
+                &path(&a.tls_cert),
+                &path(&a.tls_key),
+                &path(&a.tls_client_ca),
+            )
+            .map_err(serve_error)?;
+            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
+            info!(
+                listen = %addr,
+                writers = a.authz.writers.len(),
+                "serving the API over TCP with TLS; client certificates required"
+            );
+            Some((listener, tls))
+        }
+        None => None,
+    };
+    let insecure = match &a.insecure_listen {
+        Some(addr) => {
+            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
+            warn!(
+                insecure_listen = %addr,
+                insecure_writers = a.authz.insecure_writers,
+                "serving the API over plain TCP WITHOUT TLS or authentication (--insecure-listen): \
+                 whoever reaches {addr} can read everything the agent sees{}",
+                if a.authz.insecure_writers {
+                    " and change breakers and services (agent.authz.insecure_writers)"
+                } else {
+                    ""
+                }
+            );
+            Some(listener)
+        }
+        None => None,
+    };
+    Ok((tls, insecure))
+}
+
+/// A bad certificate, key or group is bad input (exit 2); anything else a failure.
+fn serve_error(e: serve::ServeError) -> CliError {
+    match e {
+        serve::ServeError::ReadTls { .. }
+        | serve::ServeError::Tls(_)
+        | serve::ServeError::NoGroup(_) => CliError::Usage(e.to_string()),
+        other => CliError::Failed(other.into()),
+    }
 }
 
 async fn shutdown() {

@@ -1,11 +1,15 @@
-//! The client commands: one RPC each, printed as a table or as the response's JSON.
+//! The client commands: one RPC each, printed as a table or as the response's JSON; with several
+//! agents, asked of all of them at once and printed together, with a node column.
 
-use std::path::PathBuf;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use breakwater_proto::v1::{self as pb, agent_client::AgentClient};
 use hyper_util::rt::TokioIo;
 use tonic::{
-    transport::{Channel, Endpoint, Uri},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri},
     Code,
 };
 use tower::service_fn;
@@ -16,68 +20,319 @@ use super::{
 };
 use crate::{
     breaker::{self, PolicySpec},
+    config::DEFAULT_SOCKET,
     service::parse_endpoints,
 };
 
 const MAX_RESPONSE: usize = 1 << 30;
+/// How long a TCP agent may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the agent listens, from `--agent`.
-fn socket_path(agent: &str) -> Result<PathBuf, CliError> {
-    match agent.strip_prefix("unix://") {
-        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(CliError::Usage(format!(
-            "invalid --agent {agent:?}: expected unix:///absolute/path/to/agent.sock"
-        ))),
+/// The client's side of TLS, for https:// agents.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// CA certificates the agent's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// The client's certificate and key.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The agents a command goes to, as given on the command line.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub agents: Vec<String>,
+    pub agents_file: Option<PathBuf>,
+    pub tls: ClientTls,
+}
+
+/// Where an agent listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Unix(PathBuf),
+    /// https://HOST:PORT: mutual TLS.
+    Https(String),
+    /// http://HOST:PORT: an agent's insecure listener.
+    Http(String),
+}
+
+/// One agent to ask: its name (the address unless the agents file names it) and address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub address: Address,
+    /// As written.
+    pub text: String,
+}
+
+/// Parses `--agent`: unix:///PATH, https://HOST:PORT or http://HOST:PORT.
+pub fn parse_address(text: &str) -> Result<Address, String> {
+    let bad = |why: &str| {
+        format!(
+            "invalid agent address {text:?}: {why}; expected unix:///absolute/path/to/agent.sock, \
+             https://HOST:PORT or http://HOST:PORT"
+        )
+    };
+    if let Some(path) = text.strip_prefix("unix://") {
+        return if path.starts_with('/') {
+            Ok(Address::Unix(PathBuf::from(path)))
+        } else {
+            Err(bad("the socket path must be absolute"))
+        };
+    }
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return Err(bad("no scheme"));
+    };
+    let host_port = rest.strip_suffix('/').unwrap_or(rest);
+    if host_port.contains('/') || host_port.contains('@') {
+        return Err(bad("only HOST:PORT may follow the scheme"));
+    }
+    crate::config::check_host_port(host_port).map_err(|why| bad(&why))?;
+    let uri = format!("{scheme}://{host_port}");
+    uri.parse::<Uri>().map_err(|e| bad(&e.to_string()))?;
+    match scheme {
+        "https" => Ok(Address::Https(uri)),
+        "http" => Ok(Address::Http(uri)),
+        _ => Err(bad(&format!("unknown scheme {scheme:?}"))),
     }
 }
 
-async fn connect(agent: &str) -> Result<AgentClient<Channel>, CliError> {
-    let path = socket_path(agent)?;
-    let unreachable = |e: &dyn std::fmt::Display| {
-        CliError::Failed(anyhow::anyhow!(
-            "cannot reach the agent at {agent}: {e}\n\
-             start it with `sudo breakwater agent` (or `cargo xtask run` from the repository), \
-             or point --agent / BREAKWATER_AGENT at its socket"
-        ))
-    };
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://agent.invalid")
-        .connect_with_connector(service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| {
-            let source = std::error::Error::source(&e).map(ToString::to_string);
-            unreachable(&source.unwrap_or_else(|| e.to_string()))
+/// Parses an agents file: one agent a line, `ADDRESS` or `NAME=ADDRESS`; blank lines and
+/// everything from a `#` at the start of a line or after a space are ignored.
+pub fn parse_agents_file(text: &str) -> Result<Vec<Node>, String> {
+    let mut nodes = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = match line.find('#') {
+            Some(at) if at == 0 || line[..at].ends_with(char::is_whitespace) => &line[..at],
+            _ => line,
+        }
+        .trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (name, address) = match line.split_once('=') {
+            Some((name, address)) => (Some(name.trim()), address.trim()),
+            None => (None, line),
+        };
+        if name.is_some_and(str::is_empty) {
+            return Err(format!("line {}: empty name before \"=\"", i + 1));
+        }
+        let parsed = parse_address(address).map_err(|e| format!("line {}: {e}", i + 1))?;
+        nodes.push(Node {
+            name: name.unwrap_or(address).to_owned(),
+            address: parsed,
+            text: address.to_owned(),
+        });
+    }
+    Ok(nodes)
+}
+
+/// The agents to ask: every --agent, then the agents file's; the local socket if none.
+pub fn nodes(target: &Target) -> Result<Vec<Node>, CliError> {
+    let mut nodes = target
+        .agents
+        .iter()
+        .map(|a| {
+            Ok(Node {
+                name: a.clone(),
+                address: parse_address(a).map_err(CliError::Usage)?,
+                text: a.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, CliError>>()?;
+    if let Some(path) = &target.agents_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::Usage(format!("cannot read --agents-file {}: {e}", path.display()))
         })?;
+        let listed = parse_agents_file(&text)
+            .map_err(|e| CliError::Usage(format!("--agents-file {}: {e}", path.display())))?;
+        if listed.is_empty() {
+            return Err(CliError::Usage(format!(
+                "--agents-file {} lists no agent",
+                path.display()
+            )));
+        }
+        nodes.extend(listed);
+    }
+    if nodes.is_empty() {
+        let text = format!("unix://{DEFAULT_SOCKET}");
+        nodes.push(Node {
+            name: text.clone(),
+            address: Address::Unix(DEFAULT_SOCKET.into()),
+            text,
+        });
+    }
+    Ok(nodes)
+}
+
+fn read_pem(flag: &str, path: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {flag} {}: {e}", path.display())))
+}
+
+/// The TLS settings for an https:// agent.
+fn client_tls(agent: &str, tls: &ClientTls) -> Result<ClientTlsConfig, CliError> {
+    let ca = tls.ca.as_deref().ok_or_else(|| {
+        CliError::Usage(format!(
+            "{agent}: https:// needs --tls-ca (or BREAKWATER_TLS_CA): the CA certificate that \
+             the agent's certificate chains to"
+        ))
+    })?;
+    let config =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem("--tls-ca", ca)?));
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => Ok(config.identity(Identity::from_pem(
+            read_pem("--tls-cert", cert)?,
+            read_pem("--tls-key", key)?,
+        ))),
+        (None, None) => Ok(config),
+        _ => Err(CliError::Usage(
+            "--tls-cert and --tls-key go together (BREAKWATER_TLS_CERT, BREAKWATER_TLS_KEY)".into(),
+        )),
+    }
+}
+
+async fn connect(node: &Node, tls: &ClientTls) -> Result<AgentClient<Channel>, CliError> {
+    let agent = &node.text;
+    let channel = match &node.address {
+        Address::Unix(path) => {
+            let path = path.clone();
+            let unreachable = |e: &dyn std::fmt::Display| {
+                CliError::Failed(anyhow::anyhow!(
+                    "cannot reach the agent at {agent}: {e}\n\
+                     start it with `sudo breakwater agent` (or `cargo xtask run` from the \
+                     repository), or point --agent / BREAKWATER_AGENT at its socket"
+                ))
+            };
+            // The URI is required by tonic but unused: the connector dials the socket.
+            Endpoint::from_static("http://agent.invalid")
+                .connect_with_connector(service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(TokioIo::new(stream))
+                    }
+                }))
+                .await
+                .map_err(|e| {
+                    let source = std::error::Error::source(&e).map(ToString::to_string);
+                    unreachable(&source.unwrap_or_else(|| e.to_string()))
+                })?
+        }
+        Address::Https(uri) | Address::Http(uri) => {
+            let mut endpoint = Endpoint::from_shared(uri.clone())
+                .map_err(|e| CliError::Usage(format!("invalid agent address {agent:?}: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT);
+            if matches!(node.address, Address::Https(_)) {
+                endpoint = endpoint.tls_config(client_tls(agent, tls)?).map_err(|e| {
+                    CliError::Usage(format!("{agent}: TLS: {}", crate::error::chain(&e)))
+                })?;
+            }
+            endpoint.connect().await.map_err(|e| {
+                CliError::Failed(anyhow::anyhow!(
+                    "cannot reach the agent at {agent}: {}",
+                    crate::error::chain(&e)
+                ))
+            })?
+        }
+    };
     // A node's full connection list outgrows gRPC's default 4 MiB (100k sockets: ~7 MB).
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
 fn status_error(s: tonic::Status) -> CliError {
     match s.code() {
-        Code::InvalidArgument | Code::NotFound => CliError::Usage(s.message().to_owned()),
+        // Refused before anything changed: bad input, or a caller who may not change state.
+        Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
+            CliError::Usage(s.message().to_owned())
+        }
         _ => CliError::Failed(anyhow::anyhow!("agent: {} ({:?})", s.message(), s.code())),
     }
 }
 
-fn print<T: serde::Serialize>(
-    format: Output,
-    msg: &T,
-    table: impl FnOnce(&T) -> String,
-) -> Result<(), CliError> {
+/// One agent's answer, ready to be printed alone or with other agents'.
+trait Answer: Send {
+    /// `-o json`: the response message as JSON.
+    fn json(&self) -> serde_json::Result<String>;
+    fn value(&self) -> serde_json::Result<serde_json::Value>;
+    /// The table (or text) for people.
+    fn table(&self) -> String;
+    /// If the table is one table: its rows, to merge with other agents' (a NODE column first),
+    /// and a line to print above the merged table.
+    fn rows(&self) -> Option<(Option<String>, output::Rows)>;
+}
+
+type RowsOf<T> = fn(&T) -> (Option<String>, output::Rows);
+
+struct Reply<T, F> {
+    msg: T,
+    table: F,
+    rows: Option<RowsOf<T>>,
+}
+
+impl<T, F> Answer for Reply<T, F>
+where
+    T: serde::Serialize + Send,
+    F: Fn(&T) -> String + Send,
+{
+    fn json(&self) -> serde_json::Result<String> {
+        serde_json::to_string_pretty(&self.msg)
+    }
+
+    fn value(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::to_value(&self.msg)
+    }
+
+    fn table(&self) -> String {
+        (self.table)(&self.msg)
+    }
+
+    fn rows(&self) -> Option<(Option<String>, output::Rows)> {
+        self.rows.map(|rows| rows(&self.msg))
+    }
+}
+
+fn reply<T>(msg: T, table: impl Fn(&T) -> String + Send + 'static) -> Box<dyn Answer>
+where
+    T: serde::Serialize + Send + 'static,
+{
+    Box::new(Reply {
+        msg,
+        table,
+        rows: None,
+    })
+}
+
+fn reply_rows<T>(
+    msg: T,
+    table: impl Fn(&T) -> String + Send + 'static,
+    rows: RowsOf<T>,
+) -> Box<dyn Answer>
+where
+    T: serde::Serialize + Send + 'static,
+{
+    Box::new(Reply {
+        msg,
+        table,
+        rows: Some(rows),
+    })
+}
+
+fn print(format: Output, answer: &dyn Answer) -> Result<(), CliError> {
     match format {
-        Output::Json => {
-            let json = serde_json::to_string_pretty(msg).map_err(anyhow::Error::from)?;
-            println!("{json}");
-        }
-        Output::Table => println!("{}", table(msg)),
+        Output::Json => println!("{}", answer.json().map_err(anyhow::Error::from)?),
+        Output::Table => println!("{}", answer.table()),
     }
     Ok(())
+}
+
+/// A breaker after a trip, reset or new policy, as rows, with "tripped db" above them.
+fn changed_rows(verb: &str, b: &Option<pb::Breaker>) -> (Option<String>, output::Rows) {
+    let list = pb::ListBreakersResponse {
+        breakers: b.iter().cloned().collect(),
+    };
+    let title = b.as_ref().map(|b| format!("{verb} {}", b.service));
+    (title, output::breakers_rows(&list))
 }
 
 /// `SetPolicy` from `breakwater policy set`'s flags.
@@ -150,7 +405,8 @@ async fn watch_breakers(
     )))
 }
 
-pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), CliError> {
+pub async fn run(target: &Target, format: Output, command: Command) -> Result<(), CliError> {
+    let nodes = nodes(target)?;
     // Check what can be checked here first, so that bad input gets exit code 2 even when
     // the agent is not running.
     match &command {
@@ -158,27 +414,156 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
             parse_endpoints(name, endpoints)?;
         }
         Command::Trip { reason, .. } => breaker::check_reason(reason.as_deref().unwrap_or(""))?,
+        Command::Policy(p @ PolicyCommand::Set { .. }) => {
+            let req = set_policy_request(p.clone()).expect("a set command");
+            PolicySpec::from_request(&req).resolve()?;
+        }
         _ => {}
     }
-    let command = match command {
+    if let [node] = &nodes[..] {
+        let mut client = connect(node, &target.tls).await?;
+        if let Command::Watch(WatchCommand::Breakers { service }) = command {
+            return watch_breakers(&mut client, format, service).await;
+        }
+        let answer = call(&mut client, &command).await?;
+        return print(format, answer.as_ref());
+    }
+    if matches!(command, Command::Watch(_)) {
+        return Err(CliError::Usage(format!(
+            "watch follows one agent; {} were given",
+            nodes.len()
+        )));
+    }
+    fan_out(&nodes, &target.tls, format, &command).await
+}
+
+/// Asks every node at once; prints what came back, merged, and each failure on stderr.
+async fn fan_out(
+    nodes: &[Node],
+    tls: &ClientTls,
+    format: Output,
+    command: &Command,
+) -> Result<(), CliError> {
+    let results = futures::future::join_all(nodes.iter().map(|node| async move {
+        let mut client = connect(node, tls).await?;
+        call(&mut client, command).await
+    }))
+    .await;
+    let answers: Vec<(&str, &dyn Answer)> = nodes
+        .iter()
+        .zip(&results)
+        .filter_map(|(n, r)| r.as_ref().ok().map(|a| (n.name.as_str(), a.as_ref())))
+        .collect();
+    match format {
+        Output::Json => {
+            let mut list = Vec::new();
+            for (node, result) in nodes.iter().zip(&results) {
+                list.push(match result {
+                    Ok(a) => serde_json::json!({
+                        "node": node.name,
+                        "result": a.value().map_err(anyhow::Error::from)?,
+                    }),
+                    Err(e) => serde_json::json!({ "node": node.name, "error": e.to_string() }),
+                });
+            }
+            let all = serde_json::json!({ "nodes": list });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&all).map_err(anyhow::Error::from)?
+            );
+        }
+        Output::Table => {
+            if !answers.is_empty() {
+                println!("{}", merged_table(&answers));
+            }
+        }
+    }
+    let failed: Vec<(&Node, &CliError)> = nodes
+        .iter()
+        .zip(&results)
+        .filter_map(|(n, r)| r.as_ref().err().map(|e| (n, e)))
+        .collect();
+    for (node, e) in &failed {
+        // The first line says it; hints on how to start a local agent are for one agent.
+        let why = e.to_string();
+        let why = why.lines().next().unwrap_or_default();
+        if node.name == node.text {
+            eprintln!("error: {}: {why}", node.name);
+        } else {
+            eprintln!("error: {} ({}): {why}", node.name, node.text);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Failed(anyhow::anyhow!(
+            "{} of {} agents failed",
+            failed.len(),
+            nodes.len()
+        )))
+    }
+}
+
+/// Several agents' answers as one: one table with a NODE column when the answer is a table,
+/// else each agent's under its name (one-line answers on one line).
+fn merged_table(answers: &[(&str, &dyn Answer)]) -> String {
+    let rows: Option<Vec<(String, (Option<String>, output::Rows))>> = answers
+        .iter()
+        .map(|(node, a)| a.rows().map(|r| (node.to_string(), r)))
+        .collect();
+    if let Some(rows) = rows {
+        if rows.iter().any(|(_, (_, r))| !r.rows.is_empty()) {
+            let title = rows.iter().find_map(|(_, (t, _))| t.clone());
+            let table = output::merged(rows.into_iter().map(|(n, (_, r))| (n, r)).collect());
+            return match title {
+                Some(t) => format!("{t}\n{table}"),
+                None => table,
+            };
+        }
+    }
+    let texts: Vec<(&str, String)> = answers.iter().map(|(n, a)| (*n, a.table())).collect();
+    if texts.iter().all(|(_, t)| !t.contains('\n')) {
+        return texts
+            .iter()
+            .map(|(n, t)| format!("{n}: {t}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    texts
+        .iter()
+        .map(|(n, t)| format!("== {n} ==\n{t}"))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// The command's RPC on one agent.
+async fn call(
+    client: &mut AgentClient<Channel>,
+    command: &Command,
+) -> Result<Box<dyn Answer>, CliError> {
+    Ok(match command.clone() {
+        Command::Agent(_) | Command::Uninstall { .. } => unreachable!("handled by the caller"),
+        Command::Watch(_) => unreachable!("streams are not answers"),
         Command::Policy(p @ PolicyCommand::Set { .. }) => {
             let req = set_policy_request(p).expect("a set command");
-            PolicySpec::from_request(&req).resolve()?;
-            return print_set_policy(agent, format, req).await;
+            let r = client
+                .set_policy(req)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            reply_rows(
+                r,
+                |r| output::breaker_changed("policy set on", &r.breaker),
+                |r| changed_rows("policy set on", &r.breaker),
+            )
         }
-        other => other,
-    };
-    let mut client = connect(agent).await?;
-    match command {
-        Command::Agent(_) | Command::Uninstall { .. } => unreachable!("handled by the caller"),
-        Command::Policy(PolicyCommand::Set { .. }) => unreachable!("handled above"),
         Command::Breakers => {
             let r = client
                 .list_breakers(pb::ListBreakersRequest {})
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::breakers)
+            reply_rows(r, output::breakers, |r| (None, output::breakers_rows(r)))
         }
         Command::Trip { name, ttl, reason } => {
             let r = client
@@ -190,9 +575,11 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, |r| {
-                output::breaker_changed("tripped", &r.breaker)
-            })
+            reply_rows(
+                r,
+                |r| output::breaker_changed("tripped", &r.breaker),
+                |r| changed_rows("tripped", &r.breaker),
+            )
         }
         Command::Reset { name } => {
             let r = client
@@ -200,7 +587,11 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, |r| output::breaker_changed("reset", &r.breaker))
+            reply_rows(
+                r,
+                |r| output::breaker_changed("reset", &r.breaker),
+                |r| changed_rows("reset", &r.breaker),
+            )
         }
         Command::Policy(PolicyCommand::Clear { name }) => {
             let r = client
@@ -210,12 +601,9 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, |_| {
+            reply(r, move |_| {
                 format!("cleared the breaker policy of {name}: its connects pass uncounted")
             })
-        }
-        Command::Watch(WatchCommand::Breakers { service }) => {
-            watch_breakers(&mut client, format, service).await
         }
         Command::Services => {
             let r = client
@@ -223,7 +611,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::services)
+            reply_rows(r, output::services, |r| (None, output::services_rows(r)))
         }
         Command::Destinations {
             service,
@@ -252,7 +640,9 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::destinations)
+            reply_rows(r, output::destinations, |r| {
+                (None, output::destinations_rows(r))
+            })
         }
         Command::Conns { service, limit } => {
             let req = pb::ListConnectionsRequest {
@@ -264,7 +654,9 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::connections)
+            reply_rows(r, output::connections, |r| {
+                (None, output::connections_rows(r))
+            })
         }
         Command::Service(ServiceCommand::Put { name, endpoints }) => {
             let r = client
@@ -272,7 +664,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::put_service)
+            reply(r, output::put_service)
         }
         Command::Service(ServiceCommand::Delete { name }) => {
             let r = client
@@ -280,7 +672,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, |_| format!("deleted service {name}"))
+            reply(r, move |_| format!("deleted service {name}"))
         }
         Command::Latency {
             service,
@@ -296,7 +688,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::latency)
+            reply(r, output::latency)
         }
         Command::Advise => {
             let r = client
@@ -304,7 +696,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::advise)
+            reply(r, output::advise)
         }
         Command::Timewait { limit } => {
             let r = client
@@ -312,7 +704,7 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::time_wait)
+            reply(r, output::time_wait)
         }
         Command::Info => {
             let r = client
@@ -320,24 +712,8 @@ pub async fn run(agent: &str, format: Output, command: Command) -> Result<(), Cl
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print(format, &r, output::info)
+            reply(r, output::info)
         }
-    }
-}
-
-async fn print_set_policy(
-    agent: &str,
-    format: Output,
-    req: pb::SetPolicyRequest,
-) -> Result<(), CliError> {
-    let r = connect(agent)
-        .await?
-        .set_policy(req)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    print(format, &r, |r| {
-        output::breaker_changed("policy set on", &r.breaker)
     })
 }
 
@@ -395,7 +771,10 @@ mod tests {
     /// Bad input is refused before the agent is even contacted, with exit code 2.
     #[tokio::test]
     async fn bad_breaker_input_is_a_usage_error() {
-        let agent = "unix:///nonexistent/agent.sock";
+        let agent = &Target {
+            agents: vec!["unix:///nonexistent/agent.sock".into()],
+            ..Default::default()
+        };
         for (args, why) in [
             (
                 &["policy", "set", "db", "--failure-ratio", "2"][..],
@@ -469,13 +848,133 @@ mod tests {
     }
 
     #[test]
-    fn agent_address_must_be_a_unix_socket_path() {
+    fn agent_addresses_are_unix_https_or_http() {
         assert_eq!(
-            socket_path("unix:///run/x.sock").unwrap(),
-            PathBuf::from("/run/x.sock")
+            parse_address("unix:///run/x.sock").unwrap(),
+            Address::Unix(PathBuf::from("/run/x.sock"))
         );
-        for bad in ["/run/x.sock", "unix://relative", "http://1.2.3.4:5"] {
-            assert!(matches!(socket_path(bad), Err(CliError::Usage(_))), "{bad}");
+        assert_eq!(
+            parse_address("https://node1.example.com:7443").unwrap(),
+            Address::Https("https://node1.example.com:7443".into())
+        );
+        assert_eq!(
+            parse_address("http://10.0.0.1:7080/").unwrap(),
+            Address::Http("http://10.0.0.1:7080".into())
+        );
+        assert_eq!(
+            parse_address("https://[fd00::1]:7443").unwrap(),
+            Address::Https("https://[fd00::1]:7443".into())
+        );
+        for (bad, why) in [
+            ("/run/x.sock", "no scheme"),
+            ("unix://relative", "must be absolute"),
+            ("https://host", "expected HOST:PORT"),
+            ("https://host:port", "invalid port"),
+            ("https://fd00::1:7443", "in brackets"),
+            ("https://host:1/path", "only HOST:PORT"),
+            ("grpc://host:1", "unknown scheme \"grpc\""),
+        ] {
+            let err = parse_address(bad).unwrap_err();
+            assert!(
+                err.contains(why) && err.contains("expected unix:///"),
+                "{bad}: {err}"
+            );
         }
+    }
+
+    #[test]
+    fn agents_files_name_their_nodes() {
+        let nodes = parse_agents_file(
+            "# fleet\n\nunix:///run/a.sock\n  web-1 = https://10.0.0.1:7443  # rack 1\n\
+             db=http://db:7080\nunix:///run/odd#name.sock\n",
+        )
+        .unwrap();
+        let got: Vec<(&str, &str)> = nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("unix:///run/a.sock", "unix:///run/a.sock"),
+                ("web-1", "https://10.0.0.1:7443"),
+                ("db", "http://db:7080"),
+                ("unix:///run/odd#name.sock", "unix:///run/odd#name.sock"),
+            ]
+        );
+        assert_eq!(
+            nodes[1].address,
+            Address::Https("https://10.0.0.1:7443".into())
+        );
+        let err = parse_agents_file("# ok\nhttps://a:1\nnot-an-address\n").unwrap_err();
+        assert!(err.starts_with("line 3: invalid agent address"), "{err}");
+        let err = parse_agents_file("=https://a:1").unwrap_err();
+        assert!(err.contains("line 1: empty name"), "{err}");
+        assert!(parse_agents_file("# nothing\n\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn no_agent_given_means_the_local_socket() {
+        let n = nodes(&Target::default()).unwrap();
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].address, Address::Unix(DEFAULT_SOCKET.into()));
+        assert_eq!(n[0].name, format!("unix://{DEFAULT_SOCKET}"));
+        let bad = Target {
+            agents: vec!["tcp://x:1".into()],
+            ..Default::default()
+        };
+        assert!(matches!(nodes(&bad), Err(CliError::Usage(_))));
+    }
+
+    /// Answers from several agents: one table with a NODE column when each is a table, one
+    /// line per node when each is a line.
+    #[test]
+    fn answers_merge_with_a_node_column() {
+        let svc = |name: &str, active: u64| pb::ListServicesResponse {
+            services: vec![pb::Service {
+                name: name.into(),
+                endpoints: vec!["10.0.0.1:80".into()],
+                outbound: Some(pb::ConnCounts {
+                    active,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+        };
+        let a = reply_rows(svc("web", 3), output::services, |r| {
+            (None, output::services_rows(r))
+        });
+        let b = reply_rows(svc("web", 5), output::services, |r| {
+            (None, output::services_rows(r))
+        });
+        let merged = merged_table(&[("alpha", a.as_ref()), ("beta", b.as_ref())]);
+        let lines: Vec<&str> = merged.lines().collect();
+        assert_eq!(lines.len(), 3, "{merged}");
+        assert!(lines[0].trim_start().starts_with("NODE") && lines[0].contains("SERVICE"));
+        assert!(lines[1].trim_start().starts_with("alpha") && lines[1].contains(" 3 "));
+        assert!(lines[2].trim_start().starts_with("beta") && lines[2].contains(" 5 "));
+        // One node alone prints exactly what it always did.
+        assert_eq!(a.table(), output::services(&svc("web", 3)));
+
+        // Nothing to list anywhere: the usual message, once per node.
+        let empty = || {
+            reply_rows(pb::ListServicesResponse::default(), output::services, |r| {
+                (None, output::services_rows(r))
+            })
+        };
+        let (e1, e2) = (empty(), empty());
+        let merged = merged_table(&[("alpha", e1.as_ref()), ("beta", e2.as_ref())]);
+        assert!(merged.starts_with("alpha: no services"), "{merged}");
+
+        let d1 = reply(pb::DeleteServiceResponse {}, |_| {
+            "deleted service web".into()
+        });
+        let d2 = reply(pb::DeleteServiceResponse {}, |_| {
+            "deleted service web".into()
+        });
+        assert_eq!(
+            merged_table(&[("alpha", d1.as_ref()), ("beta", d2.as_ref())]),
+            "alpha: deleted service web\nbeta: deleted service web"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{DEFAULT_PIN_DIR, DEFAULT_SOCKET};
+use crate::config::DEFAULT_PIN_DIR;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,9 +17,34 @@ use crate::config::{DEFAULT_PIN_DIR, DEFAULT_SOCKET};
     about = "Watches every TCP connection on the node with eBPF"
 )]
 pub struct Cli {
-    /// Address of the agent's API.
-    #[arg(long, global = true, env = "BREAKWATER_AGENT", default_value_t = format!("unix://{DEFAULT_SOCKET}"))]
-    pub agent: String,
+    /// Address of an agent's API: unix:///PATH, https://HOST:PORT (mutual TLS) or
+    /// http://HOST:PORT (an insecure listener). Repeat it to ask several agents at once
+    /// [default: unix:///run/breakwater/agent.sock]
+    #[arg(
+        long = "agent",
+        global = true,
+        env = "BREAKWATER_AGENT",
+        value_name = "ADDRESS"
+    )]
+    pub agents: Vec<String>,
+    /// Agents to ask, one a line: ADDRESS or NAME=ADDRESS; `#` starts a comment.
+    #[arg(
+        long,
+        global = true,
+        env = "BREAKWATER_AGENTS_FILE",
+        value_name = "FILE"
+    )]
+    pub agents_file: Option<PathBuf>,
+    /// CA certificates (PEM) that https:// agents' certificates must chain to.
+    #[arg(long, global = true, env = "BREAKWATER_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This side's certificate (PEM): the client's for https:// agents; with `agent`, the
+    /// agent's own for --listen [default: agent.tls_cert].
+    #[arg(long, global = true, env = "BREAKWATER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert [default: agent.tls_key].
+    #[arg(long, global = true, env = "BREAKWATER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -34,7 +59,7 @@ pub enum Output {
     Json,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 pub enum Command {
     /// Run the agent (as root): load the eBPF programs and serve the API.
     Agent(AgentArgs),
@@ -131,7 +156,7 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Set or replace a service's policy: its breaker starts closed with counts cleared.
     ///
@@ -188,7 +213,7 @@ pub enum Preset {
     Nginx,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 pub enum WatchCommand {
     /// Breaker state changes, one line each (with -o json, one JSON object per line).
     Breakers {
@@ -198,7 +223,7 @@ pub enum WatchCommand {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct AgentArgs {
     /// TOML config file; without one the agent observes everything and has no services.
     #[arg(long, env = "BREAKWATER_CONFIG")]
@@ -217,9 +242,39 @@ pub struct AgentArgs {
     /// for more [default: breaker.scope from the config, else "/", the whole node].
     #[arg(long = "scope")]
     pub scope: Vec<String>,
+    /// Permission bits of the socket, octal: 0600 lets only root in, 0666 lets everyone read
+    /// (changes still need agent.authz) [default: agent.socket_mode, else 0600].
+    #[arg(long, env = "BREAKWATER_SOCKET_MODE", value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Also serve the API on HOST:PORT over TCP, with TLS and verified client certificates
+    /// (needs --tls-cert, --tls-key and --tls-client-ca) [default: agent.listen].
+    #[arg(long, env = "BREAKWATER_LISTEN", value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Also serve the API on HOST:PORT over plain TCP, without TLS: whoever reaches it may
+    /// read; changes only with agent.authz.insecure_writers [default: agent.insecure_listen].
+    #[arg(long, env = "BREAKWATER_INSECURE_LISTEN", value_name = "HOST:PORT")]
+    pub insecure_listen: Option<String>,
+    /// Serve grpc.health.v1.Health, and nothing else, on HOST:PORT over plain TCP: for probes
+    /// that cannot do mTLS (Kubernetes gRPC probes) [default: agent.health_listen].
+    #[arg(long, env = "BREAKWATER_HEALTH_LISTEN", value_name = "HOST:PORT")]
+    pub health_listen: Option<String>,
+    /// Serve Prometheus metrics (GET /metrics) on HOST:PORT over plain HTTP
+    /// [default: metrics.listen].
+    #[arg(long, env = "BREAKWATER_METRICS_LISTEN", value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
+    /// CA certificates (PEM) that client certificates must chain to, for --listen
+    /// [default: agent.tls_client_ca].
+    #[arg(long, env = "BREAKWATER_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// --tls-cert (a global flag: the client's certificate for the other commands).
+    #[arg(skip)]
+    pub tls_cert: Option<PathBuf>,
+    /// --tls-key.
+    #[arg(skip)]
+    pub tls_key: Option<PathBuf>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Clone, Debug, Subcommand)]
 pub enum ServiceCommand {
     /// Create or replace a service.
     Put {
@@ -260,9 +315,9 @@ pub enum CliError {
 impl From<crate::error::Error> for CliError {
     fn from(e: crate::error::Error) -> Self {
         match e {
-            crate::error::Error::InvalidArgument(m) | crate::error::Error::NotFound(m) => {
-                Self::Usage(m)
-            }
+            crate::error::Error::InvalidArgument(m)
+            | crate::error::Error::NotFound(m)
+            | crate::error::Error::PermissionDenied(m) => Self::Usage(m),
             other => Self::Failed(other.into()),
         }
     }
@@ -280,11 +335,35 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let Cli {
+        agents,
+        agents_file,
+        tls_ca,
+        tls_cert,
+        tls_key,
+        output,
+        command,
+    } = cli;
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Agent(args) => agent::run(args).await,
+        match command {
+            Command::Agent(mut args) => {
+                args.tls_cert = tls_cert;
+                args.tls_key = tls_key;
+                agent::run(args).await
+            }
             Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir),
-            command => client::run(&cli.agent, cli.output, command).await,
+            command => {
+                let target = client::Target {
+                    agents,
+                    agents_file,
+                    tls: client::ClientTls {
+                        ca: tls_ca,
+                        cert: tls_cert,
+                        key: tls_key,
+                    },
+                };
+                client::run(&target, output, command).await
+            }
         }
     });
     match result {

@@ -10,6 +10,58 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// A table's header and rows, so that several agents' tables can become one.
+pub struct Rows {
+    pub header: Vec<&'static str>,
+    pub rows: Vec<Vec<Cell>>,
+    /// Lines printed under the table.
+    pub notes: Vec<String>,
+}
+
+impl Rows {
+    fn new(header: &[&'static str]) -> Self {
+        Self {
+            header: header.to_vec(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn table(self) -> Table {
+        let mut t = table(&self.header);
+        for row in self.rows {
+            t.add_row(row);
+        }
+        t
+    }
+}
+
+/// Several agents' tables as one, with a NODE column first; notes prefixed with the node.
+pub fn merged(nodes: Vec<(String, Rows)>) -> String {
+    let mut header = vec!["NODE"];
+    header.extend(
+        nodes
+            .first()
+            .map(|(_, r)| r.header.clone())
+            .unwrap_or_default(),
+    );
+    let mut t = table(&header);
+    let mut notes = Vec::new();
+    for (node, rows) in nodes {
+        for row in rows.rows {
+            let mut cells = vec![Cell::new(&node)];
+            cells.extend(row);
+            t.add_row(cells);
+        }
+        notes.extend(rows.notes.into_iter().map(|n| format!("{node}: {n}")));
+    }
+    if notes.is_empty() {
+        t.to_string()
+    } else {
+        format!("{t}\n\n{}", notes.join("\n"))
+    }
+}
+
 fn num(v: u64) -> Cell {
     Cell::new(v).set_alignment(CellAlignment::Right)
 }
@@ -39,7 +91,15 @@ fn or_dash(s: &str) -> &str {
 }
 
 pub fn services(r: &pb::ListServicesResponse) -> String {
-    let mut t = table(&[
+    if r.services.is_empty() {
+        return "no services (add one with `breakwater service put NAME --endpoint IP:PORT`)"
+            .into();
+    }
+    services_rows(r).table().to_string()
+}
+
+pub fn services_rows(r: &pb::ListServicesResponse) -> Rows {
+    let mut t = Rows::new(&[
         "SERVICE",
         "ENDPOINTS",
         "ACTIVE",
@@ -56,7 +116,7 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
     for s in &r.services {
         let o = s.outbound.unwrap_or_default();
         let i = s.inbound.unwrap_or_default();
-        t.add_row(vec![
+        t.rows.push(vec![
             Cell::new(&s.name),
             Cell::new(s.endpoints.join(",")),
             num(o.active),
@@ -79,15 +139,15 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
             }),
         ]);
     }
-    if r.services.is_empty() {
-        return "no services (add one with `breakwater service put NAME --endpoint IP:PORT`)"
-            .into();
-    }
-    t.to_string()
+    t
 }
 
 pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
-    let mut t = table(&[
+    destinations_rows(r).table().to_string()
+}
+
+pub fn destinations_rows(r: &pb::ListDestinationsResponse) -> Rows {
+    let mut t = Rows::new(&[
         "DESTINATION",
         "DIR",
         "SERVICE",
@@ -102,7 +162,7 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
         "RETX",
     ]);
     for d in &r.destinations {
-        t.add_row(vec![
+        t.rows.push(vec![
             Cell::new(endpoint(&d.address, d.port)),
             Cell::new(direction(d.direction)),
             Cell::new(or_dash(&d.service)),
@@ -117,15 +177,19 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
             num(d.retransmits),
         ]);
     }
-    t.to_string()
+    t
 }
 
 pub fn connections(r: &pb::ListConnectionsResponse) -> String {
-    let mut t = table(&[
+    connections_rows(r).table().to_string()
+}
+
+pub fn connections_rows(r: &pb::ListConnectionsResponse) -> Rows {
+    let mut t = Rows::new(&[
         "LOCAL", "REMOTE", "DIR", "STATE", "PID", "COMM", "CGROUP", "SERVICE", "AGE",
     ]);
     for c in &r.connections {
-        t.add_row(vec![
+        t.rows.push(vec![
             Cell::new(endpoint(&c.local_address, c.local_port)),
             Cell::new(endpoint(&c.remote_address, c.remote_port)),
             Cell::new(direction(c.direction)),
@@ -145,7 +209,7 @@ pub fn connections(r: &pb::ListConnectionsResponse) -> String {
             Cell::new(age(c.age_ms)),
         ]);
     }
-    t.to_string()
+    t
 }
 
 fn age(ms: u64) -> String {
@@ -421,12 +485,22 @@ pub fn breakers(r: &pb::ListBreakersResponse) -> String {
         return "no breakers (put a policy on a service with `breakwater policy set NAME --preset gobreaker`)"
             .into();
     }
-    let mut t = table(&[
+    let rows = breakers_rows(r);
+    if rows.notes.is_empty() {
+        rows.table().to_string()
+    } else {
+        let notes = rows.notes.join("\n");
+        format!("{}\n\n{notes}", rows.table())
+    }
+}
+
+pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
+    let mut t = Rows::new(&[
         "SERVICE", "STATE", "REQUESTS", "FAILURES", "IN-A-ROW", "REJECTED", "TRIPS", "OPEN-FOR",
         "POLICY",
     ]);
     for b in &r.breakers {
-        t.add_row(vec![
+        t.rows.push(vec![
             Cell::new(&b.service),
             Cell::new(state_cell(b)),
             num(b.requests),
@@ -447,17 +521,13 @@ pub fn breakers(r: &pb::ListBreakersResponse) -> String {
             Cell::new(b.policy.as_ref().map(policy_summary).unwrap_or_default()),
         ]);
     }
-    let reasons: Vec<String> = r
+    t.notes = r
         .breakers
         .iter()
         .filter(|b| b.forced && !b.reason.is_empty())
         .map(|b| format!("{} forced open: {}", b.service, b.reason))
         .collect();
-    if reasons.is_empty() {
-        t.to_string()
-    } else {
-        format!("{t}\n\n{}", reasons.join("\n"))
-    }
+    t
 }
 
 /// After a trip, reset or new policy: what was done, and the breaker now.

@@ -34,6 +34,12 @@ use crate::{
 /// `BPF_F_LOCK`: map reads and writes that take the entry's spin lock.
 const F_LOCK: u64 = 4;
 const LINK_PREFIX: &str = "link-";
+/// The programs attached to each enforced cgroup, with what `info` calls their attach point.
+const SCOPE_PROGRAMS: [(&str, &str); 3] = [
+    (names::PROG_CONNECT4, "cgroup/connect4"),
+    (names::PROG_CONNECT6, "cgroup/connect6"),
+    (names::PROG_SOCKOPS, "sock_ops"),
+];
 
 /// Handles on the breaker maps.
 pub struct BreakerMaps {
@@ -171,8 +177,6 @@ impl Kernel {
     /// cgroup (paths relative to the cgroup2 mount), pinning the links. Links a previous agent
     /// pinned are replaced.
     pub fn attach_breaker(&mut self, scope: &[String]) -> Result<(), LoadError> {
-        let root = cgroup2_mount().map_err(|e| LoadError::Setup(format!("cgroup2: {e}")))?;
-        let io = |what: String| move |e: std::io::Error| LoadError::Setup(format!("{what}: {e}"));
         // Old links first: two gates at once would count every connect twice.
         if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
             for entry in entries.flatten() {
@@ -198,42 +202,7 @@ impl Kernel {
         program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?
             .load()
             .map_err(LoadError::program("sock_ops load"))?;
-        // As links, cgroup programs always stack with others' (BPF_F_ALLOW_MULTI is implied, and
-        // bpf_link_create refuses it as a flag): `Single` here means no flags.
-        for (i, rel) in scope.iter().enumerate() {
-            let path = root.join(rel.trim_start_matches('/'));
-            let cgroup = File::open(&path).map_err(io(format!("cgroup {}", path.display())))?;
-            for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name, "cgroup/connect")?;
-                let id = prog
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(LoadError::program("cgroup/connect attach"))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(LoadError::program("cgroup/connect link"))?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| {
-                        LoadError::Setup(e.to_string())
-                    })?;
-                self.pin_link(link, name, i)?;
-            }
-            let prog: &mut SockOps = program(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?;
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(LoadError::program("sock_ops attach"))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(LoadError::program("sock_ops link"))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| LoadError::Setup(e.to_string()))?;
-            self.pin_link(link, names::PROG_SOCKOPS, i)?;
-            info!(cgroup = %path.display(), "breaker enforced");
-        }
-        for (name, attach) in [
-            (names::PROG_CONNECT4, "cgroup/connect4"),
-            (names::PROG_CONNECT6, "cgroup/connect6"),
-            (names::PROG_SOCKOPS, "sock_ops"),
-        ] {
+        for (name, _) in SCOPE_PROGRAMS {
             let id = self
                 .ebpf
                 .program(name)
@@ -242,10 +211,12 @@ impl Kernel {
                 .unwrap_or_default();
             self.programs.push(super::ProgramSummary {
                 name,
-                attach: format!("{attach} {}", scope.join(" ")),
                 id,
                 ..Default::default()
             });
+        }
+        for rel in scope {
+            self.attach_scope(rel)?;
         }
         let breaker_iter = self.iter(names::PROG_BREAKER_TCP)?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
@@ -265,13 +236,88 @@ impl Kernel {
         Ok(())
     }
 
-    fn pin_link(&mut self, link: FdLink, prog: &str, index: usize) -> Result<(), LoadError> {
-        let path = self.pin_dir.join(format!("{LINK_PREFIX}{prog}-{index}"));
-        let pinned = link
-            .pin(&path)
-            .map_err(|e| LoadError::Setup(format!("pinning {}: {e}", path.display())))?;
-        self.links.push(pinned);
+    /// Enforces the breakers on one more cgroup (a path relative to the cgroup2 mount).
+    pub fn attach_scope(&mut self, rel: &str) -> Result<(), LoadError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let root = cgroup2_mount().map_err(|e| LoadError::Setup(format!("cgroup2: {e}")))?;
+        let path = root.join(rel.trim_start_matches('/'));
+        let cgroup = File::open(&path)
+            .map_err(|e| LoadError::Setup(format!("cgroup {}: {e}", path.display())))?;
+        let ino = cgroup
+            .metadata()
+            .map_err(|e| LoadError::Setup(format!("cgroup {}: {e}", path.display())))?
+            .ino();
+        let to_fd = |e: aya::programs::links::LinkError| LoadError::Setup(e.to_string());
+        // As links, cgroup programs always stack with others' (BPF_F_ALLOW_MULTI is implied, and
+        // bpf_link_create refuses it as a flag): `Single` here means no flags.
+        for (name, _) in SCOPE_PROGRAMS {
+            let link: FdLink = if name == names::PROG_SOCKOPS {
+                let prog: &mut SockOps = program(&mut self.ebpf, name, "sock_ops")?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(LoadError::program("sock_ops attach"))?;
+                prog.take_link(id)
+                    .map_err(LoadError::program("sock_ops link"))?
+                    .try_into()
+                    .map_err(to_fd)?
+            } else {
+                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name, "cgroup/connect")?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(LoadError::program("cgroup/connect attach"))?;
+                prog.take_link(id)
+                    .map_err(LoadError::program("cgroup/connect link"))?
+                    .try_into()
+                    .map_err(to_fd)?
+            };
+            // Named by the cgroup's inode: unique, and stable across agents.
+            let pin = self.pin_dir.join(format!("{LINK_PREFIX}{name}-{ino}"));
+            let pinned = link
+                .pin(&pin)
+                .map_err(|e| LoadError::Setup(format!("pinning {}: {e}", pin.display())))?;
+            self.links.push((rel.to_owned(), pinned));
+        }
+        self.describe_scope();
+        info!(cgroup = %path.display(), "breaker enforced");
         Ok(())
+    }
+
+    /// Stops enforcing on a cgroup: its links are unpinned and detached.
+    pub fn detach_scope(&mut self, rel: &str) -> Result<(), LoadError> {
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|(r, _)| r == rel);
+        self.links = kept;
+        for (_, pinned) in gone {
+            // Dropping the last fd of an unpinned link detaches it.
+            let link = pinned
+                .unpin()
+                .map_err(|e| LoadError::Setup(format!("unpinning a link of {rel}: {e}")))?;
+            drop(link);
+        }
+        self.describe_scope();
+        info!(cgroup = rel, "breaker no longer enforced");
+        Ok(())
+    }
+
+    /// The cgroups enforced now, in the order they were attached.
+    pub fn scope(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (rel, _) in &self.links {
+            if !out.contains(rel) {
+                out.push(rel.clone());
+            }
+        }
+        out
+    }
+
+    fn describe_scope(&mut self) {
+        let scope = self.scope().join(" ");
+        for p in &mut self.programs {
+            if let Some((_, attach)) = SCOPE_PROGRAMS.iter().find(|(n, _)| *n == p.name) {
+                p.attach = format!("{attach} {scope}");
+            }
+        }
     }
 
     /// Services a previous agent left in the pinned maps: (id, name, endpoints).

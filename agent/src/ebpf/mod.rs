@@ -133,11 +133,14 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     brk: breaker::BreakerMaps,
     events: Option<RingBuf<MapData>>,
+    audit: Array<MapData, u32>,
+    conn_events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
     pin_dir: PathBuf,
-    /// Pinned cgroup links; dropping them leaves the pins (and so the enforcement) in place.
-    links: Vec<PinnedLink>,
+    /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
+    /// the enforcement) in place.
+    links: Vec<(String, PinnedLink)>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -198,6 +201,8 @@ impl Kernel {
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
             brk: breaker::BreakerMaps::take(&mut ebpf)?,
             events: Some(take(&mut ebpf, names::MAP_BREAKER_EVENTS)?),
+            audit: take(&mut ebpf, names::MAP_AUDIT)?,
+            conn_events: Some(take(&mut ebpf, names::MAP_CONN_EVENTS)?),
             ebpf,
             sizes: sizes.clone(),
             programs: Vec::new(),
@@ -389,6 +394,18 @@ impl Kernel {
             .into_iter()
             .map(|w| (w.netns, records(&w.bytes), w.inside))
             .collect())
+    }
+
+    /// Switches the connection events of the audit stream on or off in the programs.
+    pub fn set_audit(&mut self, on: bool) -> Result<()> {
+        self.audit
+            .set(0, u32::from(on), 0)
+            .map_err(Error::map(names::MAP_AUDIT))
+    }
+
+    /// The ring buffer of connection events (once; the reader owns it).
+    pub fn take_conn_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.conn_events.take()
     }
 
     pub fn counter(&self, index: u32) -> u64 {

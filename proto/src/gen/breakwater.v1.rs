@@ -688,6 +688,88 @@ pub struct BreakerEvent {
     pub lost: u64,
 }
 #[derive(serde::Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReloadConfigRequest {}
+/// What the reload changed.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ReloadConfigResponse {
+    #[prost(string, tag = "1")]
+    pub config_path: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub services_added: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "3")]
+    pub services_changed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "4")]
+    pub services_removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Services whose breaker policy was set, changed or cleared.
+    #[prost(string, repeated, tag = "5")]
+    pub policies_changed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "6")]
+    pub scope_added: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "7")]
+    pub scope_removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchConnectionsRequest {
+    /// Only connections to or from this service's endpoints; empty = all.
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectionEvent {
+    #[prost(enumeration = "ConnectionEventKind", tag = "1")]
+    #[serde(serialize_with = "crate::json::connection_event_kind")]
+    pub kind: i32,
+    /// failed: refused, timeout or other; rejected: the errno's name.
+    #[prost(string, tag = "2")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(enumeration = "Direction", tag = "3")]
+    #[serde(serialize_with = "crate::json::direction")]
+    pub direction: i32,
+    #[prost(string, tag = "4")]
+    pub local_address: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "5")]
+    pub local_port: u32,
+    #[prost(string, tag = "6")]
+    pub remote_address: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "7")]
+    pub remote_port: u32,
+    /// Network namespace inode (0 for rejected connects: no socket identity yet).
+    #[prost(uint32, tag = "8")]
+    pub netns: u32,
+    /// The process that connected (outbound) or listens (inbound); 0 when unknown.
+    #[prost(uint32, tag = "9")]
+    pub pid: u32,
+    #[prost(string, tag = "10")]
+    pub comm: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "11")]
+    pub cgroup_id: u64,
+    /// The cgroup's path under the cgroup2 mount, when it still exists.
+    #[prost(string, tag = "12")]
+    pub cgroup: ::prost::alloc::string::String,
+    /// A container id, when the cgroup path shows one (docker, containerd, CRI-O, podman).
+    #[prost(string, tag = "13")]
+    pub container_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "14")]
+    pub service: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "15")]
+    pub time_unix_ms: u64,
+    /// closed: the connection's payload bytes and lifetime.
+    #[prost(uint64, tag = "16")]
+    pub bytes_sent: u64,
+    #[prost(uint64, tag = "17")]
+    pub bytes_received: u64,
+    #[prost(uint64, tag = "18")]
+    pub duration_us: u64,
+    /// Events this subscriber lost just before this one (it fell behind, or the kernel's ring
+    /// buffer was full).
+    #[prost(uint64, tag = "19")]
+    pub lost: u64,
+}
+#[derive(serde::Serialize)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Direction {
@@ -917,6 +999,46 @@ impl BreakerCause {
             "BREAKER_CAUSE_RESET" => Some(Self::Reset),
             "BREAKER_CAUSE_TTL_EXPIRED" => Some(Self::TtlExpired),
             "BREAKER_CAUSE_POLICY" => Some(Self::Policy),
+            _ => None,
+        }
+    }
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ConnectionEventKind {
+    Unspecified = 0,
+    /// Reached ESTABLISHED.
+    Opened = 1,
+    /// Left ESTABLISHED.
+    Closed = 2,
+    /// A connect that never got there (reason: refused, timeout, other).
+    Failed = 3,
+    /// A connect a breaker refused in the kernel, before any packet.
+    Rejected = 4,
+}
+impl ConnectionEventKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CONNECTION_EVENT_KIND_UNSPECIFIED",
+            Self::Opened => "CONNECTION_EVENT_KIND_OPENED",
+            Self::Closed => "CONNECTION_EVENT_KIND_CLOSED",
+            Self::Failed => "CONNECTION_EVENT_KIND_FAILED",
+            Self::Rejected => "CONNECTION_EVENT_KIND_REJECTED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CONNECTION_EVENT_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "CONNECTION_EVENT_KIND_OPENED" => Some(Self::Opened),
+            "CONNECTION_EVENT_KIND_CLOSED" => Some(Self::Closed),
+            "CONNECTION_EVENT_KIND_FAILED" => Some(Self::Failed),
+            "CONNECTION_EVENT_KIND_REJECTED" => Some(Self::Rejected),
             _ => None,
         }
     }
@@ -1400,6 +1522,59 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "WatchBreakerEvents"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Re-reads the agent's config file and applies the difference (services, policies, scope)
+        /// without detaching programs or losing counts or breaker state. An invalid file is refused
+        /// whole (InvalidArgument) and the running config stays. SIGHUP does the same.
+        pub async fn reload_config(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ReloadConfigRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReloadConfigResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/ReloadConfig",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "ReloadConfig"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Connection events from now on, as they happen: opened, closed, failed, and connects a
+        /// breaker rejected, with the process, cgroup and container; the audit trail.
+        pub async fn watch_connections(
+            &mut self,
+            request: impl tonic::IntoRequest<super::WatchConnectionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ConnectionEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/WatchConnections",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "WatchConnections"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1539,6 +1714,31 @@ pub mod agent_server {
             request: tonic::Request<super::WatchBreakerEventsRequest>,
         ) -> std::result::Result<
             tonic::Response<Self::WatchBreakerEventsStream>,
+            tonic::Status,
+        >;
+        /// Re-reads the agent's config file and applies the difference (services, policies, scope)
+        /// without detaching programs or losing counts or breaker state. An invalid file is refused
+        /// whole (InvalidArgument) and the running config stays. SIGHUP does the same.
+        async fn reload_config(
+            &self,
+            request: tonic::Request<super::ReloadConfigRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ReloadConfigResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the WatchConnections method.
+        type WatchConnectionsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ConnectionEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Connection events from now on, as they happen: opened, closed, failed, and connects a
+        /// breaker rejected, with the process, cgroup and container; the audit trail.
+        async fn watch_connections(
+            &self,
+            request: tonic::Request<super::WatchConnectionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::WatchConnectionsStream>,
             tonic::Status,
         >;
     }
@@ -2307,6 +2507,98 @@ pub mod agent_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = WatchBreakerEventsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/ReloadConfig" => {
+                    #[allow(non_camel_case_types)]
+                    struct ReloadConfigSvc<T: Agent>(pub Arc<T>);
+                    impl<
+                        T: Agent,
+                    > tonic::server::UnaryService<super::ReloadConfigRequest>
+                    for ReloadConfigSvc<T> {
+                        type Response = super::ReloadConfigResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ReloadConfigRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::reload_config(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ReloadConfigSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/WatchConnections" => {
+                    #[allow(non_camel_case_types)]
+                    struct WatchConnectionsSvc<T: Agent>(pub Arc<T>);
+                    impl<
+                        T: Agent,
+                    > tonic::server::ServerStreamingService<
+                        super::WatchConnectionsRequest,
+                    > for WatchConnectionsSvc<T> {
+                        type Response = super::ConnectionEvent;
+                        type ResponseStream = T::WatchConnectionsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::WatchConnectionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::watch_connections(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = WatchConnectionsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -1,0 +1,264 @@
+//! Operating the agent: the connection audit stream and config reloads, against the real kernel.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_proto::v1 as pb;
+use breakwater_tests::{cgroup, closed_port, require_root, serial, Agent, Server};
+use pb::ConnectionEventKind as Kind;
+
+/// Collects events from a stream until `done` says so or 5 s pass.
+fn collect(
+    agent: &Agent,
+    stream: &mut tonic::Streaming<pb::ConnectionEvent>,
+    mut done: impl FnMut(&[pb::ConnectionEvent]) -> bool,
+) -> Vec<pb::ConnectionEvent> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "events so far: {seen:#?}");
+        let next = agent.block_on(async { tokio::time::timeout(left, stream.message()).await });
+        match next {
+            Ok(Ok(Some(e))) => seen.push(e),
+            Ok(other) => panic!("stream ended: {other:?}; events so far: {seen:#?}"),
+            Err(_) => panic!("no more events within 5 s; so far: {seen:#?}"),
+        }
+    }
+    seen
+}
+
+#[test]
+fn audit_stream_shows_the_tests_own_connections() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let config = format!(
+        "[[service]]\nname = \"audited\"\nendpoints = [\"{}\", \"{closed}\"]\n[service.breaker]\nconsecutive_failures = 1\nerrno = \"EHOSTUNREACH\"\n",
+        up.addr
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    let scope = agent.scope().to_owned();
+    let mut client = agent.client();
+    let mut stream = agent
+        .block_on(client.watch_connections(pb::WatchConnectionsRequest {
+            service: "audited".into(),
+        }))
+        .expect("WatchConnections")
+        .into_inner();
+    // From a thread with a name of its own: its comm in the kernel.
+    let (local, errs) = thread::Builder::new()
+        .name("bw-audit".into())
+        .spawn(move || {
+            let c = TcpStream::connect(up.addr).expect("connect");
+            let local = c.local_addr().unwrap();
+            drop(c);
+            thread::sleep(Duration::from_millis(50));
+            // Refused by the network, which trips the breaker; then refused by the breaker.
+            let refused = TcpStream::connect(closed).expect_err("closed port");
+            let rejected = TcpStream::connect(closed).expect_err("breaker open");
+            (local, [refused.raw_os_error(), rejected.raw_os_error()])
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(errs, [Some(libc::ECONNREFUSED), Some(libc::EHOSTUNREACH)]);
+    let events = collect(&agent, &mut stream, |seen| {
+        [Kind::Opened, Kind::Closed, Kind::Failed, Kind::Rejected]
+            .iter()
+            .all(|k| {
+                seen.iter()
+                    .any(|e| e.kind() == *k && e.direction() == pb::Direction::Outbound)
+            })
+    });
+    let pid = std::process::id();
+    for e in events
+        .iter()
+        .filter(|e| e.direction() == pb::Direction::Outbound)
+    {
+        assert_eq!(e.pid, pid, "{e:?}");
+        assert_eq!(e.comm, "bw-audit", "{e:?}");
+        assert_eq!(e.service, "audited", "{e:?}");
+        assert_eq!(e.cgroup, scope, "{e:?}");
+        assert_eq!(e.remote_address, "127.0.0.1", "{e:?}");
+        assert!(e.time_unix_ms > 0 && e.lost == 0, "{e:?}");
+    }
+    let find = |k: Kind| {
+        events
+            .iter()
+            .find(|e| e.kind() == k && e.direction() == pb::Direction::Outbound)
+            .unwrap()
+    };
+    let opened = find(Kind::Opened);
+    assert_eq!(
+        (opened.local_port, opened.remote_port),
+        (u32::from(local.port()), u32::from(up.addr.port()))
+    );
+    assert!(opened.duration_us > 0, "connect time: {opened:?}");
+    assert_eq!(find(Kind::Closed).local_port, u32::from(local.port()));
+    let failed = find(Kind::Failed);
+    assert_eq!(
+        (failed.reason.as_str(), failed.remote_port),
+        ("refused", u32::from(closed.port()))
+    );
+    let rejected = find(Kind::Rejected);
+    assert_eq!(
+        (rejected.reason.as_str(), rejected.remote_port),
+        ("EHOSTUNREACH", u32::from(closed.port()))
+    );
+}
+
+fn services(agent: &Agent) -> Vec<String> {
+    let mut client = agent.client();
+    agent
+        .block_on(client.list_services(pb::ListServicesRequest {}))
+        .unwrap()
+        .into_inner()
+        .services
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
+fn breaker(agent: &Agent, name: &str) -> pb::Breaker {
+    let mut client = agent.client();
+    agent
+        .block_on(client.get_breaker(pb::GetBreakerRequest {
+            service: name.into(),
+        }))
+        .unwrap()
+        .into_inner()
+        .breaker
+        .unwrap()
+}
+
+fn reload(agent: &Agent) -> Result<pb::ReloadConfigResponse, tonic::Status> {
+    let mut client = agent.client();
+    agent
+        .block_on(client.reload_config(pb::ReloadConfigRequest {}))
+        .map(|r| r.into_inner())
+}
+
+#[test]
+fn reload_applies_the_difference_and_keeps_counts_and_state() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let (a, b, c) = (
+        up.addr,
+        closed,
+        SocketAddr::from(([127, 0, 0, 1], closed_port())),
+    );
+    let policy = "[service.breaker]\nconsecutive_failures = 2\nopen_timeout = \"10m\"\n";
+    let v1 = format!(
+        "[[service]]\nname = \"a\"\nendpoints = [\"{a}\", \"{b}\"]\n{policy}\n[[service]]\nname = \"gone\"\nendpoints = [\"127.0.0.1:1\"]\n"
+    );
+    let mut agent = Agent::start_with_config(Some(&v1));
+    agent.cgroup().enter();
+    TcpStream::connect(a).unwrap();
+    TcpStream::connect(a).unwrap();
+    for _ in 0..2 {
+        TcpStream::connect(b).expect_err("closed");
+    }
+    let before = breaker(&agent, "a");
+    assert_eq!(before.state(), pb::BreakerState::Open);
+
+    // v2: "a" as it was, "gone" removed, "new" added with a policy, one more cgroup enforced.
+    let mut extra = cgroup::CgroupGuard::new();
+    let v2 = format!(
+        "{}\n[breaker]\nscope = [\"{}\", \"{}\"]\n[[service]]\nname = \"a\"\nendpoints = [\"{a}\", \"{b}\"]\n{policy}\n[[service]]\nname = \"new\"\nendpoints = [\"{c}\"]\n[service.breaker]\npreset = \"nginx\"\n",
+        "# reloaded",
+        agent.scope(),
+        extra.relative()
+    );
+    let path = agent.config_path().unwrap().to_owned();
+    std::fs::write(&path, &v2).unwrap();
+    let r = reload(&agent).expect("ReloadConfig");
+    assert_eq!(
+        (
+            r.services_added.clone(),
+            r.services_removed.clone(),
+            r.services_changed.clone(),
+            r.policies_changed.clone(),
+            r.scope_added.clone(),
+        ),
+        (
+            vec!["new".to_owned()],
+            vec!["gone".to_owned()],
+            vec![],
+            vec!["new".to_owned()],
+            vec![extra.relative().to_owned()]
+        ),
+        "{r:?}"
+    );
+    let mut names = services(&agent);
+    names.sort();
+    assert_eq!(names, ["a", "new"]);
+    let after = breaker(&agent, "a");
+    assert_eq!(
+        (after.state(), after.trips, after.rejected),
+        (before.state(), before.trips, before.rejected),
+        "breaker state kept"
+    );
+    let a_row = agent
+        .destination("127.0.0.1", a.port(), "outbound", None)
+        .unwrap();
+    assert_eq!(a_row["opened"], 2, "counts kept: {a_row}");
+    assert_eq!(breaker(&agent, "new").policy.unwrap().max_failures, 3);
+    // The added cgroup is enforced: a process in it is rejected by the open breaker.
+    let err = cgroup::connect_from_cgroup(extra.relative(), a).expect_err("rejected");
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED));
+    let rejected = breaker(&agent, "a").rejected;
+    assert_eq!(rejected, after.rejected + 1);
+
+    // An invalid file is refused whole; the running config stays.
+    std::fs::write(
+        &path,
+        v2.replace(
+            "preset = \"nginx\"",
+            "preset = \"nginx\"\nfailure_ratio = 1.5",
+        ),
+    )
+    .unwrap();
+    let status = reload(&agent).expect_err("invalid config");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("failure_ratio"), "{status}");
+    let mut names = services(&agent);
+    names.sort();
+    assert_eq!(names, ["a", "new"]);
+    assert_eq!(breaker(&agent, "new").policy.unwrap().failure_ratio, 0.0);
+
+    // SIGHUP does the same; here it also takes the extra cgroup away again.
+    let v4 = format!(
+        "[breaker]\nscope = [\"{}\"]\n[[service]]\nname = \"a\"\nendpoints = [\"{a}\", \"{b}\"]\n{policy}\n",
+        agent.scope()
+    );
+    std::fs::write(&path, v4).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while services(&agent) != ["a"] {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload: {:?}",
+            services(&agent)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    cgroup::connect_from_cgroup(extra.relative(), a).expect("no longer enforced there");
+    assert_eq!(breaker(&agent, "a").state(), pb::BreakerState::Open);
+    extra.leave();
+}

@@ -186,7 +186,7 @@ fn kustomization_lists_every_manifest() {
 /// The `--flag` names in a line of arguments (`--a=b` and `--a b` both give `--a`).
 fn flags_in(line: &str) -> Vec<String> {
     line.split_whitespace()
-        .map(|w| w.trim_matches(|c| c == '"' || c == '\'' || c == ',' || c == '[' || c == ']'))
+        .map(|w| w.trim_matches(['"', '\'', ',', '[', ']']))
         .filter(|w| w.starts_with("--") && w.len() > 2)
         .map(|w| w.split('=').next().unwrap().to_owned())
         .collect()
@@ -281,7 +281,7 @@ fn unit_section(unit: &str, section: &str) -> Vec<(String, String)> {
             continue;
         }
         if line.starts_with('[') {
-            current = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+            current = line.trim_matches(['[', ']']).to_owned();
         } else if current == section {
             let (k, v) = line.split_once('=').expect("key=value");
             out.push((k.trim().to_owned(), v.trim().to_owned()));

@@ -96,7 +96,9 @@ impl HttpResponse {
 fn http(addr: SocketAddr, method: &str, path: &str, accept: Option<&str>) -> HttpResponse {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics listener");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
@@ -314,7 +316,11 @@ fn metrics_parse_and_equal_the_api() {
     ] {
         let l = [("service", "shop"), ("direction", dir)];
         let get = |name: &str| m.value(name, &l) as u64;
-        assert_eq!(get("breakwater_service_connections_active"), c.active, "{dir}");
+        assert_eq!(
+            get("breakwater_service_connections_active"),
+            c.active,
+            "{dir}"
+        );
         assert_eq!(get("breakwater_service_connections_opened_total"), c.opened);
         assert_eq!(get("breakwater_service_connections_closed_total"), c.closed);
         for (reason, n) in [
@@ -335,7 +341,10 @@ fn metrics_parse_and_equal_the_api() {
         );
         assert_eq!(get("breakwater_service_retransmits_total"), c.retransmits);
         assert_eq!(get("breakwater_service_sent_bytes_total"), c.bytes_sent);
-        assert_eq!(get("breakwater_service_received_bytes_total"), c.bytes_received);
+        assert_eq!(
+            get("breakwater_service_received_bytes_total"),
+            c.bytes_received
+        );
     }
 
     // The connect-latency histogram has exactly the API's samples.
@@ -368,7 +377,7 @@ fn metrics_parse_and_equal_the_api() {
         .find(|s| s.service == "shop")
         .expect("shop has sockets in TIME_WAIT");
     assert_eq!(tw_shop.outbound, 5);
-    let dir = |d: &str| [("service", "shop"), ("direction", d)];
+    let dir = |d: &'static str| [("service", "shop"), ("direction", d)];
     assert_eq!(
         m.value("breakwater_service_time_wait_sockets", &dir("outbound")) as u64,
         tw_shop.outbound
@@ -416,13 +425,22 @@ fn metrics_parse_and_equal_the_api() {
     );
     let destinations: std::collections::HashSet<_> = m
         .samples("breakwater_destination_connections_opened_total", &[])
-        .map(|s| (s.labels["destination"].clone(), s.labels["direction"].clone()))
+        .map(|s| {
+            (
+                s.labels["destination"].clone(),
+                s.labels["direction"].clone(),
+            )
+        })
         .collect();
     assert!(destinations.len() <= 1000);
 
     // The agent's own health: every counter of GetAgentInfo, between the two reads; the maps.
     for c in &info_before.counters {
-        let after = info_after.counters.iter().find(|a| a.name == c.name).unwrap();
+        let after = info_after
+            .counters
+            .iter()
+            .find(|a| a.name == c.name)
+            .unwrap();
         let v = m.value("breakwater_kernel_counter_total", &[("counter", &c.name)]) as u64;
         assert!(
             c.value <= v && v <= after.value,
@@ -434,10 +452,7 @@ fn metrics_parse_and_equal_the_api() {
     }
     for map in &info_before.maps {
         let l = [("map", map.name.as_str())];
-        assert_eq!(
-            m.value("breakwater_map_capacity", &l) as u32,
-            map.capacity
-        );
+        assert_eq!(m.value("breakwater_map_capacity", &l) as u32, map.capacity);
         m.value("breakwater_map_entries", &l);
         m.value("breakwater_map_evictions_total", &l);
     }
@@ -447,7 +462,12 @@ fn metrics_parse_and_equal_the_api() {
             &[("program", p.name.as_str())],
         );
     }
-    let b = |state: &str| m.value("breakwater_breaker_state", &[("service", "shop"), ("state", state)]);
+    let b = |state: &str| {
+        m.value(
+            "breakwater_breaker_state",
+            &[("service", "shop"), ("state", state)],
+        )
+    };
     assert_eq!((b("closed"), b("open"), b("half_open")), (1.0, 0.0, 0.0));
 
     // A trip, then connects from the enforced cgroup: refused, and counted as the API counts.
@@ -474,7 +494,12 @@ fn metrics_parse_and_equal_the_api() {
         .unwrap();
     assert_eq!((breaker.trips, breaker.rejected), (1, 3));
     let m = scrape(metrics);
-    let b = |state: &str| m.value("breakwater_breaker_state", &[("service", "shop"), ("state", state)]);
+    let b = |state: &str| {
+        m.value(
+            "breakwater_breaker_state",
+            &[("service", "shop"), ("state", state)],
+        )
+    };
     assert_eq!((b("closed"), b("open"), b("half_open")), (0.0, 1.0, 0.0));
     assert_eq!(
         m.value("breakwater_breaker_trips_total", &shop) as u64,
@@ -501,7 +526,9 @@ fn metrics_parse_and_equal_the_api() {
         .header("content-type")
         .is_some_and(|t| t.starts_with("application/openmetrics-text")));
     assert!(r.body.ends_with("# EOF\n"));
-    assert!(r.body.contains("# TYPE breakwater_service_connections_opened counter\n"));
+    assert!(r
+        .body
+        .contains("# TYPE breakwater_service_connections_opened counter\n"));
     assert_eq!(http(metrics, "GET", "/", None).status, 404);
     assert_eq!(http(metrics, "POST", "/metrics", None).status, 405);
     drop((held, server));

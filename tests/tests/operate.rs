@@ -53,6 +53,32 @@ fn audit_stream_shows_the_tests_own_connections() {
         }))
         .expect("WatchConnections")
         .into_inner();
+    // The CLI's watch too, one JSON object per line.
+    let mut watch = std::process::Command::new(breakwater_tests::agent_bin())
+        .args([
+            "--agent",
+            &agent.address(),
+            "watch",
+            "conns",
+            "--service",
+            "audited",
+        ])
+        .args(["-o", "json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    thread::sleep(Duration::from_millis(300));
     // From a thread with a name of its own: its comm in the kernel.
     let (local, errs) = thread::Builder::new()
         .name("bw-audit".into())
@@ -78,6 +104,21 @@ fn audit_stream_shows_the_tests_own_connections() {
                     .any(|e| e.kind() == *k && e.direction() == pb::Direction::Outbound)
             })
     });
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("`watch conns` printed an event");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let first: serde_json::Value = serde_json::from_str(&line).expect("JSON per line");
+    assert_eq!(
+        (&first["kind"], &first["comm"], &first["service"]),
+        (
+            &serde_json::json!("opened"),
+            &serde_json::json!("bw-audit"),
+            &serde_json::json!("audited")
+        ),
+        "{line}"
+    );
     let pid = std::process::id();
     for e in events
         .iter()
@@ -260,5 +301,12 @@ fn reload_applies_the_difference_and_keeps_counts_and_state() {
     }
     cgroup::connect_from_cgroup(extra.relative(), a).expect("no longer enforced there");
     assert_eq!(breaker(&agent, "a").state(), pb::BreakerState::Open);
+    // The CLI's reload, with nothing left to change.
+    let out = agent.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
+        "{out:?}"
+    );
     extra.leave();
 }

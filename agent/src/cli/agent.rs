@@ -186,6 +186,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     let stopping = async move {
         shutdown().await;
         stopping_health.set_serving(false).await;
+        // A moment for health watchers and probes to see it before the listeners close.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         let _ = stop_tx.send(true);
     };
     let served = serve::serve(listeners, service, &health, authz, async move {

@@ -405,6 +405,36 @@ async fn watch_breakers(
     )))
 }
 
+/// Prints connection events as they come, until the agent ends the stream.
+async fn watch_conns(
+    client: &mut AgentClient<Channel>,
+    format: Output,
+    service: Option<String>,
+) -> Result<(), CliError> {
+    let mut stream = client
+        .watch_connections(pb::WatchConnectionsRequest {
+            service: service.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if format == Output::Table {
+        eprintln!("watching connections (Ctrl-C to stop)");
+    }
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        match format {
+            Output::Json => {
+                let json = serde_json::to_string(&event).map_err(anyhow::Error::from)?;
+                println!("{json}");
+            }
+            Output::Table => println!("{}", output::connection_event(&event)),
+        }
+    }
+    Err(CliError::Failed(anyhow::anyhow!(
+        "the agent ended the stream (it stopped?)"
+    )))
+}
+
 pub async fn run(target: &Target, format: Output, command: Command) -> Result<(), CliError> {
     let nodes = nodes(target)?;
     // Check what can be checked here first, so that bad input gets exit code 2 even when
@@ -422,8 +452,14 @@ pub async fn run(target: &Target, format: Output, command: Command) -> Result<()
     }
     if let [node] = &nodes[..] {
         let mut client = connect(node, &target.tls).await?;
-        if let Command::Watch(WatchCommand::Breakers { service }) = command {
-            return watch_breakers(&mut client, format, service).await;
+        match command {
+            Command::Watch(WatchCommand::Breakers { service }) => {
+                return watch_breakers(&mut client, format, service).await;
+            }
+            Command::Watch(WatchCommand::Conns { service }) => {
+                return watch_conns(&mut client, format, service).await;
+            }
+            _ => {}
         }
         let answer = call(&mut client, &command).await?;
         return print(format, answer.as_ref());
@@ -580,6 +616,14 @@ async fn call(
                 |r| output::breaker_changed("tripped", &r.breaker),
                 |r| changed_rows("tripped", &r.breaker),
             )
+        }
+        Command::Reload => {
+            let r = client
+                .reload_config(pb::ReloadConfigRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            reply(r, output::reloaded)
         }
         Command::Reset { name } => {
             let r = client

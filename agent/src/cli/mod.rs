@@ -127,6 +127,8 @@ pub enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Re-read the agent's config file and apply what changed (as SIGHUP does).
+    Reload,
     /// Close a service's breaker: counts cleared, a forced trip lifted.
     Reset {
         /// Service name.
@@ -221,6 +223,13 @@ pub enum WatchCommand {
         #[arg(long)]
         service: Option<String>,
     },
+    /// Connections opened, closed, failed and rejected, with their process, one line each
+    /// (with -o json, one JSON object per line).
+    Conns {
+        /// Only connections to or from this service's endpoints.
+        #[arg(long)]
+        service: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -229,18 +238,18 @@ pub struct AgentArgs {
     #[arg(long, env = "BREAKWATER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Unix socket to serve the API on [default: agent.socket from the config, else /run/breakwater/agent.sock].
-    #[arg(long)]
+    #[arg(long, env = "BREAKWATER_SOCKET")]
     pub socket: Option<PathBuf>,
     /// On exit, remove everything pinned (programs, links, maps): enforcement and the breakers'
     /// state do not survive. Without it they stay in the kernel until the next start.
     #[arg(long)]
     pub release_on_exit: bool,
     /// bpffs directory for the pinned maps and links [default: agent.pin_dir from the config].
-    #[arg(long)]
+    #[arg(long, env = "BREAKWATER_PIN_DIR")]
     pub pin_dir: Option<PathBuf>,
     /// A cgroup (path under the cgroup2 mount) whose processes the breakers apply to; repeat
     /// for more [default: breaker.scope from the config, else "/", the whole node].
-    #[arg(long = "scope")]
+    #[arg(long = "scope", env = "BREAKWATER_SCOPE", value_delimiter = ',')]
     pub scope: Vec<String>,
     /// Permission bits of the socket, octal: 0600 lets only root in, 0666 lets everyone read
     /// (changes still need agent.authz) [default: agent.socket_mode, else 0600].

@@ -564,6 +564,77 @@ pub fn breaker_event(e: &pb::BreakerEvent) -> String {
     out
 }
 
+/// One connection event as a line: time, kind, both ends, process, service.
+pub fn connection_event(e: &pb::ConnectionEvent) -> String {
+    let time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms),
+    );
+    let kind = e
+        .kind()
+        .as_str_name()
+        .trim_start_matches("CONNECTION_EVENT_KIND_")
+        .to_ascii_lowercase();
+    let arrow = if e.direction() == pb::Direction::Inbound {
+        "<-"
+    } else {
+        "->"
+    };
+    let local = if e.local_address.is_empty() {
+        "-".to_owned()
+    } else {
+        endpoint(&e.local_address, e.local_port)
+    };
+    let mut line = format!(
+        "{time} {kind:<8} {local} {arrow} {} pid={} comm={}",
+        endpoint(&e.remote_address, e.remote_port),
+        e.pid,
+        e.comm
+    );
+    if !e.reason.is_empty() {
+        line += &format!(" reason={}", e.reason);
+    }
+    if !e.service.is_empty() {
+        line += &format!(" service={}", e.service);
+    }
+    if !e.container_id.is_empty() {
+        line += &format!(
+            " container={}",
+            &e.container_id[..12.min(e.container_id.len())]
+        );
+    } else if !e.cgroup.is_empty() {
+        line += &format!(" cgroup={}", e.cgroup);
+    }
+    if e.kind() == pb::ConnectionEventKind::Closed {
+        line += &format!(" sent={} received={}", e.bytes_sent, e.bytes_received);
+    }
+    if e.lost > 0 {
+        line += &format!(" (lost {} before this)", e.lost);
+    }
+    line
+}
+
+/// What a reload changed.
+pub fn reloaded(r: &pb::ReloadConfigResponse) -> String {
+    let mut parts = Vec::new();
+    for (what, names) in [
+        ("services added", &r.services_added),
+        ("services changed", &r.services_changed),
+        ("services removed", &r.services_removed),
+        ("policies changed", &r.policies_changed),
+        ("scope added", &r.scope_added),
+        ("scope removed", &r.scope_removed),
+    ] {
+        if !names.is_empty() {
+            parts.push(format!("{what}: {}", names.join(", ")));
+        }
+    }
+    if parts.is_empty() {
+        format!("reloaded {}: nothing changed", r.config_path)
+    } else {
+        format!("reloaded {}\n  {}", r.config_path, parts.join("\n  "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

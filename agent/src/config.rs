@@ -163,6 +163,43 @@ impl AgentConfig {
     }
 }
 
+/// The remote-access flags (and their env vars), which win over the file's `[agent]` keys, at
+/// start and on every reload.
+#[derive(Clone, Debug, Default)]
+pub struct RemoteOverrides {
+    pub socket_mode: Option<String>,
+    pub listen: Option<String>,
+    pub insecure_listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl RemoteOverrides {
+    pub fn apply(&self, a: &mut AgentConfig) {
+        if let Some(mode) = &self.socket_mode {
+            a.socket_mode.clone_from(mode);
+        }
+        for (flag, key) in [
+            (&self.listen, &mut a.listen),
+            (&self.insecure_listen, &mut a.insecure_listen),
+        ] {
+            if flag.is_some() {
+                key.clone_from(flag);
+            }
+        }
+        for (flag, key) in [
+            (&self.tls_cert, &mut a.tls_cert),
+            (&self.tls_key, &mut a.tls_key),
+            (&self.tls_client_ca, &mut a.tls_client_ca),
+        ] {
+            if flag.is_some() {
+                key.clone_from(flag);
+            }
+        }
+    }
+}
+
 /// HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 address.
 pub fn check_host_port(addr: &str) -> std::result::Result<(), String> {
     let (host, port) = addr
@@ -565,6 +602,22 @@ mod tests {
         assert_eq!(c.agent.authz.writer_gids, [50]);
         assert!(!c.agent.authz.insecure_writers);
         assert_eq!(AgentConfig::default().socket_mode().unwrap(), 0o600);
+
+        // Flags win over the file, key by key; what they leave unset stays the file's.
+        let mut a = c.agent.clone();
+        RemoteOverrides {
+            socket_mode: Some("0666".into()),
+            tls_key: Some("/run/secrets/agent.key".into()),
+            ..Default::default()
+        }
+        .apply(&mut a);
+        assert_eq!(a.socket_mode().unwrap(), 0o666);
+        assert_eq!(
+            a.tls_key.as_deref(),
+            Some(Path::new("/run/secrets/agent.key"))
+        );
+        assert_eq!(a.tls_cert, c.agent.tls_cert);
+        assert_eq!(a.listen, c.agent.listen);
 
         let cases = [
             (

@@ -148,7 +148,7 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
             continue;
         }
         let name_end = line
-            .find(|c: char| c == '{' || c == ' ')
+            .find(['{', ' '])
             .ok_or_else(|| at("a sample needs a value".into()))?;
         let name = &line[..name_end];
         if !valid_name(name, true) {

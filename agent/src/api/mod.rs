@@ -44,6 +44,8 @@ pub struct Core {
     pub config: crate::config::Config,
     pub config_path: Option<PathBuf>,
     pub overrides: reload::Overrides,
+    /// Who may change state; a reload updates it in place.
+    pub authz: authz::Authz,
 }
 
 /// Counters whose per-second rates the agent reports.

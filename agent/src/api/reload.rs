@@ -21,6 +21,10 @@ use crate::{
 pub struct Overrides {
     pub pin_dir: Option<std::path::PathBuf>,
     pub scope: Vec<String>,
+    /// --listen, --tls-*, --socket-mode, ...
+    pub remote: crate::config::RemoteOverrides,
+    pub health_listen: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Overrides {
@@ -30,6 +34,13 @@ impl Overrides {
         }
         if !self.scope.is_empty() {
             config.breaker.scope = self.scope.clone();
+        }
+        self.remote.apply(&mut config.agent);
+        if self.health_listen.is_some() {
+            config.agent.health_listen.clone_from(&self.health_listen);
+        }
+        if self.metrics_listen.is_some() {
+            config.metrics.listen.clone_from(&self.metrics_listen);
         }
         config.validate()
     }
@@ -61,8 +72,11 @@ impl Core {
                 path.display()
             )));
         }
-        if next.agent != self.config.agent {
-            warn!("[agent] settings changed: they take effect when the agent restarts");
+        let authz_changed = next.agent.authz != self.config.agent.authz;
+        let mut agent = next.agent.clone();
+        agent.authz = self.config.agent.authz.clone();
+        if agent != self.config.agent {
+            warn!("[agent] settings changed: they take effect when the agent restarts (except [agent.authz], applied now)");
         }
         let old = by_name(&self.config);
         let new = by_name(&next);
@@ -170,6 +184,10 @@ impl Core {
             self.kernel
                 .detach_scope(rel)
                 .map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        if authz_changed {
+            self.authz.update(&next.agent.authz);
+            info!(authz = ?next.agent.authz, "authorization updated");
         }
         self.config = next;
         let response = pb::ReloadConfigResponse {

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::{AgentArgs, CliError};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
-    config::Config,
+    config::{Config, RemoteOverrides},
     ebpf::{breaker, Kernel},
     netns,
     service::ServiceTable,
@@ -30,10 +30,18 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     let overrides = Overrides {
         pin_dir: args.pin_dir.clone(),
         scope: args.scope.clone(),
+        remote: RemoteOverrides {
+            socket_mode: args.socket_mode.clone(),
+            listen: args.listen.clone(),
+            insecure_listen: args.insecure_listen.clone(),
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            tls_client_ca: args.tls_client_ca.clone(),
+        },
+        health_listen: args.health_listen.clone(),
+        metrics_listen: args.metrics_listen.clone(),
     };
     overrides.apply(&mut config)?;
-    remote_flags(&args, &mut config)?;
-    observability_flags(&args, &mut config)?;
     let socket = args
         .socket
         .clone()
@@ -62,7 +70,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     let events = kernel.take_events();
     let conn_events = kernel.take_conn_events();
+    let authz = Authz::new(&config.agent.authz);
     let mut core = Core {
+        authz: authz.clone(),
         kernel,
         services,
         rates: Default::default(),
@@ -160,7 +170,6 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         ));
     }
     let service = AgentService::new(core, host_netns, args.config.clone());
-    let authz = Authz::new(&config.agent.authz);
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
     eprintln!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
@@ -210,45 +219,6 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))
-}
-
-/// The remote-access flags over the config file's `[agent]` keys (flags > env > file).
-fn remote_flags(args: &AgentArgs, config: &mut Config) -> Result<(), CliError> {
-    let a = &mut config.agent;
-    if let Some(mode) = &args.socket_mode {
-        a.socket_mode = mode.clone();
-    }
-    for (flag, key) in [
-        (&args.listen, &mut a.listen),
-        (&args.insecure_listen, &mut a.insecure_listen),
-    ] {
-        if flag.is_some() {
-            key.clone_from(flag);
-        }
-    }
-    for (flag, key) in [
-        (&args.tls_cert, &mut a.tls_cert),
-        (&args.tls_key, &mut a.tls_key),
-        (&args.tls_client_ca, &mut a.tls_client_ca),
-    ] {
-        if flag.is_some() {
-            key.clone_from(flag);
-        }
-    }
-    config.validate()?;
-    Ok(())
-}
-
-/// `--health-listen` and `--metrics-listen` over the config file's keys.
-fn observability_flags(args: &AgentArgs, config: &mut Config) -> Result<(), CliError> {
-    if args.health_listen.is_some() {
-        config.agent.health_listen.clone_from(&args.health_listen);
-    }
-    if args.metrics_listen.is_some() {
-        config.metrics.listen.clone_from(&args.metrics_listen);
-    }
-    config.validate()?;
-    Ok(())
 }
 
 /// Binds the health-only and the metrics listeners (before loading: a taken port stops the

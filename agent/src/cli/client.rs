@@ -259,10 +259,13 @@ trait Answer: Send {
     fn table(&self) -> String;
     /// If the table is one table: its rows, to merge with other agents' (a NODE column first),
     /// and a line to print above the merged table.
-    fn rows(&self) -> Option<(Option<String>, output::Rows)>;
+    fn rows(&self) -> Option<Titled>;
 }
 
-type RowsOf<T> = fn(&T) -> (Option<String>, output::Rows);
+/// A table's rows, with the line to print above them.
+type Titled = (Option<String>, output::Rows);
+
+type RowsOf<T> = fn(&T) -> Titled;
 
 struct Reply<T, F> {
     msg: T,
@@ -287,7 +290,7 @@ where
         (self.table)(&self.msg)
     }
 
-    fn rows(&self) -> Option<(Option<String>, output::Rows)> {
+    fn rows(&self) -> Option<Titled> {
         self.rows.map(|rows| rows(&self.msg))
     }
 }
@@ -327,7 +330,7 @@ fn print(format: Output, answer: &dyn Answer) -> Result<(), CliError> {
 }
 
 /// A breaker after a trip, reset or new policy, as rows, with "tripped db" above them.
-fn changed_rows(verb: &str, b: &Option<pb::Breaker>) -> (Option<String>, output::Rows) {
+fn changed_rows(verb: &str, b: &Option<pb::Breaker>) -> Titled {
     let list = pb::ListBreakersResponse {
         breakers: b.iter().cloned().collect(),
     };
@@ -499,7 +502,7 @@ async fn fan_out(
                         "node": node.name,
                         "result": a.value().map_err(anyhow::Error::from)?,
                     }),
-                    Err(e) => serde_json::json!({ "node": node.name, "error": e.to_string() }),
+                    Err(e) => serde_json::json!({ "node": node.name, "error": first_line(e) }),
                 });
             }
             let all = serde_json::json!({ "nodes": list });
@@ -520,9 +523,7 @@ async fn fan_out(
         .filter_map(|(n, r)| r.as_ref().err().map(|e| (n, e)))
         .collect();
     for (node, e) in &failed {
-        // The first line says it; hints on how to start a local agent are for one agent.
-        let why = e.to_string();
-        let why = why.lines().next().unwrap_or_default();
+        let why = first_line(e);
         if node.name == node.text {
             eprintln!("error: {}: {why}", node.name);
         } else {
@@ -540,10 +541,15 @@ async fn fan_out(
     }
 }
 
+/// What went wrong, without the hints on how to start a local agent (they are for one agent).
+fn first_line(e: &CliError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_owned()
+}
+
 /// Several agents' answers as one: one table with a NODE column when the answer is a table,
 /// else each agent's under its name (one-line answers on one line).
 fn merged_table(answers: &[(&str, &dyn Answer)]) -> String {
-    let rows: Option<Vec<(String, (Option<String>, output::Rows))>> = answers
+    let rows: Option<Vec<(String, Titled)>> = answers
         .iter()
         .map(|(node, a)| a.rows().map(|r| (node.to_string(), r)))
         .collect();

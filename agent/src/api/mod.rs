@@ -692,13 +692,14 @@ impl Agent for AgentService {
             .with_core(move |core| {
                 require_known(&core.services, &req.service)?;
                 let now = monotonic_ns();
-                let mut out: Vec<pb::Connection> = core
-                    .kernel
-                    .connections()?
-                    .iter()
-                    .map(|r| connection_message(&core.services, r, now))
-                    .filter(|c| req.service.is_empty() || c.service == req.service)
-                    .collect();
+                let mut out: Vec<pb::Connection> = Vec::new();
+                let services = &core.services;
+                core.kernel.for_each_connection(|r| {
+                    let c = connection_message(services, r, now);
+                    if req.service.is_empty() || c.service == req.service {
+                        out.push(c);
+                    }
+                })?;
                 out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms).then(a.cookie.cmp(&b.cookie)));
                 Ok(limited(out, req.limit))
             })

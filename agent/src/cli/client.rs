@@ -27,6 +27,9 @@ use crate::{
 const MAX_RESPONSE: usize = 1 << 30;
 /// How long a TCP agent may take to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one answer may take (to its first byte, for streams): a node that accepts the
+/// connection and never answers must not hold a fan-out up for good.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The client's side of TLS, for https:// agents.
 #[derive(Clone, Debug, Default)]
@@ -206,6 +209,7 @@ async fn connect(node: &Node, tls: &ClientTls) -> Result<AgentClient<Channel>, C
             };
             // The URI is required by tonic but unused: the connector dials the socket.
             Endpoint::from_static("http://agent.invalid")
+                .timeout(REQUEST_TIMEOUT)
                 .connect_with_connector(service_fn(move |_: Uri| {
                     let path = path.clone();
                     async move {
@@ -222,7 +226,8 @@ async fn connect(node: &Node, tls: &ClientTls) -> Result<AgentClient<Channel>, C
         Address::Https(uri) | Address::Http(uri) => {
             let mut endpoint = Endpoint::from_shared(uri.clone())
                 .map_err(|e| CliError::Usage(format!("invalid agent address {agent:?}: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT);
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(REQUEST_TIMEOUT);
             if matches!(node.address, Address::Https(_)) {
                 endpoint = endpoint.tls_config(client_tls(agent, tls)?).map_err(|e| {
                     CliError::Usage(format!("{agent}: TLS: {}", crate::error::chain(&e)))

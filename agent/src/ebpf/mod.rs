@@ -370,15 +370,23 @@ impl Kernel {
         self.dests.iter().filter_map(|r| r.ok()).collect()
     }
 
-    /// The tracked live sockets of every network namespace, read with the listing iterator.
-    pub fn connections(&mut self) -> Result<Vec<ConnRecord>> {
+    /// Visits the tracked live sockets of every network namespace, read with the listing
+    /// iterator. Records are decoded one at a time: on a node with 100k sockets a copy of them
+    /// all would be megabytes more at the agent's peak.
+    pub fn for_each_connection(&mut self, mut f: impl FnMut(&ConnRecord)) -> Result<()> {
         let namespaces = netns::all();
         let prog = self
             .iter(names::PROG_LIST_TCP)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let walked = iter::walk_all(prog, &namespaces, |_| ())
             .map_err(|e| Error::Internal(e.to_string()))?;
-        Ok(walked.iter().flat_map(|w| records(&w.bytes)).collect())
+        for w in walked {
+            for chunk in w.bytes.chunks_exact(std::mem::size_of::<ConnRecord>()) {
+                // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
+                f(&unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) });
+            }
+        }
+        Ok(())
     }
 
     /// Every TCP socket of every network namespace (TIME_WAIT included), with each namespace's

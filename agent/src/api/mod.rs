@@ -692,7 +692,7 @@ impl Agent for AgentService {
             .with_core(move |core| {
                 require_known(&core.services, &req.service)?;
                 let now = monotonic_ns();
-                let mut out: Vec<pb::Connection> = Vec::new();
+                let mut out: Vec<pb::Connection> = Vec::with_capacity(1024);
                 let services = &core.services;
                 core.kernel.for_each_connection(|r| {
                     let c = connection_message(services, r, now);

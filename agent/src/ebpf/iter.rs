@@ -72,3 +72,34 @@ fn walk_in<T>(
     let inside = inside(&bytes);
     Ok((bytes, inside))
 }
+
+/// Creates `prog`'s iterator in every namespace (on a thread inside each) and hands back the
+/// open files, to be read where and as the caller likes: the namespace is fixed when the file is
+/// created, so reading it in pieces elsewhere keeps the agent from holding a whole walk in
+/// memory at once. A namespace that vanished meanwhile is skipped.
+pub fn open_all(prog: &mut Iter, namespaces: &[NetNs]) -> Result<Vec<(u32, File)>, LoadError> {
+    let mut out = Vec::with_capacity(namespaces.len());
+    for ns in namespaces {
+        let link_id = prog
+            .attach()
+            .map_err(LoadError::program("iter/tcp attach"))?;
+        let link = prog
+            .take_link(link_id)
+            .map_err(LoadError::program("iter/tcp link"))?;
+        let path = ns.path.clone();
+        let opened = std::thread::spawn(move || -> Result<File, String> {
+            let ns = File::open(&path).map_err(|e| format!("open: {e}"))?;
+            setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+            link.into_file().map_err(|e| format!("iterator: {e}"))
+        })
+        .join()
+        .map_err(|_| LoadError::Seed("iterator thread panicked".into()))?;
+        match opened {
+            Ok(file) => out.push((ns.inode, file)),
+            Err(e) => {
+                warn!(netns = ns.inode, path = %ns.path.display(), error = %e, "cannot walk namespace")
+            }
+        }
+    }
+    Ok(out)
+}

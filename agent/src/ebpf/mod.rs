@@ -371,19 +371,38 @@ impl Kernel {
     }
 
     /// Visits the tracked live sockets of every network namespace, read with the listing
-    /// iterator. Records are decoded one at a time: on a node with 100k sockets a copy of them
-    /// all would be megabytes more at the agent's peak.
+    /// iterator a piece at a time: on a node with 100k sockets, a copy of the whole walk would be
+    /// megabytes more at the agent's peak.
     pub fn for_each_connection(&mut self, mut f: impl FnMut(&ConnRecord)) -> Result<()> {
+        use std::io::Read as _;
+        const SIZE: usize = std::mem::size_of::<ConnRecord>();
         let namespaces = netns::all();
         let prog = self
             .iter(names::PROG_LIST_TCP)
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let walked = iter::walk_all(prog, &namespaces, |_| ())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        for w in walked {
-            for chunk in w.bytes.chunks_exact(std::mem::size_of::<ConnRecord>()) {
-                // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
-                f(&unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) });
+        let files =
+            iter::open_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut buf = vec![0u8; SIZE * 512];
+        for (netns, mut file) in files {
+            let mut filled = 0;
+            loop {
+                let n = match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(netns, error = %e, "cannot read the connection list");
+                        break;
+                    }
+                };
+                filled += n;
+                let whole = filled / SIZE * SIZE;
+                for chunk in buf[..whole].chunks_exact(SIZE) {
+                    // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
+                    f(&unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) });
+                }
+                buf.copy_within(whole..filled, 0);
+                filled -= whole;
             }
         }
         Ok(())

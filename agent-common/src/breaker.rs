@@ -291,6 +291,14 @@ impl Counts {
             } else {
                 self.enter(state::HALF_OPEN, cause::TIMEOUT, p, now)
             });
+        } else if self.state == state::HALF_OPEN
+            && self.probes >= u64::from(p.half_open_max)
+            && now >= self.changed_ns.saturating_add(p.open_timeout_ns)
+        {
+            // Probes whose outcome never came (a connect that failed before sending its SYN,
+            // say) must not hold the breaker Half-Open for good: after another open_timeout,
+            // admit fresh ones. A late outcome of the old ones is of an old generation.
+            t = Some(self.enter(state::HALF_OPEN, cause::TIMEOUT, p, now));
         }
         self.roll(p, now);
         let a = match self.state {
@@ -514,6 +522,27 @@ mod tests {
         let t = c.on_outcome(&p, generation, true, false, later).unwrap();
         assert_eq!((t.to, t.cause), (state::OPEN, cause::PROBE_FAILURE));
         assert_eq!(c.open_until_ns, later + 30 * S);
+    }
+
+    #[test]
+    fn probes_without_an_outcome_are_given_up_after_open_timeout() {
+        let p = gobreaker();
+        let mut c = Counts::default();
+        run(&mut c, &p, &[true, true, true], 1);
+        let half = 1 + 30 * S;
+        let (Admission::Admit { generation: lost, .. }, _) = c.on_connect(&p, half) else {
+            panic!()
+        };
+        assert_eq!(c.on_connect(&p, half + S).0, Admission::Reject);
+        // No outcome for 30 s: a fresh probe, and the lost one's late outcome does not count.
+        let (a, t) = c.on_connect(&p, half + 30 * S);
+        assert!(matches!(a, Admission::Admit { probe: true, .. }));
+        assert_eq!(
+            t.map(|t| (t.from, t.to, t.cause)),
+            Some((state::HALF_OPEN, state::HALF_OPEN, cause::TIMEOUT))
+        );
+        assert_eq!(c.on_outcome(&p, lost, true, false, half + 31 * S), None);
+        assert_eq!(c.state, state::HALF_OPEN);
     }
 
     #[test]

@@ -530,7 +530,13 @@ mod tests {
         let mut c = Counts::default();
         run(&mut c, &p, &[true, true, true], 1);
         let half = 1 + 30 * S;
-        let (Admission::Admit { generation: lost, .. }, _) = c.on_connect(&p, half) else {
+        let (
+            Admission::Admit {
+                generation: lost, ..
+            },
+            _,
+        ) = c.on_connect(&p, half)
+        else {
             panic!()
         };
         assert_eq!(c.on_connect(&p, half + S).0, Admission::Reject);

@@ -954,3 +954,47 @@ fn a_trip_terminates_connections_in_other_namespaces() {
         ns.name
     );
 }
+
+#[test]
+fn a_probe_lost_before_its_syn_does_not_hold_half_open() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // In a namespace with only `lo`, 10.255.255.1 has no route: connect() fails with
+    // ENETUNREACH inside the kernel after the gate admitted it, and no outcome ever comes.
+    let ns = breakwater_tests::netns::NetNs::new("lost");
+    let closed = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let unroutable = SocketAddr::from(([10, 255, 255, 1], 80));
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{closed}\", \"{unroutable}\"]\n[service.breaker]\nconsecutive_failures = 1\nopen_timeout = \"1s\"\n"
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    let connect = move |addr: SocketAddr| {
+        ns.run(move || {
+            TcpStream::connect(addr)
+                .expect_err("never connects")
+                .raw_os_error()
+        })
+    };
+    let state = |agent: &Agent| get_breaker(agent, SERVICE).unwrap().state();
+    assert_eq!(connect(closed), Some(ECONNREFUSED));
+    assert_eq!(state(&agent), Open);
+    thread::sleep(SHORT);
+    // The probe: admitted, then lost before any SYN.
+    assert_eq!(connect(unroutable), Some(libc::ENETUNREACH));
+    assert_eq!(state(&agent), HalfOpen);
+    let rejected = get_breaker(&agent, SERVICE).unwrap().rejected;
+    assert_eq!(connect(closed), Some(ECONNREFUSED));
+    assert_eq!(
+        get_breaker(&agent, SERVICE).unwrap().rejected,
+        rejected + 1,
+        "the probe is still out: rejected"
+    );
+    thread::sleep(SHORT);
+    // open_timeout later: a fresh probe goes out (and fails: open again).
+    assert_eq!(connect(closed), Some(ECONNREFUSED));
+    let b = get_breaker(&agent, SERVICE).unwrap();
+    assert_eq!((b.state(), b.rejected), (Open, rejected + 1), "{b:?}");
+}

@@ -185,6 +185,32 @@ impl Agent {
         &self.pin_dir
     }
 
+    /// Runs `breakwater watch ARGS -o json` against this agent: the process (kill it when done)
+    /// and its output lines as they come.
+    pub fn watch(&self, args: &[&str]) -> (Child, std::sync::mpsc::Receiver<String>) {
+        let mut child = Command::new(agent_bin())
+            .args(["--agent", &self.address(), "watch"])
+            .args(args)
+            .args(["-o", "json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run breakwater watch");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        // Time for it to subscribe before the caller makes something happen.
+        thread::sleep(Duration::from_millis(300));
+        (child, rx)
+    }
+
     /// SIGKILL: no clean-up at all, as when the agent crashes.
     pub fn kill(&mut self) {
         if let Some(child) = &mut self.child {

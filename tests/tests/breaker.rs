@@ -421,31 +421,7 @@ fn manual_trip_with_ttl_expires_in_the_kernel_with_the_agent_killed() {
         return;
     }
     let mut rig = Rig::with_policy_toml("preset = \"gobreaker\"");
-    let mut watch = std::process::Command::new(breakwater_tests::agent_bin())
-        .args([
-            "--agent",
-            &rig.agent.address(),
-            "watch",
-            "breakers",
-            "-o",
-            "json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = watch.stdout.take().unwrap();
-    thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    // Time for the watch to subscribe before the trip.
-    thread::sleep(Duration::from_millis(300));
+    let (mut watch, rx) = rig.agent.watch(&["breakers"]);
     let out = rig.agent.cli(&[
         "trip",
         SERVICE,

@@ -54,31 +54,7 @@ fn audit_stream_shows_the_tests_own_connections() {
         .expect("WatchConnections")
         .into_inner();
     // The CLI's watch too, one JSON object per line.
-    let mut watch = std::process::Command::new(breakwater_tests::agent_bin())
-        .args([
-            "--agent",
-            &agent.address(),
-            "watch",
-            "conns",
-            "--service",
-            "audited",
-        ])
-        .args(["-o", "json"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = watch.stdout.take().unwrap();
-    thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    thread::sleep(Duration::from_millis(300));
+    let (mut watch, rx) = agent.watch(&["conns", "--service", "audited"]);
     // From a thread with a name of its own: its comm in the kernel.
     let (local, errs) = thread::Builder::new()
         .name("bw-audit".into())

@@ -553,12 +553,9 @@ impl Agent for AgentService {
         let req = request.into_inner();
         // A bad policy is refused before anything is touched.
         let policy = PolicySpec::from_request(&req).resolve()?;
+        // The core logs every change it makes.
         let b = self
-            .with_core(move |core| {
-                let b = core.set_policy(&req.service, policy)?;
-                info!(service = %req.service, ?policy, "breaker policy set");
-                Ok(b)
-            })
+            .with_core(move |core| core.set_policy(&req.service, policy))
             .await?;
         Ok(Response::new(pb::SetPolicyResponse {
             breaker: Some(breaker::breaker_message(&b)),
@@ -570,12 +567,8 @@ impl Agent for AgentService {
         request: Request<pb::ClearPolicyRequest>,
     ) -> Result<Response<pb::ClearPolicyResponse>, Status> {
         let service = request.into_inner().service;
-        self.with_core(move |core| {
-            core.clear_policy(&service)?;
-            info!(%service, "breaker policy cleared");
-            Ok(())
-        })
-        .await?;
+        self.with_core(move |core| core.clear_policy(&service))
+            .await?;
         Ok(Response::new(pb::ClearPolicyResponse {}))
     }
 
@@ -587,11 +580,7 @@ impl Agent for AgentService {
         let ttl = breaker::trip_ttl(req.ttl_ms)?;
         breaker::check_reason(&req.reason)?;
         let b = self
-            .with_core(move |core| {
-                let b = core.trip(&req.service, ttl, &req.reason)?;
-                info!(service = %req.service, ?ttl, reason = %req.reason, "breaker tripped");
-                Ok(b)
-            })
+            .with_core(move |core| core.trip(&req.service, ttl, &req.reason))
             .await?;
         Ok(Response::new(pb::TripResponse {
             breaker: Some(breaker::breaker_message(&b)),
@@ -603,13 +592,7 @@ impl Agent for AgentService {
         request: Request<pb::ResetRequest>,
     ) -> Result<Response<pb::ResetResponse>, Status> {
         let service = request.into_inner().service;
-        let b = self
-            .with_core(move |core| {
-                let b = core.reset(&service)?;
-                info!(%service, "breaker reset");
-                Ok(b)
-            })
-            .await?;
+        let b = self.with_core(move |core| core.reset(&service)).await?;
         Ok(Response::new(pb::ResetResponse {
             breaker: Some(breaker::breaker_message(&b)),
         }))

@@ -402,4 +402,41 @@ mod tests {
         );
         assert!(CertNames::from_der(b"not a certificate").is_err());
     }
+
+    /// A new RPC must be classified: a change left off `MUTATING` would be open to every reader.
+    #[test]
+    fn every_rpc_is_either_a_read_or_a_change() {
+        use prost::Message as _;
+        const READS: &[&str] = &[
+            "ListServices",
+            "ListDestinations",
+            "ListConnections",
+            "GetAgentInfo",
+            "GetTimeWait",
+            "GetLatency",
+            "Advise",
+            "ListBreakers",
+            "GetBreaker",
+            "WatchBreakerEvents",
+            "WatchConnections",
+        ];
+        let fds =
+            prost_types::FileDescriptorSet::decode(breakwater_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut seen = 0;
+        for f in fds.file.iter().filter(|f| f.package() == "breakwater.v1") {
+            for svc in &f.service {
+                for m in &svc.method {
+                    let path = format!("/{}.{}/{}", f.package(), svc.name(), m.name());
+                    let change = MUTATING.contains(&path.as_str());
+                    let read = READS.contains(&m.name());
+                    assert!(
+                        change != read,
+                        "{path}: list it once, in MUTATING if it changes state, else in READS"
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(seen, READS.len() + MUTATING.len());
+    }
 }

@@ -15,39 +15,28 @@ use aya::maps::{MapData, RingBuf};
 use breakwater_common::{conn_event, counter, direction, fail_reason, ConnEvent};
 use breakwater_proto::v1 as pb;
 use tokio::io::unix::AsyncFd;
-use tonic::Status;
 
 use super::Core;
 use crate::service::display_addr;
 
 /// The stream `WatchConnections` answers with.
-pub type ConnectionEventStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ConnectionEvent, Status>> + Send>>;
+pub type ConnectionEventStream = super::EventStream<pb::ConnectionEvent>;
 
 /// Events from `rx` (only `service`'s, unless empty), each with the number this subscriber lost
-/// just before it.
+/// just before it added to what the kernel lost.
 pub fn connection_events(
     rx: tokio::sync::broadcast::Receiver<pb::ConnectionEvent>,
     service: String,
 ) -> ConnectionEventStream {
-    use tokio::sync::broadcast::error::RecvError;
-    Box::pin(futures::stream::unfold(rx, move |mut rx| {
-        let service = service.clone();
-        async move {
-            let mut lost = 0;
-            loop {
-                match rx.recv().await {
-                    Ok(mut e) if service.is_empty() || e.service == service => {
-                        e.lost += lost;
-                        return Some((Ok(e), rx));
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(n)) => lost += n,
-                    Err(RecvError::Closed) => return None,
-                }
-            }
-        }
-    }))
+    super::filtered_events(
+        rx,
+        service,
+        |e| &e.service,
+        |mut e, lost| {
+            e.lost += lost;
+            e
+        },
+    )
 }
 
 /// cgroup ids (the cgroup directory's inode) to paths under the cgroup2 mount, learnt by

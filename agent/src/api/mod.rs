@@ -466,16 +466,24 @@ fn require_known(services: &ServiceTable, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The stream `WatchBreakerEvents` answers with.
-pub type BreakerEventStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BreakerEvent, Status>> + Send>>;
+/// A server stream of events as the API sends them.
+pub type EventStream<M> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<M, Status>> + Send>>;
 
-/// Events from `rx` (only `service`'s, unless empty), each with the number this subscriber lost
-/// just before it.
-fn breaker_events(
-    rx: tokio::sync::broadcast::Receiver<enforce::BreakerEventView>,
+/// The stream `WatchBreakerEvents` answers with.
+pub type BreakerEventStream = EventStream<pb::BreakerEvent>;
+
+/// Events from `rx` (only `service`'s, unless empty) as messages, each with the number this
+/// subscriber lost just before it.
+pub fn filtered_events<E, M>(
+    rx: tokio::sync::broadcast::Receiver<E>,
     service: String,
-) -> BreakerEventStream {
+    service_of: fn(&E) -> &str,
+    message: fn(E, u64) -> M,
+) -> EventStream<M>
+where
+    E: Clone + Send + 'static,
+    M: Send + 'static,
+{
     use tokio::sync::broadcast::error::RecvError;
     Box::pin(futures::stream::unfold(rx, move |mut rx| {
         let service = service.clone();
@@ -483,8 +491,8 @@ fn breaker_events(
             let mut lost = 0;
             loop {
                 match rx.recv().await {
-                    Ok(e) if service.is_empty() || e.service == service => {
-                        return Some((Ok(breaker::event_message(&e, lost)), rx));
+                    Ok(e) if service.is_empty() || service_of(&e) == service => {
+                        return Some((Ok(message(e, lost)), rx));
                     }
                     Ok(_) => {}
                     // Lost events may have been any service's: count them all.
@@ -494,6 +502,18 @@ fn breaker_events(
             }
         }
     }))
+}
+
+fn breaker_events(
+    rx: tokio::sync::broadcast::Receiver<enforce::BreakerEventView>,
+    service: String,
+) -> BreakerEventStream {
+    filtered_events(
+        rx,
+        service,
+        |e| &e.service,
+        |e, lost| breaker::event_message(&e, lost),
+    )
 }
 
 #[tonic::async_trait]

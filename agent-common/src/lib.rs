@@ -169,7 +169,7 @@ pub mod conn_flags {
     pub const SEEDED: u8 = 2;
     /// `start_ns` is when `connect()` sent the SYN, so SYN -> ESTABLISHED can be timed.
     pub const CONNECT_TIMED: u8 = 4;
-    /// A request was sent at `send_ns` and no data has arrived since.
+    /// A request was sent at `send_us` and no data has arrived since.
     pub const AWAITING: u8 = 8;
 }
 
@@ -262,6 +262,9 @@ pub struct Offsets {
     pub tcp_srtt_us: u32,
     pub tcp_bytes_acked: u32,
     pub tcp_bytes_received: u32,
+    /// `tcp_sock.tcp_mstamp`: the kernel's cached clock (µs), refreshed when a segment is sent
+    /// or received, so a send and the data that answers it are timed with no clock read.
+    pub tcp_mstamp: u32,
     pub ready: u32,
 }
 
@@ -283,6 +286,7 @@ impl Offsets {
         tcp_srtt_us: 0,
         tcp_bytes_acked: 0,
         tcp_bytes_received: 0,
+        tcp_mstamp: 0,
         ready: 0,
     };
 }
@@ -343,10 +347,21 @@ pub struct ConnInfo {
     pub state: u8,
     pub direction: u8,
     pub flags: u8,
-    pub _pad: [u8; 5],
-    /// When the request now awaiting its response was sent (`conn_flags::AWAITING`).
-    pub send_ns: u64,
+    pub _pad: u8,
+    /// First-response samples not yet added to the histograms: `fr_count[i]` of them in bucket
+    /// `fr_bucket[i]`. They are added when a sample falls in none of these buckets, and when the
+    /// connection closes; readers add those of live connections themselves.
+    pub fr_bucket: [u8; FR_RUNS],
+    pub fr_count: [u32; FR_RUNS],
+    /// When the request now awaiting its response was sent (`conn_flags::AWAITING`): the
+    /// kernel's `tcp_sock.tcp_mstamp`, in microseconds.
+    pub send_us: u64,
 }
+
+/// How many buckets of first-response samples a connection keeps before adding them to the maps.
+pub const FR_RUNS: usize = 4;
+/// The most samples of one bucket a connection keeps before adding them to the maps.
+pub const FR_RUN_MAX: u32 = 1 << 20;
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
 #[repr(C)]
@@ -527,11 +542,11 @@ pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<Offsets>() == 68);
+    assert!(core::mem::size_of::<Offsets>() == 72);
     assert!(core::mem::size_of::<DestKey>() == 24);
     assert!(core::mem::size_of::<ConnStats>() == 80);
-    assert!(core::mem::size_of::<ConnInfo>() == 96);
-    assert!(core::mem::size_of::<ConnRecord>() == 112);
+    assert!(core::mem::size_of::<ConnInfo>() == 112);
+    assert!(core::mem::size_of::<ConnRecord>() == 128);
     assert!(core::mem::size_of::<SockRecord>() == 48);
     assert!(core::mem::size_of::<HistKey>() == 32);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);

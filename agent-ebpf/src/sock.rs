@@ -265,7 +265,12 @@ pub fn audit(c: &ConnInfo, kind: u8, reason: u8, sent: u64, received: u64, durat
 /// Adds one sample (µs) to a destination's and, if it has one, its service's histogram.
 #[inline(always)]
 pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error> {
-    let bucket = hist_bucket(us);
+    observe_n(key, svc, kind, hist_bucket(us), 1)
+}
+
+/// Adds `n` samples of one bucket to a destination's and its service's histogram.
+#[inline(always)]
+pub fn observe_n(key: &DestKey, svc: u32, kind: u32, bucket: u32, n: u64) -> Result<(), Error> {
     let hk = HistKey {
         dest: *key,
         kind,
@@ -280,10 +285,10 @@ pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error>
             BW_DEST_HIST.get_ptr_mut(&hk).ok_or(Error::Map)?
         }
     };
-    add(count, 1);
+    add(count, n);
     if svc != 0 {
         if let Some(p) = BW_SVC_HIST.get_ptr_mut(svc_hist_index(svc, kind, bucket)) {
-            add(p, 1);
+            add(p, n);
         }
     }
     Ok(())

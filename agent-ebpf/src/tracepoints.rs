@@ -10,14 +10,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use breakwater_common::{
-    conn_event, conn_flags, counter, direction, fail_reason, hist_kind, scratch_slot, tcp_state::*,
-    ConnInfo, ListenerInfo, Offsets,
+    conn_event, conn_flags, counter, direction, fail_reason, hist_bucket, hist_kind, scratch_slot,
+    tcp_state::*, ConnInfo, DestKey, ListenerInfo, Offsets, FR_RUNS, FR_RUN_MAX,
 };
 
 use crate::{
     maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
     sock::{
-        audit, key_of, observe, read, read_sock, record, scratch, zero, Error, Event, IPPROTO_TCP,
+        audit, key_of, observe, observe_n, read, read_sock, record, scratch, zero, Error, Event,
+        IPPROTO_TCP,
     },
 };
 
@@ -156,6 +157,7 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
     record(&key, c.svc, Event::Closed { sent, received })?;
     audit(c, conn_event::CLOSED, 0, sent, received, lifetime_us);
     if c.direction == direction::OUTBOUND {
+        flush_first_responses(c, &key)?;
         observe(&key, c.svc, hist_kind::LIFETIME, lifetime_us)?;
         let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
         if srtt_us > 0 {
@@ -254,14 +256,26 @@ unsafe fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), Error> {
     if sent <= 0 {
         return Ok(());
     }
-    let Some(c) = tracked_client(ctx.arg(0)) else {
+    let sk: *const u8 = ctx.arg(0);
+    let Some(c) = tracked_client(sk) else {
         return Ok(());
     };
     if c.flags & conn_flags::AWAITING == 0 {
-        c.send_ns = bpf_ktime_get_ns();
+        c.send_us = mstamp(sk)?;
         c.flags |= conn_flags::AWAITING;
     }
     Ok(())
+}
+
+/// The kernel's clock as TCP last read it for this socket (µs): refreshed when it sent the
+/// data just written, and when it received the data that just arrived.
+#[inline(always)]
+unsafe fn mstamp(sk: *const u8) -> Result<u64, Error> {
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return Err(Error::Read);
+    }
+    Ok(read::<u64>(tp, &offsets().tcp_mstamp))
 }
 
 #[btf_tracepoint(function = "sk_data_ready")]
@@ -272,17 +286,57 @@ pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// The first data after a send stops the clock: request -> first response.
+/// The first data after a send stops the clock: request -> first response. Samples are counted
+/// in the connection, in up to `FR_RUNS` buckets, so that a steady request/response stream
+/// touches no map: they are added to the maps when a sample falls in none of those buckets,
+/// and when the connection closes.
 unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
-    let Some(c) = tracked_client(ctx.arg(0)) else {
+    let sk: *const u8 = ctx.arg(0);
+    let Some(c) = tracked_client(sk) else {
         return Ok(());
     };
     if c.flags & conn_flags::AWAITING == 0 {
         return Ok(());
     }
     c.flags &= !conn_flags::AWAITING;
-    let us = bpf_ktime_get_ns().saturating_sub(c.send_ns) / 1000;
-    observe(&key_of(c), c.svc, hist_kind::FIRST_RESPONSE, us)
+    let bucket = hist_bucket(mstamp(sk)?.saturating_sub(c.send_us)) as u8;
+    let mut free = FR_RUNS;
+    for i in 0..FR_RUNS {
+        if c.fr_count[i] == 0 {
+            free = free.min(i);
+        } else if c.fr_bucket[i] == bucket && c.fr_count[i] < FR_RUN_MAX {
+            c.fr_count[i] += 1;
+            return Ok(());
+        }
+    }
+    if free == FR_RUNS {
+        flush_first_responses(c, &key_of(c))?;
+        free = 0;
+    }
+    if free < FR_RUNS {
+        c.fr_bucket[free] = bucket;
+        c.fr_count[free] = 1;
+    }
+    Ok(())
+}
+
+/// Adds the connection's pending first-response samples to the histograms.
+#[inline(always)]
+fn flush_first_responses(c: &mut ConnInfo, key: &DestKey) -> Result<(), Error> {
+    for i in 0..FR_RUNS {
+        let n = u64::from(c.fr_count[i]);
+        if n != 0 {
+            c.fr_count[i] = 0;
+            observe_n(
+                key,
+                c.svc,
+                hist_kind::FIRST_RESPONSE,
+                u32::from(c.fr_bucket[i]),
+                n,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The storage of an established outbound TCP connection the agent counts; None for anything

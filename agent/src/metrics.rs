@@ -218,8 +218,11 @@ impl Metrics {
                 }
             }
         }
+        let pending = core.kernel.pending_first_responses()?;
         for s in core.services.iter() {
             let k = &core.kernel;
+            let mut first_response = k.service_histogram(s.id, hist_kind::FIRST_RESPONSE)?;
+            pending.add_service(s.id, &mut first_response);
             services.push(ServiceRow {
                 name: s.name.clone(),
                 stats: [
@@ -235,7 +238,7 @@ impl Metrics {
                     .copied()
                     .unwrap_or_default(),
                 connect: k.service_histogram(s.id, hist_kind::CONNECT)?,
-                first_response: k.service_histogram(s.id, hist_kind::FIRST_RESPONSE)?,
+                first_response,
                 breaker: breakers.get(&s.name).copied(),
             });
         }

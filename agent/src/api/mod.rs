@@ -849,20 +849,30 @@ impl Agent for AgentService {
         let target = latency_target(&request.into_inner())?;
         let histograms = self
             .with_core(move |core| {
+                let pending = core.kernel.pending_first_responses()?;
                 (0..hist_kind::COUNT)
                     .map(|kind| {
                         let h = match &target {
                             LatencyOf::Service(name) => {
                                 let id = core.services.require(name)?.id;
-                                core.kernel.service_histogram(id, kind)?
+                                let mut h = core.kernel.service_histogram(id, kind)?;
+                                if kind == hist_kind::FIRST_RESPONSE {
+                                    pending.add_service(id, &mut h);
+                                }
+                                h
                             }
                             LatencyOf::Destination { addr, port, netns } => {
-                                core.kernel.destination_histogram(kind, |k| {
+                                let keep = |k: &DestKey| {
                                     k.addr == *addr
                                         && k.port == *port
                                         && k.direction == direction::OUTBOUND
                                         && (*netns == 0 || k.netns == *netns)
-                                })
+                                };
+                                let mut h = core.kernel.destination_histogram(kind, keep);
+                                if kind == hist_kind::FIRST_RESPONSE {
+                                    pending.add_destinations(keep, &mut h);
+                                }
+                                h
                             }
                         };
                         Ok(histogram_message(kind, &h))

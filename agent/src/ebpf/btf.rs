@@ -50,6 +50,7 @@ pub fn resolve_offsets(path: &Path) -> Result<Offsets, BtfError> {
         tcp_srtt_us: offset_of(&btf, "tcp_sock", &["srtt_us"])?,
         tcp_bytes_acked: offset_of(&btf, "tcp_sock", &["bytes_acked"])?,
         tcp_bytes_received: offset_of(&btf, "tcp_sock", &["bytes_received"])?,
+        tcp_mstamp: offset_of(&btf, "tcp_sock", &["tcp_mstamp"])?,
         ready: 1,
     })
 }

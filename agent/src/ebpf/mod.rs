@@ -14,8 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
-    counter, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord, ConnStats, DestKey,
-    HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
+    conn_flags, counter, direction, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord,
+    ConnStats, DestKey, HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
 };
 use tracing::info;
 
@@ -351,6 +351,30 @@ impl Kernel {
         h
     }
 
+    /// The first-response samples live connections hold and the histograms do not have yet.
+    pub fn pending_first_responses(&mut self) -> Result<PendingSamples> {
+        let mut pending = PendingSamples::default();
+        self.for_each_connection(|r| {
+            let c = &r.info;
+            if c.direction != direction::OUTBOUND || c.flags & conn_flags::COUNTED == 0 {
+                return;
+            }
+            let dest = DestKey {
+                addr: c.daddr,
+                netns: c.netns,
+                port: c.dport,
+                direction: direction::OUTBOUND,
+                _pad: 0,
+            };
+            for (&bucket, &count) in c.fr_bucket.iter().zip(&c.fr_count) {
+                if count > 0 && u32::from(bucket) < HIST_BUCKETS {
+                    pending.0.push((dest, c.svc, bucket, u64::from(count)));
+                }
+            }
+        })?;
+        Ok(pending)
+    }
+
     /// Every destination's histogram of one kind, in one walk of the map.
     pub fn histograms_by_destination(
         &self,
@@ -477,5 +501,31 @@ impl Kernel {
                 evictions: 0,
             },
         ]
+    }
+}
+
+/// First-response samples still held by live connections (`ConnInfo::fr_count`): the
+/// programs add them to the maps when a connection's buckets change or it closes, so a reader
+/// adds them to what it read from the maps. Each is (destination, service, bucket, count).
+#[derive(Default)]
+pub struct PendingSamples(Vec<(DestKey, u32, u8, u64)>);
+
+impl PendingSamples {
+    /// Adds the samples of service `id` to `h`.
+    pub fn add_service(&self, id: u32, h: &mut Histogram) {
+        for (_, svc, bucket, count) in &self.0 {
+            if *svc == id {
+                h[usize::from(*bucket)] += count;
+            }
+        }
+    }
+
+    /// Adds the samples of the destinations `keep` selects to `h`.
+    pub fn add_destinations(&self, keep: impl Fn(&DestKey) -> bool, h: &mut Histogram) {
+        for (dest, _, bucket, count) in &self.0 {
+            if keep(dest) {
+                h[usize::from(*bucket)] += count;
+            }
+        }
     }
 }

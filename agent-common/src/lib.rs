@@ -35,8 +35,12 @@ pub mod names {
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.
     pub const MAP_DESTS: &str = "BW_DESTS";
-    /// Socket-local storage: each tracked socket's `ConnInfo`, freed with the socket.
+    /// Socket-local storage: each tracked outbound socket's `ConnInfo`, freed with the socket.
     pub const MAP_SOCKS: &str = "BW_SOCKS";
+    /// Each counted inbound socket's `InboundInfo`, by the socket's address: `u64 ->
+    /// InboundInfo`. Accepted sockets have no send/receive work, and a hash entry costs far
+    /// less to make and free than socket-local storage on a node that accepts at a high rate.
+    pub const MAP_INBOUND: &str = "BW_INBOUND";
     /// Service endpoints: LPM key (`SvcLpmData`) -> service id.
     pub const MAP_SVC_LPM: &str = "BW_SVC_LPM";
     /// Per service aggregates: index `svc_id * 2 + direction` -> `ConnStats`.
@@ -97,7 +101,7 @@ pub mod names {
     pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 17] = [
+    pub const ALL_MAPS: [&str; 18] = [
         MAP_CONN_EVENTS,
         MAP_AUDIT,
         MAP_POLICIES,
@@ -108,6 +112,7 @@ pub mod names {
         MAP_SVC_META,
         MAP_DESTS,
         MAP_SOCKS,
+        MAP_INBOUND,
         MAP_SVC_LPM,
         MAP_SVC_STATS,
         MAP_LISTENERS,
@@ -200,8 +205,10 @@ pub mod counter {
     pub const HIST_INSERTS: u32 = 10;
     /// Connection events the ring buffer had no room for.
     pub const AUDIT_LOST: u32 = 11;
+    /// Inbound connections left uncounted because `BW_INBOUND` was full.
+    pub const INBOUND_FULL: u32 = 12;
 
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     /// Names as reported by the API, index for index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -217,6 +224,7 @@ pub mod counter {
         "no_offsets",
         "hist_inserts",
         "audit_lost",
+        "inbound_full",
     ];
 }
 
@@ -224,7 +232,8 @@ pub mod counter {
 pub mod scratch_slot {
     pub const TRACEPOINT: u32 = 0;
     pub const ITER: u32 = 1;
-    pub const COUNT: u32 = 2;
+    pub const RETRANSMIT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Default map sizes; the agent's config overrides them at load time.
@@ -234,6 +243,7 @@ pub mod defaults {
     pub const MAX_SERVICE_ENDPOINTS: u32 = 16_384;
     pub const MAX_LISTENERS: u32 = 16_384;
     pub const MAX_HIST_BUCKETS: u32 = 262_144;
+    pub const MAX_INBOUND: u32 = 262_144;
 }
 
 /// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader
@@ -362,6 +372,20 @@ pub struct ConnInfo {
 pub const FR_RUNS: usize = 4;
 /// The most samples of one bucket a connection keeps before adding them to the maps.
 pub const FR_RUN_MAX: u32 = 1 << 20;
+
+/// What is kept of a counted inbound connection (`BW_INBOUND`); the rest is read from the
+/// socket and its listener when needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundInfo {
+    /// `bpf_ktime_get_ns()` when it was accepted (or seeded).
+    pub start_ns: u64,
+    /// Service id of the local endpoint; 0 = none.
+    pub svc: u32,
+    /// `conn_flags`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
 #[repr(C)]
@@ -552,6 +576,7 @@ const _: () = {
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
+    assert!(core::mem::size_of::<InboundInfo>() == 16);
     assert!(core::mem::size_of::<BreakerSockRecord>() == 56);
     assert!(core::mem::size_of::<ConnEvent>() == 112);
 };
@@ -569,6 +594,7 @@ mod pod {
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}
+    unsafe impl aya::Pod for super::InboundInfo {}
     unsafe impl aya::Pod for super::BreakerSockRecord {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::breaker::Policy {}

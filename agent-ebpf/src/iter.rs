@@ -11,13 +11,14 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use breakwater_common::{
-    conn_flags, counter, direction, scratch_slot, tcp_state, BreakerSockRecord, ListenerInfo,
-    SockRecord,
+    conn_flags, counter, direction, scratch_slot, tcp_state, BreakerSockRecord, ConnInfo,
+    InboundInfo, ListenerInfo, SockRecord,
 };
 
 use crate::{
     maps::{
-        bump, listen_key, offsets, service_of, sk_storage, storage, BW_BRK_SOCKS, BW_LISTENERS,
+        attribute_to_listener, bump, inbound_key, listen_key, offsets, service_of, sk_storage,
+        storage, BW_BRK_SOCKS, BW_INBOUND, BW_LISTENERS,
     },
     sock::{key_of, read, read_sock, record, scratch, Error, Event},
 };
@@ -78,30 +79,56 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     if tp.is_null() {
         return Ok(());
     }
-    let c = storage(tp, true).ok_or(Error::Map)?;
-    if c.flags & conn_flags::COUNTED != 0 {
-        // Established after the tracepoint was attached: already counted.
+    // Established after the tracepoint was attached: already counted.
+    if storage(tp, false).is_some_and(|c| c.flags & conn_flags::COUNTED != 0) {
         return Ok(());
     }
-    if !read_sock(sk, o, c)? {
+    let id = inbound_key(tp);
+    if BW_INBOUND
+        .get(&id)
+        .is_some_and(|i| i.flags & conn_flags::COUNTED != 0)
+    {
         return Ok(());
     }
-    c.direction = match BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
-        Some(l) => {
-            c.pid = l.pid;
-            c.comm = l.comm;
-            c.cgroup_id = l.cgroup_id;
-            direction::INBOUND
+    let seen = scratch(scratch_slot::ITER)?;
+    if !read_sock(sk, o, seen)? {
+        return Ok(());
+    }
+    let flags = conn_flags::COUNTED | conn_flags::SEEDED;
+    let now = bpf_ktime_get_ns();
+    let (key, svc) = if BW_LISTENERS
+        .get(&listen_key(seen.netns, seen.sport))
+        .is_some()
+    {
+        seen.direction = direction::INBOUND;
+        let key = key_of(seen);
+        let svc = service_of(&key.addr, key.port);
+        let info = InboundInfo {
+            start_ns: now,
+            svc,
+            flags,
+            _pad: [0; 3],
+        };
+        if BW_INBOUND.insert(&id, &info, 0).is_err() {
+            bump(counter::INBOUND_FULL);
+            return Ok(());
         }
-        None => direction::OUTBOUND,
+        (key, svc)
+    } else {
+        let c = storage(tp, true).ok_or(Error::Map)?;
+        if !read_sock(sk, o, c)? {
+            return Ok(());
+        }
+        c.direction = direction::OUTBOUND;
+        let key = key_of(c);
+        c.svc = service_of(&key.addr, key.port);
+        c.start_ns = now;
+        c.flags = flags;
+        (key, c.svc)
     };
-    let key = key_of(c);
-    c.svc = service_of(&key.addr, key.port);
-    c.start_ns = bpf_ktime_get_ns();
-    c.flags = conn_flags::COUNTED | conn_flags::SEEDED;
     bump(counter::SOCKS_TRACKED);
     bump(counter::SEEDED);
-    record(&key, c.svc, Event::Seeded)
+    record(&key, svc, Event::Seeded)
 }
 
 #[unsafe(no_mangle)]
@@ -113,7 +140,8 @@ pub fn bw_list_tcp(ctx: *const IterTcpCtx) -> i32 {
     0
 }
 
-/// Writes a `ConnRecord` (cookie, storage, live state) for each tracked socket.
+/// Writes a `ConnRecord` (cookie, what is known of the connection, live state) for each
+/// tracked socket.
 unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     let sk = (*ctx).sk_common;
     if sk.is_null() {
@@ -123,18 +151,33 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     if tp.is_null() {
         return Ok(());
     }
-    let Some(c) = storage(tp, false) else {
-        return Ok(());
-    };
     let o = offsets();
+    let c: &ConnInfo = match storage(tp, false) {
+        Some(c) => c,
+        None => {
+            let Some(info) = BW_INBOUND.get(&inbound_key(tp)) else {
+                return Ok(());
+            };
+            let c = scratch(scratch_slot::ITER)?;
+            c.start_ns = info.start_ns;
+            c.svc = info.svc;
+            c.flags = info.flags;
+            if !read_sock(sk, o, c)? {
+                return Ok(());
+            }
+            c.direction = direction::INBOUND;
+            attribute_to_listener(c);
+            c
+        }
+    };
     let seq = (*(*ctx).meta).seq;
     let cookie = bpf_get_socket_cookie(sk as *mut _);
     let state = u64::from(read::<u8>(sk, &o.skc_state));
     bpf_seq_write(seq.cast(), (&raw const cookie).cast(), 8);
     bpf_seq_write(
         seq.cast(),
-        (c as *const breakwater_common::ConnInfo).cast(),
-        core::mem::size_of::<breakwater_common::ConnInfo>() as u32,
+        (c as *const ConnInfo).cast(),
+        core::mem::size_of::<ConnInfo>() as u32,
     );
     bpf_seq_write(seq.cast(), (&raw const state).cast(), 8);
     Ok(())

@@ -5,12 +5,12 @@ use aya_ebpf::{
     btf_maps::{self, SkStorage},
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use breakwater_common::{
     breaker::{BreakerEntry, BreakerSock, Policy, SvcMeta, Totals},
     counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnStats, DestKey, HistKey,
-    ListenKey, ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
+    InboundInfo, ListenKey, ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
 };
 
 #[map]
@@ -20,6 +20,17 @@ pub static BW_DESTS: LruHashMap<DestKey, ConnStats> =
 /// Per-socket state lives with the socket: no hashing, no eviction, freed when it closes.
 #[btf_map]
 pub static BW_SOCKS: SkStorage<ConnInfo> = SkStorage::new();
+
+/// Not preallocated: entries come and go with inbound connections, memory as used.
+#[map]
+pub static BW_INBOUND: HashMap<u64, InboundInfo> =
+    HashMap::with_max_entries(defaults::MAX_INBOUND, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// The key of a socket in `BW_INBOUND`: its address, which stays the same while it lives.
+#[inline(always)]
+pub fn inbound_key(sk: *const u8) -> u64 {
+    sk as u64
+}
 
 #[map]
 pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
@@ -76,7 +87,7 @@ pub static BW_AUDIT: Array<u32> = Array::with_max_entries(1, 0);
 /// the cost of one array lookup). The caller fills in every field and submits it.
 #[inline(always)]
 pub fn audit_entry() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ConnEvent>> {
-    if BW_AUDIT.get(0).copied().unwrap_or(0) == 0 {
+    if !auditing() {
         return None;
     }
     let entry = BW_CONN_EVENTS.reserve::<ConnEvent>(0);
@@ -84,6 +95,12 @@ pub fn audit_entry() -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ConnEvent>
         bump(counter::AUDIT_LOST);
     }
     entry
+}
+
+/// Whether someone watches the audit stream.
+#[inline(always)]
+pub fn auditing() -> bool {
+    BW_AUDIT.get(0).copied().unwrap_or(0) != 0
 }
 
 #[map]
@@ -127,6 +144,16 @@ pub fn service_of(addr: &[u8; 16], port: u16) -> u32 {
         },
     );
     BW_SVC_LPM.get(&key).copied().unwrap_or(0)
+}
+
+/// An inbound connection's process: the one that listens on its port.
+#[inline(always)]
+pub unsafe fn attribute_to_listener(c: &mut ConnInfo) {
+    if let Some(l) = BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
+        c.pid = l.pid;
+        c.comm = l.comm;
+        c.cgroup_id = l.cgroup_id;
+    }
 }
 
 #[inline(always)]

@@ -11,11 +11,14 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     conn_event, conn_flags, counter, direction, fail_reason, hist_bucket, hist_kind, scratch_slot,
-    tcp_state::*, ConnInfo, DestKey, ListenerInfo, Offsets, FR_RUNS, FR_RUN_MAX,
+    tcp_state::*, ConnInfo, DestKey, InboundInfo, ListenerInfo, Offsets, FR_RUNS, FR_RUN_MAX,
 };
 
 use crate::{
-    maps::{bump, listen_key, offsets, service_of, storage, BW_LISTENERS},
+    maps::{
+        attribute_to_listener, auditing, bump, inbound_key, listen_key, offsets, service_of,
+        storage, BW_INBOUND, BW_LISTENERS,
+    },
     sock::{
         audit, key_of, observe, observe_n, read, read_sock, record, scratch, zero, Error, Event,
         IPPROTO_TCP,
@@ -49,11 +52,16 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     // Only the transitions that move a counter do any work: this runs ~10 times per connection.
     match (old as u8, new as u8) {
         (CLOSE, SYN_SENT) => on_connect(sk, o),
-        (SYN_SENT, ESTABLISHED) => on_established(sk, o, direction::OUTBOUND),
-        (SYN_RECV, ESTABLISHED) => on_established(sk, o, direction::INBOUND),
+        (SYN_SENT, ESTABLISHED) => on_established(sk, o),
+        (SYN_RECV, ESTABLISHED) => on_accepted(sk, o),
         (ESTABLISHED, _) => on_leave_established(sk, o, new as u8),
         (SYN_SENT, CLOSE) => on_connect_failed(sk, o),
         (FIN_WAIT2 | CLOSING, CLOSE) => on_time_wait(sk, o),
+        // The other ways out of a connection that left ESTABLISHED: it is gone for good.
+        (FIN_WAIT1 | CLOSE_WAIT | LAST_ACK, CLOSE) => {
+            forget_inbound(sk);
+            Ok(())
+        }
         (CLOSE, LISTEN) => on_listen(sk, o),
         (LISTEN, CLOSE) => {
             let c = scratch(scratch_slot::TRACEPOINT)?;
@@ -90,25 +98,17 @@ unsafe fn on_connect(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     Ok(())
 }
 
-unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Error> {
+unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let c = storage(sk, true).ok_or(Error::Map)?;
     if c.start_ns == 0 {
-        // Accepted here (or connected before the agent started): softirq context, so the
-        // current task is not the owner. An inbound connection belongs to its listener's process.
+        // Connected before the agent started: the owner is unknown.
         c.start_ns = bpf_ktime_get_ns();
         bump(counter::SOCKS_TRACKED);
     }
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
-    c.direction = dir;
-    if dir == direction::INBOUND {
-        if let Some(l) = BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
-            c.pid = l.pid;
-            c.comm = l.comm;
-            c.cgroup_id = l.cgroup_id;
-        }
-    }
+    c.direction = direction::OUTBOUND;
     let key = key_of(c);
     c.svc = service_of(&key.addr, key.port);
     record(&key, c.svc, Event::Opened)?;
@@ -122,16 +122,77 @@ unsafe fn on_established(sk: *const u8, o: &Offsets, dir: u8) -> Result<(), Erro
     Ok(())
 }
 
+/// An inbound connection was accepted: softirq context, so the current task is not the owner;
+/// it belongs to its listener's process, looked up only when someone needs it.
+unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
+    let c = scratch(scratch_slot::TRACEPOINT)?;
+    if !read_sock(sk, o, c)? {
+        return Ok(());
+    }
+    c.direction = direction::INBOUND;
+    let key = key_of(c);
+    c.svc = service_of(&key.addr, key.port);
+    let info = InboundInfo {
+        start_ns: bpf_ktime_get_ns(),
+        svc: c.svc,
+        flags: conn_flags::COUNTED,
+        _pad: [0; 3],
+    };
+    if BW_INBOUND.insert(&inbound_key(sk), &info, 0).is_err() {
+        // Full: left uncounted, and its close will not be counted either.
+        bump(counter::INBOUND_FULL);
+        return Ok(());
+    }
+    bump(counter::SOCKS_TRACKED);
+    record(&key, c.svc, Event::Opened)?;
+    if auditing() {
+        attribute_to_listener(c);
+        audit(c, conn_event::OPENED, 0, 0, 0, 0);
+    }
+    Ok(())
+}
+
 unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<(), Error> {
-    let Some(c) = storage(sk, false) else {
+    if let Some(c) = storage(sk, false) {
+        if c.flags & conn_flags::COUNTED == 0 {
+            bump(counter::UNTRACKED_CLOSES);
+            return Ok(());
+        }
+        c.flags &= !conn_flags::COUNTED;
+        return on_closed(sk, o, c, new);
+    }
+    let id = inbound_key(sk);
+    let Some(info) = BW_INBOUND.get_ptr_mut(&id) else {
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     };
-    if c.flags & conn_flags::COUNTED == 0 {
+    let info = &mut *info;
+    if info.flags & conn_flags::COUNTED == 0 {
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     }
-    c.flags &= !conn_flags::COUNTED;
+    info.flags &= !conn_flags::COUNTED;
+    let c = scratch(scratch_slot::TRACEPOINT)?;
+    c.start_ns = info.start_ns;
+    c.svc = info.svc;
+    c.flags = info.flags;
+    if new == CLOSE {
+        // Reset: no TIME_WAIT or last ACK to wait for.
+        let _ = BW_INBOUND.remove(&id);
+    }
+    if !read_sock(sk, o, c)? {
+        return Ok(());
+    }
+    c.direction = direction::INBOUND;
+    if auditing() {
+        attribute_to_listener(c);
+    }
+    on_closed(sk, o, c, new)
+}
+
+/// A counted connection left ESTABLISHED: what it moved, how long it lived, and for outbound
+/// ones the latency samples it still held and its SRTT.
+unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Result<(), Error> {
     let key = key_of(c);
     // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
     // verifier wants a pointer typed as one for fields beyond `struct sock`).
@@ -174,14 +235,23 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
 /// socket, which by now has replaced it in the established hash. If the socket is still hashed,
 /// no timewait socket was made (`tcp_max_tw_buckets` reached): nothing entered TIME_WAIT.
 unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
+    let (dir, svc) = match storage(sk, false) {
+        Some(c) => (c.direction, c.svc),
+        None => {
+            let id = inbound_key(sk);
+            match BW_INBOUND.get(&id).map(|i| i.svc) {
+                Some(svc) => {
+                    let _ = BW_INBOUND.remove(&id);
+                    (direction::INBOUND, svc)
+                }
+                None => (direction::OUTBOUND, u32::MAX),
+            }
+        }
+    };
     let pprev: *const u8 = read(sk, &o.skc_node_pprev);
     if !pprev.is_null() {
         return Ok(());
     }
-    let (dir, svc) = match storage(sk, false) {
-        Some(c) => (c.direction, c.svc),
-        None => (direction::OUTBOUND, u32::MAX),
-    };
     let c = scratch(scratch_slot::TRACEPOINT)?;
     if !read_sock(sk, o, c)? {
         return Ok(());
@@ -194,6 +264,14 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
         svc
     };
     record(&key, svc, Event::TimeWait)
+}
+
+/// Drops an inbound connection's entry once it is closed (outbound ones have none).
+#[inline(always)]
+unsafe fn forget_inbound(sk: *const u8) {
+    if storage(sk, false).is_none() {
+        let _ = BW_INBOUND.remove(&inbound_key(sk));
+    }
 }
 
 /// `listen()`: process context, so remember who listens for the inbound connections to come.
@@ -367,7 +445,15 @@ unsafe fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), Error> {
     }
     let sk: *const u8 = ctx.arg(0);
     let Some(c) = storage(sk, false) else {
-        return Ok(());
+        let Some(svc) = BW_INBOUND.get(&inbound_key(sk)).map(|i| i.svc) else {
+            return Ok(());
+        };
+        let c = scratch(scratch_slot::RETRANSMIT)?;
+        if !read_sock(sk, offsets(), c)? {
+            return Ok(());
+        }
+        c.direction = direction::INBOUND;
+        return record(&key_of(c), svc, Event::Retransmit);
     };
     let svc = if c.flags & conn_flags::COUNTED != 0 {
         c.svc

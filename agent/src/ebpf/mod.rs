@@ -182,6 +182,7 @@ impl Kernel {
             // Service ids run 1..=max_services; slot 0 is "no service".
             .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
             .map_max_entries(names::MAP_DEST_HIST, sizes.max_histogram_buckets)
+            .map_max_entries(names::MAP_INBOUND, sizes.max_inbound_connections)
             .map_max_entries(
                 names::MAP_SVC_HIST,
                 (sizes.max_services + 1) * hist_kind::COUNT * HIST_BUCKETS,

@@ -382,9 +382,12 @@ pub struct InboundInfo {
     pub start_ns: u64,
     /// Service id of the local endpoint; 0 = none.
     pub svc: u32,
+    /// The local port: by the time the socket reaches CLOSE the kernel has released it
+    /// (`inet_put_port` zeroes `skc_num` before the state change is traced).
+    pub port: u16,
     /// `conn_flags`.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.

@@ -20,7 +20,7 @@ use crate::{
         attribute_to_listener, bump, inbound_key, listen_key, offsets, service_of, sk_storage,
         storage, BW_BRK_SOCKS, BW_INBOUND, BW_LISTENERS,
     },
-    sock::{key_of, read, read_sock, record, scratch, Error, Event},
+    sock::{inbound_conn, key_of, read, read_sock, record, scratch, Error, Event},
 };
 
 /// `struct bpf_iter_meta`.
@@ -106,8 +106,9 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         let info = InboundInfo {
             start_ns: now,
             svc,
+            port: seen.sport,
             flags,
-            _pad: [0; 3],
+            _pad: 0,
         };
         if BW_INBOUND.insert(&id, &info, 0).is_err() {
             bump(counter::INBOUND_FULL);
@@ -158,14 +159,9 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
             let Some(info) = BW_INBOUND.get(&inbound_key(tp)) else {
                 return Ok(());
             };
-            let c = scratch(scratch_slot::ITER)?;
-            c.start_ns = info.start_ns;
-            c.svc = info.svc;
-            c.flags = info.flags;
-            if !read_sock(sk, o, c)? {
+            let Some(c) = inbound_conn(sk, o, info, scratch_slot::ITER)? else {
                 return Ok(());
-            }
-            c.direction = direction::INBOUND;
+            };
             attribute_to_listener(c);
             c
         }

@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use breakwater_common::{
     counter, direction, hist_bucket, svc_hist_index, svc_stats_index, v4_mapped, ConnInfo,
-    ConnStats, DestKey, HistKey, Offsets, SockRecord,
+    ConnStats, DestKey, HistKey, InboundInfo, Offsets, SockRecord,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -217,6 +217,27 @@ pub fn scratch(slot: u32) -> Result<&'static mut ConnInfo, Error> {
     let c = unsafe { &mut *p };
     zero(c);
     Ok(c)
+}
+
+/// An inbound connection as a `ConnInfo`, built in scratch `slot`: what `BW_INBOUND` keeps of
+/// it, the rest read from the socket (not its process). None for families we do not track.
+#[inline(always)]
+pub unsafe fn inbound_conn(
+    sk: *const u8,
+    o: &Offsets,
+    info: &InboundInfo,
+    slot: u32,
+) -> Result<Option<&'static mut ConnInfo>, Error> {
+    let c = scratch(slot)?;
+    c.start_ns = info.start_ns;
+    c.svc = info.svc;
+    c.flags = info.flags;
+    if !read_sock(sk, o, c)? {
+        return Ok(None);
+    }
+    c.sport = info.port;
+    c.direction = direction::INBOUND;
+    Ok(Some(c))
 }
 
 /// Zeroes a `ConnInfo` with word stores: `*c = ConnInfo::default()` compiles to a call to a

@@ -20,8 +20,8 @@ use crate::{
         storage, BW_INBOUND, BW_LISTENERS,
     },
     sock::{
-        audit, key_of, observe, observe_n, read, read_sock, record, scratch, zero, Error, Event,
-        IPPROTO_TCP,
+        audit, inbound_conn, key_of, observe, observe_n, read, read_sock, record, scratch, zero,
+        Error, Event, IPPROTO_TCP,
     },
 };
 
@@ -135,8 +135,9 @@ unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let info = InboundInfo {
         start_ns: bpf_ktime_get_ns(),
         svc: c.svc,
+        port: c.sport,
         flags: conn_flags::COUNTED,
-        _pad: [0; 3],
+        _pad: 0,
     };
     if BW_INBOUND.insert(&inbound_key(sk), &info, 0).is_err() {
         // Full: left uncounted, and its close will not be counted either.
@@ -166,24 +167,19 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     };
-    let info = &mut *info;
-    if info.flags & conn_flags::COUNTED == 0 {
+    if (*info).flags & conn_flags::COUNTED == 0 {
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     }
-    info.flags &= !conn_flags::COUNTED;
-    let c = scratch(scratch_slot::TRACEPOINT)?;
-    c.start_ns = info.start_ns;
-    c.svc = info.svc;
-    c.flags = info.flags;
+    (*info).flags &= !conn_flags::COUNTED;
+    let info = *info;
     if new == CLOSE {
         // Reset: no TIME_WAIT or last ACK to wait for.
         let _ = BW_INBOUND.remove(&id);
     }
-    if !read_sock(sk, o, c)? {
+    let Some(c) = inbound_conn(sk, o, &info, scratch_slot::TRACEPOINT)? else {
         return Ok(());
-    }
-    c.direction = direction::INBOUND;
+    };
     if auditing() {
         attribute_to_listener(c);
     }
@@ -235,16 +231,16 @@ unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Re
 /// socket, which by now has replaced it in the established hash. If the socket is still hashed,
 /// no timewait socket was made (`tcp_max_tw_buckets` reached): nothing entered TIME_WAIT.
 unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let (dir, svc) = match storage(sk, false) {
-        Some(c) => (c.direction, c.svc),
+    let (dir, svc, port) = match storage(sk, false) {
+        Some(c) => (c.direction, c.svc, c.sport),
         None => {
             let id = inbound_key(sk);
-            match BW_INBOUND.get(&id).map(|i| i.svc) {
-                Some(svc) => {
+            match BW_INBOUND.get(&id).map(|i| (i.svc, i.port)) {
+                Some((svc, port)) => {
                     let _ = BW_INBOUND.remove(&id);
-                    (direction::INBOUND, svc)
+                    (direction::INBOUND, svc, port)
                 }
-                None => (direction::OUTBOUND, u32::MAX),
+                None => (direction::OUTBOUND, u32::MAX, 0),
             }
         }
     };
@@ -257,6 +253,8 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
         return Ok(());
     }
     c.direction = dir;
+    // The kernel has released the local port by now (`inet_put_port`): use the one kept.
+    c.sport = port;
     let key = key_of(c);
     let svc = if svc == u32::MAX {
         service_of(&key.addr, key.port)

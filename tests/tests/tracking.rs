@@ -426,3 +426,98 @@ fn syn_retrans() -> u64 {
         .map(|(_, v)| v.parse().unwrap())
         .expect("TCPSynRetrans in /proc/net/netstat")
 }
+
+/// Every way out of an accepted connection frees what the agent keeps of it (`BW_INBOUND`):
+/// the server closing first (TIME_WAIT), the client closing first (LAST_ACK), and a reset.
+#[test]
+fn inbound_connections_are_forgotten_when_they_close() {
+    use std::io::Read;
+
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let inbound = || {
+        agent
+            .info()
+            .maps
+            .iter()
+            .find(|m| m.name == "BW_INBOUND")
+            .expect("BW_INBOUND in info")
+            .entries
+    };
+    let before = inbound();
+    const N: usize = 20;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut pairs = Vec::new();
+    for _ in 0..3 * N {
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        pairs.push((client, server));
+    }
+    let open = eventually(SETTLE, || {
+        let n = inbound();
+        (n >= before + 3 * N as u64).then_some(n)
+    });
+    assert!(
+        open.is_some(),
+        "{} entries for {} accepted connections",
+        inbound(),
+        3 * N
+    );
+
+    let mut rest = pairs.split_off(N);
+    let mut last = rest.split_off(N);
+    // The server closes first: it goes through FIN_WAIT2 to TIME_WAIT.
+    for (mut client, server) in pairs {
+        drop(server);
+        let _ = client.read(&mut [0u8; 1]);
+    }
+    // The client closes first: the server goes through CLOSE_WAIT and LAST_ACK.
+    for (client, mut server) in rest.drain(..) {
+        drop(client);
+        let _ = server.read(&mut [0u8; 1]);
+    }
+    // The server resets (SO_LINGER 0): ESTABLISHED -> CLOSE.
+    for (client, server) in last.drain(..) {
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        drop(client);
+    }
+    let freed = eventually(SETTLE, || {
+        let n = inbound();
+        (n <= before).then_some(n)
+    });
+    assert!(
+        freed.is_some(),
+        "{} entries left, {before} before",
+        inbound()
+    );
+    let d = agent
+        .destination("127.0.0.1", addr.port(), "inbound", None)
+        .expect("inbound row");
+    assert_eq!(d["opened"], 3 * N as u64);
+    assert_eq!(d["closed"], 3 * N as u64);
+    assert_eq!(d["active"], 0);
+    // Keyed by the local port, which the kernel has released by the time it reports CLOSE;
+    // as many as `ss` shows (none if the namespace's TIME_WAIT table is full).
+    let ss = std::process::Command::new("ss")
+        .args([
+            "-Htan",
+            "state",
+            "time-wait",
+            "sport",
+            "=",
+            &format!(":{}", addr.port()),
+        ])
+        .output()
+        .unwrap();
+    let time_wait = String::from_utf8_lossy(&ss.stdout).lines().count() as u64;
+    assert_eq!(d["time_wait_entered"], time_wait);
+    assert_eq!(agent.counter("underflows"), 0);
+    assert_eq!(agent.counter("inbound_full"), 0);
+}

@@ -15,7 +15,7 @@ use aya::{
 };
 use breakwater_common::{
     conn_flags, counter, direction, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord,
-    ConnStats, DestKey, HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
+    ConnStats, DestKey, HistKey, InboundInfo, SockRecord, SvcLpmData, HIST_BUCKETS,
 };
 use tracing::info;
 
@@ -127,6 +127,7 @@ pub struct Kernel {
     ebpf: Ebpf,
     dests: HashMap<MapData, DestKey, ConnStats>,
     dest_hist: HashMap<MapData, HistKey, u64>,
+    inbound: HashMap<MapData, u64, InboundInfo>,
     svc_hist: Array<MapData, u64>,
     svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
     svc_stats: Array<MapData, ConnStats>,
@@ -196,6 +197,7 @@ impl Kernel {
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,
             dest_hist: take(&mut ebpf, names::MAP_DEST_HIST)?,
+            inbound: take(&mut ebpf, names::MAP_INBOUND)?,
             svc_hist: take(&mut ebpf, names::MAP_SVC_HIST)?,
             svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
             svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
@@ -479,6 +481,7 @@ impl Kernel {
         let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
         let hist = self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64;
         let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
+        let inbound = self.inbound.keys().filter(|k| k.is_ok()).count() as u64;
         let c = |i| self.counter(i);
         vec![
             MapSummary {
@@ -499,6 +502,13 @@ impl Kernel {
                 name: names::MAP_SVC_LPM,
                 capacity: self.sizes.max_service_endpoints,
                 entries: lpm,
+                evictions: 0,
+            },
+            MapSummary {
+                name: names::MAP_INBOUND,
+                capacity: self.sizes.max_inbound_connections,
+                entries: inbound,
+                // Never evicted: a connection that finds it full is left uncounted (`inbound_full`).
                 evictions: 0,
             },
         ]

@@ -974,3 +974,74 @@ fn a_probe_lost_before_its_syn_does_not_hold_half_open() {
     let b = get_breaker(&agent, SERVICE).unwrap();
     assert_eq!((b.state(), b.rejected), (Open, rejected + 1), "{b:?}");
 }
+
+/// A pin directory holds one agent: a second one on it stops before it loads or attaches
+/// anything, and `uninstall` refuses while the first one runs.
+#[test]
+fn a_pin_dir_holds_one_agent() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut agent = Agent::start();
+    let pin_dir = agent.pin_dir().to_owned();
+    let pinned = || {
+        let mut names: Vec<_> = std::fs::read_dir(&pin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = pinned();
+    assert!(!before.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(breakwater_tests::agent_bin())
+        .arg("agent")
+        .arg("--socket")
+        .arg(dir.path().join("second.sock"))
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(["--scope", agent.scope()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("a second agent kept running on a pin directory in use");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let second = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another running agent"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("second.sock").exists());
+
+    let uninstall = || {
+        std::process::Command::new(breakwater_tests::agent_bin())
+            .args(["uninstall", "--pin-dir"])
+            .arg(&pin_dir)
+            .output()
+            .unwrap()
+    };
+    let out = uninstall();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("an agent is running"), "{stderr}");
+    // Nothing was replaced or removed, and the first agent still answers.
+    assert_eq!(pinned(), before);
+    agent.info();
+
+    agent.stop();
+    let out = uninstall();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pin_dir.exists());
+}

@@ -335,6 +335,19 @@ pub fn uninstall(pin_dir: &std::path::Path) -> Result<(), CliError> {
             "breakwater uninstall must run as root".into(),
         ));
     }
+    // A running agent holds its pin directory: removing its pins under it would leave it
+    // enforcing with nothing pinned, and its next start without the state it kept.
+    let _lock = match breaker::lock_pin_dir(pin_dir) {
+        Ok(lock) => Some(lock),
+        Err(crate::ebpf::LoadError::PinDirInUse(_)) => {
+            return Err(CliError::Failed(anyhow::anyhow!(
+                "an agent is running with pin directory {}: stop it first (it keeps enforcing while it runs)",
+                pin_dir.display()
+            )))
+        }
+        // Nothing there (or not a directory): nothing to hold, `release` says what it finds.
+        Err(_) => None,
+    };
     breaker::release(pin_dir)
         .with_context(|| format!("removing {}", pin_dir.display()))
         .map_err(CliError::Failed)?;

@@ -95,6 +95,23 @@ pub fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)
 }
 
+/// Holds `dir` for this agent: an exclusive `flock` on the directory, released when the agent
+/// exits (however it exits). Two agents on one pin directory would each replace the other's
+/// links and share its maps.
+pub fn lock_pin_dir(dir: &Path) -> Result<PinLock, LoadError> {
+    let file = std::fs::File::open(dir)
+        .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", dir.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => LoadError::PinDirInUse(dir.to_owned()),
+            e => LoadError::Setup(format!("locking pin directory {}: {e}", dir.display())),
+        },
+    )
+}
+
+/// See [`lock_pin_dir`].
+pub type PinLock = nix::fcntl::Flock<std::fs::File>;
+
 /// Checks that maps a previous agent pinned fit this agent: the same layouts (a different
 /// version may have changed them) and the sizes the config asks for. Reusing a map that does
 /// not fit would corrupt its state or fail later with a less clear error.

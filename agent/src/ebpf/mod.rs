@@ -57,6 +57,11 @@ pub enum LoadError {
     /// Pinning, cgroups, bpffs: the breaker's setup around the programs.
     #[error("{0}")]
     Setup(String),
+    #[error(
+        "pin directory {} is in use by another running agent: stop it, or give this one its own --pin-dir",
+        .0.display()
+    )]
+    PinDirInUse(PathBuf),
 }
 
 impl LoadError {
@@ -139,6 +144,7 @@ pub struct Kernel {
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
     pin_dir: PathBuf,
+    _pin_lock: breaker::PinLock,
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
     /// the enforcement) in place.
     links: Vec<(String, PinnedLink)>,
@@ -162,6 +168,7 @@ impl Kernel {
         let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
         breaker::prepare_pin_dir(pin_dir)
             .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
+        let pin_lock = breaker::lock_pin_dir(pin_dir)?;
         breaker::check_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in names::PINNED_MAPS {
@@ -210,6 +217,7 @@ impl Kernel {
             sizes: sizes.clone(),
             programs: Vec::new(),
             pin_dir: pin_dir.to_owned(),
+            _pin_lock: pin_lock,
             links: Vec::new(),
         })
     }

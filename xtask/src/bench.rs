@@ -140,39 +140,16 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         args.rounds, args.seconds, args.seconds, env.extra
     );
 
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    let mut ratios = Vec::new();
-    for r in 1..=args.rounds {
-        // Alternate the order so that a drift (TIME_WAIT build-up, a busy neighbour) does not
-        // always favour the same side.
-        let off_first = r % 2 == 1;
-        let mut rate_off = None;
-        if off_first {
-            rate_off = Some(connect_loop(addr, round)?);
-        }
-        let agent = env.agent()?;
-        let rate_on = connect_loop(addr, round);
-        agent.stop()?;
-        let rate_on = rate_on?;
-        let rate_off = match rate_off {
-            Some(r) => r,
-            None => connect_loop(addr, round)?,
-        };
-        println!(
-            "round {r}/{} ({}): off {rate_off:.0} conn/s, on {rate_on:.0} conn/s, ratio {:.3}",
-            args.rounds,
-            if off_first { "off, on" } else { "on, off" },
-            rate_on / rate_off
-        );
-        off.push(rate_off);
-        on.push(rate_on);
-        ratios.push(rate_on / rate_off);
-    }
-
-    let (off, on, ratio) = (median(&mut off), median(&mut on), median(&mut ratios));
+    let (off, on, ratio) = churn_rounds(addr, args.rounds, round, || env.agent())?;
     println!(
         "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
+    );
+    // The same with breakers enforcing elsewhere: what tracking alone costs the loop.
+    let (off, on, ratio) = churn_rounds(addr, args.rounds, round, || {
+        Agent::start_in(env, None, &env.sandbox.idle_relative)
+    })?;
+    println!(
+        "connect/accept/close loop, tracking only (breakers enforce on an empty cgroup): off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3}"
     );
 
     pingpong(env, args.rounds, round)?;
@@ -197,6 +174,45 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `rounds` rounds of the connect loop with the agent `start` gives on and with none; the
+/// medians of the off and on rates and of the per-round ratios.
+fn churn_rounds(
+    addr: SocketAddr,
+    rounds: u32,
+    round: Duration,
+    start: impl Fn() -> Result<Agent>,
+) -> Result<(f64, f64, f64)> {
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut ratios = Vec::new();
+    for r in 1..=rounds {
+        // Alternate the order so that a drift (TIME_WAIT build-up, a busy neighbour) does not
+        // always favour the same side.
+        let off_first = r % 2 == 1;
+        let mut rate_off = None;
+        if off_first {
+            rate_off = Some(connect_loop(addr, round)?);
+        }
+        let agent = start()?;
+        let rate_on = connect_loop(addr, round);
+        agent.stop()?;
+        let rate_on = rate_on?;
+        let rate_off = match rate_off {
+            Some(r) => r,
+            None => connect_loop(addr, round)?,
+        };
+        println!(
+            "round {r}/{rounds} ({}): off {rate_off:.0} conn/s, on {rate_on:.0} conn/s, ratio {:.3}",
+            if off_first { "off, on" } else { "on, off" },
+            rate_on / rate_off
+        );
+        off.push(rate_off);
+        on.push(rate_on);
+        ratios.push(rate_on / rate_off);
+    }
+    Ok((median(&mut off), median(&mut on), median(&mut ratios)))
 }
 
 /// Request/response on kept-alive connections (one byte each way), agent off and on.
@@ -505,6 +521,11 @@ impl Agent {
     /// Starts the agent with its API on `<dir>/agent.sock`, confined to the sandbox, and waits
     /// until `info` answers.
     fn start(env: &Env, config: Option<&Path>) -> Result<Self> {
+        Self::start_in(env, config, &env.sandbox.relative)
+    }
+
+    /// As [`Agent::start`], with breakers enforcing on `scope` (relative to the cgroup2 mount).
+    fn start_in(env: &Env, config: Option<&Path>, scope: &str) -> Result<Self> {
         let bin = env.bin;
         let socket = env.dir.join("agent.sock");
         let log = env.dir.join("agent.log");
@@ -514,7 +535,7 @@ impl Agent {
         cmd.arg("agent")
             .arg("--socket")
             .arg(&socket)
-            .args(env.sandbox.agent_args());
+            .args(env.sandbox.agent_args(scope));
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
         }
@@ -1064,6 +1085,9 @@ struct Sandbox {
     cgroup: PathBuf,
     /// The cgroup relative to the mount, for `--scope`.
     relative: String,
+    /// An empty sibling cgroup, for agents whose breakers must not touch the bench's connects.
+    idle: PathBuf,
+    idle_relative: String,
     /// The cgroup this process was in, absolute.
     origin: PathBuf,
     pin_dir: PathBuf,
@@ -1087,13 +1111,18 @@ impl Sandbox {
             );
         }
         fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let idle = mount.join(format!("{name}-idle"));
         let sandbox = Self {
             bin: bin.to_owned(),
             relative: format!("/{name}"),
+            idle_relative: format!("/{name}-idle"),
+            idle,
             origin: mount.join(origin.trim_start_matches('/')),
             cgroup,
             pin_dir,
         };
+        fs::create_dir(&sandbox.idle)
+            .with_context(|| format!("creating cgroup {}", sandbox.idle.display()))?;
         // A socket keeps the cgroup of the process that created it: join before any socket.
         fs::write(
             sandbox.cgroup.join("cgroup.procs"),
@@ -1103,10 +1132,10 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    fn agent_args(&self) -> [OsString; 5] {
+    fn agent_args(&self, scope: &str) -> [OsString; 5] {
         [
             "--scope".into(),
-            self.relative.clone().into(),
+            scope.into(),
             "--pin-dir".into(),
             self.pin_dir.clone().into(),
             "--release-on-exit".into(),
@@ -1143,7 +1172,12 @@ impl Drop for Sandbox {
             }
             thread::sleep(Duration::from_millis(100));
         }
-        for (what, path) in [("cgroup", &self.cgroup), ("pin directory", &self.pin_dir)] {
+        let _ = fs::remove_dir(&self.idle);
+        for (what, path) in [
+            ("cgroup", &self.cgroup),
+            ("cgroup", &self.idle),
+            ("pin directory", &self.pin_dir),
+        ] {
             if path.exists() {
                 eprintln!(
                     "warning: could not remove the bench's {what} {}",

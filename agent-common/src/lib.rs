@@ -368,6 +368,26 @@ pub struct ConnInfo {
     pub send_us: u64,
 }
 
+impl ConnInfo {
+    /// The key its aggregates are kept under: the remote end for outbound, the local end for
+    /// inbound.
+    #[inline(always)]
+    pub fn dest_key(&self) -> DestKey {
+        let (addr, port) = if self.direction == direction::OUTBOUND {
+            (self.daddr, self.dport)
+        } else {
+            (self.saddr, self.sport)
+        };
+        DestKey {
+            addr,
+            netns: self.netns,
+            port,
+            direction: self.direction,
+            _pad: 0,
+        }
+    }
+}
+
 /// How many buckets of first-response samples a connection keeps before adding them to the maps.
 pub const FR_RUNS: usize = 4;
 /// The most samples of one bucket a connection keeps before adding them to the maps.

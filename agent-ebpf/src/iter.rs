@@ -20,7 +20,7 @@ use crate::{
         attribute_to_listener, bump, inbound_key, listen_key, offsets, service_of, sk_storage,
         storage, BW_BRK_SOCKS, BW_INBOUND, BW_LISTENERS,
     },
-    sock::{inbound_conn, key_of, read, read_sock, record, scratch, Error, Event},
+    sock::{inbound_conn, read, read_sock, record, scratch, Error, Event},
 };
 
 /// `struct bpf_iter_meta`.
@@ -101,7 +101,7 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         .is_some()
     {
         seen.direction = direction::INBOUND;
-        let key = key_of(seen);
+        let key = seen.dest_key();
         let svc = service_of(&key.addr, key.port);
         let info = InboundInfo {
             start_ns: now,
@@ -121,7 +121,7 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
             return Ok(());
         }
         c.direction = direction::OUTBOUND;
-        let key = key_of(c);
+        let key = c.dest_key();
         c.svc = service_of(&key.addr, key.port);
         c.start_ns = now;
         c.flags = flags;

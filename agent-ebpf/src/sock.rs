@@ -117,23 +117,6 @@ pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut impl SockIds) -> Res
     Ok(true)
 }
 
-/// The key an aggregate is kept under: the remote end for outbound, the local end for inbound.
-#[inline(always)]
-pub fn key_of(c: &ConnInfo) -> DestKey {
-    let (addr, port) = if c.direction == direction::OUTBOUND {
-        (c.daddr, c.dport)
-    } else {
-        (c.saddr, c.sport)
-    };
-    DestKey {
-        addr,
-        netns: c.netns,
-        port,
-        direction: c.direction,
-        _pad: 0,
-    }
-}
-
 #[inline(always)]
 fn add(p: *mut u64, v: u64) {
     // SAFETY: `p` points into a map value; the BPF atomic add keeps concurrent CPUs exact.

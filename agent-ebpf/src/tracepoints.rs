@@ -20,8 +20,8 @@ use crate::{
         storage, BW_INBOUND, BW_LISTENERS,
     },
     sock::{
-        audit, inbound_conn, key_of, observe, observe_n, read, read_sock, record, scratch, zero,
-        Error, Event, IPPROTO_TCP,
+        audit, inbound_conn, observe, observe_n, read, read_sock, record, scratch, zero, Error,
+        Event, IPPROTO_TCP,
     },
 };
 
@@ -109,7 +109,7 @@ unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
         return Ok(());
     }
     c.direction = direction::OUTBOUND;
-    let key = key_of(c);
+    let key = c.dest_key();
     c.svc = service_of(&key.addr, key.port);
     record(&key, c.svc, Event::Opened)?;
     let mut connect_us = 0;
@@ -130,7 +130,7 @@ unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
         return Ok(());
     }
     c.direction = direction::INBOUND;
-    let key = key_of(c);
+    let key = c.dest_key();
     c.svc = service_of(&key.addr, key.port);
     let info = InboundInfo {
         start_ns: bpf_ktime_get_ns(),
@@ -189,7 +189,7 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
 /// A counted connection left ESTABLISHED: what it moved, how long it lived, and for outbound
 /// ones the latency samples it still held and its SRTT.
 unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Result<(), Error> {
-    let key = key_of(c);
+    let key = c.dest_key();
     // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
     // verifier wants a pointer typed as one for fields beyond `struct sock`).
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
@@ -255,7 +255,7 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     c.direction = dir;
     // The kernel has released the local port by now (`inet_put_port`): use the one kept.
     c.sport = port;
-    let key = key_of(c);
+    let key = c.dest_key();
     let svc = if svc == u32::MAX {
         service_of(&key.addr, key.port)
     } else {
@@ -298,7 +298,7 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
         return Ok(());
     }
     c.direction = direction::OUTBOUND;
-    let key = key_of(c);
+    let key = c.dest_key();
     let svc = service_of(&key.addr, key.port);
     let (ev, reason) = match read::<i32>(sk, &o.sk_err) {
         ECONNREFUSED => (Event::FailedRefused, fail_reason::REFUSED),
@@ -386,7 +386,7 @@ unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
         }
     }
     if free == FR_RUNS {
-        flush_first_responses(c, &key_of(c))?;
+        flush_first_responses(c, &c.dest_key())?;
         free = 0;
     }
     if free < FR_RUNS {
@@ -443,22 +443,20 @@ unsafe fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), Error> {
     }
     let sk: *const u8 = ctx.arg(0);
     let Some(c) = storage(sk, false) else {
-        let Some(svc) = BW_INBOUND.get(&inbound_key(sk)).map(|i| i.svc) else {
+        let Some(info) = BW_INBOUND.get(&inbound_key(sk)).copied() else {
             return Ok(());
         };
-        let c = scratch(scratch_slot::RETRANSMIT)?;
-        if !read_sock(sk, offsets(), c)? {
+        let Some(c) = inbound_conn(sk, offsets(), &info, scratch_slot::RETRANSMIT)? else {
             return Ok(());
-        }
-        c.direction = direction::INBOUND;
-        return record(&key_of(c), svc, Event::Retransmit);
+        };
+        return record(&c.dest_key(), c.svc, Event::Retransmit);
     };
     let svc = if c.flags & conn_flags::COUNTED != 0 {
         c.svc
     } else {
         // Still connecting: the service is decided when it is established.
-        let key = key_of(c);
+        let key = c.dest_key();
         service_of(&key.addr, key.port)
     };
-    record(&key_of(c), svc, Event::Retransmit)
+    record(&c.dest_key(), svc, Event::Retransmit)
 }

@@ -370,13 +370,7 @@ impl Kernel {
             if c.direction != direction::OUTBOUND || c.flags & conn_flags::COUNTED == 0 {
                 return;
             }
-            let dest = DestKey {
-                addr: c.daddr,
-                netns: c.netns,
-                port: c.dport,
-                direction: direction::OUTBOUND,
-                _pad: 0,
-            };
+            let dest = c.dest_key();
             for (&bucket, &count) in c.fr_bucket.iter().zip(&c.fr_count) {
                 if count > 0 && u32::from(bucket) < HIST_BUCKETS {
                     pending.0.push((dest, c.svc, bucket, u64::from(count)));

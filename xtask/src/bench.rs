@@ -140,14 +140,14 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         args.rounds, args.seconds, args.seconds, env.extra
     );
 
-    let (off, on, ratio) = churn_rounds(addr, args.rounds, round, || env.agent())?;
+    let churn = || connect_loop(addr, round);
+    let (off, on, ratio) = off_on_rounds(args.rounds, || env.agent(), churn, Some("conn/s"))?;
     println!(
         "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
     );
     // The same with breakers enforcing elsewhere: what tracking alone costs the loop.
-    let (off, on, ratio) = churn_rounds(addr, args.rounds, round, || {
-        Agent::start_in(env, None, &env.sandbox.idle_relative)
-    })?;
+    let tracking_only = || Agent::start_in(env, None, &env.sandbox.idle_relative);
+    let (off, on, ratio) = off_on_rounds(args.rounds, tracking_only, churn, Some("conn/s"))?;
     println!(
         "connect/accept/close loop, tracking only (breakers enforce on an empty cgroup): off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3}"
     );
@@ -176,13 +176,14 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `rounds` rounds of the connect loop with the agent `start` gives on and with none; the
-/// medians of the off and on rates and of the per-round ratios.
-fn churn_rounds(
-    addr: SocketAddr,
+/// `rounds` rounds of `measure` (a rate) with the agent `start` gives on and with none; the
+/// medians of the off and on rates and of the per-round ratios. Each round is printed when
+/// `unit` names the rate's unit.
+fn off_on_rounds(
     rounds: u32,
-    round: Duration,
     start: impl Fn() -> Result<Agent>,
+    measure: impl Fn() -> Result<f64>,
+    unit: Option<&str>,
 ) -> Result<(f64, f64, f64)> {
     let mut off = Vec::new();
     let mut on = Vec::new();
@@ -193,21 +194,23 @@ fn churn_rounds(
         let off_first = r % 2 == 1;
         let mut rate_off = None;
         if off_first {
-            rate_off = Some(connect_loop(addr, round)?);
+            rate_off = Some(measure()?);
         }
         let agent = start()?;
-        let rate_on = connect_loop(addr, round);
+        let rate_on = measure();
         agent.stop()?;
         let rate_on = rate_on?;
         let rate_off = match rate_off {
             Some(r) => r,
-            None => connect_loop(addr, round)?,
+            None => measure()?,
         };
-        println!(
-            "round {r}/{rounds} ({}): off {rate_off:.0} conn/s, on {rate_on:.0} conn/s, ratio {:.3}",
-            if off_first { "off, on" } else { "on, off" },
-            rate_on / rate_off
-        );
+        if let Some(unit) = unit {
+            println!(
+                "round {r}/{rounds} ({}): off {rate_off:.0} {unit}, on {rate_on:.0} {unit}, ratio {:.3}",
+                if off_first { "off, on" } else { "on, off" },
+                rate_on / rate_off
+            );
+        }
         off.push(rate_off);
         on.push(rate_on);
         ratios.push(rate_on / rate_off);
@@ -255,27 +258,7 @@ fn pingpong(env: &Env, rounds: u32, round: Duration) -> Result<()> {
         }
         Ok(total as f64 / start.elapsed().as_secs_f64())
     };
-    let mut ratios = Vec::new();
-    let (mut offs, mut ons) = (Vec::new(), Vec::new());
-    for r in 1..=rounds {
-        let off_first = r % 2 == 1;
-        let mut off = None;
-        if off_first {
-            off = Some(run(round)?);
-        }
-        let agent = env.agent()?;
-        let on = run(round);
-        agent.stop()?;
-        let on = on?;
-        let off = match off {
-            Some(v) => v,
-            None => run(round)?,
-        };
-        ratios.push(on / off);
-        offs.push(off);
-        ons.push(on);
-    }
-    let (off, on, ratio) = (median(&mut offs), median(&mut ons), median(&mut ratios));
+    let (off, on, ratio) = off_on_rounds(rounds, || env.agent(), || run(round), None)?;
     println!(
         "request/response on kept-alive connections: off {off:.0} req/s, on {on:.0} req/s, ratio {ratio:.3} (goal >= 0.98)"
     );

@@ -35,12 +35,13 @@ pub mod names {
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.
     pub const MAP_DESTS: &str = "BW_DESTS";
-    /// Socket-local storage: each tracked outbound socket's `ConnInfo`, freed with the socket.
+    /// Socket-local storage: the send/receive path's `RequestTiming` of each socket that has
+    /// sent data, made at its first send and freed with the socket.
     pub const MAP_SOCKS: &str = "BW_SOCKS";
-    /// Each counted inbound socket's `InboundInfo`, by the socket's address: `u64 ->
-    /// InboundInfo`. Accepted sockets have no send/receive work, and a hash entry costs far
-    /// less to make and free than socket-local storage on a node that accepts at a high rate.
-    pub const MAP_INBOUND: &str = "BW_INBOUND";
+    /// Each tracked connection's `ConnState`, by the socket's address (`u64 -> ConnState`), from
+    /// connect or accept to close. A hash entry costs far less to make and free than
+    /// socket-local storage, and most short connections (probes, health checks) never send.
+    pub const MAP_CONNS: &str = "BW_CONNS";
     /// Service endpoints: LPM key (`SvcLpmData`) -> service id.
     pub const MAP_SVC_LPM: &str = "BW_SVC_LPM";
     /// Per service aggregates: index `svc_id * 2 + direction` -> `ConnStats`.
@@ -112,7 +113,7 @@ pub mod names {
         MAP_SVC_META,
         MAP_DESTS,
         MAP_SOCKS,
-        MAP_INBOUND,
+        MAP_CONNS,
         MAP_SVC_LPM,
         MAP_SVC_STATS,
         MAP_LISTENERS,
@@ -166,7 +167,7 @@ pub mod direction {
     pub const INBOUND: u8 = 1;
 }
 
-/// Bits of [`ConnInfo::flags`].
+/// Bits of [`ConnState::flags`] (and [`ConnInfo::flags`]).
 pub mod conn_flags {
     /// The connection was counted in `active` and must be uncounted exactly once.
     pub const COUNTED: u8 = 1;
@@ -174,8 +175,15 @@ pub mod conn_flags {
     pub const SEEDED: u8 = 2;
     /// `start_ns` is when `connect()` sent the SYN, so SYN -> ESTABLISHED can be timed.
     pub const CONNECT_TIMED: u8 = 4;
+}
+
+/// Bits of [`RequestTiming::flags`].
+pub mod timing_flags {
+    /// The socket is a counted client connection: its requests are timed. A socket's first
+    /// send decides; without it, the storage only records that the socket is not one.
+    pub const CLIENT: u8 = 1;
     /// A request was sent at `send_us` and no data has arrived since.
-    pub const AWAITING: u8 = 8;
+    pub const AWAITING: u8 = 2;
 }
 
 /// Indexes of the per-CPU counter array.
@@ -188,8 +196,8 @@ pub mod counter {
     pub const MAP_ERRORS: u32 = 2;
     /// New keys inserted into `BW_DESTS`.
     pub const DEST_INSERTS: u32 = 3;
-    /// Sockets given storage (connect, accept or seed).
-    pub const SOCKS_TRACKED: u32 = 4;
+    /// Connections given a `BW_CONNS` entry (connect, accept or seed).
+    pub const CONNS_TRACKED: u32 = 4;
     /// Listening sockets seen.
     pub const LISTENS: u32 = 5;
     /// An established socket left ESTABLISHED without having been counted (it predates the
@@ -205,8 +213,8 @@ pub mod counter {
     pub const HIST_INSERTS: u32 = 10;
     /// Connection events the ring buffer had no room for.
     pub const AUDIT_LOST: u32 = 11;
-    /// Inbound connections left uncounted because `BW_INBOUND` was full.
-    pub const INBOUND_FULL: u32 = 12;
+    /// Connections left uncounted because `BW_CONNS` was full.
+    pub const CONNS_FULL: u32 = 12;
 
     pub const COUNT: u32 = 13;
 
@@ -216,7 +224,7 @@ pub mod counter {
         "read_errors",
         "map_errors",
         "dest_inserts",
-        "socks_tracked",
+        "conns_tracked",
         "listens",
         "untracked_closes",
         "underflows",
@@ -224,7 +232,7 @@ pub mod counter {
         "no_offsets",
         "hist_inserts",
         "audit_lost",
-        "inbound_full",
+        "conns_full",
     ];
 }
 
@@ -243,7 +251,7 @@ pub mod defaults {
     pub const MAX_SERVICE_ENDPOINTS: u32 = 16_384;
     pub const MAX_LISTENERS: u32 = 16_384;
     pub const MAX_HIST_BUCKETS: u32 = 262_144;
-    pub const MAX_INBOUND: u32 = 262_144;
+    pub const MAX_CONNS: u32 = 262_144;
 }
 
 /// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader
@@ -336,7 +344,8 @@ pub struct ConnStats {
     pub bytes_received: u64,
 }
 
-/// Value of `BW_SOCKS`: one tracked socket, with the process that opened it.
+/// A tracked connection as the programs build it (from its `ConnState` and the socket) and
+/// `bw_list_tcp` writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -358,13 +367,13 @@ pub struct ConnInfo {
     pub direction: u8,
     pub flags: u8,
     pub _pad: u8,
-    /// First-response samples not yet added to the histograms: `fr_count[i]` of them in bucket
-    /// `fr_bucket[i]`. They are added when a sample falls in none of these buckets, and when the
-    /// connection closes; readers add those of live connections themselves.
+    /// First-response samples not yet added to the histograms (a client's `RequestTiming`):
+    /// `fr_count[i]` of them in bucket `fr_bucket[i]`. They are added when a sample falls in none
+    /// of these buckets, and when the connection closes; readers add those of live connections
+    /// themselves.
     pub fr_bucket: [u8; FR_RUNS],
     pub fr_count: [u32; FR_RUNS],
-    /// When the request now awaiting its response was sent (`conn_flags::AWAITING`): the
-    /// kernel's `tcp_sock.tcp_mstamp`, in microseconds.
+    /// `RequestTiming::send_us`.
     pub send_us: u64,
 }
 
@@ -393,21 +402,44 @@ pub const FR_RUNS: usize = 4;
 /// The most samples of one bucket a connection keeps before adding them to the maps.
 pub const FR_RUN_MAX: u32 = 1 << 20;
 
-/// What is kept of a counted inbound connection (`BW_INBOUND`); the rest is read from the
-/// socket and its listener when needed.
+/// What is kept of a tracked connection (`BW_CONNS`); the rest is read from the socket, and an
+/// inbound connection's process from its listener, when needed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InboundInfo {
-    /// `bpf_ktime_get_ns()` when it was accepted (or seeded).
+pub struct ConnState {
+    /// `bpf_ktime_get_ns()` when `connect()` sent the SYN, or when it was accepted (or seeded).
     pub start_ns: u64,
-    /// Service id of the local endpoint; 0 = none.
+    /// The connecting process (outbound; 0 when unknown): its cgroup, name and thread group.
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+    pub pid: u32,
+    /// Service id of the remote (outbound) or local (inbound) endpoint; 0 = none.
     pub svc: u32,
-    /// The local port: by the time the socket reaches CLOSE the kernel has released it
-    /// (`inet_put_port` zeroes `skc_num` before the state change is traced).
+    /// The local port once known: by the time the socket reaches CLOSE the kernel has released
+    /// it (`inet_put_port` zeroes `skc_num` before the state change is traced).
     pub port: u16,
+    pub direction: u8,
     /// `conn_flags`.
     pub flags: u8,
-    pub _pad: u8,
+    pub _pad: u32,
+}
+
+/// Value of `BW_SOCKS`: request -> first-response timing of a client connection, the only
+/// per-send/per-receive state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestTiming {
+    /// When the request now awaiting its response was sent (`timing_flags::AWAITING`): the
+    /// kernel's `tcp_sock.tcp_mstamp`, in microseconds.
+    pub send_us: u64,
+    /// First-response samples not yet added to the histograms, as in [`ConnInfo::fr_count`].
+    pub fr_count: [u32; FR_RUNS],
+    /// The connection's service id, for its histograms.
+    pub svc: u32,
+    pub fr_bucket: [u8; FR_RUNS],
+    /// `timing_flags`.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
@@ -599,7 +631,8 @@ const _: () = {
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
-    assert!(core::mem::size_of::<InboundInfo>() == 16);
+    assert!(core::mem::size_of::<ConnState>() == 48);
+    assert!(core::mem::size_of::<RequestTiming>() == 40);
     assert!(core::mem::size_of::<BreakerSockRecord>() == 56);
     assert!(core::mem::size_of::<ConnEvent>() == 112);
 };
@@ -617,7 +650,8 @@ mod pod {
     unsafe impl aya::Pod for super::SvcLpmData {}
     unsafe impl aya::Pod for super::ListenKey {}
     unsafe impl aya::Pod for super::ListenerInfo {}
-    unsafe impl aya::Pod for super::InboundInfo {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::RequestTiming {}
     unsafe impl aya::Pod for super::BreakerSockRecord {}
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::breaker::Policy {}

@@ -11,16 +11,16 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
 };
 use breakwater_common::{
-    conn_flags, counter, direction, scratch_slot, tcp_state, BreakerSockRecord, ConnInfo,
-    InboundInfo, ListenerInfo, SockRecord,
+    conn_flags, counter, direction, scratch_slot, tcp_state, timing_flags, BreakerSockRecord,
+    ConnInfo, ConnState, ListenerInfo, SockRecord,
 };
 
 use crate::{
     maps::{
-        attribute_to_listener, bump, inbound_key, listen_key, offsets, service_of, sk_storage,
-        storage, BW_BRK_SOCKS, BW_INBOUND, BW_LISTENERS,
+        attribute_to_listener, bump, conn_key, listen_key, offsets, service_of, sk_storage, timing,
+        BW_BRK_SOCKS, BW_CONNS, BW_LISTENERS,
     },
-    sock::{inbound_conn, read, read_sock, record, scratch, Error, Event},
+    sock::{conn_of, read, read_sock, record, scratch, Error, Event},
 };
 
 /// `struct bpf_iter_meta`.
@@ -80,56 +80,38 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         return Ok(());
     }
     // Established after the tracepoint was attached: already counted.
-    if storage(tp, false).is_some_and(|c| c.flags & conn_flags::COUNTED != 0) {
-        return Ok(());
-    }
-    let id = inbound_key(tp);
-    if BW_INBOUND
+    let id = conn_key(tp);
+    if BW_CONNS
         .get(&id)
-        .is_some_and(|i| i.flags & conn_flags::COUNTED != 0)
+        .is_some_and(|s| s.flags & conn_flags::COUNTED != 0)
     {
         return Ok(());
     }
-    let seen = scratch(scratch_slot::ITER)?;
-    if !read_sock(sk, o, seen)? {
+    let c = scratch(scratch_slot::ITER)?;
+    if !read_sock(sk, o, c)? {
         return Ok(());
     }
-    let flags = conn_flags::COUNTED | conn_flags::SEEDED;
-    let now = bpf_ktime_get_ns();
-    let (key, svc) = if BW_LISTENERS
-        .get(&listen_key(seen.netns, seen.sport))
-        .is_some()
-    {
-        seen.direction = direction::INBOUND;
-        let key = seen.dest_key();
-        let svc = service_of(&key.addr, key.port);
-        let info = InboundInfo {
-            start_ns: now,
-            svc,
-            port: seen.sport,
-            flags,
-            _pad: 0,
-        };
-        if BW_INBOUND.insert(&id, &info, 0).is_err() {
-            bump(counter::INBOUND_FULL);
-            return Ok(());
-        }
-        (key, svc)
+    c.direction = if BW_LISTENERS.get(&listen_key(c.netns, c.sport)).is_some() {
+        direction::INBOUND
     } else {
-        let c = storage(tp, true).ok_or(Error::Map)?;
-        if !read_sock(sk, o, c)? {
-            return Ok(());
-        }
-        c.direction = direction::OUTBOUND;
-        let key = c.dest_key();
-        c.svc = service_of(&key.addr, key.port);
-        c.start_ns = now;
-        c.flags = flags;
-        (key, c.svc)
+        direction::OUTBOUND
     };
-    bump(counter::SOCKS_TRACKED);
+    let key = c.dest_key();
+    let st = ConnState {
+        start_ns: bpf_ktime_get_ns(),
+        svc: service_of(&key.addr, key.port),
+        port: c.sport,
+        direction: c.direction,
+        flags: conn_flags::COUNTED | conn_flags::SEEDED,
+        ..Default::default()
+    };
+    if BW_CONNS.insert(&id, &st, 0).is_err() {
+        bump(counter::CONNS_FULL);
+        return Ok(());
+    }
+    bump(counter::CONNS_TRACKED);
     bump(counter::SEEDED);
-    record(&key, svc, Event::Seeded)
+    record(&key, st.svc, Event::Seeded)
 }
 
 #[unsafe(no_mangle)]
@@ -153,26 +135,28 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         return Ok(());
     }
     let o = offsets();
-    let c: &ConnInfo = match storage(tp, false) {
-        Some(c) => c,
-        None => {
-            let Some(info) = BW_INBOUND.get(&inbound_key(tp)) else {
-                return Ok(());
-            };
-            let Some(c) = inbound_conn(sk, o, info, scratch_slot::ITER)? else {
-                return Ok(());
-            };
-            attribute_to_listener(c);
-            c
-        }
+    let Some(st) = BW_CONNS.get(&conn_key(tp)) else {
+        return Ok(());
     };
+    let Some(c) = conn_of(sk, o, st, scratch_slot::ITER)? else {
+        return Ok(());
+    };
+    if c.direction == direction::INBOUND {
+        attribute_to_listener(c);
+    } else if let Some(t) = timing(tp, false) {
+        if t.flags & timing_flags::CLIENT != 0 {
+            c.fr_bucket = t.fr_bucket;
+            c.fr_count = t.fr_count;
+            c.send_us = t.send_us;
+        }
+    }
     let seq = (*(*ctx).meta).seq;
     let cookie = bpf_get_socket_cookie(sk as *mut _);
     let state = u64::from(read::<u8>(sk, &o.skc_state));
     bpf_seq_write(seq.cast(), (&raw const cookie).cast(), 8);
     bpf_seq_write(
         seq.cast(),
-        (c as *const ConnInfo).cast(),
+        (&raw const *c).cast(),
         core::mem::size_of::<ConnInfo>() as u32,
     );
     bpf_seq_write(seq.cast(), (&raw const state).cast(), 8);

@@ -9,26 +9,26 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     breaker::{BreakerEntry, BreakerSock, Policy, SvcMeta, Totals},
-    counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnStats, DestKey, HistKey,
-    InboundInfo, ListenKey, ListenerInfo, Offsets, SvcLpmData, HIST_BUCKETS,
+    counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnState, ConnStats, DestKey,
+    HistKey, ListenKey, ListenerInfo, Offsets, RequestTiming, SvcLpmData, HIST_BUCKETS,
 };
 
 #[map]
 pub static BW_DESTS: LruHashMap<DestKey, ConnStats> =
     LruHashMap::with_max_entries(defaults::MAX_DESTS, 0);
 
-/// Per-socket state lives with the socket: no hashing, no eviction, freed when it closes.
+/// The send/receive path's state lives with the socket: no hashing per packet, freed with it.
 #[btf_map]
-pub static BW_SOCKS: SkStorage<ConnInfo> = SkStorage::new();
+pub static BW_SOCKS: SkStorage<RequestTiming> = SkStorage::new();
 
-/// Not preallocated: entries come and go with inbound connections, memory as used.
+/// Not preallocated: entries come and go with connections, memory as used.
 #[map]
-pub static BW_INBOUND: HashMap<u64, InboundInfo> =
-    HashMap::with_max_entries(defaults::MAX_INBOUND, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+pub static BW_CONNS: HashMap<u64, ConnState> =
+    HashMap::with_max_entries(defaults::MAX_CONNS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
-/// The key of a socket in `BW_INBOUND`: its address, which stays the same while it lives.
+/// The key of a socket in `BW_CONNS`: its address, which stays the same while it lives.
 #[inline(always)]
-pub fn inbound_key(sk: *const u8) -> u64 {
+pub fn conn_key(sk: *const u8) -> u64 {
     sk as u64
 }
 
@@ -165,10 +165,10 @@ pub fn listen_key(netns: u32, port: u16) -> ListenKey {
     }
 }
 
-/// The socket's `ConnInfo`, created zeroed if `create` and absent. `sk` must be a BTF pointer
-/// to a full socket (`struct sock` or a struct that starts with one).
+/// The socket's `RequestTiming`, created zeroed if `create` and absent. `sk` must be a BTF
+/// pointer to a full socket (`struct sock` or a struct that starts with one).
 #[inline(always)]
-pub unsafe fn storage(sk: *const u8, create: bool) -> Option<&'static mut ConnInfo> {
+pub unsafe fn timing(sk: *const u8, create: bool) -> Option<&'static mut RequestTiming> {
     sk_storage(&BW_SOCKS, sk, create)
 }
 

@@ -2,8 +2,8 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use breakwater_common::{
-    counter, direction, hist_bucket, svc_hist_index, svc_stats_index, v4_mapped, ConnInfo,
-    ConnStats, DestKey, HistKey, InboundInfo, Offsets, SockRecord,
+    counter, hist_bucket, svc_hist_index, svc_stats_index, v4_mapped, ConnInfo, ConnState,
+    ConnStats, DestKey, HistKey, Offsets, SockRecord,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
@@ -202,24 +202,30 @@ pub fn scratch(slot: u32) -> Result<&'static mut ConnInfo, Error> {
     Ok(c)
 }
 
-/// An inbound connection as a `ConnInfo`, built in scratch `slot`: what `BW_INBOUND` keeps of
-/// it, the rest read from the socket (not its process). None for families we do not track.
+/// A tracked connection as a `ConnInfo`, built in scratch `slot`: what `BW_CONNS` keeps of it,
+/// the rest read from the socket (not an inbound connection's process: see
+/// `attribute_to_listener`). None for families we do not track.
 #[inline(always)]
-pub unsafe fn inbound_conn(
+pub unsafe fn conn_of(
     sk: *const u8,
     o: &Offsets,
-    info: &InboundInfo,
+    st: &ConnState,
     slot: u32,
 ) -> Result<Option<&'static mut ConnInfo>, Error> {
     let c = scratch(slot)?;
-    c.start_ns = info.start_ns;
-    c.svc = info.svc;
-    c.flags = info.flags;
     if !read_sock(sk, o, c)? {
         return Ok(None);
     }
-    c.sport = info.port;
-    c.direction = direction::INBOUND;
+    c.start_ns = st.start_ns;
+    c.cgroup_id = st.cgroup_id;
+    c.comm = st.comm;
+    c.pid = st.pid;
+    c.svc = st.svc;
+    c.direction = st.direction;
+    c.flags = st.flags;
+    if st.port != 0 {
+        c.sport = st.port;
+    }
     Ok(Some(c))
 }
 

@@ -11,17 +11,18 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     conn_event, conn_flags, counter, direction, fail_reason, hist_bucket, hist_kind, scratch_slot,
-    tcp_state::*, ConnInfo, DestKey, InboundInfo, ListenerInfo, Offsets, FR_RUNS, FR_RUN_MAX,
+    tcp_state::*, timing_flags, ConnInfo, ConnState, DestKey, ListenerInfo, Offsets, RequestTiming,
+    SockRecord, FR_RUNS, FR_RUN_MAX,
 };
 
 use crate::{
     maps::{
-        attribute_to_listener, auditing, bump, inbound_key, listen_key, offsets, service_of,
-        storage, BW_INBOUND, BW_LISTENERS,
+        attribute_to_listener, auditing, bump, conn_key, listen_key, offsets, service_of, timing,
+        BW_CONNS, BW_LISTENERS,
     },
     sock::{
-        audit, inbound_conn, observe, observe_n, read, read_sock, record, scratch, zero, Error,
-        Event, IPPROTO_TCP,
+        audit, conn_of, observe, observe_n, read, read_sock, record, scratch, Error, Event,
+        IPPROTO_TCP,
     },
 };
 
@@ -51,7 +52,7 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     }
     // Only the transitions that move a counter do any work: this runs ~10 times per connection.
     match (old as u8, new as u8) {
-        (CLOSE, SYN_SENT) => on_connect(sk, o),
+        (CLOSE, SYN_SENT) => on_connect(sk),
         (SYN_SENT, ESTABLISHED) => on_established(sk, o),
         (SYN_RECV, ESTABLISHED) => on_accepted(sk, o),
         (ESTABLISHED, _) => on_leave_established(sk, o, new as u8),
@@ -59,7 +60,7 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
         (FIN_WAIT2 | CLOSING, CLOSE) => on_time_wait(sk, o),
         // The other ways out of a connection that left ESTABLISHED: it is gone for good.
         (FIN_WAIT1 | CLOSE_WAIT | LAST_ACK, CLOSE) => {
-            forget_inbound(sk);
+            let _ = BW_CONNS.remove(&conn_key(sk));
             Ok(())
         }
         (CLOSE, LISTEN) => on_listen(sk, o),
@@ -74,50 +75,76 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     }
 }
 
-#[inline(always)]
-fn attribute_to_current(c: &mut ConnInfo) {
-    c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    c.comm = bpf_get_current_comm().unwrap_or_default();
-}
-
-/// `connect()` sent a SYN: we are in the connecting process, so attribute the socket to it.
-/// The source port is not bound yet; it is read again when the connection is established.
-unsafe fn on_connect(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let c = storage(sk, true).ok_or(Error::Map)?;
+/// `connect()` sent a SYN: we are in the connecting process, so attribute the connection to it.
+unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
+    let st = ConnState {
+        start_ns: bpf_ktime_get_ns(),
+        cgroup_id: bpf_get_current_cgroup_id(),
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        direction: direction::OUTBOUND,
+        flags: conn_flags::CONNECT_TIMED,
+        ..Default::default()
+    };
     // A socket may connect again after a failed attempt: start over.
-    zero(c);
-    if !read_sock(sk, o, c)? {
-        return Ok(());
-    }
-    attribute_to_current(c);
-    c.start_ns = bpf_ktime_get_ns();
-    c.direction = direction::OUTBOUND;
-    c.flags = conn_flags::CONNECT_TIMED;
-    bump(counter::SOCKS_TRACKED);
+    track(sk, &st);
     Ok(())
 }
 
+/// Gives a connection its `BW_CONNS` entry. False when the map is full: the connection is left
+/// uncounted, and so is its close.
+#[inline(always)]
+unsafe fn track(sk: *const u8, st: &ConnState) -> bool {
+    if BW_CONNS.insert(&conn_key(sk), st, 0).is_err() {
+        bump(counter::CONNS_FULL);
+        return false;
+    }
+    bump(counter::CONNS_TRACKED);
+    true
+}
+
 unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let c = storage(sk, true).ok_or(Error::Map)?;
-    if c.start_ns == 0 {
-        // Connected before the agent started: the owner is unknown.
-        c.start_ns = bpf_ktime_get_ns();
-        bump(counter::SOCKS_TRACKED);
-    }
-    if !read_sock(sk, o, c)? {
+    let id = conn_key(sk);
+    let now = bpf_ktime_get_ns();
+    let st = match BW_CONNS.get_ptr_mut(&id) {
+        Some(p) => &mut *p,
+        None => {
+            // Connecting when the agent started: the owner is unknown.
+            let st = ConnState {
+                start_ns: now,
+                direction: direction::OUTBOUND,
+                ..Default::default()
+            };
+            if !track(sk, &st) {
+                return Ok(());
+            }
+            &mut *BW_CONNS.get_ptr_mut(&id).ok_or(Error::Map)?
+        }
+    };
+    let Some(c) = conn_of(sk, o, st, scratch_slot::TRACEPOINT)? else {
         return Ok(());
-    }
-    c.direction = direction::OUTBOUND;
+    };
     let key = c.dest_key();
     c.svc = service_of(&key.addr, key.port);
+    let timed = st.flags & conn_flags::CONNECT_TIMED != 0;
+    st.svc = c.svc;
+    st.port = c.sport;
+    st.flags = (st.flags & !conn_flags::CONNECT_TIMED) | conn_flags::COUNTED;
+    c.flags = st.flags;
+    // A socket that connects again keeps its storage: time its requests afresh.
+    if let Some(t) = timing(sk, false) {
+        *t = RequestTiming {
+            svc: c.svc,
+            flags: timing_flags::CLIENT,
+            ..Default::default()
+        };
+    }
     record(&key, c.svc, Event::Opened)?;
     let mut connect_us = 0;
-    if c.flags & conn_flags::CONNECT_TIMED != 0 {
-        connect_us = (bpf_ktime_get_ns().saturating_sub(c.start_ns)) / 1000;
+    if timed {
+        connect_us = now.saturating_sub(st.start_ns) / 1000;
         observe(&key, c.svc, hist_kind::CONNECT, connect_us)?;
     }
-    c.flags = (c.flags & !conn_flags::CONNECT_TIMED) | conn_flags::COUNTED;
     audit(c, conn_event::OPENED, 0, 0, 0, connect_us);
     Ok(())
 }
@@ -132,19 +159,18 @@ unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     c.direction = direction::INBOUND;
     let key = c.dest_key();
     c.svc = service_of(&key.addr, key.port);
-    let info = InboundInfo {
+    c.flags = conn_flags::COUNTED;
+    let st = ConnState {
         start_ns: bpf_ktime_get_ns(),
         svc: c.svc,
         port: c.sport,
-        flags: conn_flags::COUNTED,
-        _pad: 0,
+        direction: direction::INBOUND,
+        flags: c.flags,
+        ..Default::default()
     };
-    if BW_INBOUND.insert(&inbound_key(sk), &info, 0).is_err() {
-        // Full: left uncounted, and its close will not be counted either.
-        bump(counter::INBOUND_FULL);
+    if !track(sk, &st) {
         return Ok(());
     }
-    bump(counter::SOCKS_TRACKED);
     record(&key, c.svc, Event::Opened)?;
     if auditing() {
         attribute_to_listener(c);
@@ -154,33 +180,25 @@ unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 }
 
 unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<(), Error> {
-    if let Some(c) = storage(sk, false) {
-        if c.flags & conn_flags::COUNTED == 0 {
-            bump(counter::UNTRACKED_CLOSES);
-            return Ok(());
-        }
-        c.flags &= !conn_flags::COUNTED;
-        return on_closed(sk, o, c, new);
-    }
-    let id = inbound_key(sk);
-    let Some(info) = BW_INBOUND.get_ptr_mut(&id) else {
+    let id = conn_key(sk);
+    let Some(p) = BW_CONNS.get_ptr_mut(&id) else {
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     };
-    if (*info).flags & conn_flags::COUNTED == 0 {
-        bump(counter::UNTRACKED_CLOSES);
-        return Ok(());
-    }
-    (*info).flags &= !conn_flags::COUNTED;
-    let info = *info;
+    let st = *p;
+    (*p).flags &= !conn_flags::COUNTED;
     if new == CLOSE {
         // Reset: no TIME_WAIT or last ACK to wait for.
-        let _ = BW_INBOUND.remove(&id);
+        let _ = BW_CONNS.remove(&id);
     }
-    let Some(c) = inbound_conn(sk, o, &info, scratch_slot::TRACEPOINT)? else {
+    if st.flags & conn_flags::COUNTED == 0 {
+        bump(counter::UNTRACKED_CLOSES);
+        return Ok(());
+    }
+    let Some(c) = conn_of(sk, o, &st, scratch_slot::TRACEPOINT)? else {
         return Ok(());
     };
-    if auditing() {
+    if c.direction == direction::INBOUND && auditing() {
         attribute_to_listener(c);
     }
     on_closed(sk, o, c, new)
@@ -214,7 +232,11 @@ unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Re
     record(&key, c.svc, Event::Closed { sent, received })?;
     audit(c, conn_event::CLOSED, 0, sent, received, lifetime_us);
     if c.direction == direction::OUTBOUND {
-        flush_first_responses(c, &key)?;
+        if let Some(t) = timing(sk, false) {
+            flush_first_responses(t, &key)?;
+            // Closed: no more requests to time, unless it connects again.
+            t.flags = 0;
+        }
         observe(&key, c.svc, hist_kind::LIFETIME, lifetime_us)?;
         let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
         if srtt_us > 0 {
@@ -231,18 +253,13 @@ unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Re
 /// socket, which by now has replaced it in the established hash. If the socket is still hashed,
 /// no timewait socket was made (`tcp_max_tw_buckets` reached): nothing entered TIME_WAIT.
 unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let (dir, svc, port) = match storage(sk, false) {
-        Some(c) => (c.direction, c.svc, c.sport),
-        None => {
-            let id = inbound_key(sk);
-            match BW_INBOUND.get(&id).map(|i| (i.svc, i.port)) {
-                Some((svc, port)) => {
-                    let _ = BW_INBOUND.remove(&id);
-                    (direction::INBOUND, svc, port)
-                }
-                None => (direction::OUTBOUND, u32::MAX, 0),
-            }
+    let id = conn_key(sk);
+    let (dir, svc, port) = match BW_CONNS.get(&id).map(|s| (s.direction, s.svc, s.port)) {
+        Some(kept) => {
+            let _ = BW_CONNS.remove(&id);
+            kept
         }
+        None => (direction::OUTBOUND, u32::MAX, 0),
     };
     let pprev: *const u8 = read(sk, &o.skc_node_pprev);
     if !pprev.is_null() {
@@ -264,55 +281,47 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     record(&key, svc, Event::TimeWait)
 }
 
-/// Drops an inbound connection's entry once it is closed (outbound ones have none).
-#[inline(always)]
-unsafe fn forget_inbound(sk: *const u8) {
-    if storage(sk, false).is_none() {
-        let _ = BW_INBOUND.remove(&inbound_key(sk));
-    }
-}
-
 /// `listen()`: process context, so remember who listens for the inbound connections to come.
 unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let c = scratch(scratch_slot::TRACEPOINT)?;
-    if !read_sock(sk, o, c)? {
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
         return Ok(());
     }
-    attribute_to_current(c);
     let info = ListenerInfo {
-        cgroup_id: c.cgroup_id,
-        pid: c.pid,
+        cgroup_id: bpf_get_current_cgroup_id(),
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
-        comm: c.comm,
+        comm: bpf_get_current_comm().unwrap_or_default(),
     };
     bump(counter::LISTENS);
     BW_LISTENERS
-        .insert(&listen_key(c.netns, c.sport), &info, 0)
+        .insert(&listen_key(rec.netns, rec.sport), &info, 0)
         .map_err(|_| Error::Map)
 }
 
 /// SYN_SENT -> CLOSE: the connect failed; `sk_err` says why (set before `tcp_done`).
 unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let c = scratch(scratch_slot::TRACEPOINT)?;
+    // Softirq or timer context: the connecting process is the one `connect()` recorded.
+    let id = conn_key(sk);
+    if let Some(owner) = BW_CONNS.get(&id) {
+        c.pid = owner.pid;
+        c.comm = owner.comm;
+        c.cgroup_id = owner.cgroup_id;
+        let _ = BW_CONNS.remove(&id);
+    }
     if !read_sock(sk, o, c)? {
         return Ok(());
     }
     c.direction = direction::OUTBOUND;
     let key = c.dest_key();
-    let svc = service_of(&key.addr, key.port);
+    c.svc = service_of(&key.addr, key.port);
     let (ev, reason) = match read::<i32>(sk, &o.sk_err) {
         ECONNREFUSED => (Event::FailedRefused, fail_reason::REFUSED),
         ETIMEDOUT => (Event::FailedTimeout, fail_reason::TIMEOUT),
         _ => (Event::FailedOther, fail_reason::OTHER),
     };
-    record(&key, svc, ev)?;
-    // Softirq or timer context: the connecting process is the one `connect()` recorded.
-    if let Some(owner) = storage(sk, false) {
-        c.pid = owner.pid;
-        c.comm = owner.comm;
-        c.cgroup_id = owner.cgroup_id;
-    }
-    c.svc = svc;
+    record(&key, c.svc, ev)?;
     audit(c, conn_event::FAILED, reason, 0, 0, 0);
     Ok(())
 }
@@ -333,14 +342,40 @@ unsafe fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), Error> {
         return Ok(());
     }
     let sk: *const u8 = ctx.arg(0);
-    let Some(c) = tracked_client(sk) else {
+    if !is_tcp(sk) {
         return Ok(());
+    }
+    let t = match timing(sk, false) {
+        Some(t) => t,
+        None => first_send(sk)?,
     };
-    if c.flags & conn_flags::AWAITING == 0 {
-        c.send_us = mstamp(sk)?;
-        c.flags |= conn_flags::AWAITING;
+    if t.flags & timing_flags::CLIENT != 0 && t.flags & timing_flags::AWAITING == 0 {
+        t.send_us = mstamp(sk)?;
+        t.flags |= timing_flags::AWAITING;
     }
     Ok(())
+}
+
+/// A socket's first send makes its storage, which says from then on whether it is a counted
+/// client connection whose requests are timed. Connections that never send (probes, health
+/// checks, connect-and-close churn) never pay for storage.
+#[inline(always)]
+unsafe fn first_send(sk: *const u8) -> Result<&'static mut RequestTiming, Error> {
+    let client = BW_CONNS.get(&conn_key(sk)).and_then(|s| {
+        (s.direction == direction::OUTBOUND && s.flags & conn_flags::COUNTED != 0).then_some(s.svc)
+    });
+    let t = timing(sk, true).ok_or(Error::Map)?;
+    if let Some(svc) = client {
+        t.svc = svc;
+        t.flags = timing_flags::CLIENT;
+    }
+    Ok(t)
+}
+
+#[inline(always)]
+unsafe fn is_tcp(sk: *const u8) -> bool {
+    let o = offsets();
+    core::ptr::read_volatile(&o.ready) != 0 && read::<u16>(sk, &o.sk_protocol) == IPPROTO_TCP
 }
 
 /// The kernel's clock as TCP last read it for this socket (µs): refreshed when it sent the
@@ -368,63 +403,71 @@ pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
 /// and when the connection closes.
 unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
     let sk: *const u8 = ctx.arg(0);
-    let Some(c) = tracked_client(sk) else {
-        return Ok(());
-    };
-    if c.flags & conn_flags::AWAITING == 0 {
+    if !is_tcp(sk) {
         return Ok(());
     }
-    c.flags &= !conn_flags::AWAITING;
-    let bucket = hist_bucket(mstamp(sk)?.saturating_sub(c.send_us)) as u8;
+    let Some(t) = timing(sk, false) else {
+        return Ok(());
+    };
+    let awaiting = timing_flags::CLIENT | timing_flags::AWAITING;
+    if t.flags & awaiting != awaiting {
+        return Ok(());
+    }
+    t.flags &= !timing_flags::AWAITING;
+    let bucket = hist_bucket(mstamp(sk)?.saturating_sub(t.send_us)) as u8;
     let mut free = FR_RUNS;
     for i in 0..FR_RUNS {
-        if c.fr_count[i] == 0 {
+        if t.fr_count[i] == 0 {
             free = free.min(i);
-        } else if c.fr_bucket[i] == bucket && c.fr_count[i] < FR_RUN_MAX {
-            c.fr_count[i] += 1;
+        } else if t.fr_bucket[i] == bucket && t.fr_count[i] < FR_RUN_MAX {
+            t.fr_count[i] += 1;
             return Ok(());
         }
     }
     if free == FR_RUNS {
-        flush_first_responses(c, &c.dest_key())?;
+        let mut rec = SockRecord::default();
+        if !read_sock(sk, offsets(), &mut rec)? {
+            return Ok(());
+        }
+        flush_first_responses(t, &client_key(&rec))?;
         free = 0;
     }
     if free < FR_RUNS {
-        c.fr_bucket[free] = bucket;
-        c.fr_count[free] = 1;
+        t.fr_bucket[free] = bucket;
+        t.fr_count[free] = 1;
     }
     Ok(())
 }
 
+/// A client connection's aggregate key: its remote end.
+#[inline(always)]
+fn client_key(rec: &SockRecord) -> DestKey {
+    DestKey {
+        addr: rec.daddr,
+        netns: rec.netns,
+        port: rec.dport,
+        direction: direction::OUTBOUND,
+        _pad: 0,
+    }
+}
+
 /// Adds the connection's pending first-response samples to the histograms.
 #[inline(always)]
-fn flush_first_responses(c: &mut ConnInfo, key: &DestKey) -> Result<(), Error> {
+fn flush_first_responses(t: &mut RequestTiming, key: &DestKey) -> Result<(), Error> {
     for i in 0..FR_RUNS {
-        let n = u64::from(c.fr_count[i]);
+        let n = u64::from(t.fr_count[i]);
         if n != 0 {
-            c.fr_count[i] = 0;
+            t.fr_count[i] = 0;
             observe_n(
                 key,
-                c.svc,
+                t.svc,
                 hist_kind::FIRST_RESPONSE,
-                u32::from(c.fr_bucket[i]),
+                u32::from(t.fr_bucket[i]),
                 n,
             )?;
         }
     }
     Ok(())
-}
-
-/// The storage of an established outbound TCP connection the agent counts; None for anything
-/// else (other protocols, servers, untracked sockets), cheaply.
-#[inline(always)]
-unsafe fn tracked_client(sk: *const u8) -> Option<&'static mut ConnInfo> {
-    let o = offsets();
-    if core::ptr::read_volatile(&o.ready) == 0 || read::<u16>(sk, &o.sk_protocol) != IPPROTO_TCP {
-        return None;
-    }
-    let c = storage(sk, false)?;
-    (c.direction == direction::OUTBOUND && c.flags & conn_flags::COUNTED != 0).then_some(c)
 }
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
@@ -442,21 +485,18 @@ unsafe fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), Error> {
         return Ok(());
     }
     let sk: *const u8 = ctx.arg(0);
-    let Some(c) = storage(sk, false) else {
-        let Some(info) = BW_INBOUND.get(&inbound_key(sk)).copied() else {
-            return Ok(());
-        };
-        let Some(c) = inbound_conn(sk, offsets(), &info, scratch_slot::RETRANSMIT)? else {
-            return Ok(());
-        };
-        return record(&c.dest_key(), c.svc, Event::Retransmit);
+    let Some(st) = BW_CONNS.get(&conn_key(sk)).copied() else {
+        return Ok(());
     };
-    let svc = if c.flags & conn_flags::COUNTED != 0 {
-        c.svc
+    let Some(c) = conn_of(sk, offsets(), &st, scratch_slot::RETRANSMIT)? else {
+        return Ok(());
+    };
+    let key = c.dest_key();
+    let svc = if st.flags & conn_flags::COUNTED != 0 {
+        st.svc
     } else {
         // Still connecting: the service is decided when it is established.
-        let key = c.dest_key();
         service_of(&key.addr, key.port)
     };
-    record(&c.dest_key(), svc, Event::Retransmit)
+    record(&key, svc, Event::Retransmit)
 }

@@ -312,9 +312,9 @@ pub struct MapSizes {
     /// Latency histogram buckets in use over all destinations (LRU; one entry per non-empty
     /// bucket of a destination's histogram).
     pub max_histogram_buckets: u32,
-    /// Inbound connections counted at once (hash entries, made as connections are accepted);
-    /// past this, new inbound connections are left uncounted (`inbound_full`).
-    pub max_inbound_connections: u32,
+    /// Connections tracked at once, both directions (hash entries, made at connect and accept);
+    /// past this, new connections are left uncounted (`conns_full`).
+    pub max_connections: u32,
 }
 
 impl Default for MapSizes {
@@ -324,7 +324,7 @@ impl Default for MapSizes {
             max_services: defaults::MAX_SERVICES,
             max_service_endpoints: defaults::MAX_SERVICE_ENDPOINTS,
             max_histogram_buckets: defaults::MAX_HIST_BUCKETS,
-            max_inbound_connections: defaults::MAX_INBOUND,
+            max_connections: defaults::MAX_CONNS,
         }
     }
 }
@@ -402,11 +402,7 @@ impl Config {
             ("maps.max_services", m.max_services, 1),
             ("maps.max_service_endpoints", m.max_service_endpoints, 1),
             ("maps.max_histogram_buckets", m.max_histogram_buckets, 16),
-            (
-                "maps.max_inbound_connections",
-                m.max_inbound_connections,
-                16,
-            ),
+            ("maps.max_connections", m.max_connections, 16),
         ] {
             if v < min || v > 1 << 24 {
                 return Err(Error::invalid(format!(

@@ -427,10 +427,11 @@ fn syn_retrans() -> u64 {
         .expect("TCPSynRetrans in /proc/net/netstat")
 }
 
-/// Every way out of an accepted connection frees what the agent keeps of it (`BW_INBOUND`):
-/// the server closing first (TIME_WAIT), the client closing first (LAST_ACK), and a reset.
+/// Every way out of a connection frees what the agent keeps of it (`BW_CONNS`), on both ends:
+/// the server closing first (server: FIN_WAIT2 -> TIME_WAIT; client: CLOSE_WAIT -> LAST_ACK),
+/// the client closing first (the other way round), and a reset.
 #[test]
-fn inbound_connections_are_forgotten_when_they_close() {
+fn connections_are_forgotten_when_they_close() {
     use std::io::Read;
 
     let _s = serial();
@@ -438,16 +439,16 @@ fn inbound_connections_are_forgotten_when_they_close() {
         return;
     }
     let agent = Agent::start();
-    let inbound = || {
+    let tracked = || {
         agent
             .info()
             .maps
             .iter()
-            .find(|m| m.name == "BW_INBOUND")
-            .expect("BW_INBOUND in info")
+            .find(|m| m.name == "BW_CONNS")
+            .expect("BW_CONNS in info")
             .entries
     };
-    let before = inbound();
+    let before = tracked();
     const N: usize = 20;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -457,14 +458,15 @@ fn inbound_connections_are_forgotten_when_they_close() {
         let (server, _) = listener.accept().unwrap();
         pairs.push((client, server));
     }
+    // Both ends of each connection are on this node.
     let open = eventually(SETTLE, || {
-        let n = inbound();
-        (n >= before + 3 * N as u64).then_some(n)
+        let n = tracked();
+        (n >= before + 6 * N as u64).then_some(n)
     });
     assert!(
         open.is_some(),
-        "{} entries for {} accepted connections",
-        inbound(),
+        "{} entries for {} connections, both ends",
+        tracked(),
         3 * N
     );
 
@@ -489,35 +491,40 @@ fn inbound_connections_are_forgotten_when_they_close() {
         drop(client);
     }
     let freed = eventually(SETTLE, || {
-        let n = inbound();
+        let n = tracked();
         (n <= before).then_some(n)
     });
     assert!(
         freed.is_some(),
         "{} entries left, {before} before",
-        inbound()
+        tracked()
     );
-    let d = agent
-        .destination("127.0.0.1", addr.port(), "inbound", None)
-        .expect("inbound row");
-    assert_eq!(d["opened"], 3 * N as u64);
-    assert_eq!(d["closed"], 3 * N as u64);
-    assert_eq!(d["active"], 0);
-    // Keyed by the local port, which the kernel has released by the time it reports CLOSE;
-    // as many as `ss` shows (none if the namespace's TIME_WAIT table is full).
-    let ss = std::process::Command::new("ss")
-        .args([
-            "-Htan",
-            "state",
-            "time-wait",
-            "sport",
-            "=",
-            &format!(":{}", addr.port()),
-        ])
-        .output()
-        .unwrap();
-    let time_wait = String::from_utf8_lossy(&ss.stdout).lines().count() as u64;
-    assert_eq!(d["time_wait_entered"], time_wait);
+    let time_wait = |filter: &str| {
+        let ss = std::process::Command::new("ss")
+            .args([
+                "-Htan",
+                "state",
+                "time-wait",
+                filter,
+                "=",
+                &format!(":{}", addr.port()),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&ss.stdout).lines().count() as u64
+    };
+    for (direction, ss_filter) in [("inbound", "sport"), ("outbound", "dport")] {
+        let d = agent
+            .destination("127.0.0.1", addr.port(), direction, None)
+            .unwrap_or_else(|| panic!("{direction} row"));
+        assert_eq!(d["opened"], 3 * N as u64, "{direction}");
+        assert_eq!(d["closed"], 3 * N as u64, "{direction}");
+        assert_eq!(d["active"], 0, "{direction}");
+        // Inbound rows are keyed by the local port, which the kernel has released by the time
+        // it reports CLOSE; as many as `ss` shows (none if the namespace's TIME_WAIT table is
+        // full).
+        assert_eq!(d["time_wait_entered"], time_wait(ss_filter), "{direction}");
+    }
     assert_eq!(agent.counter("underflows"), 0);
-    assert_eq!(agent.counter("inbound_full"), 0);
+    assert_eq!(agent.counter("conns_full"), 0);
 }

@@ -15,7 +15,7 @@ use aya::{
 };
 use breakwater_common::{
     conn_flags, counter, direction, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord,
-    ConnStats, DestKey, HistKey, InboundInfo, SockRecord, SvcLpmData, HIST_BUCKETS,
+    ConnState, ConnStats, DestKey, HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
 };
 use tracing::info;
 
@@ -132,7 +132,7 @@ pub struct Kernel {
     ebpf: Ebpf,
     dests: HashMap<MapData, DestKey, ConnStats>,
     dest_hist: HashMap<MapData, HistKey, u64>,
-    inbound: HashMap<MapData, u64, InboundInfo>,
+    conns: HashMap<MapData, u64, ConnState>,
     svc_hist: Array<MapData, u64>,
     svc_lpm: LpmTrie<MapData, SvcLpmData, u32>,
     svc_stats: Array<MapData, ConnStats>,
@@ -190,7 +190,7 @@ impl Kernel {
             // Service ids run 1..=max_services; slot 0 is "no service".
             .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
             .map_max_entries(names::MAP_DEST_HIST, sizes.max_histogram_buckets)
-            .map_max_entries(names::MAP_INBOUND, sizes.max_inbound_connections)
+            .map_max_entries(names::MAP_CONNS, sizes.max_connections)
             .map_max_entries(
                 names::MAP_SVC_HIST,
                 (sizes.max_services + 1) * hist_kind::COUNT * HIST_BUCKETS,
@@ -204,7 +204,7 @@ impl Kernel {
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,
             dest_hist: take(&mut ebpf, names::MAP_DEST_HIST)?,
-            inbound: take(&mut ebpf, names::MAP_INBOUND)?,
+            conns: take(&mut ebpf, names::MAP_CONNS)?,
             svc_hist: take(&mut ebpf, names::MAP_SVC_HIST)?,
             svc_lpm: take(&mut ebpf, names::MAP_SVC_LPM)?,
             svc_stats: take(&mut ebpf, names::MAP_SVC_STATS)?,
@@ -483,7 +483,7 @@ impl Kernel {
         let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
         let hist = self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64;
         let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
-        let inbound = self.inbound.keys().filter(|k| k.is_ok()).count() as u64;
+        let conns = self.conns.keys().filter(|k| k.is_ok()).count() as u64;
         let c = |i| self.counter(i);
         vec![
             MapSummary {
@@ -507,10 +507,10 @@ impl Kernel {
                 evictions: 0,
             },
             MapSummary {
-                name: names::MAP_INBOUND,
-                capacity: self.sizes.max_inbound_connections,
-                entries: inbound,
-                // Never evicted: a connection that finds it full is left uncounted (`inbound_full`).
+                name: names::MAP_CONNS,
+                capacity: self.sizes.max_connections,
+                entries: conns,
+                // Never evicted: a connection that finds it full is left uncounted (`conns_full`).
                 evictions: 0,
             },
         ]

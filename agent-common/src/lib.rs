@@ -378,20 +378,45 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The key its aggregates are kept under: the remote end for outbound, the local end for
-    /// inbound.
+    /// The key its aggregates are kept under: see [`DestKey::of`].
     #[inline(always)]
     pub fn dest_key(&self) -> DestKey {
-        let (addr, port) = if self.direction == direction::OUTBOUND {
-            (self.daddr, self.dport)
+        DestKey::of(
+            self.direction,
+            (self.saddr, self.sport),
+            (self.daddr, self.dport),
+            self.netns,
+        )
+    }
+}
+
+impl SockRecord {
+    /// The key a connection on this socket is counted under, in `direction`.
+    #[inline(always)]
+    pub fn dest_key(&self, direction: u8) -> DestKey {
+        DestKey::of(
+            direction,
+            (self.saddr, self.sport),
+            (self.daddr, self.dport),
+            self.netns,
+        )
+    }
+}
+
+impl DestKey {
+    /// A connection's aggregate key: the remote end for outbound, the local end for inbound.
+    #[inline(always)]
+    pub fn of(direction: u8, local: ([u8; 16], u16), remote: ([u8; 16], u16), netns: u32) -> Self {
+        let (addr, port) = if direction == direction::OUTBOUND {
+            remote
         } else {
-            (self.saddr, self.sport)
+            local
         };
         DestKey {
             addr,
-            netns: self.netns,
+            netns,
             port,
-            direction: self.direction,
+            direction,
             _pad: 0,
         }
     }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     conn_event, conn_flags, counter, direction, fail_reason, hist_bucket, hist_kind, scratch_slot,
-    tcp_state::*, timing_flags, ConnInfo, ConnState, DestKey, ListenerInfo, Offsets, RequestTiming,
+    tcp_state::*, timing_flags, ConnState, DestKey, ListenerInfo, Offsets, RequestTiming,
     SockRecord, FR_RUNS, FR_RUN_MAX,
 };
 
@@ -105,13 +105,12 @@ unsafe fn track(sk: *const u8, st: &ConnState) -> bool {
 
 unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let id = conn_key(sk);
-    let now = bpf_ktime_get_ns();
     let st = match BW_CONNS.get_ptr_mut(&id) {
         Some(p) => &mut *p,
         None => {
             // Connecting when the agent started: the owner is unknown.
             let st = ConnState {
-                start_ns: now,
+                start_ns: bpf_ktime_get_ns(),
                 direction: direction::OUTBOUND,
                 ..Default::default()
             };
@@ -121,60 +120,65 @@ unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
             &mut *BW_CONNS.get_ptr_mut(&id).ok_or(Error::Map)?
         }
     };
-    let Some(c) = conn_of(sk, o, st, scratch_slot::TRACEPOINT)? else {
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
         return Ok(());
-    };
-    let key = c.dest_key();
-    c.svc = service_of(&key.addr, key.port);
+    }
+    let key = rec.dest_key(direction::OUTBOUND);
+    let svc = service_of(&key.addr, key.port);
     let timed = st.flags & conn_flags::CONNECT_TIMED != 0;
-    st.svc = c.svc;
-    st.port = c.sport;
+    st.svc = svc;
+    st.port = rec.sport;
     st.flags = (st.flags & !conn_flags::CONNECT_TIMED) | conn_flags::COUNTED;
-    c.flags = st.flags;
     // A socket that connects again keeps its storage: time its requests afresh.
     if let Some(t) = timing(sk, false) {
         *t = RequestTiming {
-            svc: c.svc,
+            svc,
             flags: timing_flags::CLIENT,
             ..Default::default()
         };
     }
-    record(&key, c.svc, Event::Opened)?;
+    record(&key, svc, Event::Opened)?;
     let mut connect_us = 0;
     if timed {
-        connect_us = now.saturating_sub(st.start_ns) / 1000;
-        observe(&key, c.svc, hist_kind::CONNECT, connect_us)?;
+        // TCP refreshed the socket's clock on the SYN-ACK that established it.
+        connect_us = mstamp(sk)?.saturating_sub(st.start_ns / 1000);
+        observe(&key, svc, hist_kind::CONNECT, connect_us)?;
     }
-    audit(c, conn_event::OPENED, 0, 0, 0, connect_us);
+    if auditing() {
+        if let Some(c) = conn_of(sk, o, st, scratch_slot::TRACEPOINT)? {
+            audit(c, conn_event::OPENED, 0, 0, 0, connect_us);
+        }
+    }
     Ok(())
 }
 
 /// An inbound connection was accepted: softirq context, so the current task is not the owner;
 /// it belongs to its listener's process, looked up only when someone needs it.
 unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
-    let c = scratch(scratch_slot::TRACEPOINT)?;
-    if !read_sock(sk, o, c)? {
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
         return Ok(());
     }
-    c.direction = direction::INBOUND;
-    let key = c.dest_key();
-    c.svc = service_of(&key.addr, key.port);
-    c.flags = conn_flags::COUNTED;
+    let key = rec.dest_key(direction::INBOUND);
     let st = ConnState {
-        start_ns: bpf_ktime_get_ns(),
-        svc: c.svc,
-        port: c.sport,
+        // TCP refreshed the socket's clock on the ACK that established it.
+        start_ns: mstamp(sk)? * 1000,
+        svc: service_of(&key.addr, key.port),
+        port: rec.sport,
         direction: direction::INBOUND,
-        flags: c.flags,
+        flags: conn_flags::COUNTED,
         ..Default::default()
     };
     if !track(sk, &st) {
         return Ok(());
     }
-    record(&key, c.svc, Event::Opened)?;
+    record(&key, st.svc, Event::Opened)?;
     if auditing() {
-        attribute_to_listener(c);
-        audit(c, conn_event::OPENED, 0, 0, 0, 0);
+        if let Some(c) = conn_of(sk, o, &st, scratch_slot::TRACEPOINT)? {
+            attribute_to_listener(c);
+            audit(c, conn_event::OPENED, 0, 0, 0, 0);
+        }
     }
     Ok(())
 }
@@ -195,56 +199,59 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
         bump(counter::UNTRACKED_CLOSES);
         return Ok(());
     }
-    let Some(c) = conn_of(sk, o, &st, scratch_slot::TRACEPOINT)? else {
-        return Ok(());
-    };
-    if c.direction == direction::INBOUND && auditing() {
-        attribute_to_listener(c);
-    }
-    on_closed(sk, o, c, new)
+    on_closed(sk, o, &st, new)
 }
 
 /// A counted connection left ESTABLISHED: what it moved, how long it lived, and for outbound
 /// ones the latency samples it still held and its SRTT.
-unsafe fn on_closed(sk: *const u8, o: &Offsets, c: &mut ConnInfo, new: u8) -> Result<(), Error> {
-    let key = c.dest_key();
+unsafe fn on_closed(sk: *const u8, o: &Offsets, st: &ConnState, new: u8) -> Result<(), Error> {
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
+        return Ok(());
+    }
+    if st.port != 0 {
+        // A reset releases the local port before the state change is traced.
+        rec.sport = st.port;
+    }
+    let key = rec.dest_key(st.direction);
+    let outbound = st.direction == direction::OUTBOUND;
     // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
     // verifier wants a pointer typed as one for fields beyond `struct sock`).
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
-    let lifetime_us = bpf_ktime_get_ns().saturating_sub(c.start_ns) / 1000;
-    if tp.is_null() {
-        audit(c, conn_event::CLOSED, 0, 0, 0, lifetime_us);
-        return record(
-            &key,
-            c.svc,
-            Event::Closed {
-                sent: 0,
-                received: 0,
-            },
-        );
+    let lifetime_us = bpf_ktime_get_ns().saturating_sub(st.start_ns) / 1000;
+    let (mut sent, mut received) = (0, 0);
+    if !tp.is_null() {
+        // Both count sequence space: an active opener's SYN is in `bytes_acked`, and when the
+        // peer closed first (-> CLOSE_WAIT) its FIN is in `bytes_received`.
+        sent = read::<u64>(tp, &o.tcp_bytes_acked).saturating_sub(u64::from(outbound));
+        received =
+            read::<u64>(tp, &o.tcp_bytes_received).saturating_sub(u64::from(new == CLOSE_WAIT));
     }
-    // Both count sequence space: an active opener's SYN is in `bytes_acked`, and when the peer
-    // closed first (-> CLOSE_WAIT) its FIN is in `bytes_received`.
-    let syn = u64::from(c.direction == direction::OUTBOUND);
-    let sent = read::<u64>(tp, &o.tcp_bytes_acked).saturating_sub(syn);
-    let fin = u64::from(new == CLOSE_WAIT);
-    let received = read::<u64>(tp, &o.tcp_bytes_received).saturating_sub(fin);
-    record(&key, c.svc, Event::Closed { sent, received })?;
-    audit(c, conn_event::CLOSED, 0, sent, received, lifetime_us);
-    if c.direction == direction::OUTBOUND {
-        if let Some(t) = timing(sk, false) {
-            flush_first_responses(t, &key)?;
-            // Closed: no more requests to time, unless it connects again.
-            t.flags = 0;
+    record(&key, st.svc, Event::Closed { sent, received })?;
+    if auditing() {
+        if let Some(c) = conn_of(sk, o, st, scratch_slot::TRACEPOINT)? {
+            if !outbound {
+                attribute_to_listener(c);
+            }
+            audit(c, conn_event::CLOSED, 0, sent, received, lifetime_us);
         }
-        observe(&key, c.svc, hist_kind::LIFETIME, lifetime_us)?;
-        let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
-        if srtt_us > 0 {
-            observe(&key, c.svc, hist_kind::SRTT, srtt_us)?;
-        }
-    } else {
+    }
+    if !outbound {
         // Service histograms are outbound only; the local endpoint's row keeps inbound ones.
-        observe(&key, 0, hist_kind::LIFETIME, lifetime_us)?;
+        return observe(&key, 0, hist_kind::LIFETIME, lifetime_us);
+    }
+    if let Some(t) = timing(sk, false) {
+        flush_first_responses(t, &key)?;
+        // Closed: no more requests to time, unless it connects again.
+        t.flags = 0;
+    }
+    observe(&key, st.svc, hist_kind::LIFETIME, lifetime_us)?;
+    if tp.is_null() {
+        return Ok(());
+    }
+    let srtt_us = u64::from(read::<u32>(tp, &o.tcp_srtt_us) >> 3);
+    if srtt_us > 0 {
+        observe(&key, st.svc, hist_kind::SRTT, srtt_us)?;
     }
     Ok(())
 }
@@ -265,14 +272,13 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     if !pprev.is_null() {
         return Ok(());
     }
-    let c = scratch(scratch_slot::TRACEPOINT)?;
-    if !read_sock(sk, o, c)? {
+    let mut rec = SockRecord::default();
+    if !read_sock(sk, o, &mut rec)? {
         return Ok(());
     }
-    c.direction = dir;
     // The kernel has released the local port by now (`inet_put_port`): use the one kept.
-    c.sport = port;
-    let key = c.dest_key();
+    rec.sport = port;
+    let key = rec.dest_key(dir);
     let svc = if svc == u32::MAX {
         service_of(&key.addr, key.port)
     } else {
@@ -429,7 +435,7 @@ unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
         if !read_sock(sk, offsets(), &mut rec)? {
             return Ok(());
         }
-        flush_first_responses(t, &client_key(&rec))?;
+        flush_first_responses(t, &rec.dest_key(direction::OUTBOUND))?;
         free = 0;
     }
     if free < FR_RUNS {
@@ -437,18 +443,6 @@ unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
         t.fr_count[free] = 1;
     }
     Ok(())
-}
-
-/// A client connection's aggregate key: its remote end.
-#[inline(always)]
-fn client_key(rec: &SockRecord) -> DestKey {
-    DestKey {
-        addr: rec.daddr,
-        netns: rec.netns,
-        port: rec.dport,
-        direction: direction::OUTBOUND,
-        _pad: 0,
-    }
 }
 
 /// Adds the connection's pending first-response samples to the histograms.

@@ -368,9 +368,9 @@ pub struct ConnInfo {
     pub flags: u8,
     pub _pad: u8,
     /// First-response samples not yet added to the histograms (a client's `RequestTiming`):
-    /// `fr_count[i]` of them in bucket `fr_bucket[i]`. They are added when a sample falls in none
-    /// of these buckets, and when the connection closes; readers add those of live connections
-    /// themselves.
+    /// `fr_count[i]` of them in bucket `fr_bucket[i]`. The smallest run is added when a sample
+    /// falls in none of these buckets, all of them when the connection closes; readers add those
+    /// of live connections themselves.
     pub fr_bucket: [u8; FR_RUNS],
     pub fr_count: [u32; FR_RUNS],
     /// `RequestTiming::send_us`.
@@ -422,8 +422,9 @@ impl DestKey {
     }
 }
 
-/// How many buckets of first-response samples a connection keeps before adding them to the maps.
-pub const FR_RUNS: usize = 4;
+/// How many buckets of first-response samples a connection keeps before adding them to the maps:
+/// enough for the two octaves (8 buckets) a steady stream's latencies usually spread over.
+pub const FR_RUNS: usize = 8;
 /// The most samples of one bucket a connection keeps before adding them to the maps.
 pub const FR_RUN_MAX: u32 = 1 << 20;
 
@@ -464,7 +465,7 @@ pub struct RequestTiming {
     pub fr_bucket: [u8; FR_RUNS],
     /// `timing_flags`.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
 }
 
 /// What `bw_list_tcp` writes per socket: the cookie, the storage, and the live TCP state.
@@ -649,15 +650,15 @@ const _: () = {
     assert!(core::mem::size_of::<Offsets>() == 72);
     assert!(core::mem::size_of::<DestKey>() == 24);
     assert!(core::mem::size_of::<ConnStats>() == 80);
-    assert!(core::mem::size_of::<ConnInfo>() == 112);
-    assert!(core::mem::size_of::<ConnRecord>() == 128);
+    assert!(core::mem::size_of::<ConnInfo>() == 136);
+    assert!(core::mem::size_of::<ConnRecord>() == 152);
     assert!(core::mem::size_of::<SockRecord>() == 48);
     assert!(core::mem::size_of::<HistKey>() == 32);
     assert!(core::mem::size_of::<SvcLpmData>() == 18);
     assert!(core::mem::size_of::<ListenKey>() == 8);
     assert!(core::mem::size_of::<ListenerInfo>() == 32);
     assert!(core::mem::size_of::<ConnState>() == 48);
-    assert!(core::mem::size_of::<RequestTiming>() == 40);
+    assert!(core::mem::size_of::<RequestTiming>() == 56);
     assert!(core::mem::size_of::<BreakerSockRecord>() == 56);
     assert!(core::mem::size_of::<ConnEvent>() == 112);
 };

@@ -405,8 +405,8 @@ pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
 
 /// The first data after a send stops the clock: request -> first response. Samples are counted
 /// in the connection, in up to `FR_RUNS` buckets, so that a steady request/response stream
-/// touches no map: they are added to the maps when a sample falls in none of those buckets,
-/// and when the connection closes.
+/// touches no map: a sample that falls in none of those buckets hands the smallest run to the
+/// maps, and the connection's close hands them all.
 unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
     let sk: *const u8 = ctx.arg(0);
     if !is_tcp(sk) {
@@ -421,26 +421,33 @@ unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
     }
     t.flags &= !timing_flags::AWAITING;
     let bucket = hist_bucket(mstamp(sk)?.saturating_sub(t.send_us)) as u8;
-    let mut free = FR_RUNS;
+    let mut slot = FR_RUNS;
+    let mut least = 0;
     for i in 0..FR_RUNS {
-        if t.fr_count[i] == 0 {
-            free = free.min(i);
-        } else if t.fr_bucket[i] == bucket && t.fr_count[i] < FR_RUN_MAX {
-            t.fr_count[i] += 1;
+        let n = t.fr_count[i];
+        if n == 0 {
+            slot = slot.min(i);
+        } else if t.fr_bucket[i] == bucket && n < FR_RUN_MAX {
+            t.fr_count[i] = n + 1;
             return Ok(());
+        } else if n < t.fr_count[least] {
+            least = i;
         }
     }
-    if free == FR_RUNS {
+    if slot == FR_RUNS {
         let mut rec = SockRecord::default();
         if !read_sock(sk, offsets(), &mut rec)? {
             return Ok(());
         }
-        flush_first_responses(t, &rec.dest_key(direction::OUTBOUND))?;
-        free = 0;
+        slot = least;
+        let n = u64::from(t.fr_count[slot]);
+        let key = rec.dest_key(direction::OUTBOUND);
+        let run = u32::from(t.fr_bucket[slot]);
+        observe_n(&key, t.svc, hist_kind::FIRST_RESPONSE, run, n)?;
     }
-    if free < FR_RUNS {
-        t.fr_bucket[free] = bucket;
-        t.fr_count[free] = 1;
+    if slot < FR_RUNS {
+        t.fr_bucket[slot] = bucket;
+        t.fr_count[slot] = 1;
     }
     Ok(())
 }

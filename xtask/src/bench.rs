@@ -16,7 +16,10 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{mpsc, Arc, Barrier},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        mpsc, Arc, Barrier,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -134,13 +137,12 @@ impl Env<'_> {
 /// The connect loop, request/response, memory and kernel cost, agent off and on.
 fn throughput(env: &Env, args: &Args) -> Result<()> {
     let round = Duration::from_secs(args.seconds);
-    let addr = start_server()?;
     println!(
-        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> {addr}, agent args {:?}",
+        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> 127.0.0.1 in a fresh network namespace per run, agent args {:?}",
         args.rounds, args.seconds, args.seconds, env.extra
     );
 
-    let churn = || connect_loop(addr, round);
+    let churn = || churn_in_fresh_netns(round);
     let (off, on, ratio) = off_on_rounds(args.rounds, || env.agent(), churn, Some("conn/s"))?;
     println!(
         "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
@@ -160,7 +162,7 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     // The kernel's own accounting costs time per run, so it is measured in a round of its own.
     let stats = BpfStats::enable()?;
     let agent = env.agent()?;
-    let rate = connect_loop(addr, round);
+    let rate = churn();
     let cost = agent.program_cost(env);
     agent.stop()?;
     drop(stats);
@@ -413,20 +415,54 @@ fn machine() -> String {
     format!("nproc {cpus} ({model}), kernel {}", kernel.trim())
 }
 
+/// One run of the connect loop in a network namespace of its own, with its own server. The
+/// TIME_WAIT sockets a run leaves (for 60 s, up to `tcp_max_tw_buckets` per namespace) go with
+/// its namespace instead of slowing down, or speeding up, the runs after it.
+fn churn_in_fresh_netns(length: Duration) -> Result<f64> {
+    let ns = NetNs::new()?;
+    ns.run(move || {
+        let server = Server::start()?;
+        let rate = connect_loop(server.addr, length);
+        server.stop();
+        rate
+    })
+}
+
 /// A listener on 127.0.0.1 served by one thread that accepts and closes at once. The server
 /// closes first, so TIME_WAIT lands on its side and the clients' ephemeral ports stay free.
-fn start_server() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    thread::Builder::new()
-        .name("bench-server".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                drop(stream);
-            }
-        })
-        .context("starting the server thread")?;
-    Ok(addr)
+struct Server {
+    addr: SocketAddr,
+    done: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Server {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        let thread = thread::Builder::new()
+            .name("bench-server".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    drop(stream);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            })
+            .context("starting the server thread")?;
+        Ok(Self { addr, done, thread })
+    }
+
+    /// Stops the server and closes its listener.
+    fn stop(self) {
+        self.done.store(true, Ordering::Relaxed);
+        // Wakes the blocked accept.
+        let _ = TcpStream::connect(self.addr);
+        let _ = self.thread.join();
+    }
 }
 
 /// Runs the connect/close loop on `CLIENTS` threads for `length`; returns connections per second.
@@ -1171,14 +1207,19 @@ impl Drop for Sandbox {
     }
 }
 
-/// A named network namespace (`ip netns add bw-bench-<pid>`) with `lo` up, deleted on drop.
+/// A named network namespace (`ip netns add bw-bench-<pid>-<n>`) with `lo` up, deleted on drop.
 struct NetNs {
     name: String,
 }
 
 impl NetNs {
     fn new() -> Result<Self> {
-        let name = format!("bw-bench-{}", std::process::id());
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "bw-bench-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         crate::output(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         crate::output(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
@@ -1241,8 +1282,9 @@ mod tests {
 
     #[test]
     fn loop_counts_connections() {
-        let addr = start_server().unwrap();
-        let rate = connect_loop(addr, Duration::from_millis(200)).unwrap();
+        let server = Server::start().unwrap();
+        let rate = connect_loop(server.addr, Duration::from_millis(200)).unwrap();
+        server.stop();
         assert!(rate > 0.0);
     }
 }

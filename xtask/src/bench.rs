@@ -40,8 +40,9 @@ pub struct Args {
     /// Length of each round, in seconds
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    /// Number of rounds, each one OFF then one ON measurement
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Number of rounds, each one OFF and one ON measurement (single rounds swing by several
+    /// percent here, so their median needs a few)
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Extra arguments for `breakwater agent` (one string, split on whitespace)
     #[arg(

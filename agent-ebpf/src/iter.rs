@@ -20,7 +20,7 @@ use crate::{
         attribute_to_listener, bump, conn_key, listen_key, offsets, service_of, sk_storage, timing,
         BW_BRK_SOCKS, BW_CONNS, BW_LISTENERS,
     },
-    sock::{conn_of, read, read_sock, record, scratch, Error, Event},
+    sock::{conn_of, read, read_sock, record, scratch, track, Error, Event},
 };
 
 /// `struct bpf_iter_meta`.
@@ -105,11 +105,9 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
         flags: conn_flags::COUNTED | conn_flags::SEEDED,
         ..Default::default()
     };
-    if BW_CONNS.insert(&id, &st, 0).is_err() {
-        bump(counter::CONNS_FULL);
+    if !track(tp, &st) {
         return Ok(());
     }
-    bump(counter::CONNS_TRACKED);
     bump(counter::SEEDED);
     record(&key, st.svc, Event::Seeded)
 }

@@ -7,7 +7,9 @@ use breakwater_common::{
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use crate::maps::{bump, BW_DESTS, BW_DEST_HIST, BW_SCRATCH, BW_SVC_HIST, BW_SVC_STATS};
+use crate::maps::{
+    bump, conn_key, BW_CONNS, BW_DESTS, BW_DEST_HIST, BW_SCRATCH, BW_SVC_HIST, BW_SVC_STATS,
+};
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -227,6 +229,18 @@ pub unsafe fn conn_of(
         c.sport = st.port;
     }
     Ok(Some(c))
+}
+
+/// Gives a connection its `BW_CONNS` entry (replacing what a socket at the same address left).
+/// False when the map is full: the connection is left uncounted, and so is its close.
+#[inline(always)]
+pub unsafe fn track(sk: *const u8, st: &ConnState) -> bool {
+    if BW_CONNS.insert(&conn_key(sk), st, 0).is_err() {
+        bump(counter::CONNS_FULL);
+        return false;
+    }
+    bump(counter::CONNS_TRACKED);
+    true
 }
 
 /// Zeroes a `ConnInfo` with word stores: `*c = ConnInfo::default()` compiles to a call to a

@@ -21,7 +21,7 @@ use crate::{
         BW_CONNS, BW_LISTENERS,
     },
     sock::{
-        audit, conn_of, observe, observe_n, read, read_sock, record, scratch, Error, Event,
+        audit, conn_of, observe, observe_n, read, read_sock, record, scratch, track, Error, Event,
         IPPROTO_TCP,
     },
 };
@@ -89,18 +89,6 @@ unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
     // A socket may connect again after a failed attempt: start over.
     track(sk, &st);
     Ok(())
-}
-
-/// Gives a connection its `BW_CONNS` entry. False when the map is full: the connection is left
-/// uncounted, and so is its close.
-#[inline(always)]
-unsafe fn track(sk: *const u8, st: &ConnState) -> bool {
-    if BW_CONNS.insert(&conn_key(sk), st, 0).is_err() {
-        bump(counter::CONNS_FULL);
-        return false;
-    }
-    bump(counter::CONNS_TRACKED);
-    true
 }
 
 unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {

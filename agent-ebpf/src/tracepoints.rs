@@ -77,11 +77,12 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
 
 /// `connect()` sent a SYN: we are in the connecting process, so attribute the connection to it.
 unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
+    let process = current_process();
     let st = ConnState {
         start_ns: bpf_ktime_get_ns(),
-        cgroup_id: bpf_get_current_cgroup_id(),
-        comm: bpf_get_current_comm().unwrap_or_default(),
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        cgroup_id: process.cgroup_id,
+        comm: process.comm,
+        pid: process.pid,
         direction: direction::OUTBOUND,
         flags: conn_flags::CONNECT_TIMED,
         ..Default::default()
@@ -89,6 +90,18 @@ unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
     // A socket may connect again after a failed attempt: start over.
     track(sk, &st);
     Ok(())
+}
+
+/// The process the program runs in (`connect()`, `listen()`): what connections and listeners are
+/// attributed to.
+#[inline(always)]
+fn current_process() -> ListenerInfo {
+    ListenerInfo {
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
 }
 
 unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
@@ -281,15 +294,9 @@ unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     if !read_sock(sk, o, &mut rec)? {
         return Ok(());
     }
-    let info = ListenerInfo {
-        cgroup_id: bpf_get_current_cgroup_id(),
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or_default(),
-    };
     bump(counter::LISTENS);
     BW_LISTENERS
-        .insert(&listen_key(rec.netns, rec.sport), &info, 0)
+        .insert(&listen_key(rec.netns, rec.sport), &current_process(), 0)
         .map_err(|_| Error::Map)
 }
 

@@ -100,6 +100,9 @@ pub mod names {
 
     /// Kernel struct offsets, resolved from BTF by the loader (read-only global).
     pub const GLOBAL_OFFSETS: &str = "BW_OFFSETS";
+    /// A `u32`, 1 when every hook is to return at once: what the hooks alone cost, for the
+    /// bench (read-only global; the verifier drops the branch it does not take).
+    pub const GLOBAL_EMPTY: &str = "BW_EMPTY";
 
     /// Every map the loader expects, for its presence check.
     pub const ALL_MAPS: [&str; 18] = [

@@ -118,6 +118,19 @@ pub static BW_SCRATCH: PerCpuArray<ConnInfo> =
 #[unsafe(link_section = ".rodata")]
 pub static BW_OFFSETS: Offsets = Offsets::ZERO;
 
+/// 1 (set by the loader) when the hooks are to do nothing: see `names::GLOBAL_EMPTY`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".rodata")]
+pub static BW_EMPTY: u32 = 0;
+
+/// Whether the hooks are to return at once. A constant to the verifier, which prunes the
+/// branch: no cost in a normal load.
+#[inline(always)]
+pub fn empty() -> bool {
+    // SAFETY: a plain load of a read-only global.
+    unsafe { core::ptr::read_volatile(&BW_EMPTY) != 0 }
+}
+
 /// The offsets, to be read field by field with `sock::read` at each use: a load straight from
 /// the frozen map is a constant to the verifier, a copy on the stack may not be.
 #[inline(always)]

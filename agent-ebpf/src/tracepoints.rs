@@ -17,8 +17,8 @@ use breakwater_common::{
 
 use crate::{
     maps::{
-        attribute_to_listener, auditing, bump, conn_key, listen_key, offsets, service_of, timing,
-        BW_CONNS, BW_LISTENERS,
+        attribute_to_listener, auditing, bump, conn_key, empty, listen_key, offsets, service_of,
+        timing, BW_CONNS, BW_LISTENERS,
     },
     sock::{
         audit, conn_of, observe, observe_n, read, read_sock, record, scratch, track, Error, Event,
@@ -32,6 +32,9 @@ const ETIMEDOUT: i32 = 110;
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn bw_sock_state(ctx: BtfTracePointContext) -> i32 {
     // Fail safe: an error leaves the socket alone and is only counted.
+    if empty() {
+        return 0;
+    }
     if let Err(e) = unsafe { try_sock_state(&ctx) } {
         e.count();
     }
@@ -329,6 +332,9 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     if let Err(e) = unsafe { try_sock_send(&ctx) } {
         e.count();
     }
@@ -392,6 +398,9 @@ unsafe fn mstamp(sk: *const u8) -> Result<u64, Error> {
 
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     if let Err(e) = unsafe { try_data_ready(&ctx) } {
         e.count();
     }
@@ -468,6 +477,9 @@ fn flush_first_responses(t: &mut RequestTiming, key: &DestKey) -> Result<(), Err
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn bw_retransmit(ctx: BtfTracePointContext) -> i32 {
+    if empty() {
+        return 0;
+    }
     if let Err(e) = unsafe { try_retransmit(&ctx) } {
         e.count();
     }

@@ -40,9 +40,8 @@ pub struct Args {
     /// Length of each round, in seconds
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    /// Number of rounds, each one OFF and one ON measurement (single rounds swing by several
-    /// percent here, so their median needs a few)
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Number of rounds, each one measurement with the agent off, on, and on with empty hooks
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Extra arguments for `breakwater agent` (one string, split on whitespace)
     #[arg(
@@ -138,24 +137,31 @@ impl Env<'_> {
 /// The connect loop, request/response, memory and kernel cost, agent off and on.
 fn throughput(env: &Env, args: &Args) -> Result<()> {
     let round = Duration::from_secs(args.seconds);
+    let cpu = loop_cpu()?;
     println!(
-        "bench: {} rounds of {}s with the agent off and {}s on, {CLIENTS} client threads -> 127.0.0.1 in a fresh network namespace per run, agent args {:?}",
-        args.rounds, args.seconds, args.seconds, env.extra
+        "bench: {} rounds of {}s with the agent off, on, and on with empty hooks (every program returning at once); {CLIENTS} client threads -> 127.0.0.1 in a fresh network namespace per run, the loop's threads pinned to CPU {cpu}; agent args {:?}",
+        args.rounds, args.seconds, env.extra
     );
 
-    let churn = || churn_in_fresh_netns(round);
-    let (off, on, ratio) = off_on_rounds(args.rounds, || env.agent(), churn, Some("conn/s"))?;
+    let churn = || churn_in_fresh_netns(round, cpu);
+    let full = || env.agent();
+    let empty = || Agent::start_with(env, None, &env.sandbox.relative, true);
+    let m = measure_rounds(args.rounds, &full, &empty, churn, "conn/s")?;
     println!(
-        "connect/accept/close loop: off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3} (median of per-round ratios; goal >= 0.97)"
+        "connect/accept/close loop: off {:.0} conn/s, on {:.0} conn/s, ratio {:.3} (median of per-round ratios; goal >= 0.97); empty hooks {:.0} conn/s, ratio {:.3}",
+        m.off, m.on, m.on_ratio, m.empty, m.empty_ratio
     );
     // The same with breakers enforcing elsewhere: what tracking alone costs the loop.
-    let tracking_only = || Agent::start_in(env, None, &env.sandbox.idle_relative);
-    let (off, on, ratio) = off_on_rounds(args.rounds, tracking_only, churn, Some("conn/s"))?;
+    let idle = &env.sandbox.idle_relative;
+    let tracking = || Agent::start_with(env, None, idle, false);
+    let empty = || Agent::start_with(env, None, idle, true);
+    let m = measure_rounds(args.rounds, &tracking, &empty, churn, "conn/s")?;
     println!(
-        "connect/accept/close loop, tracking only (breakers enforce on an empty cgroup): off {off:.0} conn/s, on {on:.0} conn/s, ratio {ratio:.3}"
+        "connect/accept/close loop, tracking only (breakers enforce on an empty cgroup): off {:.0} conn/s, on {:.0} conn/s, ratio {:.3}; empty hooks ratio {:.3}",
+        m.off, m.on, m.on_ratio, m.empty_ratio
     );
 
-    pingpong(env, args.rounds, round)?;
+    pingpong(env, args.rounds, round, cpu)?;
     if args.sockets > 0 {
         memory(env, args.sockets)?;
     }
@@ -179,53 +185,106 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `rounds` rounds of `measure` (a rate) with the agent `start` gives on and with none; the
-/// medians of the off and on rates and of the per-round ratios. Each round is printed when
-/// `unit` names the rate's unit.
-fn off_on_rounds(
+/// Medians over the rounds of a loop's rate with the agent off, on, and on with empty hooks,
+/// and of the per-round ratios of the latter two to off.
+struct Medians {
+    off: f64,
+    on: f64,
+    empty: f64,
+    on_ratio: f64,
+    empty_ratio: f64,
+}
+
+/// `rounds` rounds of `measure` (a rate in `unit`) with no agent, the agent `on` starts and the
+/// one `empty` starts, each round printed.
+fn measure_rounds(
     rounds: u32,
-    start: impl Fn() -> Result<Agent>,
+    on: &dyn Fn() -> Result<Agent>,
+    empty: &dyn Fn() -> Result<Agent>,
     measure: impl Fn() -> Result<f64>,
-    unit: Option<&str>,
-) -> Result<(f64, f64, f64)> {
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    let mut ratios = Vec::new();
-    for r in 1..=rounds {
-        // Alternate the order so that a drift (TIME_WAIT build-up, a busy neighbour) does not
-        // always favour the same side.
-        let off_first = r % 2 == 1;
-        let mut rate_off = None;
-        if off_first {
-            rate_off = Some(measure()?);
+    unit: &str,
+) -> Result<Medians> {
+    const ARMS: [&str; 3] = ["off", "on", "empty"];
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut ratios: [Vec<f64>; 2] = Default::default();
+    for r in 0..rounds {
+        // Rotate the order so that a drift (a busy neighbour) favours no arm.
+        let mut rate = [0.0; 3];
+        let order: Vec<usize> = (0..3).map(|i| (i + r as usize) % 3).collect();
+        for &arm in &order {
+            let agent = match arm {
+                1 => Some(on()?),
+                2 => Some(empty()?),
+                _ => None,
+            };
+            let measured = measure();
+            if let Some(agent) = agent {
+                agent.stop()?;
+            }
+            rate[arm] = measured?;
         }
-        let agent = start()?;
-        let rate_on = measure();
-        agent.stop()?;
-        let rate_on = rate_on?;
-        let rate_off = match rate_off {
-            Some(r) => r,
-            None => measure()?,
-        };
-        if let Some(unit) = unit {
-            println!(
-                "round {r}/{rounds} ({}): off {rate_off:.0} {unit}, on {rate_on:.0} {unit}, ratio {:.3}",
-                if off_first { "off, on" } else { "on, off" },
-                rate_on / rate_off
-            );
+        println!(
+            "round {}/{rounds} ({}): off {:.0} {unit}, on {:.0} {unit}, empty {:.0} {unit}; ratios {:.3}, {:.3}",
+            r + 1,
+            order.iter().map(|&a| ARMS[a]).collect::<Vec<_>>().join(", "),
+            rate[0],
+            rate[1],
+            rate[2],
+            rate[1] / rate[0],
+            rate[2] / rate[0]
+        );
+        for (arm, v) in rate.iter().enumerate() {
+            rates[arm].push(*v);
         }
-        off.push(rate_off);
-        on.push(rate_on);
-        ratios.push(rate_on / rate_off);
+        ratios[0].push(rate[1] / rate[0]);
+        ratios[1].push(rate[2] / rate[0]);
     }
-    Ok((median(&mut off), median(&mut on), median(&mut ratios)))
+    Ok(Medians {
+        off: median(&mut rates[0]),
+        on: median(&mut rates[1]),
+        empty: median(&mut rates[2]),
+        on_ratio: median(&mut ratios[0]),
+        empty_ratio: median(&mut ratios[1]),
+    })
+}
+
+/// The CPU the measured loops run on: the first this process may use. On one CPU a loop's rate
+/// is what its work costs; spread over several, it is as much where the scheduler puts the
+/// client and server threads and how fast they wake each other (on a small VM, ±30% between
+/// runs of the same loop, against ±2% pinned).
+fn loop_cpu() -> Result<usize> {
+    // SAFETY: a zeroed cpu_set_t is valid, and sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE.
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .context("this process may run on no CPU")
+}
+
+/// Pins the calling thread (and the threads it starts from now on) to `cpu`.
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET with `cpu` < CPU_SETSIZE (from `loop_cpu`).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the set is valid for its size.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+    }
+    Ok(())
 }
 
 /// Request/response on kept-alive connections (one byte each way), agent off and on.
-fn pingpong(env: &Env, rounds: u32, round: Duration) -> Result<()> {
+fn pingpong(env: &Env, rounds: u32, round: Duration, cpu: usize) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     thread::spawn(move || {
+        // The echo threads it starts inherit the CPU.
+        if pin(cpu).is_err() {
+            return;
+        }
         for stream in listener.incoming().flatten() {
             thread::spawn(move || {
                 let mut stream = stream;
@@ -239,7 +298,8 @@ fn pingpong(env: &Env, rounds: u32, round: Duration) -> Result<()> {
         let start = Instant::now();
         let clients: Vec<_> = (0..CLIENTS)
             .map(|_| {
-                thread::spawn(move || -> std::io::Result<u64> {
+                thread::spawn(move || -> Result<u64> {
+                    pin(cpu)?;
                     let mut s = TcpStream::connect(addr)?;
                     s.set_nodelay(true)?;
                     let mut b = [7u8; 1];
@@ -261,9 +321,12 @@ fn pingpong(env: &Env, rounds: u32, round: Duration) -> Result<()> {
         }
         Ok(total as f64 / start.elapsed().as_secs_f64())
     };
-    let (off, on, ratio) = off_on_rounds(rounds, || env.agent(), || run(round), None)?;
+    let full = || env.agent();
+    let empty = || Agent::start_with(env, None, &env.sandbox.relative, true);
+    let m = measure_rounds(rounds, &full, &empty, || run(round), "req/s")?;
     println!(
-        "request/response on kept-alive connections: off {off:.0} req/s, on {on:.0} req/s, ratio {ratio:.3} (goal >= 0.98)"
+        "request/response on kept-alive connections: off {:.0} req/s, on {:.0} req/s, ratio {:.3} (goal >= 0.98); empty hooks {:.0} req/s, ratio {:.3}",
+        m.off, m.on, m.on_ratio, m.empty, m.empty_ratio
     );
     Ok(())
 }
@@ -419,9 +482,11 @@ fn machine() -> String {
 /// One run of the connect loop in a network namespace of its own, with its own server. The
 /// TIME_WAIT sockets a run leaves (for 60 s, up to `tcp_max_tw_buckets` per namespace) go with
 /// its namespace instead of slowing down, or speeding up, the runs after it.
-fn churn_in_fresh_netns(length: Duration) -> Result<f64> {
+fn churn_in_fresh_netns(length: Duration, cpu: usize) -> Result<f64> {
     let ns = NetNs::new()?;
     ns.run(move || {
+        // The server and client threads inherit the CPU.
+        pin(cpu)?;
         let server = Server::start()?;
         let rate = connect_loop(server.addr, length);
         server.stop();
@@ -541,11 +606,17 @@ impl Agent {
     /// Starts the agent with its API on `<dir>/agent.sock`, confined to the sandbox, and waits
     /// until `info` answers.
     fn start(env: &Env, config: Option<&Path>) -> Result<Self> {
-        Self::start_in(env, config, &env.sandbox.relative)
+        Self::start_with(env, config, &env.sandbox.relative, false)
     }
 
-    /// As [`Agent::start`], with breakers enforcing on `scope` (relative to the cgroup2 mount).
-    fn start_in(env: &Env, config: Option<&Path>, scope: &str) -> Result<Self> {
+    /// As [`Agent::start`], with breakers enforcing on `scope` (relative to the cgroup2 mount),
+    /// and with every hook returning at once if `empty_hooks`.
+    fn start_with(
+        env: &Env,
+        config: Option<&Path>,
+        scope: &str,
+        empty_hooks: bool,
+    ) -> Result<Self> {
         let bin = env.bin;
         let socket = env.dir.join("agent.sock");
         let log = env.dir.join("agent.log");
@@ -558,6 +629,9 @@ impl Agent {
             .args(env.sandbox.agent_args(scope));
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
+        }
+        if empty_hooks {
+            cmd.arg("--empty-hooks");
         }
         let child = cmd
             .args(env.extra)

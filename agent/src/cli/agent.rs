@@ -9,7 +9,7 @@ use super::{AgentArgs, CliError};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::{Config, RemoteOverrides},
-    ebpf::{breaker, Kernel},
+    ebpf::{breaker, Hooks, Kernel},
     netns,
     service::ServiceTable,
 };
@@ -61,7 +61,14 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     let metrics_listener = observability_listeners(&config, &health).await?;
 
     let pin_dir = config.agent.pin_dir.clone();
-    let mut kernel = Kernel::load(&config.maps, &pin_dir).context("loading eBPF programs")?;
+    let hooks = if args.empty_hooks {
+        warn!("--empty-hooks: every hook returns at once; nothing is counted or enforced");
+        Hooks::Empty
+    } else {
+        Hooks::Work
+    };
+    let mut kernel =
+        Kernel::load(&config.maps, &pin_dir, hooks).context("loading eBPF programs")?;
     let mut services =
         ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
     for (id, name, endpoints) in kernel.pinned_services() {

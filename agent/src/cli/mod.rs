@@ -275,6 +275,10 @@ pub struct AgentArgs {
     /// [default: agent.tls_client_ca].
     #[arg(long, env = "BREAKWATER_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Attach every hook, but have each return at once: nothing is counted or enforced. For
+    /// `cargo xtask bench`, to measure what the hooks cost by themselves.
+    #[arg(long, hide = true)]
+    pub empty_hooks: bool,
     /// --tls-cert (a global flag: the client's certificate for the other commands).
     #[arg(skip)]
     pub tls_cert: Option<PathBuf>,

@@ -160,11 +160,22 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
+/// What the attached programs do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Hooks {
+    /// Track, measure and enforce.
+    #[default]
+    Work,
+    /// Return at once: nothing is counted or enforced. What the kernel's hooks cost by
+    /// themselves, for the bench to set against [`Hooks::Work`].
+    Empty,
+}
+
 impl Kernel {
     /// Loads the programs with the given map sizes; nothing is attached yet. The maps in
     /// `names::PINNED_MAPS` are taken from `pin_dir` if a previous agent pinned them there,
     /// else created and pinned.
-    pub fn load(sizes: &MapSizes, pin_dir: &Path) -> Result<Self, LoadError> {
+    pub fn load(sizes: &MapSizes, pin_dir: &Path, hooks: Hooks) -> Result<Self, LoadError> {
         let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
         breaker::prepare_pin_dir(pin_dir)
             .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
@@ -185,6 +196,7 @@ impl Kernel {
         }
         let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+            .override_global(names::GLOBAL_EMPTY, &u32::from(hooks == Hooks::Empty), true)
             .map_max_entries(names::MAP_DESTS, sizes.max_destinations)
             .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
             // Service ids run 1..=max_services; slot 0 is "no service".

@@ -24,8 +24,8 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS, BW_BRK_SOCKS,
-        BW_BRK_TOTALS, BW_POLICIES,
+        audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
+        BW_BRK_SOCKS, BW_BRK_TOTALS, BW_POLICIES,
     },
     sock::{read, Error, IPPROTO_TCP},
 };

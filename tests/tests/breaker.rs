@@ -1045,3 +1045,48 @@ fn a_pin_dir_holds_one_agent() {
     assert!(out.status.success(), "{out:?}");
     assert!(!pin_dir.exists());
 }
+
+/// `--empty-hooks` (the bench's "hooks alone" arm): every program is attached, yet nothing is
+/// counted and nothing enforced, even on a tripped breaker.
+#[test]
+fn empty_hooks_count_and_enforce_nothing() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\"]\n[service.breaker]\npreset = \"nginx\"\n",
+        up.addr
+    );
+    let mut agent = Agent::start_with(Some(&config), &["--empty-hooks"]);
+    agent.cgroup().enter();
+    let attached: Vec<String> = agent
+        .info()
+        .programs
+        .iter()
+        .filter(|p| !p.attach.starts_with("iter/"))
+        .map(|p| p.name.clone())
+        .collect();
+    for name in ["bw_sock_state", "bw_connect4", "bw_sockops"] {
+        assert!(attached.iter().any(|p| p == name), "{name} in {attached:?}");
+    }
+    let out = agent.cli(&["trip", SERVICE]);
+    assert!(out.status.success(), "{out:?}");
+    let clients: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(up.addr).expect("empty hooks reject nothing"))
+        .collect();
+    assert_eq!(
+        breakwater_tests::ss_established_to(up.addr, None),
+        5,
+        "ss ground truth"
+    );
+    drop(clients);
+    let breaker = get_breaker(&agent, SERVICE).expect("GetBreaker");
+    assert_eq!((breaker.state(), breaker.rejected), (Open, 0));
+    for dir in ["outbound", "inbound"] {
+        let row = agent.destination("127.0.0.1", up.addr.port(), dir, None);
+        assert!(row.is_none(), "{dir}: {row:?}");
+    }
+    assert_eq!(agent.counter("conns_tracked"), 0);
+}

@@ -1362,4 +1362,19 @@ mod tests {
         server.stop();
         assert!(rate > 0.0);
     }
+
+    #[test]
+    fn threads_started_by_a_pinned_thread_run_on_its_cpu() {
+        let cpu = loop_cpu().unwrap();
+        let ran_on = thread::spawn(move || {
+            pin(cpu).unwrap();
+            // SAFETY: sched_getcpu has no preconditions.
+            thread::spawn(|| unsafe { libc::sched_getcpu() })
+                .join()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(usize::try_from(ran_on).ok(), Some(cpu));
+    }
 }

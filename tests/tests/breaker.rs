@@ -634,6 +634,14 @@ fn restart_keeps_state_and_release_removes_everything() {
     TcpStream::connect(rig.up.addr).expect("uninstalled: no breaker left");
 }
 
+/// A config with one service, `SERVICE`, on `up`, its breaker on the nginx preset.
+fn nginx_service(up: &Server) -> String {
+    format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\"]\n[service.breaker]\npreset = \"nginx\"\n",
+        up.addr
+    )
+}
+
 #[test]
 fn release_on_exit_removes_the_pins() {
     let _s = serial();
@@ -641,11 +649,7 @@ fn release_on_exit_removes_the_pins() {
         return;
     }
     let up = Server::start("127.0.0.1:0");
-    let config = format!(
-        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\"]\n[service.breaker]\npreset = \"nginx\"\n",
-        up.addr
-    );
-    let mut agent = Agent::start_with(Some(&config), &["--release-on-exit"]);
+    let mut agent = Agent::start_with(Some(&nginx_service(&up)), &["--release-on-exit"]);
     assert!(agent.pin_dir().join("BW_BREAKERS").exists());
     agent.cgroup().enter();
     let out = agent.cli(&["trip", SERVICE]);
@@ -1055,11 +1059,7 @@ fn empty_hooks_count_and_enforce_nothing() {
         return;
     }
     let up = Server::start("127.0.0.1:0");
-    let config = format!(
-        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [\"{}\"]\n[service.breaker]\npreset = \"nginx\"\n",
-        up.addr
-    );
-    let mut agent = Agent::start_with(Some(&config), &["--empty-hooks"]);
+    let mut agent = Agent::start_with(Some(&nginx_service(&up)), &["--empty-hooks"]);
     agent.cgroup().enter();
     let attached: Vec<String> = agent
         .info()

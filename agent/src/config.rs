@@ -88,7 +88,7 @@ pub struct AuthzConfig {
     pub writers: Vec<String>,
     /// Unix-socket callers (SO_PEERCRED) allowed to change state, by uid ...
     pub writer_uids: Vec<u32>,
-    /// ... or by primary gid.
+    /// ... or by gid, primary or supplementary.
     pub writer_gids: Vec<u32>,
     /// Let callers of `insecure_listen` (who have no identity) change state too.
     pub insecure_writers: bool,

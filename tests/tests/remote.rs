@@ -405,10 +405,28 @@ fn public_bin(dir: &Path) -> PathBuf {
 
 /// The CLI as another user and group, without supplementary groups (util-linux `setpriv`).
 fn cli_as(bin: &Path, uid: u32, gid: u32, agent: &Agent, args: &[&str]) -> Output {
+    cli_as_member(bin, uid, gid, &[], agent, args)
+}
+
+/// As [`cli_as`], with supplementary `groups`.
+fn cli_as_member(
+    bin: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    agent: &Agent,
+    args: &[&str],
+) -> Output {
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_owned()
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        format!("--groups={}", list.join(","))
+    };
     Command::new("setpriv")
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
-        .arg("--clear-groups")
+        .arg(groups)
         .arg(bin)
         .arg("--agent")
         .arg(agent.address())
@@ -477,6 +495,30 @@ fn unix_socket_opened_up_lets_anyone_read_and_only_writer_uids_and_gids_change()
     assert_eq!(breaker_state(&agent, "svc"), pb::BreakerState::Closed);
     assert!(
         agent.log().contains("change requested by uid 0 gid 0"),
+        "{}",
+        agent.log()
+    );
+
+    // A supplementary group on the list is as good as the primary gid; one off it is not.
+    let out = cli_as_member(&bin, 65534, 65534, &[4243], &agent, &["trip", "svc"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("permission denied: uid 65534 gid 65534 groups [4243]"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(breaker_state(&agent, "svc"), pb::BreakerState::Closed);
+    let out = cli_as_member(&bin, 65534, 65534, &[4242, 4243], &agent, &["trip", "svc"]);
+    assert!(
+        out.status.success(),
+        "supplementary group 4242 trips: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(breaker_state(&agent, "svc"), pb::BreakerState::Open);
+    assert!(
+        agent
+            .log()
+            .contains("change requested by uid 65534 gid 65534 groups [4242, 4243]"),
         "{}",
         agent.log()
     );

@@ -3,7 +3,8 @@
 //! Reading is open to every caller that gets a connection (over TLS that means a client
 //! certificate the agent verified). Calls that change state ([`MUTATING`]) need an identity on
 //! the `[agent.authz]` allow-list: a client certificate's SAN (DNS or URI) or CN over TLS, the
-//! peer's uid or primary gid (SO_PEERCRED) on the unix socket. Callers of the insecure TCP
+//! peer's uid, primary gid (SO_PEERCRED) or a supplementary group (SO_PEERGROUPS) on the unix
+//! socket. Callers of the insecure TCP
 //! listener have no identity: they may change state only with `insecure_writers = true`.
 //! A refused call gets `PermissionDenied` and never reaches the service; an allowed one is
 //! logged with its caller and outcome.
@@ -17,7 +18,7 @@ use std::{
 
 use tonic::{
     codegen::http,
-    transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo},
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 use tracing::{info, warn};
 
@@ -41,6 +42,8 @@ pub enum Caller {
     Unix {
         uid: u32,
         gid: u32,
+        /// Supplementary groups.
+        groups: Vec<u32>,
         pid: Option<i32>,
     },
     /// TLS: the names in the verified client certificate.
@@ -98,8 +101,16 @@ impl CertNames {
 impl fmt::Display for Caller {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Caller::Unix { uid, gid, pid } => {
+            Caller::Unix {
+                uid,
+                gid,
+                groups,
+                pid,
+            } => {
                 write!(f, "uid {uid} gid {gid}")?;
+                if !groups.is_empty() {
+                    write!(f, " groups {groups:?}")?;
+                }
                 if let Some(pid) = pid {
                     write!(f, " (pid {pid})")?;
                 }
@@ -144,15 +155,8 @@ impl Caller {
                 },
             };
         }
-        if let Some(uds) = extensions.get::<UdsConnectInfo>() {
-            return match uds.peer_cred {
-                Some(cred) => Caller::Unix {
-                    uid: cred.uid(),
-                    gid: cred.gid(),
-                    pid: cred.pid(),
-                },
-                None => Caller::Unknown,
-            };
+        if let Some(UnixCaller(caller)) = extensions.get::<UnixCaller>() {
+            return caller.clone();
         }
         if let Some(tcp) = extensions.get::<TcpConnectInfo>() {
             return Caller::Anonymous {
@@ -160,6 +164,69 @@ impl Caller {
             };
         }
         Caller::Unknown
+    }
+}
+
+/// The caller on a unix socket connection, read when it was accepted (`serve::UnixConn`):
+/// tonic's own connect info has no supplementary groups.
+#[derive(Clone, Debug)]
+pub struct UnixCaller(pub Caller);
+
+impl UnixCaller {
+    /// The peer's credentials as the kernel recorded them when it connected.
+    pub fn of(stream: &tokio::net::UnixStream) -> Self {
+        use std::os::fd::AsRawFd as _;
+        let caller = match stream.peer_cred() {
+            Ok(cred) => Caller::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                groups: peer_groups(stream.as_raw_fd()).unwrap_or_else(|e| {
+                    warn!(error = %e, "SO_PEERGROUPS: judging the caller by uid and gid only");
+                    Vec::new()
+                }),
+                pid: cred.pid(),
+            },
+            Err(e) => {
+                warn!(error = %e, "SO_PEERCRED: caller unknown");
+                Caller::Unknown
+            }
+        };
+        Self(caller)
+    }
+}
+
+/// `SO_PEERGROUPS` (asm-generic/socket.h; not exported by libc for every target).
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The supplementary groups of a unix socket's peer, as they were when it connected.
+fn peer_groups(fd: std::os::fd::RawFd) -> std::io::Result<Vec<u32>> {
+    let size = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    loop {
+        let mut len =
+            libc::socklen_t::try_from(groups.len() * size).unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: `groups` is `len` bytes long; the kernel writes at most that and sets `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / size;
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = std::io::Error::last_os_error();
+        // Too small: the kernel said how much it needs (at most NGROUPS_MAX).
+        if err.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(err);
     }
 }
 
@@ -190,9 +257,13 @@ impl Policy {
             return Ok(());
         }
         let (allowed, how) = match caller {
-            Caller::Unix { uid, gid, .. } => (
-                self.uids.contains(uid) || self.gids.contains(gid),
-                "its uid or gid is not in agent.authz.writer_uids / writer_gids",
+            Caller::Unix {
+                uid, gid, groups, ..
+            } => (
+                self.uids.contains(uid)
+                    || self.gids.contains(gid)
+                    || groups.iter().any(|g| self.gids.contains(g)),
+                "neither its uid nor any of its groups is in agent.authz.writer_uids / writer_gids",
             ),
             Caller::Certificate(names) => (
                 names.all().any(|n| self.writers.contains(n)),
@@ -322,6 +393,7 @@ mod tests {
         let unix = |uid, gid| Caller::Unix {
             uid,
             gid,
+            groups: vec![],
             pid: Some(7),
         };
         let anon = Caller::Anonymous { peer: None };
@@ -371,9 +443,20 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "permission denied: uid 65534 gid 65534 (pid 7) may not call \
-             /breakwater.v1.Agent/PutService: its uid or gid is not in \
+             /breakwater.v1.Agent/PutService: neither its uid nor any of its groups is in \
              agent.authz.writer_uids / writer_gids"
         );
+        // A supplementary group counts as much as the primary one.
+        let member = |groups: Vec<u32>| Caller::Unix {
+            uid: 1000,
+            gid: 1000,
+            groups,
+            pid: None,
+        };
+        assert!(p.check(&member(vec![4, 50]), trip).is_ok());
+        let outsider = member(vec![4, 27]);
+        let err = p.check(&outsider, trip).unwrap_err().to_string();
+        assert!(err.contains("uid 1000 gid 1000 groups [4, 27]"), "{err}");
         let status = tonic::Status::from(p.check(&anon, trip).unwrap_err());
         assert_eq!(status.code(), tonic::Code::PermissionDenied);
     }

@@ -3,20 +3,30 @@
 //! services behind the same authorization layer ([`super::authz`]).
 
 use std::{
-    fs,
+    fs, io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use breakwater_proto::v1::agent_server::AgentServer;
 use futures::FutureExt as _;
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, UnixListener, UnixStream},
+};
+use tokio_stream::{
+    wrappers::{TcpListenerStream, UnixListenerStream},
+    StreamExt as _,
+};
 use tonic::{
     service::Routes,
-    transport::{Certificate, Identity, Server, ServerTlsConfig},
+    transport::{server::Connected, Certificate, Identity, Server, ServerTlsConfig},
 };
+
+use super::authz::UnixCaller;
 
 use super::authz::Authz;
 
@@ -136,6 +146,67 @@ pub fn tls_config(
     Ok(config)
 }
 
+/// A connection on the unix socket, with its caller read once, when it was accepted.
+struct UnixConn {
+    stream: UnixStream,
+    caller: UnixCaller,
+}
+
+impl UnixConn {
+    fn new(stream: UnixStream) -> Self {
+        let caller = UnixCaller::of(&stream);
+        Self { stream, caller }
+    }
+}
+
+impl Connected for UnixConn {
+    type ConnectInfo = UnixCaller;
+
+    fn connect_info(&self) -> UnixCaller {
+        self.caller.clone()
+    }
+}
+
+impl AsyncRead for UnixConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for UnixConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Where the API is served.
 pub struct Listeners {
     pub unix: UnixListener,
@@ -168,7 +239,10 @@ pub async fn serve(
     let unix = Server::builder()
         .layer(authz.clone())
         .add_routes(routes.clone())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listeners.unix), shutdown.clone());
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listeners.unix).map(|conn| conn.map(UnixConn::new)),
+            shutdown.clone(),
+        );
     let tls = async {
         let Some((listener, config)) = listeners.tls else {
             return Ok(());

@@ -131,7 +131,7 @@ unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Resu
         Admission::Reject => {
             bs.flags = sock_flags::DONE;
             total(svc, |t| &raw mut t.rejected);
-            audit_rejected(addr, port, svc, policy.errno, now);
+            audit_rejected(ctx, addr, port, svc, policy.errno, now);
             // Without a retval the caller would see EPERM.
             bpf_set_retval(-(policy.errno as i32));
             Ok(0)
@@ -141,9 +141,22 @@ unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Resu
 
 /// A rejected connect, for the audit stream: process context, so the caller is the current task.
 #[inline(always)]
-fn audit_rejected(addr: &[u8; 16], port: u16, svc: u32, errno: u32, now: u64) {
+fn audit_rejected(
+    ctx: &SockAddrContext,
+    addr: &[u8; 16],
+    port: u16,
+    svc: u32,
+    errno: u32,
+    now: u64,
+) {
     let Some(mut entry) = audit_entry() else {
         return;
+    };
+    // A context field: loaded at its constant offset, as the verifier requires.
+    let netns = unsafe {
+        netns_of(
+            core::ptr::read_volatile(&raw const (*ctx.sock_addr).__bindgen_anon_1.sk) as *const u8,
+        )
     };
     let e = entry.as_mut_ptr();
     // SAFETY: `e` is the reserved entry; every field is written before it is submitted.
@@ -156,7 +169,7 @@ fn audit_rejected(addr: &[u8; 16], port: u16, svc: u32, errno: u32, now: u64) {
         (*e).saddr = [0; 16];
         (*e).daddr = *addr;
         (*e).comm = bpf_get_current_comm().unwrap_or_default();
-        (*e).netns = 0;
+        (*e).netns = netns;
         (*e).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*e).svc = svc;
         (*e).errno = errno;
@@ -168,6 +181,25 @@ fn audit_rejected(addr: &[u8; 16], port: u16, svc: u32, errno: u32, now: u64) {
         (*e)._pad = 0;
     }
     entry.submit(0);
+}
+
+/// The network namespace (inode) of the connecting socket; 0 if it cannot be read.
+#[inline(always)]
+unsafe fn netns_of(sk: *const u8) -> u32 {
+    if sk.is_null() {
+        return 0;
+    }
+    // A BTF-typed pointer, which the verifier lets us read kernel fields through.
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return 0;
+    }
+    let o = offsets();
+    let net: *const u8 = read(tp, &o.skc_net);
+    if net.is_null() {
+        return 0;
+    }
+    read(net, &o.net_inum)
 }
 
 #[inline(always)]

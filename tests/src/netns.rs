@@ -4,6 +4,14 @@ use std::{fs::File, process::Command, thread};
 
 use nix::sched::{setns, CloneFlags};
 
+/// Inode of the calling thread's network namespace.
+pub fn own_inode() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .expect("/proc/thread-self/ns/net")
+        .ino() as u32
+}
+
 pub struct NetNs {
     pub name: String,
 }

@@ -96,6 +96,7 @@ fn audit_stream_shows_the_tests_own_connections() {
         "{line}"
     );
     let pid = std::process::id();
+    let netns = breakwater_tests::netns::own_inode();
     for e in events
         .iter()
         .filter(|e| e.direction() == pb::Direction::Outbound)
@@ -105,6 +106,7 @@ fn audit_stream_shows_the_tests_own_connections() {
         assert_eq!(e.service, "audited", "{e:?}");
         assert_eq!(e.cgroup, scope, "{e:?}");
         assert_eq!(e.remote_address, "127.0.0.1", "{e:?}");
+        assert_eq!(e.netns, netns, "{e:?}");
         assert!(e.time_unix_ms > 0 && e.lost == 0, "{e:?}");
     }
     let find = |k: Kind| {

@@ -19,7 +19,7 @@ pub mod names {
     /// `iter/tcp`: writes a `SockRecord` for every TCP socket, TIME_WAIT included (GetTimeWait).
     pub const PROG_SOCKS_TCP: &str = "bw_socks_tcp";
 
-    /// `tp_btf/sock_send_length`: a send on a client connection starts a request's clock.
+    /// `tp_btf/tcp_sendmsg_locked`: a send on a client connection starts a request's clock.
     pub const PROG_SOCK_SEND: &str = "bw_sock_send";
     /// `tp_btf/sk_data_ready`: the first data after it stops the clock.
     pub const PROG_DATA_READY: &str = "bw_data_ready";
@@ -29,7 +29,7 @@ pub mod names {
 
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
     pub const TRACEPOINT_RETRANSMIT: &str = "tcp_retransmit_skb";
-    pub const TRACEPOINT_SOCK_SEND: &str = "sock_send_length";
+    pub const TRACEPOINT_SOCK_SEND: &str = "tcp_sendmsg_locked";
     pub const TRACEPOINT_DATA_READY: &str = "sk_data_ready";
     pub const ITER_TCP: &str = "tcp";
 

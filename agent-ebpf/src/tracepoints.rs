@@ -330,7 +330,7 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     Ok(())
 }
 
-#[btf_tracepoint(function = "sock_send_length")]
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
     if empty() {
         return 0;
@@ -341,23 +341,19 @@ pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A send on a tracked client connection starts the clock, unless a request is already waiting
-/// for its response (a request sent in several writes is timed from its first).
+/// Data is about to be queued on a TCP socket (the tracepoint fires for each chunk of a send,
+/// before any of it leaves, so no response can beat it): on a tracked client connection that
+/// starts the clock, unless a request is already waiting for its response (a request sent in
+/// several writes is timed from its first).
 unsafe fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), Error> {
-    let sent: i32 = ctx.arg(1);
-    if sent <= 0 {
-        return Ok(());
-    }
     let sk: *const u8 = ctx.arg(0);
-    if !is_tcp(sk) {
-        return Ok(());
-    }
     let t = match timing(sk, false) {
         Some(t) => t,
         None => first_send(sk)?,
     };
     if t.flags & timing_flags::CLIENT != 0 && t.flags & timing_flags::AWAITING == 0 {
-        t.send_us = mstamp(sk)?;
+        // TCP's own clock is refreshed only when the data goes out: read the time.
+        t.send_us = bpf_ktime_get_ns() / 1000;
         t.flags |= timing_flags::AWAITING;
     }
     Ok(())
@@ -385,8 +381,8 @@ unsafe fn is_tcp(sk: *const u8) -> bool {
     core::ptr::read_volatile(&o.ready) != 0 && read::<u16>(sk, &o.sk_protocol) == IPPROTO_TCP
 }
 
-/// The kernel's clock as TCP last read it for this socket (µs): refreshed when it sent the
-/// data just written, and when it received the data that just arrived.
+/// The kernel's clock (`CLOCK_MONOTONIC`, µs) as TCP last read it for this socket: refreshed
+/// when it received the data that just arrived, and on the transitions that use it.
 #[inline(always)]
 unsafe fn mstamp(sk: *const u8) -> Result<u64, Error> {
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;

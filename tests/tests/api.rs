@@ -322,7 +322,7 @@ fn info_reports_programs_maps_and_socket_mode() {
         programs,
         [
             ("bw_sock_state", "tp_btf/inet_sock_set_state"),
-            ("bw_sock_send", "tp_btf/sock_send_length"),
+            ("bw_sock_send", "tp_btf/tcp_sendmsg_locked"),
             ("bw_data_ready", "tp_btf/sk_data_ready"),
             ("bw_retransmit", "tp_btf/tcp_retransmit_skb"),
             ("bw_seed_tcp", "iter/tcp"),

@@ -27,7 +27,7 @@ use crate::{
         audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
         BW_BRK_SOCKS, BW_BRK_TOTALS, BW_POLICIES,
     },
-    sock::{read, Error, IPPROTO_TCP},
+    sock::{netns, read, Error, IPPROTO_TCP},
 };
 
 /// What a `cgroup/connect*` program returns to let the connect go on.
@@ -194,12 +194,7 @@ unsafe fn netns_of(sk: *const u8) -> u32 {
     if tp.is_null() {
         return 0;
     }
-    let o = offsets();
-    let net: *const u8 = read(tp, &o.skc_net);
-    if net.is_null() {
-        return 0;
-    }
-    read(net, &o.net_inum)
+    netns(tp, offsets()).unwrap_or(0)
 }
 
 #[inline(always)]

@@ -111,12 +111,18 @@ pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut impl SockIds) -> Res
     }
     *c.dport = u16::from_be(read::<u16>(sk, &o.skc_dport));
     *c.sport = read(sk, &o.skc_num);
+    *c.netns = netns(sk, o)?;
+    Ok(true)
+}
+
+/// The inode of a socket's network namespace.
+#[inline(always)]
+pub unsafe fn netns(sk: *const u8, o: &Offsets) -> Result<u32, Error> {
     let net: *const u8 = read(sk, &o.skc_net);
     if net.is_null() {
         return Err(Error::Read);
     }
-    *c.netns = read(net, &o.net_inum);
-    Ok(true)
+    Ok(read(net, &o.net_inum))
 }
 
 #[inline(always)]

@@ -4,8 +4,8 @@
 //! certificate the agent verified). Calls that change state ([`MUTATING`]) need an identity on
 //! the `[agent.authz]` allow-list: a client certificate's SAN (DNS or URI) or CN over TLS, the
 //! peer's uid, primary gid (SO_PEERCRED) or a supplementary group (SO_PEERGROUPS) on the unix
-//! socket. Callers of the insecure TCP
-//! listener have no identity: they may change state only with `insecure_writers = true`.
+//! socket. Callers of the insecure TCP listener have no identity: they may change state only
+//! with `insecure_writers = true`.
 //! A refused call gets `PermissionDenied` and never reaches the service; an allowed one is
 //! logged with its caller and outcome.
 

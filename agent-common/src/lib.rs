@@ -458,8 +458,9 @@ pub struct ConnState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RequestTiming {
-    /// When the request now awaiting its response was sent (`timing_flags::AWAITING`): the
-    /// kernel's `tcp_sock.tcp_mstamp`, in microseconds.
+    /// When the request now awaiting its response was sent (`timing_flags::AWAITING`):
+    /// `CLOCK_MONOTONIC` in microseconds, the clock of `tcp_sock.tcp_mstamp` that the response
+    /// is read from.
     pub send_us: u64,
     /// First-response samples not yet added to the histograms, as in [`ConnInfo::fr_count`].
     pub fr_count: [u32; FR_RUNS],

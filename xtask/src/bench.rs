@@ -122,6 +122,11 @@ impl Env<'_> {
         Agent::start(self, None)
     }
 
+    /// As [`Env::agent`], with every hook returning at once.
+    fn empty_agent(&self) -> Result<Agent> {
+        Agent::start_with(self, None, &self.sandbox.relative, true)
+    }
+
     fn url(&self) -> String {
         format!("unix://{}", self.dir.join("agent.sock").display())
     }
@@ -144,9 +149,13 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     );
 
     let churn = || churn_in_fresh_netns(round, cpu);
-    let full = || env.agent();
-    let empty = || Agent::start_with(env, None, &env.sandbox.relative, true);
-    let m = measure_rounds(args.rounds, &full, &empty, churn, "conn/s")?;
+    let m = measure_rounds(
+        args.rounds,
+        &|| env.agent(),
+        &|| env.empty_agent(),
+        churn,
+        "conn/s",
+    )?;
     println!(
         "connect/accept/close loop: off {:.0} conn/s, on {:.0} conn/s, ratio {:.3} (median of per-round ratios; goal >= 0.97); empty hooks {:.0} conn/s, ratio {:.3}",
         m.off, m.on, m.on_ratio, m.empty, m.empty_ratio
@@ -250,8 +259,8 @@ fn measure_rounds(
 
 /// The CPU the measured loops run on: the first this process may use. On one CPU a loop's rate
 /// is what its work costs; spread over several, it is as much where the scheduler puts the
-/// client and server threads and how fast they wake each other (on a small VM, ±30% between
-/// runs of the same loop, against ±2% pinned).
+/// client and server threads and how fast they wake each other (on a 2-vCPU VM, two runs of the
+/// same loop differed by 11%, standard deviation of their ratio, against a few percent pinned).
 fn loop_cpu() -> Result<usize> {
     // SAFETY: a zeroed cpu_set_t is valid, and sched_getaffinity writes at most its size.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -321,9 +330,13 @@ fn pingpong(env: &Env, rounds: u32, round: Duration, cpu: usize) -> Result<()> {
         }
         Ok(total as f64 / start.elapsed().as_secs_f64())
     };
-    let full = || env.agent();
-    let empty = || Agent::start_with(env, None, &env.sandbox.relative, true);
-    let m = measure_rounds(rounds, &full, &empty, || run(round), "req/s")?;
+    let m = measure_rounds(
+        rounds,
+        &|| env.agent(),
+        &|| env.empty_agent(),
+        || run(round),
+        "req/s",
+    )?;
     println!(
         "request/response on kept-alive connections: off {:.0} req/s, on {:.0} req/s, ratio {:.3} (goal >= 0.98); empty hooks {:.0} req/s, ratio {:.3}",
         m.off, m.on, m.on_ratio, m.empty, m.empty_ratio

@@ -26,9 +26,7 @@ use tonic::{
     transport::{server::Connected, Certificate, Identity, Server, ServerTlsConfig},
 };
 
-use super::authz::UnixCaller;
-
-use super::authz::Authz;
+use super::authz::{Authz, UnixCaller};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

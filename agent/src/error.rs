@@ -16,6 +16,9 @@ pub enum Error {
     /// A configured capacity (map size) would be exceeded; nothing was changed.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The call needs a feature that this kernel does not offer (see `crate::features`).
+    #[error("{0}")]
+    FeatureOff(String),
     #[error("kernel map {map}: {source}")]
     Map {
         map: &'static str,
@@ -43,6 +46,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::FeatureOff(_) => Code::FailedPrecondition,
             Error::Map { .. } | Error::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -8,6 +8,7 @@ pub mod config;
 pub mod destroy;
 pub mod ebpf;
 pub mod error;
+pub mod features;
 pub mod latency;
 pub mod metrics;
 pub mod netns;

@@ -22,6 +22,7 @@ use tracing::info;
 use crate::{
     config::MapSizes,
     error::{Error, Result},
+    features::Features,
     netns,
     netns::NetSettings,
     service::Endpoint,
@@ -143,6 +144,7 @@ pub struct Kernel {
     conn_events: Option<RingBuf<MapData>>,
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
+    features: Features,
     pin_dir: PathBuf,
     _pin_lock: breaker::PinLock,
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
@@ -228,6 +230,7 @@ impl Kernel {
             ebpf,
             sizes: sizes.clone(),
             programs: Vec::new(),
+            features: Features::default(),
             pin_dir: pin_dir.to_owned(),
             _pin_lock: pin_lock,
             links: Vec::new(),
@@ -267,6 +270,11 @@ impl Kernel {
             "seeded from existing sockets"
         );
         Ok(())
+    }
+
+    /// What this kernel lets the agent do, as probed while loading and attaching.
+    pub fn features(&self) -> &Features {
+        &self.features
     }
 
     fn iter(&mut self, name: &'static str) -> Result<&mut Iter, LoadError> {

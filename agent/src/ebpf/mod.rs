@@ -58,6 +58,9 @@ pub enum LoadError {
     /// Pinning, cgroups, bpffs: the breaker's setup around the programs.
     #[error("{0}")]
     Setup(String),
+    /// A core feature cannot run on this kernel: what is missing, and what brings it.
+    #[error("this kernel cannot run breakwater: {0}")]
+    Unsupported(String),
     #[error(
         "pin directory {} is in use by another running agent: stop it, or give this one its own --pin-dir",
         .0.display()

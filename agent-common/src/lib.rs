@@ -24,13 +24,23 @@ pub mod names {
     /// `tp_btf/sk_data_ready`: the first data after it stops the clock.
     pub const PROG_DATA_READY: &str = "bw_data_ready";
 
+    /// `fentry/tcp_sendmsg_locked`: `PROG_SOCK_SEND` where the tracepoint is missing.
+    pub const PROG_SOCK_SEND_FENTRY: &str = "bw_sock_send_fentry";
+    /// `fentry/tcp_data_ready`: `PROG_DATA_READY` where the tracepoint is missing.
+    pub const PROG_DATA_READY_FENTRY: &str = "bw_data_ready_fentry";
+
     /// `tp_btf/tcp_retransmit_skb`: retransmits per destination.
     pub const PROG_RETRANSMIT: &str = "bw_retransmit";
+    /// `tp_btf/tcp_retransmit_skb` in its older, two-argument form (no error).
+    pub const PROG_RETRANSMIT_SENT: &str = "bw_retransmit_sent";
 
     pub const TRACEPOINT_SOCK_STATE: &str = "inet_sock_set_state";
     pub const TRACEPOINT_RETRANSMIT: &str = "tcp_retransmit_skb";
     pub const TRACEPOINT_SOCK_SEND: &str = "tcp_sendmsg_locked";
     pub const TRACEPOINT_DATA_READY: &str = "sk_data_ready";
+    /// Kernel functions the `fentry` fallbacks attach to.
+    pub const FUNC_SOCK_SEND: &str = "tcp_sendmsg_locked";
+    pub const FUNC_DATA_READY: &str = "tcp_data_ready";
     pub const ITER_TCP: &str = "tcp";
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.

@@ -1,13 +1,14 @@
-//! `tp_btf` programs: TCP state changes, sends, data arrivals and retransmits, for every socket
-//! in every network namespace.
+//! Tracing programs: TCP state changes, sends, data arrivals and retransmits, for every socket
+//! in every network namespace. `tp_btf` where the kernel has the tracepoint; `fentry` on the
+//! function that fires it, or a tracepoint's older form, where it does not (the loader chooses).
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
     },
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, fentry},
+    programs::{BtfTracePointContext, FEntryContext},
 };
 use breakwater_common::{
     conn_event, conn_flags, counter, direction, fail_reason, hist_bucket, hist_kind, scratch_slot,
@@ -332,10 +333,22 @@ unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
+    sock_send(ctx.arg(0))
+}
+
+/// Kernels without the `tcp_sendmsg_locked` tracepoint (6.12 has none): the function it fires in,
+/// with the same first argument and at the same point (before any of the data leaves).
+#[fentry(function = "tcp_sendmsg_locked")]
+pub fn bw_sock_send_fentry(ctx: FEntryContext) -> i32 {
+    sock_send(ctx.arg(0))
+}
+
+#[inline(always)]
+fn sock_send(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
-    if let Err(e) = unsafe { try_sock_send(&ctx) } {
+    if let Err(e) = unsafe { try_sock_send(sk) } {
         e.count();
     }
     0
@@ -345,8 +358,7 @@ pub fn bw_sock_send(ctx: BtfTracePointContext) -> i32 {
 /// before any of it leaves, so no response can beat it): on a tracked client connection that
 /// starts the clock, unless a request is already waiting for its response (a request sent in
 /// several writes is timed from its first).
-unsafe fn try_sock_send(ctx: &BtfTracePointContext) -> Result<(), Error> {
-    let sk: *const u8 = ctx.arg(0);
+unsafe fn try_sock_send(sk: *const u8) -> Result<(), Error> {
     let t = match timing(sk, false) {
         Some(t) => t,
         None => first_send(sk)?,
@@ -394,10 +406,22 @@ unsafe fn mstamp(sk: *const u8) -> Result<u64, Error> {
 
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
+    data_ready(ctx.arg(0))
+}
+
+/// Kernels without the `sk_data_ready` tracepoint (6.1 has none): TCP's own call of a socket's
+/// `sk_data_ready`, right after the data was queued (and `tcp_mstamp` refreshed).
+#[fentry(function = "tcp_data_ready")]
+pub fn bw_data_ready_fentry(ctx: FEntryContext) -> i32 {
+    data_ready(ctx.arg(0))
+}
+
+#[inline(always)]
+fn data_ready(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
-    if let Err(e) = unsafe { try_data_ready(&ctx) } {
+    if let Err(e) = unsafe { try_data_ready(sk) } {
         e.count();
     }
     0
@@ -407,8 +431,7 @@ pub fn bw_data_ready(ctx: BtfTracePointContext) -> i32 {
 /// in the connection, in up to `FR_RUNS` buckets, so that a steady request/response stream
 /// touches no map: a sample that falls in none of those buckets hands the smallest run to the
 /// maps, and the connection's close hands them all.
-unsafe fn try_data_ready(ctx: &BtfTracePointContext) -> Result<(), Error> {
-    let sk: *const u8 = ctx.arg(0);
+unsafe fn try_data_ready(sk: *const u8) -> Result<(), Error> {
     if !is_tcp(sk) {
         return Ok(());
     }
@@ -473,22 +496,34 @@ fn flush_first_responses(t: &mut RequestTiming, key: &DestKey) -> Result<(), Err
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn bw_retransmit(ctx: BtfTracePointContext) -> i32 {
+    // This form fires for failed attempts too, with their error.
+    let err: i32 = ctx.arg(2);
+    if err != 0 {
+        return 0;
+    }
+    retransmit(ctx.arg(0))
+}
+
+/// The tracepoint's older form (6.1's): two arguments, fired only for segments that went
+/// out, so there is no error to read (the verifier refuses a third argument).
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn bw_retransmit_sent(ctx: BtfTracePointContext) -> i32 {
+    retransmit(ctx.arg(0))
+}
+
+#[inline(always)]
+fn retransmit(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
-    if let Err(e) = unsafe { try_retransmit(&ctx) } {
+    if let Err(e) = unsafe { try_retransmit(sk) } {
         e.count();
     }
     0
 }
 
 /// A segment (a SYN too) went out again: counted for the connection's destination.
-unsafe fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), Error> {
-    let err: i32 = ctx.arg(2);
-    if err != 0 {
-        return Ok(());
-    }
-    let sk: *const u8 = ctx.arg(0);
+unsafe fn try_retransmit(sk: *const u8) -> Result<(), Error> {
     let Some(st) = BW_CONNS.get(&conn_key(sk)).copied() else {
         return Ok(());
     };

@@ -73,6 +73,37 @@ pub fn destroy_tcp(conns: &[(SocketAddr, SocketAddr)]) -> io::Result<DestroyRepo
     Ok(report)
 }
 
+/// Whether this kernel lets sock_diag destroy a connection: tried on one made for the purpose
+/// on loopback, in the calling thread's network namespace. Err says what is missing.
+pub fn probe() -> Result<(), String> {
+    let made = || -> io::Result<_> {
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+        let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+        let (server, _) = listener.accept()?;
+        Ok((client, server))
+    };
+    let (client, _server) =
+        made().map_err(|e| format!("no loopback connection to try it on: {e}"))?;
+    let pair = client
+        .local_addr()
+        .and_then(|local| Ok((local, client.peer_addr()?)))
+        .map_err(|e| e.to_string())?;
+    match destroy_tcp(&[pair]) {
+        Ok(r) if r.destroyed == 1 => Ok(()),
+        Ok(_) => Err(
+            "sock_diag did not find a live connection: the kernel's TCP sock_diag \
+             (modules inet_diag and tcp_diag) is missing"
+                .into(),
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(
+            "sock_diag SOCK_DESTROY is not supported: the kernel is built without \
+             CONFIG_INET_DIAG_DESTROY"
+                .into(),
+        ),
+        Err(e) => Err(format!("sock_diag SOCK_DESTROY: {e}")),
+    }
+}
+
 fn destroy_request(
     local: SocketAddr,
     remote: SocketAddr,

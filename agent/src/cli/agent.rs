@@ -92,7 +92,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     };
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_config(&config)?;
-    core.kernel.attach().context("attaching eBPF programs")?;
+    core.kernel.attach(&[]).context("attaching eBPF programs")?;
     core.kernel
         .attach_breaker(&config.breaker.scope)
         .context("attaching the circuit breaker")?;

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use super::{iter, program, records, Kernel, LoadError};
 use crate::{
     error::{Error, Result},
+    features::Feature,
     netns,
     service::Endpoint,
 };
@@ -211,15 +212,38 @@ impl Kernel {
                 }
             }
         }
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+        for (name, hook) in &SCOPE_PROGRAMS[..2] {
             program::<CgroupSockAddr>(&mut self.ebpf, name, "cgroup/connect")?
                 .load()
-                .map_err(LoadError::program("cgroup/connect load"))?;
+                .map_err(|e| {
+                    LoadError::Unsupported(format!(
+                        "the breaker's gate ({hook}) does not load: {}; it needs cgroup v2 with \
+                         CONFIG_CGROUP_BPF=y and bpf_set_retval (Linux 5.18 or later)",
+                        crate::error::chain(&e)
+                    ))
+                })?;
         }
-        program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?
-            .load()
-            .map_err(LoadError::program("sock_ops load"))?;
+        self.features.on(
+            Feature::BreakerGate,
+            format!("{}, {}", SCOPE_PROGRAMS[0].1, SCOPE_PROGRAMS[1].1),
+        );
+        match program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?.load() {
+            Ok(()) => self
+                .features
+                .on(Feature::BreakerOutcomes, SCOPE_PROGRAMS[2].1),
+            Err(e) => self.features.off(
+                Feature::BreakerOutcomes,
+                format!(
+                    "{}: {}: breakers trip only by hand",
+                    SCOPE_PROGRAMS[2].1,
+                    crate::error::chain(&e)
+                ),
+            ),
+        }
         for (name, _) in SCOPE_PROGRAMS {
+            if !self.loaded(name) {
+                continue;
+            }
             let id = self
                 .ebpf
                 .program(name)
@@ -235,22 +259,43 @@ impl Kernel {
         for rel in scope {
             self.attach_scope(rel)?;
         }
-        let breaker_iter = self.iter(names::PROG_BREAKER_TCP)?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
             what: "kernel BTF",
             source: aya::programs::ProgramError::Btf(e),
         })?;
-        breaker_iter
+        let breaker_iter = self.iter(names::PROG_BREAKER_TCP)?;
+        let iter_hook = format!("iter/{}", names::ITER_TCP);
+        let loaded = breaker_iter
             .load(names::ITER_TCP, &btf)
-            .map_err(LoadError::program("iter/tcp load"))?;
-        let id = breaker_iter.info().map(|i| i.id()).unwrap_or_default();
-        self.programs.push(super::ProgramSummary {
-            name: names::PROG_BREAKER_TCP,
-            attach: format!("iter/{}", names::ITER_TCP),
-            id,
-            ..Default::default()
-        });
+            .map(|()| breaker_iter.info().map(|i| i.id()).unwrap_or_default())
+            .map_err(|e| format!("{iter_hook}: {}", crate::error::chain(&e)));
+        let probed = self
+            .destroy_probe
+            .take()
+            .unwrap_or_else(crate::destroy::probe);
+        match (loaded, probed) {
+            (Ok(id), Ok(())) => {
+                self.programs.push(super::ProgramSummary {
+                    name: names::PROG_BREAKER_TCP,
+                    attach: iter_hook.clone(),
+                    id,
+                    ..Default::default()
+                });
+                self.features.on(
+                    Feature::TerminateOnTrip,
+                    format!("{iter_hook}, sock_diag SOCK_DESTROY"),
+                );
+            }
+            (Err(why), _) | (_, Err(why)) => self.features.off(Feature::TerminateOnTrip, why),
+        }
+        // Every hook is chosen: the parsed BTF (megabytes) is no longer needed.
+        self.btf = None;
         Ok(())
+    }
+
+    /// Whether the program `name` was loaded into the kernel.
+    fn loaded(&self, name: &str) -> bool {
+        self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())
     }
 
     /// Enforces the breakers on one more cgroup (a path relative to the cgroup2 mount).
@@ -268,6 +313,9 @@ impl Kernel {
         // As links, cgroup programs always stack with others' (BPF_F_ALLOW_MULTI is implied, and
         // bpf_link_create refuses it as a flag): `Single` here means no flags.
         for (name, _) in SCOPE_PROGRAMS {
+            if !self.loaded(name) {
+                continue;
+            }
             let link: FdLink = if name == names::PROG_SOCKOPS {
                 let prog: &mut SockOps = program(&mut self.ebpf, name, "sock_ops")?;
                 let id = prog

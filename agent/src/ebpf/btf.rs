@@ -25,13 +25,54 @@ pub enum BtfError {
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn resolve_offsets(path: &Path) -> Result<Offsets, BtfError> {
-    let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let sc = |p: &[&str]| offset_of(&btf, "sock_common", p);
-    let sk = |p: &[&str]| offset_of(&btf, "sock", p);
+/// The running kernel's BTF: struct offsets, and what the loader probes before choosing a hook.
+pub struct KernelBtf(Btf);
+
+impl KernelBtf {
+    pub fn read(path: &Path) -> Result<Self, BtfError> {
+        Btf::from_file(path)
+            .map(Self)
+            .map_err(|source| BtfError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    pub fn offsets(&self) -> Result<Offsets, BtfError> {
+        resolve_offsets(&self.0)
+    }
+
+    /// How many arguments the `tp_btf` tracepoint `name` passes (its `btf_trace_<name>`
+    /// typedef, less the context pointer every one starts with); None when the kernel lacks it.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let btf = &self.0;
+        let types = btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .ok()?;
+        let Some(Type::Typedef(td)) = types.into_iter().find(|t| matches!(t, Type::Typedef(_)))
+        else {
+            return None;
+        };
+        let Type::Ptr(ptr) = btf.resolve_chained_type(&td).ok()? else {
+            return None;
+        };
+        match btf.resolve_chained_type(&ptr).ok()? {
+            Type::FuncProto(proto) => Some(proto.parameters.len().saturating_sub(1)),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel has a function `name` that `fentry` could attach to.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.0
+            .resolve_types_by_name(name)
+            .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))))
+    }
+}
+
+fn resolve_offsets(btf: &Btf) -> Result<Offsets, BtfError> {
+    let sc = |p: &[&str]| offset_of(btf, "sock_common", p);
+    let sk = |p: &[&str]| offset_of(btf, "sock", p);
     Ok(Offsets {
         skc_daddr: sc(&["skc_daddr"])?,
         skc_rcv_saddr: sc(&["skc_rcv_saddr"])?,
@@ -42,15 +83,15 @@ pub fn resolve_offsets(path: &Path) -> Result<Offsets, BtfError> {
         skc_net: sc(&["skc_net", "net"])?,
         skc_v6_daddr: sc(&["skc_v6_daddr"])?,
         skc_v6_rcv_saddr: sc(&["skc_v6_rcv_saddr"])?,
-        net_inum: offset_of(&btf, "net", &["ns", "inum"])?,
+        net_inum: offset_of(btf, "net", &["ns", "inum"])?,
         // `struct sock` starts with its `sock_common`; these two are sock's own.
         sk_protocol: sk(&["sk_protocol"])?,
         sk_err: sk(&["sk_err"])?,
         skc_node_pprev: sc(&["skc_nulls_node", "pprev"])?,
-        tcp_srtt_us: offset_of(&btf, "tcp_sock", &["srtt_us"])?,
-        tcp_bytes_acked: offset_of(&btf, "tcp_sock", &["bytes_acked"])?,
-        tcp_bytes_received: offset_of(&btf, "tcp_sock", &["bytes_received"])?,
-        tcp_mstamp: offset_of(&btf, "tcp_sock", &["tcp_mstamp"])?,
+        tcp_srtt_us: offset_of(btf, "tcp_sock", &["srtt_us"])?,
+        tcp_bytes_acked: offset_of(btf, "tcp_sock", &["bytes_acked"])?,
+        tcp_bytes_received: offset_of(btf, "tcp_sock", &["bytes_received"])?,
+        tcp_mstamp: offset_of(btf, "tcp_sock", &["tcp_mstamp"])?,
         ready: 1,
     })
 }
@@ -139,7 +180,8 @@ mod tests {
             eprintln!("skipped: no {VMLINUX}");
             return;
         }
-        let o = resolve_offsets(path).unwrap();
+        let btf = KernelBtf::read(path).unwrap();
+        let o = btf.offsets().unwrap();
         assert_eq!(o.skc_daddr, 0);
         assert_eq!(o.skc_rcv_saddr, 4);
         assert_eq!(o.skc_dport, 12);
@@ -149,5 +191,10 @@ mod tests {
         assert!(o.skc_v6_rcv_saddr > o.skc_v6_daddr);
         assert!(o.sk_protocol > o.skc_v6_rcv_saddr);
         assert_eq!(o.ready, 1);
+        // Every kernel breakwater runs on has these; none has a tracepoint by this name.
+        assert_eq!(btf.tracepoint_args("inet_sock_set_state"), Some(3));
+        assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
+        assert!(btf.has_function("tcp_sendmsg_locked"));
+        assert!(!btf.has_function("no_such_function"));
     }
 }

@@ -22,7 +22,7 @@ use tracing::info;
 use crate::{
     config::MapSizes,
     error::{Error, Result},
-    features::Features,
+    features::{Feature, Features},
     netns,
     netns::NetSettings,
     service::Endpoint,
@@ -148,6 +148,10 @@ pub struct Kernel {
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
     features: Features,
+    /// The kernel's BTF, from `load` until the hooks are chosen.
+    btf: Option<btf::KernelBtf>,
+    /// Whether sock_diag can destroy a connection here (tried once, before attaching).
+    destroy_probe: Option<Result<(), String>>,
     pin_dir: PathBuf,
     _pin_lock: breaker::PinLock,
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
@@ -181,7 +185,13 @@ impl Kernel {
     /// `names::PINNED_MAPS` are taken from `pin_dir` if a previous agent pinned them there,
     /// else created and pinned.
     pub fn load(sizes: &MapSizes, pin_dir: &Path, hooks: Hooks) -> Result<Self, LoadError> {
-        let offsets = btf::resolve_offsets(Path::new(btf::VMLINUX))?;
+        let kbtf = btf::KernelBtf::read(Path::new(btf::VMLINUX)).map_err(|e| {
+            LoadError::Unsupported(format!(
+                "{e}: breakwater reads kernel structures through BTF, which needs a kernel built \
+                 with CONFIG_DEBUG_INFO_BTF=y"
+            ))
+        })?;
+        let offsets = kbtf.offsets()?;
         breaker::prepare_pin_dir(pin_dir)
             .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
         let pin_lock = breaker::lock_pin_dir(pin_dir)?;
@@ -234,37 +244,106 @@ impl Kernel {
             sizes: sizes.clone(),
             programs: Vec::new(),
             features: Features::default(),
+            btf: Some(kbtf),
+            destroy_probe: None,
             pin_dir: pin_dir.to_owned(),
             _pin_lock: pin_lock,
             links: Vec::new(),
         })
     }
 
-    /// Attaches the tracking programs, then seeds the gauges from the sockets that already
-    /// exist in every network namespace (after attaching, so that nothing falls in between).
-    pub fn attach(&mut self) -> Result<(), LoadError> {
+    /// Attaches the tracking programs, each feature through the best hook this kernel has,
+    /// then seeds the gauges from the sockets that already exist in every network namespace
+    /// (after attaching, so that nothing falls in between). Optional features the kernel cannot
+    /// run, or that `disabled` names, are off; connection tracking is core: without it,
+    /// `LoadError::Unsupported`.
+    pub fn attach(&mut self, disabled: &[Feature]) -> Result<(), LoadError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
             what: "kernel BTF",
             source: ProgramError::Btf(e),
         })?;
-        let attached = tracepoints::attach(&mut self.ebpf, &btf)?;
-        self.programs.extend(attached);
+        let kbtf = self.kernel_btf()?;
+        // Before anything is attached: the probe's own connection must not be counted.
+        self.destroy_probe = Some(crate::destroy::probe());
+
+        let (_, state) =
+            tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::SOCK_STATE)
+                .map_err(|why| {
+                    LoadError::Unsupported(format!(
+                        "connection tracking needs the tp_btf tracepoint {} ({why}): Linux 5.5 \
+                         or later, built with CONFIG_DEBUG_INFO_BTF=y",
+                        names::TRACEPOINT_SOCK_STATE
+                    ))
+                })?;
+        let state_hook = state.attach.clone();
+        self.programs.push(state);
+        let iter_hook = format!("iter/{}", names::ITER_TCP);
         for name in [
             names::PROG_SEED_TCP,
             names::PROG_LIST_TCP,
             names::PROG_SOCKS_TCP,
         ] {
             let prog = self.iter(name)?;
-            prog.load(names::ITER_TCP, &btf)
-                .map_err(LoadError::program("iter/tcp load"))?;
+            if let Err(e) = prog.load(names::ITER_TCP, &btf) {
+                let why = crate::error::chain(&e);
+                if name == names::PROG_SOCKS_TCP {
+                    self.features
+                        .off(Feature::TimeWait, format!("{iter_hook}: {why}"));
+                    continue;
+                }
+                return Err(LoadError::Unsupported(format!(
+                    "connection tracking needs BPF iterators over TCP sockets ({iter_hook}: \
+                     {why}): Linux 5.9 or later"
+                )));
+            }
             let id = prog.info().map(|i| i.id()).unwrap_or_default();
             self.programs.push(ProgramSummary {
                 name,
-                attach: format!("iter/{}", names::ITER_TCP),
+                attach: iter_hook.clone(),
                 id,
                 ..Default::default()
             });
         }
+        self.features.on(
+            Feature::ConnectionTracking,
+            format!("{state_hook}, {iter_hook}"),
+        );
+        self.features
+            .on(Feature::ConnectLatency, state_hook.clone());
+        self.features.on(Feature::TcpStats, state_hook.clone());
+        if self
+            .programs
+            .iter()
+            .any(|p| p.name == names::PROG_SOCKS_TCP)
+        {
+            self.features
+                .on(Feature::TimeWait, format!("{state_hook}, {iter_hook}"));
+        }
+        self.features.on(
+            Feature::AuditStream,
+            format!("ringbuf {}", names::MAP_CONN_EVENTS),
+        );
+
+        if !disabled.contains(&Feature::FirstResponseLatency) {
+            self.attach_first_response(&kbtf, &btf)?;
+        }
+        if !disabled.contains(&Feature::Retransmits) {
+            match tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::RETRANSMIT) {
+                Ok((_, p)) => {
+                    self.features.on(Feature::Retransmits, p.attach.clone());
+                    self.programs.push(p);
+                }
+                Err(why) => self.features.off(Feature::Retransmits, why),
+            }
+        }
+        for &feature in disabled {
+            if !feature.is_core() {
+                self.features
+                    .off(feature, "disabled by configuration (features.disable)");
+            }
+        }
+        self.btf = Some(kbtf);
+
         let namespaces = netns::all();
         let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces, |_| ())?;
         info!(
@@ -273,6 +352,48 @@ impl Kernel {
             "seeded from existing sockets"
         );
         Ok(())
+    }
+
+    /// First-response timing needs both a send hook and a receive hook; with only one, neither
+    /// stays attached.
+    fn attach_first_response(
+        &mut self,
+        kbtf: &btf::KernelBtf,
+        btf: &aya::Btf,
+    ) -> Result<(), LoadError> {
+        let send = tracepoints::attach_first(&mut self.ebpf, kbtf, btf, tracepoints::SEND);
+        let ready = tracepoints::attach_first(&mut self.ebpf, kbtf, btf, tracepoints::DATA_READY);
+        match (send, ready) {
+            (Ok((_, send)), Ok((_, ready))) => {
+                self.features.on(
+                    Feature::FirstResponseLatency,
+                    format!("{}, {}", send.attach, ready.attach),
+                );
+                self.programs.extend([send, ready]);
+            }
+            (send, ready) => {
+                let mut why = Vec::new();
+                for half in [send, ready] {
+                    match half {
+                        Ok((hook, _)) => hook.detach(&mut self.ebpf)?,
+                        Err(e) => why.push(e),
+                    }
+                }
+                self.features.off(
+                    Feature::FirstResponseLatency,
+                    format!("no hook for {}", why.join("; and none for ")),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's BTF as `load` read it (read again if it was let go).
+    fn kernel_btf(&mut self) -> Result<btf::KernelBtf, LoadError> {
+        match self.btf.take() {
+            Some(b) => Ok(b),
+            None => Ok(btf::KernelBtf::read(Path::new(btf::VMLINUX))?),
+        }
     }
 
     /// What this kernel lets the agent do, as probed while loading and attaching.

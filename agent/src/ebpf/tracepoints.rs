@@ -1,32 +1,179 @@
-//! `tp_btf` programs.
+//! The tracing programs, chosen per feature: for each, the best hook this kernel has (a `tp_btf`
+//! tracepoint, else `fentry` on the function that fires it, or the tracepoint's older form).
 
-use aya::{programs::BtfTracePoint, Btf, Ebpf};
+use aya::{
+    programs::{BtfTracePoint, FEntry},
+    Btf, Ebpf,
+};
 use breakwater_common::names;
+use tracing::debug;
 
-use super::{LoadError, ProgramSummary};
+use super::{btf::KernelBtf, LoadError, ProgramSummary};
 
-/// The `tp_btf` programs and the tracepoints they attach to.
-pub const PROGRAMS: [(&str, &str); 4] = [
-    (names::PROG_SOCK_STATE, names::TRACEPOINT_SOCK_STATE),
-    (names::PROG_SOCK_SEND, names::TRACEPOINT_SOCK_SEND),
-    (names::PROG_DATA_READY, names::TRACEPOINT_DATA_READY),
-    (names::PROG_RETRANSMIT, names::TRACEPOINT_RETRANSMIT),
+/// One way to run a program: a hook and the program written for it.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// `tp_btf/<tracepoint>`, whose arguments must number `args` (its form differs by kernel).
+    TpBtf {
+        prog: &'static str,
+        tracepoint: &'static str,
+        args: usize,
+    },
+    /// `fentry/<function>`: for kernels without the tracepoint. Needs a kernel that allows
+    /// fentry (lockdown and some builds refuse it).
+    FEntry {
+        prog: &'static str,
+        function: &'static str,
+    },
+}
+
+impl Hook {
+    pub fn prog(&self) -> &'static str {
+        match *self {
+            Hook::TpBtf { prog, .. } | Hook::FEntry { prog, .. } => prog,
+        }
+    }
+
+    /// `tp_btf/inet_sock_set_state`, `fentry/tcp_data_ready`: as `info` shows it.
+    pub fn describe(&self) -> String {
+        match self {
+            Hook::TpBtf { tracepoint, .. } => format!("tp_btf/{tracepoint}"),
+            Hook::FEntry { function, .. } => format!("fentry/{function}"),
+        }
+    }
+
+    /// Why the kernel's BTF rules this hook out, if it does.
+    fn unavailable(&self, btf: &KernelBtf) -> Option<String> {
+        match *self {
+            Hook::TpBtf {
+                tracepoint, args, ..
+            } => match btf.tracepoint_args(tracepoint) {
+                None => Some("the kernel has no such tracepoint".into()),
+                Some(n) if n != args => Some(format!(
+                    "the tracepoint has {n} arguments here, this program reads {args}"
+                )),
+                Some(_) => None,
+            },
+            Hook::FEntry { function, .. } => (!btf.has_function(function))
+                .then(|| "the kernel's BTF has no such function".into()),
+        }
+    }
+
+    /// Loads and attaches the program; on failure it is unloaded again.
+    fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<ProgramSummary, String> {
+        let prog = self.prog();
+        let attached = match *self {
+            Hook::TpBtf { tracepoint, .. } => {
+                let p: &mut BtfTracePoint =
+                    super::program(ebpf, prog, "tp_btf").map_err(|e| e.to_string())?;
+                p.load(tracepoint, btf)
+                    .and_then(|()| p.attach().map(drop))
+                    .map_err(|e| (e, p.unload().err()))
+                    .map(|()| p.info().map(|i| i.id()).unwrap_or_default())
+            }
+            Hook::FEntry { function, .. } => {
+                let p: &mut FEntry =
+                    super::program(ebpf, prog, "fentry").map_err(|e| e.to_string())?;
+                p.load(function, btf)
+                    .and_then(|()| p.attach().map(drop))
+                    .map_err(|e| (e, p.unload().err()))
+                    .map(|()| p.info().map(|i| i.id()).unwrap_or_default())
+            }
+        };
+        match attached {
+            Ok(id) => Ok(ProgramSummary {
+                name: prog,
+                attach: self.describe(),
+                id,
+                ..Default::default()
+            }),
+            Err((e, _)) => Err(crate::error::chain(&e)),
+        }
+    }
+}
+
+/// Where connections are tracked: every TCP state change.
+pub const SOCK_STATE: &[Hook] = &[Hook::TpBtf {
+    prog: names::PROG_SOCK_STATE,
+    tracepoint: names::TRACEPOINT_SOCK_STATE,
+    args: 3,
+}];
+
+/// A request's send, in order of preference.
+pub const SEND: &[Hook] = &[
+    Hook::TpBtf {
+        prog: names::PROG_SOCK_SEND,
+        tracepoint: names::TRACEPOINT_SOCK_SEND,
+        args: 3,
+    },
+    Hook::FEntry {
+        prog: names::PROG_SOCK_SEND_FENTRY,
+        function: names::FUNC_SOCK_SEND,
+    },
 ];
 
-pub fn attach(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProgramSummary>, LoadError> {
-    PROGRAMS
-        .iter()
-        .map(|&(name, tracepoint)| {
-            let prog: &mut BtfTracePoint = super::program(ebpf, name, "tp_btf")?;
-            prog.load(tracepoint, btf)
-                .map_err(LoadError::program("tp_btf load"))?;
-            prog.attach().map_err(LoadError::program("tp_btf attach"))?;
-            Ok(ProgramSummary {
-                name,
-                attach: format!("tp_btf/{tracepoint}"),
-                id: prog.info().map(|i| i.id()).unwrap_or_default(),
-                ..Default::default()
-            })
-        })
-        .collect()
+/// The data that answers it.
+pub const DATA_READY: &[Hook] = &[
+    Hook::TpBtf {
+        prog: names::PROG_DATA_READY,
+        tracepoint: names::TRACEPOINT_DATA_READY,
+        args: 1,
+    },
+    Hook::FEntry {
+        prog: names::PROG_DATA_READY_FENTRY,
+        function: names::FUNC_DATA_READY,
+    },
+];
+
+/// Retransmitted segments: the tracepoint's current form (with the send's error), then 6.1's.
+pub const RETRANSMIT: &[Hook] = &[
+    Hook::TpBtf {
+        prog: names::PROG_RETRANSMIT,
+        tracepoint: names::TRACEPOINT_RETRANSMIT,
+        args: 3,
+    },
+    Hook::TpBtf {
+        prog: names::PROG_RETRANSMIT_SENT,
+        tracepoint: names::TRACEPOINT_RETRANSMIT,
+        args: 2,
+    },
+];
+
+/// Attaches the first of `hooks` that this kernel has and accepts. Err says, hook by hook,
+/// why none did.
+pub fn attach_first(
+    ebpf: &mut Ebpf,
+    kbtf: &KernelBtf,
+    btf: &Btf,
+    hooks: &[Hook],
+) -> Result<(Hook, ProgramSummary), String> {
+    let mut why = Vec::new();
+    for hook in hooks {
+        let tried = match hook.unavailable(kbtf) {
+            Some(reason) => Err(reason),
+            None => hook.attach(ebpf, btf),
+        };
+        match tried {
+            Ok(summary) => return Ok((*hook, summary)),
+            Err(reason) => {
+                debug!(hook = %hook.describe(), %reason, "hook not available");
+                why.push(format!("{}: {reason}", hook.describe()));
+            }
+        }
+    }
+    Err(why.join("; "))
+}
+
+impl Hook {
+    /// Detaches and unloads a program [`attach_first`] attached.
+    pub fn detach(&self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
+        match *self {
+            Hook::TpBtf { prog, .. } => super::program::<BtfTracePoint>(ebpf, prog, "tp_btf")?
+                .unload()
+                .map_err(LoadError::program("tp_btf unload")),
+            Hook::FEntry { prog, .. } => super::program::<FEntry>(ebpf, prog, "fentry")?
+                .unload()
+                .map_err(LoadError::program("fentry unload")),
+        }
+    }
 }

@@ -91,9 +91,14 @@ pub mod names {
     /// Service id -> `breaker::SvcMeta` (name, trip reason), to rebuild the table on restart.
     pub const MAP_SVC_META: &str = "BW_SVC_META";
 
+    /// Two `u32`s, `[layout::MAGIC, layout::VERSION]`: the layout of the pinned maps beside it.
+    /// Written and read by the agent only.
+    pub const MAP_LAYOUT: &str = "BW_LAYOUT";
+
     /// Maps pinned under the agent's bpffs directory: enforcement state that outlives the
     /// agent process and is picked up again by the next one.
-    pub const PINNED_MAPS: [&str; 7] = [
+    pub const PINNED_MAPS: [&str; 8] = [
+        MAP_LAYOUT,
         MAP_SVC_LPM,
         MAP_SVC_META,
         MAP_POLICIES,
@@ -115,7 +120,8 @@ pub mod names {
     pub const GLOBAL_EMPTY: &str = "BW_EMPTY";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 18] = [
+    pub const ALL_MAPS: [&str; 19] = [
+        MAP_LAYOUT,
         MAP_CONN_EVENTS,
         MAP_AUDIT,
         MAP_POLICIES,
@@ -135,6 +141,19 @@ pub mod names {
         MAP_DEST_HIST,
         MAP_SVC_HIST,
     ];
+}
+
+/// The layout stamp of the pinned maps (`names::MAP_LAYOUT`), so that an agent never misreads
+/// state pinned by another version of itself.
+pub mod layout {
+    /// `BWLY`: the map is a breakwater layout stamp.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"BWLY");
+    /// Bump on any change to the key or value layout, or the meaning, of a map in
+    /// `names::PINNED_MAPS`, and teach the agent to migrate the older layout or say it cannot.
+    /// 1: the layout of every agent before stamps (what an unstamped pin directory holds).
+    pub const VERSION: u32 = 1;
+    /// Entries of the stamp map: `[MAGIC, VERSION]`.
+    pub const ENTRIES: u32 = 2;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).

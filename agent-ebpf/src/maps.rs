@@ -73,6 +73,10 @@ pub static BW_BRK_SOCKS: SkStorage<BreakerSock> = SkStorage::new();
 #[map]
 pub static BW_BRK_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
+/// Written and read by the agent only; here so that it is created and pinned with the rest.
+#[map]
+pub static BW_LAYOUT: Array<u32> = Array::with_max_entries(breakwater_common::layout::ENTRIES, 0);
+
 /// Written and read by the agent only; here so that it is created, sized and pinned with the rest.
 #[map]
 pub static BW_SVC_META: Array<SvcMeta> = Array::with_max_entries(SVC_SLOTS, 0);

@@ -850,6 +850,110 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_out() {
     );
 }
 
+/// The pinned state's layout stamp: state from before stamps is adopted (and stamped), state of
+/// another layout is refused with the way out, and never read.
+#[test]
+fn pinned_state_of_another_layout_is_refused_and_unstamped_state_adopted() {
+    use aya::maps::{Array, Map, MapData};
+    use breakwater_common::{layout, names};
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let mut agent = Agent::start_with_config(Some(&nginx_service(&up)));
+    let stamp_path = agent.pin_dir().join(names::MAP_LAYOUT);
+    let stamp = || -> Array<MapData, u32> {
+        let map = MapData::from_pin(&stamp_path).expect("layout stamp pinned");
+        Array::try_from(Map::Array(map)).expect("an array of u32")
+    };
+    let read = |a: &Array<MapData, u32>| (a.get(&0, 0).unwrap(), a.get(&1, 0).unwrap());
+    assert_eq!(read(&stamp()), (layout::MAGIC, layout::VERSION));
+    assert!(agent.cli(&["trip", SERVICE]).status.success());
+    agent.stop();
+
+    // As an agent from before stamps left it: adopted, stamped, the trip kept.
+    std::fs::remove_file(&stamp_path).unwrap();
+    agent.spawn();
+    assert_eq!(read(&stamp()), (layout::MAGIC, layout::VERSION));
+    assert_eq!(get_breaker(&agent, SERVICE).unwrap().state(), Open);
+    assert!(
+        agent.log().contains("from before layout stamps"),
+        "{}",
+        agent.log()
+    );
+    agent.stop();
+
+    // An agent that should refuse to start: one that starts instead is stopped and fails.
+    let start = |agent: &Agent| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(breakwater_tests::agent_bin())
+            .arg("agent")
+            .arg("--socket")
+            .arg(dir.path().join("a.sock"))
+            .arg("--pin-dir")
+            .arg(agent.pin_dir())
+            .args(["--scope", agent.scope()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline || dir.path().join("a.sock").exists() {
+                child.kill().unwrap();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "the agent started on another layout's state: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pinned = || {
+        let mut names: Vec<_> = std::fs::read_dir(agent.pin_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = pinned();
+    // A newer agent's layout: refused, nothing touched.
+    let mut a = stamp();
+    a.set(1, layout::VERSION + 1, 0).unwrap();
+    let (code, stderr) = start(&agent);
+    assert_eq!(code, Some(1), "{stderr}");
+    let want = format!("has layout {} (a newer agent made it)", layout::VERSION + 1);
+    assert!(stderr.contains(&want), "{stderr}");
+    assert!(
+        stderr.contains("breakwater uninstall --pin-dir"),
+        "{stderr}"
+    );
+    assert_eq!(read(&stamp()), (layout::MAGIC, layout::VERSION + 1));
+    assert_eq!(pinned(), before);
+    // Not a stamp of ours at all.
+    a.set(0, 0xdead_beef, 0).unwrap();
+    let (code, stderr) = start(&agent);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not a breakwater layout stamp"),
+        "{stderr}"
+    );
+
+    // Back to this layout: the state is there as it was left.
+    a.set(0, layout::MAGIC, 0).unwrap();
+    a.set(1, layout::VERSION, 0).unwrap();
+    agent.spawn();
+    assert_eq!(get_breaker(&agent, SERVICE).unwrap().state(), Open);
+}
+
 #[test]
 fn slow_connects_count_as_failures() {
     let _s = serial();

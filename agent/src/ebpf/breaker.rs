@@ -113,6 +113,85 @@ pub fn lock_pin_dir(dir: &Path) -> Result<PinLock, LoadError> {
 /// See [`lock_pin_dir`].
 pub type PinLock = nix::fcntl::Flock<std::fs::File>;
 
+/// What a pin directory's layout stamp says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Nothing pinned yet.
+    Fresh,
+    /// Maps pinned by an agent from before stamps: layout 1, this one's; stamped on load.
+    Unstamped,
+    /// Stamped with this agent's layout.
+    Current,
+}
+
+/// Reads the layout stamp of the state pinned in `dir`, and refuses state of another layout:
+/// reading it as this one's would misread every breaker. Layouts this agent can migrate are
+/// migrated on load (none yet but the unstamped one, which is this layout).
+pub fn check_layout(dir: &Path) -> Result<Layout, LoadError> {
+    use breakwater_common::layout;
+    let stamp = dir.join(names::MAP_LAYOUT);
+    if !stamp.exists() {
+        let pinned = names::PINNED_MAPS
+            .iter()
+            .any(|name| dir.join(name).exists());
+        return Ok(if pinned {
+            Layout::Unstamped
+        } else {
+            Layout::Fresh
+        });
+    }
+    let unreadable = |e: &dyn std::fmt::Display| {
+        LoadError::Setup(format!("layout stamp {}: {e}", stamp.display()))
+    };
+    let map = aya::maps::MapData::from_pin(&stamp).map_err(|e| unreadable(&e))?;
+    let map: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(map)).map_err(|e| unreadable(&e))?;
+    let (magic, version) = (map.get(&0, 0), map.get(&1, 0));
+    let version = match (magic, version) {
+        (Ok(layout::MAGIC), Ok(v)) => v,
+        _ => {
+            return Err(LoadError::Setup(format!(
+                "{} is not a breakwater layout stamp: this pin directory was not made by \
+                 breakwater; give the agent its own --pin-dir, or remove it with `breakwater \
+                 uninstall --pin-dir {}`",
+                stamp.display(),
+                dir.display()
+            )))
+        }
+    };
+    if version == layout::VERSION {
+        return Ok(Layout::Current);
+    }
+    let made_by = if version > layout::VERSION {
+        "a newer agent"
+    } else {
+        "an older agent"
+    };
+    Err(LoadError::Setup(format!(
+        "the state pinned in {} has layout {version} ({made_by} made it) and this agent reads \
+         layout {}, which it cannot migrate to: run the agent that made it, or run `breakwater \
+         uninstall --pin-dir {}` (which drops the breakers' state) and start again",
+        dir.display(),
+        layout::VERSION,
+        dir.display()
+    )))
+}
+
+/// Stamps the pinned maps with this agent's layout (after loading, which made or reused them).
+pub fn stamp_layout(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    use breakwater_common::layout;
+    let mut map: Array<MapData, u32> = super::take(ebpf, names::MAP_LAYOUT)?;
+    let set = |map: &mut Array<MapData, u32>, i, v| {
+        map.set(i, v, 0).map_err(|source| LoadError::Map {
+            name: names::MAP_LAYOUT,
+            source,
+        })
+    };
+    // The version first: a magic with no version would read as layout 0.
+    set(&mut map, 1, layout::VERSION)?;
+    set(&mut map, 0, layout::MAGIC)
+}
+
 /// Checks that maps a previous agent pinned fit this agent: the same layouts (a different
 /// version may have changed them) and the sizes the config asks for. Reusing a map that does
 /// not fit would corrupt its state or fail later with a less clear error.

@@ -195,6 +195,7 @@ impl Kernel {
         breaker::prepare_pin_dir(pin_dir)
             .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
         let pin_lock = breaker::lock_pin_dir(pin_dir)?;
+        let layout = breaker::check_layout(pin_dir)?;
         breaker::check_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
         for name in names::PINNED_MAPS {
@@ -227,6 +228,10 @@ impl Kernel {
             if ebpf.map(name).is_none() {
                 return Err(LoadError::Missing { kind: "map", name });
             }
+        }
+        breaker::stamp_layout(&mut ebpf)?;
+        if layout == breaker::Layout::Unstamped {
+            info!(pin_dir = %pin_dir.display(), "pinned state from before layout stamps: stamped");
         }
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,

@@ -4,6 +4,7 @@
 use std::{
     net::TcpStream,
     os::unix::fs::{MetadataExt, PermissionsExt},
+    path::Path,
     process::Command,
     time::Duration,
 };
@@ -318,13 +319,32 @@ fn info_reports_programs_maps_and_socket_mode() {
         .iter()
         .map(|p| (p.name.as_str(), p.attach.as_str()))
         .collect();
+    // Each through the hook this kernel has, as its tracefs tells: the tracepoint, else the
+    // fallback.
+    let event = |name: &str| Path::new("/sys/kernel/tracing/events").join(name);
+    let send = if event("tcp/tcp_sendmsg_locked").exists() {
+        ("bw_sock_send", "tp_btf/tcp_sendmsg_locked")
+    } else {
+        ("bw_sock_send_fentry", "fentry/tcp_sendmsg_locked")
+    };
+    let ready = if event("sock/sk_data_ready").exists() {
+        ("bw_data_ready", "tp_btf/sk_data_ready")
+    } else {
+        ("bw_data_ready_fentry", "fentry/tcp_data_ready")
+    };
+    let format = std::fs::read_to_string(event("tcp/tcp_retransmit_skb/format")).unwrap();
+    let retransmit = if format.contains("field:int err;") {
+        ("bw_retransmit", "tp_btf/tcp_retransmit_skb")
+    } else {
+        ("bw_retransmit_sent", "tp_btf/tcp_retransmit_skb")
+    };
     assert_eq!(
         programs,
         [
             ("bw_sock_state", "tp_btf/inet_sock_set_state"),
-            ("bw_sock_send", "tp_btf/tcp_sendmsg_locked"),
-            ("bw_data_ready", "tp_btf/sk_data_ready"),
-            ("bw_retransmit", "tp_btf/tcp_retransmit_skb"),
+            send,
+            ready,
+            retransmit,
             ("bw_seed_tcp", "iter/tcp"),
             ("bw_list_tcp", "iter/tcp"),
             ("bw_socks_tcp", "iter/tcp"),

@@ -282,6 +282,18 @@ impl Kernel {
                 })?;
         let state_hook = state.attach.clone();
         self.programs.push(state);
+        if !disabled.contains(&Feature::FirstResponseLatency) {
+            self.attach_first_response(&kbtf, &btf)?;
+        }
+        if !disabled.contains(&Feature::Retransmits) {
+            match tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::RETRANSMIT) {
+                Ok((_, p)) => {
+                    self.features.on(Feature::Retransmits, p.attach.clone());
+                    self.programs.push(p);
+                }
+                Err(why) => self.features.off(Feature::Retransmits, why),
+            }
+        }
         let iter_hook = format!("iter/{}", names::ITER_TCP);
         for name in [
             names::PROG_SEED_TCP,
@@ -329,18 +341,6 @@ impl Kernel {
             format!("ringbuf {}", names::MAP_CONN_EVENTS),
         );
 
-        if !disabled.contains(&Feature::FirstResponseLatency) {
-            self.attach_first_response(&kbtf, &btf)?;
-        }
-        if !disabled.contains(&Feature::Retransmits) {
-            match tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::RETRANSMIT) {
-                Ok((_, p)) => {
-                    self.features.on(Feature::Retransmits, p.attach.clone());
-                    self.programs.push(p);
-                }
-                Err(why) => self.features.off(Feature::Retransmits, why),
-            }
-        }
         for &feature in disabled {
             if !feature.is_core() {
                 self.features

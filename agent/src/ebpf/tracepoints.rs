@@ -1,6 +1,8 @@
 //! The tracing programs, chosen per feature: for each, the best hook this kernel has (a `tp_btf`
 //! tracepoint, else `fentry` on the function that fires it, or the tracepoint's older form).
 
+use std::ops::RangeInclusive;
+
 use aya::{
     programs::{BtfTracePoint, FEntry},
     Btf, Ebpf,
@@ -11,13 +13,14 @@ use tracing::debug;
 use super::{btf::KernelBtf, LoadError, ProgramSummary};
 
 /// One way to run a program: a hook and the program written for it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Hook {
-    /// `tp_btf/<tracepoint>`, whose arguments must number `args` (its form differs by kernel).
+    /// `tp_btf/<tracepoint>`, in a form whose arguments number within `args` (the program
+    /// reads up to its lower bound; the forms differ by kernel).
     TpBtf {
         prog: &'static str,
         tracepoint: &'static str,
-        args: usize,
+        args: RangeInclusive<usize>,
     },
     /// `fentry/<function>`: for kernels without the tracepoint. Needs a kernel that allows
     /// fentry (lockdown and some builds refuse it).
@@ -29,7 +32,7 @@ pub enum Hook {
 
 impl Hook {
     pub fn prog(&self) -> &'static str {
-        match *self {
+        match self {
             Hook::TpBtf { prog, .. } | Hook::FEntry { prog, .. } => prog,
         }
     }
@@ -46,11 +49,18 @@ impl Hook {
     fn unavailable(&self, btf: &KernelBtf) -> Option<String> {
         match *self {
             Hook::TpBtf {
-                tracepoint, args, ..
+                tracepoint,
+                ref args,
+                ..
             } => match btf.tracepoint_args(tracepoint) {
                 None => Some("the kernel has no such tracepoint".into()),
-                Some(n) if n != args => Some(format!(
-                    "the tracepoint has {n} arguments here, this program reads {args}"
+                Some(n) if !args.contains(&n) => Some(format!(
+                    "the tracepoint has {n} arguments here, this program is for {}",
+                    if args.end() == args.start() {
+                        args.start().to_string()
+                    } else {
+                        format!("{} or more", args.start())
+                    }
                 )),
                 Some(_) => None,
             },
@@ -62,7 +72,7 @@ impl Hook {
     /// Loads and attaches the program; on failure it is unloaded again.
     fn attach(&self, ebpf: &mut Ebpf, btf: &Btf) -> Result<ProgramSummary, String> {
         let prog = self.prog();
-        let attached = match *self {
+        let attached = match self {
             Hook::TpBtf { tracepoint, .. } => {
                 let p: &mut BtfTracePoint =
                     super::program(ebpf, prog, "tp_btf").map_err(|e| e.to_string())?;
@@ -92,11 +102,14 @@ impl Hook {
     }
 }
 
+/// No upper bound on a tracepoint's arguments: later kernels may add more.
+const ANY: usize = usize::MAX;
+
 /// Where connections are tracked: every TCP state change.
 pub const SOCK_STATE: &[Hook] = &[Hook::TpBtf {
     prog: names::PROG_SOCK_STATE,
     tracepoint: names::TRACEPOINT_SOCK_STATE,
-    args: 3,
+    args: 3..=ANY,
 }];
 
 /// A request's send, in order of preference.
@@ -104,7 +117,7 @@ pub const SEND: &[Hook] = &[
     Hook::TpBtf {
         prog: names::PROG_SOCK_SEND,
         tracepoint: names::TRACEPOINT_SOCK_SEND,
-        args: 3,
+        args: 1..=ANY,
     },
     Hook::FEntry {
         prog: names::PROG_SOCK_SEND_FENTRY,
@@ -117,7 +130,7 @@ pub const DATA_READY: &[Hook] = &[
     Hook::TpBtf {
         prog: names::PROG_DATA_READY,
         tracepoint: names::TRACEPOINT_DATA_READY,
-        args: 1,
+        args: 1..=ANY,
     },
     Hook::FEntry {
         prog: names::PROG_DATA_READY_FENTRY,
@@ -130,12 +143,12 @@ pub const RETRANSMIT: &[Hook] = &[
     Hook::TpBtf {
         prog: names::PROG_RETRANSMIT,
         tracepoint: names::TRACEPOINT_RETRANSMIT,
-        args: 3,
+        args: 3..=ANY,
     },
     Hook::TpBtf {
         prog: names::PROG_RETRANSMIT_SENT,
         tracepoint: names::TRACEPOINT_RETRANSMIT,
-        args: 2,
+        args: 2..=2,
     },
 ];
 
@@ -154,7 +167,7 @@ pub fn attach_first(
             None => hook.attach(ebpf, btf),
         };
         match tried {
-            Ok(summary) => return Ok((*hook, summary)),
+            Ok(summary) => return Ok((hook.clone(), summary)),
             Err(reason) => {
                 debug!(hook = %hook.describe(), %reason, "hook not available");
                 why.push(format!("{}: {reason}", hook.describe()));
@@ -167,7 +180,7 @@ pub fn attach_first(
 impl Hook {
     /// Detaches and unloads a program [`attach_first`] attached.
     pub fn detach(&self, ebpf: &mut Ebpf) -> Result<(), LoadError> {
-        match *self {
+        match self {
             Hook::TpBtf { prog, .. } => super::program::<BtfTracePoint>(ebpf, prog, "tp_btf")?
                 .unload()
                 .map_err(LoadError::program("tp_btf unload")),

@@ -9,7 +9,8 @@ use super::{AgentArgs, CliError};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::{Config, RemoteOverrides},
-    ebpf::{breaker, Hooks, Kernel},
+    ebpf::{breaker, Hooks, Kernel, LoadError},
+    features::{Features, Status},
     netns,
     service::ServiceTable,
 };
@@ -40,6 +41,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         },
         health_listen: args.health_listen.clone(),
         metrics_listen: args.metrics_listen.clone(),
+        disable_features: args.disable_features.clone(),
     };
     overrides.apply(&mut config)?;
     let socket = args
@@ -67,35 +69,10 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     } else {
         Hooks::Work
     };
-    let mut kernel =
-        Kernel::load(&config.maps, &pin_dir, hooks).context("loading eBPF programs")?;
-    let mut services =
-        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
-    for (id, name, endpoints) in kernel.pinned_services() {
-        info!(service = name, id, "service kept from the previous agent");
-        services.restore(id, &name, endpoints);
-    }
-    let events = kernel.take_events();
-    let conn_events = kernel.take_conn_events();
     let authz = Authz::new(&config.agent.authz);
-    let mut core = Core {
-        authz: authz.clone(),
-        kernel,
-        services,
-        rates: Default::default(),
-        events: tokio::sync::broadcast::channel(1024).0,
-        audit: tokio::sync::broadcast::channel(4096).0,
-        cgroups: Default::default(),
-        config: config.clone(),
-        config_path: args.config.clone(),
-        overrides,
-    };
-    // Services go into the kernel before attaching, so seeded sockets get theirs too.
-    core.apply_config(&config)?;
-    core.kernel.attach().context("attaching eBPF programs")?;
-    core.kernel
-        .attach_breaker(&config.breaker.scope)
-        .context("attaching the circuit breaker")?;
+    let started = start_kernel(&config, &args, overrides, &authz, hooks);
+    let (core, events, conn_events) = started?;
+    log_features(core.kernel.features());
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
 
@@ -226,6 +203,72 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))
+}
+
+type Started = (
+    Core,
+    Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    Option<aya::maps::RingBuf<aya::maps::MapData>>,
+);
+
+/// Loads and attaches everything: the core, and the ring buffers of breaker and connection
+/// events for their readers.
+fn start_kernel(
+    config: &Config,
+    args: &AgentArgs,
+    overrides: Overrides,
+    authz: &Authz,
+    hooks: Hooks,
+) -> Result<Started, CliError> {
+    let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
+        .map_err(|e| load_error("loading eBPF programs", e))?;
+    let mut services =
+        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
+    for (id, name, endpoints) in kernel.pinned_services() {
+        info!(service = name, id, "service kept from the previous agent");
+        services.restore(id, &name, endpoints);
+    }
+    let events = kernel.take_events();
+    let conn_events = kernel.take_conn_events();
+    let mut core = Core {
+        authz: authz.clone(),
+        kernel,
+        services,
+        rates: Default::default(),
+        events: tokio::sync::broadcast::channel(1024).0,
+        audit: tokio::sync::broadcast::channel(4096).0,
+        cgroups: Default::default(),
+        config: config.clone(),
+        config_path: args.config.clone(),
+        overrides,
+    };
+    // Services go into the kernel before attaching, so seeded sockets get theirs too.
+    core.apply_config(config)?;
+    let disabled = config.features.disabled()?;
+    core.kernel
+        .attach(&disabled)
+        .map_err(|e| load_error("attaching eBPF programs", e))?;
+    core.kernel
+        .attach_breaker(&config.breaker.scope)
+        .map_err(|e| load_error("attaching the circuit breaker", e))?;
+    Ok((core, events, conn_events))
+}
+
+fn load_error(what: &'static str, e: LoadError) -> CliError {
+    CliError::Failed(anyhow::Error::new(e).context(what))
+}
+
+/// One line per feature that is not fully on: a warning if off, information if degraded.
+fn log_features(features: &Features) {
+    for s in features.iter() {
+        let (feature, status) = (s.feature.name(), s.status.name());
+        let (hook, reason) = (s.hook.as_str(), s.reason.as_str());
+        match s.status {
+            Status::On => {}
+            Status::Degraded => info!(feature, status, hook, reason, "feature degraded"),
+            Status::Off => warn!(feature, status, hook, reason, "feature off"),
+        }
+    }
 }
 
 /// Binds the health-only and the metrics listeners (before loading: a taken port stops the

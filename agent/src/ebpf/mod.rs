@@ -22,7 +22,7 @@ use tracing::info;
 use crate::{
     config::MapSizes,
     error::{Error, Result},
-    features::Features,
+    features::{Feature, Features},
     netns,
     netns::NetSettings,
     service::Endpoint,
@@ -242,7 +242,8 @@ impl Kernel {
 
     /// Attaches the tracking programs, then seeds the gauges from the sockets that already
     /// exist in every network namespace (after attaching, so that nothing falls in between).
-    pub fn attach(&mut self) -> Result<(), LoadError> {
+    /// `disabled`: optional features the operator turned off (`[features] disable`).
+    pub fn attach(&mut self, disabled: &[Feature]) -> Result<(), LoadError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
             what: "kernel BTF",
             source: ProgramError::Btf(e),
@@ -272,6 +273,42 @@ impl Kernel {
             seeded = self.counter(counter::SEEDED),
             "seeded from existing sockets"
         );
+        // Stand-in for the probing loader: this one attaches every hook or fails, so every
+        // feature is on through the one hook it has (the breaker's are attached by
+        // `attach_breaker`, which stops the start if it fails).
+        let tp = |t: &str| format!("tp_btf/{t}");
+        let state = tp(names::TRACEPOINT_SOCK_STATE);
+        let iter = format!("iter/{}", names::ITER_TCP);
+        for (feature, hook) in [
+            (Feature::ConnectionTracking, format!("{state}, {iter}")),
+            (Feature::TimeWait, format!("{state}, {iter}")),
+            (Feature::ConnectLatency, state.clone()),
+            (
+                Feature::FirstResponseLatency,
+                format!(
+                    "{}, {}",
+                    tp(names::TRACEPOINT_SOCK_SEND),
+                    tp(names::TRACEPOINT_DATA_READY)
+                ),
+            ),
+            (Feature::TcpStats, state.clone()),
+            (Feature::Retransmits, tp(names::TRACEPOINT_RETRANSMIT)),
+            (
+                Feature::BreakerGate,
+                "cgroup/connect4, cgroup/connect6".into(),
+            ),
+            (Feature::BreakerOutcomes, "sock_ops".into()),
+            (
+                Feature::TerminateOnTrip,
+                format!("{iter}, sock_diag SOCK_DESTROY"),
+            ),
+            (Feature::AuditStream, format!("{state}, ringbuf")),
+        ] {
+            self.features.on(feature, hook);
+        }
+        // TODO(merge): skip the programs of the disabled features instead of only reporting
+        // them off; this must stay after everything that probes and sets `self.features`.
+        self.features.disable(disabled);
         Ok(())
     }
 

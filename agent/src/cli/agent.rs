@@ -3,9 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::{AgentArgs, CliError};
+use super::{AgentArgs, CliError, OnUnsupportedKernel};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::{Config, RemoteOverrides},
@@ -71,7 +71,20 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     };
     let authz = Authz::new(&config.agent.authz);
     let started = start_kernel(&config, &args, overrides, &authz, hooks);
-    let (core, events, conn_events) = started?;
+    let (core, events, conn_events) = match started {
+        Ok(started) => started,
+        Err(CliError::UnsupportedKernel(why))
+            if args.on_unsupported_kernel == OnUnsupportedKernel::Wait =>
+        {
+            // Everything loaded so far was dropped with the error (the pin directory's lock
+            // too). Nothing will serve the API or the metrics: close their listeners, so that
+            // clients and scrapers are refused at once instead of left waiting; only the health
+            // listener stays.
+            drop((tls, insecure, metrics_listener));
+            return wait_unsupported(why, &health).await;
+        }
+        Err(e) => return Err(e),
+    };
     log_features(core.kernel.features());
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
@@ -254,8 +267,27 @@ fn start_kernel(
     Ok((core, events, conn_events))
 }
 
+/// A loader error as the agent exits with it: a kernel that cannot run a core feature has an
+/// exit code of its own ([`super::EXIT_UNSUPPORTED_KERNEL`]); anything else is a failure.
 fn load_error(what: &'static str, e: LoadError) -> CliError {
-    CliError::Failed(anyhow::Error::new(e).context(what))
+    match e {
+        LoadError::Unsupported(_) => CliError::UnsupportedKernel(e.to_string()),
+        other => CliError::Failed(anyhow::Error::new(other).context(what)),
+    }
+}
+
+/// `--on-unsupported-kernel=wait`: says why, then stays up, alive and never ready, until
+/// SIGINT/SIGTERM; then exits with the unsupported kernel's code all the same.
+async fn wait_unsupported(why: String, health: &Health) -> Result<(), CliError> {
+    error!(
+        reason = %why,
+        "not running: waiting to be stopped (--on-unsupported-kernel=wait); health \"\" \
+         SERVING, breakwater.v1.Agent NOT_SERVING"
+    );
+    eprintln!("error: {why}\nbreakwater agent: not running; waiting to be stopped");
+    health.set_unsupported().await;
+    shutdown().await;
+    Err(CliError::UnsupportedKernel(why))
 }
 
 /// One line per feature that is not fully on: a warning if off, information if degraded.
@@ -403,4 +435,28 @@ pub fn uninstall(pin_dir: &std::path::Path) -> Result<(), CliError> {
         .map_err(CliError::Failed)?;
     println!("removed {}", pin_dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_kernel_has_an_exit_code_of_its_own() {
+        let e = load_error(
+            "attaching eBPF programs",
+            LoadError::Unsupported("no BTF for the kernel (CONFIG_DEBUG_INFO_BTF)".into()),
+        );
+        assert_eq!(e.exit_code(), super::super::EXIT_UNSUPPORTED_KERNEL);
+        assert_eq!(
+            e.to_string(),
+            "this kernel cannot run breakwater: no BTF for the kernel (CONFIG_DEBUG_INFO_BTF)"
+        );
+        let e = load_error("loading eBPF programs", LoadError::Seed("x".into()));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            "loading eBPF programs: seeding from existing sockets: x"
+        );
+    }
 }

@@ -62,6 +62,7 @@ pub enum Output {
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
     /// Run the agent (as root): load the eBPF programs and serve the API.
+    #[command(after_help = AGENT_EXIT_CODES)]
     Agent(AgentArgs),
     /// Services with their connection counts.
     Services,
@@ -314,6 +315,17 @@ pub struct AgentArgs {
         value_parser = feature_arg
     )]
     pub disable_features: Vec<crate::features::Feature>,
+    /// What to do when this kernel cannot run a core feature: `exit` with code 69, or `wait`:
+    /// log why and stay up (health "" SERVING, breakwater.v1.Agent NOT_SERVING) until stopped,
+    /// for supervisors that restart whatever exits (a Kubernetes DaemonSet).
+    #[arg(
+        long,
+        env = "BREAKWATER_ON_UNSUPPORTED_KERNEL",
+        value_enum,
+        value_name = "WHAT",
+        default_value_t = OnUnsupportedKernel::Exit
+    )]
+    pub on_unsupported_kernel: OnUnsupportedKernel,
     /// Attach every hook, but have each return at once: nothing is counted or enforced. For
     /// `cargo xtask bench`, to measure what the hooks cost by themselves.
     #[arg(long, hide = true)]
@@ -330,6 +342,29 @@ pub struct AgentArgs {
 fn feature_arg(name: &str) -> Result<crate::features::Feature, String> {
     crate::features::Feature::optional(name)
 }
+
+/// `--on-unsupported-kernel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnUnsupportedKernel {
+    /// Exit with code 69 (EX_UNAVAILABLE).
+    Exit,
+    /// Log why, then stay up and not ready until stopped (then exit with code 69).
+    Wait,
+}
+
+/// Exit code of `breakwater agent` when this kernel cannot run a core feature (connection
+/// tracking, the breaker's gate): sysexits' EX_UNAVAILABLE. Not 1 (a failure that a restart may
+/// cure) nor 2 (bad input): restarting on the same kernel fails the same way.
+pub const EXIT_UNSUPPORTED_KERNEL: u8 = 69;
+
+/// `breakwater agent --help`'s exit codes ([`EXIT_UNSUPPORTED_KERNEL`] is the 69).
+const AGENT_EXIT_CODES: &str = "\
+Exit codes:
+  0   stopped by SIGINT or SIGTERM
+  1   failed (e.g. another agent holds the socket or the pin directory)
+  2   bad flags or config (the reason is printed); nothing was started
+  69  this kernel cannot run a core feature (the message says what is missing);
+      with --on-unsupported-kernel=wait, after waiting to be stopped";
 
 #[derive(Clone, Debug, Subcommand)]
 pub enum ServiceCommand {
@@ -364,6 +399,9 @@ pub enum CliError {
     /// Bad input: exit code 2.
     #[error("{0}")]
     Usage(String),
+    /// The kernel cannot run a core feature: exit code [`EXIT_UNSUPPORTED_KERNEL`].
+    #[error("{0}")]
+    UnsupportedKernel(String),
     /// Anything else: exit code 1.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
@@ -373,6 +411,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Usage(_) => 2,
+            CliError::UnsupportedKernel(_) => EXIT_UNSUPPORTED_KERNEL,
             CliError::Failed(_) => 1,
         }
     }
@@ -458,6 +497,7 @@ mod tests {
     fn features_are_disabled_by_name() {
         let a = agent_args(&[]).unwrap();
         assert!(a.disable_features.is_empty());
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Exit);
         let a = agent_args(&[
             "--disable-feature",
             "first_response_latency",
@@ -490,9 +530,33 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_kernels_exit_or_wait() {
+        let a = agent_args(&["--on-unsupported-kernel", "wait"]).unwrap();
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Wait);
+        let a = agent_args(&["--on-unsupported-kernel=exit"]).unwrap();
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Exit);
+        let err = agent_args(&["--on-unsupported-kernel", "restart"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
     fn exit_codes_say_what_kind_of_failure() {
         assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
         assert_eq!(CliError::Failed(anyhow::anyhow!("x")).exit_code(), 1);
+        assert_eq!(CliError::UnsupportedKernel("x".into()).exit_code(), 69);
+        assert_eq!(EXIT_UNSUPPORTED_KERNEL, 69);
+        // `breakwater agent --help` documents it.
+        let help = Cli::try_parse_from(["breakwater", "agent", "--help"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            help.contains(&format!(
+                "{EXIT_UNSUPPORTED_KERNEL}  this kernel cannot run"
+            )),
+            "{help}"
+        );
+        assert!(help.contains("--on-unsupported-kernel"), "{help}");
+        assert!(help.contains("--disable-feature"), "{help}");
     }
 
     #[test]

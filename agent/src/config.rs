@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::{
     breaker::{parse_duration, PolicySpec},
     error::{Error, Result},
+    features::Feature,
     service::{parse_endpoints, ServiceTable},
 };
 
@@ -24,6 +25,7 @@ pub struct Config {
     pub maps: MapSizes,
     pub breaker: BreakerScope,
     pub metrics: MetricsConfig,
+    pub features: FeaturesConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
 }
@@ -258,6 +260,43 @@ impl MetricsConfig {
     }
 }
 
+/// `[features]`: optional features the operator turns off, whatever the kernel offers. Read at
+/// start: a reload that changes it is applied at the next start.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Names of optional features (`crate::features::Feature::name`); a core feature cannot be
+    /// disabled.
+    pub disable: Vec<String>,
+}
+
+impl FeaturesConfig {
+    /// The features to turn off, each once, in `Feature::ALL` order.
+    pub fn disabled(&self) -> Result<Vec<Feature>> {
+        let named = self
+            .disable
+            .iter()
+            .map(|name| {
+                Feature::optional(name)
+                    .map_err(|why| Error::invalid(format!("features.disable: {why}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Feature::ALL
+            .into_iter()
+            .filter(|f| named.contains(f))
+            .collect())
+    }
+
+    /// Adds `more` (the `--disable-feature` flags) to the list.
+    pub fn add(&mut self, more: &[Feature]) {
+        for f in more {
+            if !self.disable.iter().any(|n| n == f.name()) {
+                self.disable.push(f.name().to_owned());
+            }
+        }
+    }
+}
+
 /// Where breakers are enforced: the connects of processes in these cgroups (and their
 /// descendants) are counted and, while a breaker is open, refused.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -414,6 +453,7 @@ impl Config {
         self.agent.validate()?;
         self.metrics.validate()?;
         self.breaker.validate()?;
+        self.features.disabled()?;
         self.service_table()?;
         self.policies().map(drop)
     }
@@ -491,6 +531,7 @@ mod tests {
         assert_eq!(c.maps, MapSizes::default());
         assert_eq!(c.breaker, BreakerScope::default());
         assert_eq!(c.metrics, MetricsConfig::default());
+        assert_eq!(c.features, FeaturesConfig::default());
         assert_eq!(c.service_table().unwrap().iter().count(), 2);
         let policies = c.policies().unwrap();
         assert_eq!(policies.len(), 2);
@@ -576,6 +617,43 @@ mod tests {
             ("[agent]\nhealth_listen = \":x\"", "agent.health_listen \":x\": "),
         ];
         for (text, why) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(why), "{text:?}: {err:?} lacks {why:?}");
+        }
+    }
+
+    #[test]
+    fn features_to_disable_parse_and_only_optional_ones_are_accepted() {
+        let c = Config::from_toml(
+            "[features]\ndisable = [\"audit_stream\", \"first_response_latency\", \"audit_stream\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.features.disabled().unwrap(),
+            [Feature::FirstResponseLatency, Feature::AuditStream]
+        );
+        let mut f = c.features.clone();
+        f.add(&[Feature::AuditStream, Feature::Retransmits]);
+        assert_eq!(
+            f.disabled().unwrap(),
+            [
+                Feature::FirstResponseLatency,
+                Feature::Retransmits,
+                Feature::AuditStream
+            ]
+        );
+        assert!(Config::default().features.disabled().unwrap().is_empty());
+        for (text, why) in [
+            (
+                "[features]\ndisable = [\"nonsense\"]",
+                "features.disable: unknown feature \"nonsense\" (optional features: time_wait,",
+            ),
+            (
+                "[features]\ndisable = [\"connection_tracking\"]",
+                "features.disable: connection_tracking is a core feature and cannot be disabled",
+            ),
+            ("[features]\nenable = []", "unknown field `enable`"),
+        ] {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text:?}: {err:?} lacks {why:?}");
         }

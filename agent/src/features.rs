@@ -63,7 +63,51 @@ impl Feature {
     pub const fn is_core(self) -> bool {
         matches!(self, Feature::ConnectionTracking | Feature::BreakerGate)
     }
+
+    /// The feature of that name (see [`Feature::name`]).
+    pub fn from_name(name: &str) -> Option<Feature> {
+        Feature::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The feature an operator names to turn off (`[features] disable`, `--disable-feature`):
+    /// an unknown name or a core feature is refused, with the names that may be given.
+    pub fn optional(name: &str) -> Result<Feature, String> {
+        let optional = || {
+            Feature::ALL
+                .iter()
+                .filter(|f| !f.is_core())
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match Feature::from_name(name) {
+            None => Err(format!(
+                "unknown feature {name:?} (optional features: {})",
+                optional()
+            )),
+            Some(f) if f.is_core() => Err(format!(
+                "{f} is a core feature and cannot be disabled (optional features: {})",
+                optional()
+            )),
+            Some(f) => Ok(f),
+        }
+    }
+
+    /// The latency histogram kind (`breakwater_common::hist_kind`) and the feature that
+    /// measures it.
+    pub const fn of_histogram(kind: u32) -> Feature {
+        use breakwater_common::hist_kind;
+        match kind {
+            hist_kind::CONNECT => Feature::ConnectLatency,
+            hist_kind::FIRST_RESPONSE => Feature::FirstResponseLatency,
+            // SRTT and LIFETIME are read when a connection leaves ESTABLISHED.
+            _ => Feature::TcpStats,
+        }
+    }
 }
+
+/// The reason of a feature the operator turned off.
+pub const DISABLED_BY_CONFIG: &str = "disabled by configuration (features.disable)";
 
 impl fmt::Display for Feature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -171,15 +215,25 @@ impl Features {
         self.0.iter()
     }
 
-    /// An error for a call that needs `feature` when it is off; None when it is on.
-    pub fn require(&self, feature: Feature) -> Option<crate::error::Error> {
+    /// Turns off what the operator disabled ([`DISABLED_BY_CONFIG`]), whatever the kernel
+    /// offers.
+    pub fn disable(&mut self, features: &[Feature]) {
+        for &f in features {
+            self.off(f, DISABLED_BY_CONFIG);
+        }
+    }
+
+    /// For a call that needs `feature`: `FeatureOff` (FAILED_PRECONDITION) with the feature's
+    /// name and why it is off, when it is off.
+    pub fn require(&self, feature: Feature) -> Result<(), crate::error::Error> {
         let s = self.get(feature);
-        (s.status == Status::Off).then(|| {
-            crate::error::Error::FeatureOff(format!(
-                "{feature} is off on this kernel: {}",
+        if s.status == Status::Off {
+            return Err(crate::error::Error::FeatureOff(format!(
+                "{feature} is off: {}",
                 s.reason
-            ))
-        })
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -201,10 +255,43 @@ mod tests {
     fn require_says_why() {
         let mut f = Features::default();
         f.off(Feature::FirstResponseLatency, "no send hook");
-        let e = f.require(Feature::FirstResponseLatency).unwrap();
-        assert!(e.to_string().contains("first_response_latency is off"));
-        assert!(e.to_string().contains("no send hook"));
+        let e = f.require(Feature::FirstResponseLatency).unwrap_err();
+        assert_eq!(e.to_string(), "first_response_latency is off: no send hook");
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::FailedPrecondition
+        );
         f.on(Feature::FirstResponseLatency, "tp_btf/x");
-        assert!(f.require(Feature::FirstResponseLatency).is_none());
+        assert!(f.require(Feature::FirstResponseLatency).is_ok());
+        // Degraded is on.
+        f.set(Feature::FirstResponseLatency, Status::Degraded, "x", "y");
+        assert!(f.require(Feature::FirstResponseLatency).is_ok());
+    }
+
+    #[test]
+    fn names_parse_back_and_only_optional_features_may_be_disabled() {
+        for f in Feature::ALL {
+            assert_eq!(Feature::from_name(f.name()), Some(f));
+            assert_eq!(Feature::optional(f.name()).is_ok(), !f.is_core(), "{f}");
+        }
+        let err = Feature::optional("nonsense").unwrap_err();
+        assert!(err.starts_with("unknown feature \"nonsense\""), "{err}");
+        assert!(err.contains("first_response_latency"), "{err}");
+        assert!(!err.contains("breaker_gate"), "{err}");
+        let err = Feature::optional("breaker_gate").unwrap_err();
+        assert!(err.starts_with("breaker_gate is a core feature"), "{err}");
+    }
+
+    #[test]
+    fn disabled_features_are_off_with_the_configuration_as_reason() {
+        let mut f = Features::default();
+        for feature in Feature::ALL {
+            f.on(feature, "hook");
+        }
+        f.disable(&[Feature::AuditStream]);
+        let s = f.get(Feature::AuditStream);
+        assert_eq!((s.status, s.hook.as_str()), (Status::Off, ""));
+        assert_eq!(s.reason, DISABLED_BY_CONFIG);
+        assert!(f.is_on(Feature::TcpStats));
     }
 }

@@ -40,6 +40,7 @@ use crate::{
     api::Core,
     ebpf::{Histogram, MapSummary, ProgramSummary},
     error::{Error, Result},
+    features::Feature,
     latency,
     service::display_addr,
     timewait,
@@ -91,6 +92,14 @@ struct Snapshot {
     counters: Vec<(&'static str, u64)>,
     maps: Vec<MapSummary>,
     programs: Vec<ProgramSummary>,
+    /// Every feature and whether it runs (on or degraded).
+    features: Vec<(Feature, bool)>,
+}
+
+impl Snapshot {
+    fn enabled(&self, feature: Feature) -> bool {
+        self.features.iter().any(|(f, on)| *f == feature && *on)
+    }
 }
 
 #[derive(Debug)]
@@ -296,6 +305,11 @@ impl Metrics {
             counters: k.counters(),
             maps: k.maps(),
             programs: k.programs(),
+            features: k
+                .features()
+                .iter()
+                .map(|s| (s.feature, k.features().is_on(s.feature)))
+                .collect(),
         })
     }
 
@@ -628,24 +642,29 @@ impl Collector for Snapshot {
                     .map(|s| (labels([("service", s.name.as_str())]), s.pressure)),
             )?;
         }
-        histogram(
-            enc,
-            "breakwater_service_connect_duration_seconds",
-            "SYN sent to ESTABLISHED of the service's outbound connections (sum estimated from \
-             bucket midpoints)",
-            self.services
-                .iter()
-                .map(|s| (labels([("service", s.name.as_str())]), &s.connect)),
-        )?;
-        histogram(
-            enc,
-            "breakwater_service_first_response_duration_seconds",
-            "A send on an outbound connection to the first data that arrives after it (sum \
-             estimated from bucket midpoints)",
-            self.services
-                .iter()
-                .map(|s| (labels([("service", s.name.as_str())]), &s.first_response)),
-        )?;
+        // A histogram whose feature is off is left out, not reported empty.
+        if self.enabled(Feature::ConnectLatency) {
+            histogram(
+                enc,
+                "breakwater_service_connect_duration_seconds",
+                "SYN sent to ESTABLISHED of the service's outbound connections (sum estimated \
+                 from bucket midpoints)",
+                self.services
+                    .iter()
+                    .map(|s| (labels([("service", s.name.as_str())]), &s.connect)),
+            )?;
+        }
+        if self.enabled(Feature::FirstResponseLatency) {
+            histogram(
+                enc,
+                "breakwater_service_first_response_duration_seconds",
+                "A send on an outbound connection to the first data that arrives after it (sum \
+                 estimated from bucket midpoints)",
+                self.services
+                    .iter()
+                    .map(|s| (labels([("service", s.name.as_str())]), &s.first_response)),
+            )?;
+        }
 
         // Breakers: services with a policy.
         let breakers: Vec<(&str, u32, &Totals)> = self
@@ -752,6 +771,15 @@ impl Collector for Snapshot {
         }
 
         // The agent's own health.
+        gauge(
+            enc,
+            "breakwater_feature_enabled",
+            "1 if the feature runs on this node (on or degraded), 0 if it is off; \
+             `breakwater info` says why",
+            self.features
+                .iter()
+                .map(|(f, on)| (labels([("feature", f.name())]), u64::from(*on))),
+        )?;
         counter(
             enc,
             "breakwater_kernel_counter",
@@ -922,6 +950,10 @@ mod tests {
                 recursion_misses: 1,
                 ..Default::default()
             }],
+            features: Feature::ALL
+                .into_iter()
+                .map(|f| (f, f != Feature::FirstResponseLatency))
+                .collect(),
         }
     }
 
@@ -946,9 +978,18 @@ mod tests {
             "breakwater_map_entries{map=\"BW_DESTS\"} 3",
             "breakwater_program_missed_runs_total{program=\"bw_state\"} 1",
             "breakwater_agent_info{version=\"0.1.0\"} 1",
+            "# TYPE breakwater_feature_enabled gauge",
+            "breakwater_feature_enabled{feature=\"connect_latency\"} 1",
+            "breakwater_feature_enabled{feature=\"first_response_latency\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        // Off: its histogram is left out rather than reported empty.
+        assert!(!text.contains("breakwater_service_first_response_duration_seconds"));
+        assert_eq!(
+            text.matches("breakwater_feature_enabled{").count(),
+            Feature::ALL.len()
+        );
         assert!(!text.contains("# EOF"));
         let open = encode(snapshot(), true);
         assert!(open.ends_with("# EOF\n"), "{open}");

@@ -16,8 +16,8 @@ pub mod json {
     use serde::Serializer;
 
     use crate::v1::{
-        BreakerCause, BreakerState, ConnectionEventKind, DestinationSort, Direction, PressureLevel,
-        Severity,
+        BreakerCause, BreakerState, ConnectionEventKind, DestinationSort, Direction, FeatureStatus,
+        PressureLevel, Severity,
     };
 
     fn short(full: &str, prefix: &str) -> String {
@@ -64,6 +64,13 @@ pub mod json {
     pub fn breaker_cause<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         match BreakerCause::try_from(*v) {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "BREAKER_CAUSE_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    pub fn feature_status<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match FeatureStatus::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "FEATURE_STATUS_")),
             Err(_) => s.serialize_i32(*v),
         }
     }

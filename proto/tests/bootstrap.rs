@@ -53,6 +53,7 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
             "connection_event_kind",
         ),
         ("breakwater.v1.ConnectionEvent.direction", "direction"),
+        ("breakwater.v1.Feature.status", "feature_status"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

@@ -296,6 +296,47 @@ fn bad_config_file_is_refused_with_the_reason() {
     assert!(!dir.path().join("a.sock").exists());
 }
 
+/// `--disable-feature` (and `[features] disable`) take optional features only: anything else
+/// is bad input, refused before anything starts.
+#[test]
+fn unknown_or_core_features_cannot_be_disabled() {
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("features.toml");
+    std::fs::write(
+        &config,
+        "[features]\ndisable = [\"first_response_latancy\"]\n",
+    )
+    .unwrap();
+    for (args, why) in [
+        (
+            vec!["--disable-feature", "nonsense"],
+            "unknown feature \"nonsense\" (optional features: time_wait, connect_latency, \
+             first_response_latency, tcp_stats, retransmits, breaker_outcomes, \
+             terminate_on_trip, audit_stream)",
+        ),
+        (
+            vec!["--disable-feature", "audit_stream,breaker_gate"],
+            "breaker_gate is a core feature and cannot be disabled",
+        ),
+        (
+            vec!["--config", config.to_str().unwrap()],
+            "features.disable: unknown feature \"first_response_latancy\"",
+        ),
+    ] {
+        let out = Command::new(agent_bin())
+            .args(["agent", "--socket"])
+            .arg(dir.path().join("a.sock"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+        assert!(!dir.path().join("a.sock").exists(), "{args:?} started");
+    }
+}
+
 #[test]
 fn info_reports_programs_maps_and_socket_mode() {
     let _s = serial();

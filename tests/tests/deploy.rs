@@ -355,6 +355,13 @@ fn systemd_unit_verifies_and_is_hardened() {
     let expected: BTreeSet<String> = CAPABILITIES.iter().map(|c| c.to_string()).collect();
     assert_eq!(caps, expected, "CapabilityBoundingSet");
     assert_eq!(unit_value(&service, "Restart"), "on-failure");
+    // A refused config and an unsupported kernel fail the same way every time.
+    let prevent: BTreeSet<String> = unit_value(&service, "RestartPreventExitStatus")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let unsupported = breakwater::cli::EXIT_UNSUPPORTED_KERNEL.to_string();
+    assert_eq!(prevent, BTreeSet::from(["2".to_owned(), unsupported]));
     assert_eq!(
         unit_value(&service, "ExecReload"),
         "/bin/kill -HUP $MAINPID"
@@ -542,6 +549,17 @@ fn daemonset_gives_the_agent_what_it_needs() {
         c["readinessProbe"]["grpc"]["service"],
         "breakwater.v1.Agent"
     );
+    // On a kernel that cannot run the agent it waits, "" SERVING and breakwater.v1.Agent
+    // NOT_SERVING: startup and liveness must ask for "" (a pod that fails them is restarted,
+    // into the same kernel), readiness for the API.
+    assert_eq!(arg_value(args, "--on-unsupported-kernel"), "wait");
+    for probe in ["startupProbe", "livenessProbe"] {
+        let service = &c[probe]["grpc"]["service"];
+        assert!(
+            service.is_null() || service == "",
+            "{probe} asks for {service}"
+        );
+    }
     let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], metrics.to_string());

@@ -112,7 +112,7 @@ fn latency_requests_are_checked() {
             pb::GetLatencyRequest {
                 service: "a".into(),
                 destination: "1.2.3.4:5".into(),
-                netns: 0,
+                ..Default::default()
             },
             Code::InvalidArgument,
             "not both",

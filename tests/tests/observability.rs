@@ -1,7 +1,9 @@
 //! Observability against the real agent: server reflection and the standard health service as a
 //! client without our .proto files sees them (Python grpcio, `tests/python/grpc_probe.py`), the
-//! health-only listener (`--health-listen`) through start and shutdown, and Prometheus
-//! `/metrics` (`--metrics-listen`): strictly parsed, and its numbers equal to the API's.
+//! health-only listener (`--health-listen`) through start and shutdown, Prometheus
+//! `/metrics` (`--metrics-listen`): strictly parsed, and its numbers equal to the API's; and the
+//! features the agent runs, reported everywhere, with the calls that need one that is off
+//! (`--disable-feature`) saying so.
 
 use std::{
     io::{Read as _, Write as _},
@@ -11,10 +13,11 @@ use std::{
     time::Duration,
 };
 
+use breakwater::features::{Feature, DISABLED_BY_CONFIG};
 use breakwater_proto::v1 as pb;
 use breakwater_tests::{
-    churn_to_time_wait, closed_port, connect_many, eventually, prom, require_root, serial, Agent,
-    Server,
+    churn_to_time_wait, closed_port, connect_many, echo_server, eventually, prom, require_root,
+    serial, ss_established_to, Agent, Server,
 };
 
 /// The Python of the tests' venv if it has grpcio with reflection and health checking; None
@@ -532,4 +535,261 @@ fn metrics_parse_and_equal_the_api() {
     assert_eq!(http(metrics, "GET", "/", None).status, 404);
     assert_eq!(http(metrics, "POST", "/metrics", None).status, 405);
     drop((held, server));
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The row of `feature` in `breakwater info`'s FEATURES table.
+fn info_row(table: &str, feature: &str) -> String {
+    let header = table
+        .lines()
+        .position(|l| l.trim_start().starts_with("FEATURE"))
+        .unwrap_or_else(|| panic!("no FEATURES table in\n{table}"));
+    table
+        .lines()
+        .skip(header + 1)
+        .take_while(|l| !l.trim().is_empty())
+        .find(|l| l.split_whitespace().next() == Some(feature))
+        .unwrap_or_else(|| panic!("no row for {feature} in\n{table}"))
+        .to_owned()
+}
+
+/// This machine's kernel has every hook: every feature is on, and `info`, `-o json` and
+/// `/metrics` all say so.
+#[test]
+fn every_feature_is_on_here_and_reported_everywhere() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start_with(None, &["--metrics-listen", "127.0.0.1:0"]);
+    let info = agent.info();
+    let names: Vec<&str> = info.features.iter().map(|f| f.name.as_str()).collect();
+    let all: Vec<&str> = Feature::ALL.iter().map(|f| f.name()).collect();
+    assert_eq!(names, all, "every feature, in Feature::ALL order");
+    for f in &info.features {
+        assert_eq!(f.status(), pb::FeatureStatus::On, "{f:?}");
+        assert!(!f.hook.is_empty() && f.reason.is_empty(), "{f:?}");
+    }
+    let first_response = info
+        .features
+        .iter()
+        .find(|f| f.name == "first_response_latency")
+        .unwrap();
+    assert!(
+        first_response.hook.contains("tcp_sendmsg_locked"),
+        "{first_response:?}"
+    );
+
+    let out = agent.cli(&["info"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let header = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("FEATURE"))
+        .unwrap();
+    for column in ["STATUS", "HOOK", "REASON"] {
+        assert!(header.contains(column), "{header}");
+    }
+    for name in &all {
+        let row = info_row(&table, name);
+        assert_eq!(row.split_whitespace().nth(1), Some("on"), "{row}");
+    }
+    let json = agent.cli_json(&["info"]);
+    let features = json["features"].as_array().expect("features in -o json");
+    assert_eq!(features.len(), all.len());
+    assert!(features.iter().all(|f| f["status"] == "on"), "{features:?}");
+
+    let m = scrape(listening(&agent, "metrics"));
+    for name in &all {
+        assert_eq!(
+            m.value("breakwater_feature_enabled", &[("feature", name)]),
+            1.0,
+            "{name}"
+        );
+    }
+    assert_eq!(m.families["breakwater_feature_enabled"].kind, "gauge");
+    assert!(!agent.log().contains("feature off"), "{}", agent.log());
+}
+
+/// Features turned off by the operator are off in `info`, the log and `/metrics`, and what
+/// needs them says so precisely (FAILED_PRECONDITION, CLI exit 1) while the rest works: connect
+/// latency, and a trip (which keeps the connections and says why).
+#[test]
+fn a_disabled_feature_is_off_everywhere_and_calls_that_need_it_say_so() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let echo = echo_server();
+    let config = format!(
+        "[[service]]\nname = \"shop\"\nendpoints = [\"{echo}\"]\n\
+         [service.breaker]\nconsecutive_failures = 1000\n"
+    );
+    let mut agent = Agent::start_with(
+        Some(&config),
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--disable-feature",
+            "first_response_latency",
+            "--disable-feature=terminate_on_trip,audit_stream",
+        ],
+    );
+    let off = [
+        "first_response_latency",
+        "terminate_on_trip",
+        "audit_stream",
+    ];
+
+    // GetAgentInfo, `info` and the start-up log.
+    let info = agent.info();
+    for f in &info.features {
+        if off.contains(&f.name.as_str()) {
+            assert_eq!(f.status(), pb::FeatureStatus::Off, "{f:?}");
+            assert_eq!(
+                (f.hook.as_str(), f.reason.as_str()),
+                ("", DISABLED_BY_CONFIG)
+            );
+        } else {
+            assert_eq!(f.status(), pb::FeatureStatus::On, "{f:?}");
+        }
+    }
+    let out = agent.cli(&["info"]);
+    let row = info_row(&stdout(&out), "first_response_latency");
+    assert_eq!(row.split_whitespace().nth(1), Some("off"), "{row}");
+    assert!(row.trim_end().ends_with(DISABLED_BY_CONFIG), "{row}");
+    let log = agent.log();
+    for name in off {
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains("feature off")
+                && l.contains(name)
+                && l.contains(DISABLED_BY_CONFIG)),
+            "no warning for {name}:\n{log}"
+        );
+    }
+
+    // Requests from the enforced cgroup, so that a trip would terminate their connections.
+    agent.cgroup().enter();
+    let mut pool: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(echo).unwrap()).collect();
+    agent.cgroup().leave();
+    let ping = |c: &mut TcpStream| {
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf)
+    };
+    for c in &mut pool {
+        ping(c).unwrap();
+    }
+
+    // /metrics: 0 for what is off, and no first-response histogram rather than an empty one.
+    let m = scrape(listening(&agent, "metrics"));
+    let enabled = |f: &str| m.value("breakwater_feature_enabled", &[("feature", f)]);
+    assert_eq!(enabled("first_response_latency"), 0.0);
+    assert_eq!(enabled("audit_stream"), 0.0);
+    assert_eq!(enabled("connect_latency"), 1.0);
+    assert!(!m
+        .families
+        .contains_key("breakwater_service_first_response_duration_seconds"));
+
+    // GetLatency: the off kind asked for by name is FAILED_PRECONDITION naming the feature;
+    // connect latency works; with no kind asked for, the off one is named, not zeroed.
+    let mut c = agent.client();
+    let latency = |kinds: &[&str]| pb::GetLatencyRequest {
+        service: "shop".into(),
+        kinds: kinds.iter().map(|k| k.to_string()).collect(),
+        ..Default::default()
+    };
+    let status = agent
+        .block_on(c.get_latency(latency(&["first_response"])))
+        .expect_err("first_response is off");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.message(),
+        format!("first_response_latency is off: {DISABLED_BY_CONFIG}")
+    );
+    let connect = agent
+        .block_on(c.get_latency(latency(&["connect"])))
+        .expect("connect latency")
+        .into_inner();
+    assert_eq!(connect.histograms.len(), 1);
+    assert_eq!(connect.histograms[0].kind, "connect");
+    assert!(connect.histograms[0].count >= 3, "{connect:?}");
+    let every = agent
+        .block_on(c.get_latency(latency(&[])))
+        .expect("every kind that is on")
+        .into_inner();
+    let kinds: Vec<&str> = every.histograms.iter().map(|h| h.kind.as_str()).collect();
+    assert_eq!(kinds, ["connect", "srtt", "lifetime"]);
+    let named: Vec<&str> = every.features_off.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(named, ["first_response_latency"]);
+
+    // The CLI: exit 1 (not bad input) with the agent's reason; the rest as usual.
+    let out = agent.cli(&["latency", "shop", "--kind", "first_response"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("first_response_latency is off: disabled by configuration"),
+        "{err}"
+    );
+    let out = agent.cli(&["latency", "shop", "--kind", "connect"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("connect latency: "), "{out:?}");
+    let out = agent.cli(&["latency", "shop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("first_response latency not measured: first_response_latency is off"),
+        "{}",
+        stdout(&out)
+    );
+
+    // WatchConnections needs the audit stream.
+    let status = agent
+        .block_on(c.watch_connections(pb::WatchConnectionsRequest::default()))
+        .map(drop)
+        .expect_err("audit_stream is off");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().starts_with("audit_stream is off"),
+        "{status:?}"
+    );
+    let out = agent.cli(&["watch", "conns"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("audit_stream is off"), "{out:?}");
+
+    // A trip opens the breaker and keeps the connections, and says why.
+    let trip = agent
+        .block_on(c.trip(pb::TripRequest {
+            service: "shop".into(),
+            ttl_ms: Some(60_000),
+            reason: "features test".into(),
+        }))
+        .expect("the trip itself works")
+        .into_inner();
+    assert_eq!(trip.breaker.unwrap().state(), pb::BreakerState::Open);
+    assert_eq!(trip.terminated, 0);
+    assert_eq!(
+        trip.not_terminated,
+        format!("terminate_on_trip is off: {DISABLED_BY_CONFIG}")
+    );
+    for c in &mut pool {
+        ping(c).expect("still connected");
+    }
+    assert_eq!(ss_established_to(echo, None), 3);
+    let out = agent.cli(&["trip", "shop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("established connections NOT terminated: terminate_on_trip is off"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(agent.stop().code(), Some(0));
 }

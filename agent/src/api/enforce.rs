@@ -12,7 +12,10 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 use super::Core;
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    features::Feature,
+};
 
 /// One service's breaker as the API reports it.
 #[derive(Clone, Debug)]
@@ -41,6 +44,16 @@ pub struct BreakerEventView {
     pub consecutive_failures: u64,
     pub time: SystemTime,
     pub reason: String,
+}
+
+/// What a trip did to the service's established connections.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Termination {
+    /// Connections destroyed.
+    pub terminated: usize,
+    /// Why the connections were kept although the policy says to terminate them; empty
+    /// otherwise.
+    pub not_terminated: String,
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the kernel's deadlines use.
@@ -141,13 +154,14 @@ impl Core {
         Ok(())
     }
 
-    /// Forces the breaker open, for `ttl` (None: until reset).
+    /// Forces the breaker open, for `ttl` (None: until reset), and terminates the service's
+    /// established connections if its policy says so and terminate_on_trip is on.
     pub fn trip(
         &mut self,
         service: &str,
         ttl: Option<Duration>,
         reason: &str,
-    ) -> Result<BreakerView> {
+    ) -> Result<(BreakerView, Termination)> {
         let (id, policy) = self.breaker_of(service)?;
         let ttl_ns = ttl.map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
         let mut counts = self.kernel.counts(id)?;
@@ -157,11 +171,24 @@ impl Core {
         self.kernel.count_trip(id)?;
         self.publish(service, &t, reason);
         info!(service, ?ttl, reason, "breaker tripped by hand");
+        let mut termination = Termination::default();
         if policy.flags & policy_flags::TERMINATE != 0 {
-            let destroyed = self.kernel.terminate(id)?;
-            info!(service, destroyed, "connections terminated");
+            match self.kernel.features().require(Feature::TerminateOnTrip) {
+                Ok(()) => {
+                    termination.terminated = self.kernel.terminate(id)?;
+                    info!(
+                        service,
+                        destroyed = termination.terminated,
+                        "connections terminated"
+                    );
+                }
+                Err(off) => {
+                    warn!(service, reason = %off, "established connections not terminated");
+                    termination.not_terminated = off.to_string();
+                }
+            }
         }
-        self.view(id, service, policy)
+        Ok((self.view(id, service, policy)?, termination))
     }
 
     /// Back to Closed, counts cleared, any force lifted.
@@ -233,7 +260,10 @@ impl Core {
                 .kernel
                 .policy(ev.svc)
                 .is_ok_and(|p| p.flags & policy_flags::TERMINATE != 0);
-            if terminate {
+            let off = self.kernel.features().require(Feature::TerminateOnTrip);
+            if let (true, Err(off)) = (terminate, &off) {
+                warn!(service, reason = %off, "established connections not terminated");
+            } else if terminate {
                 match self.kernel.terminate(ev.svc) {
                     Ok(destroyed) => info!(service, destroyed, "connections terminated"),
                     Err(e) => warn!(service, error = %e, "cannot terminate connections"),

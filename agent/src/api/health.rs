@@ -47,6 +47,18 @@ impl Health {
         }
     }
 
+    /// This kernel cannot run the agent and it waits to be stopped
+    /// (`--on-unsupported-kernel=wait`): the process is alive ("" SERVING: liveness passes) but
+    /// the API is not ([`AGENT_SERVICE`] NOT_SERVING: never ready).
+    pub async fn set_unsupported(&self) {
+        self.reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        self.reporter
+            .set_service_status(AGENT_SERVICE, ServingStatus::NotServing)
+            .await;
+    }
+
     /// A `grpc.health.v1.Health` service over these statuses (one per listener; all share them).
     pub fn service(&self) -> HealthServer<HealthService> {
         HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
@@ -134,6 +146,19 @@ mod tests {
                 };
                 assert_eq!(status, want, "{name:?}");
             }
+        }
+        health.set_unsupported().await;
+        for (name, want) in [
+            ("", PbStatus::Serving),
+            ("breakwater.v1.Agent", PbStatus::NotServing),
+        ] {
+            let status = client
+                .check(check(name))
+                .await
+                .unwrap()
+                .into_inner()
+                .status();
+            assert_eq!(status, want, "unsupported kernel: {name:?}");
         }
         let err = client.check(check("nope.v1.X")).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);

@@ -24,6 +24,7 @@ use crate::{
     breaker::{self, PolicySpec},
     ebpf::Kernel,
     error::{Error, Result},
+    features::{Feature, FeatureState, Status as FeatureStatus},
     latency,
     service::Endpoint,
     service::{display_addr, parse_endpoints, Service, ServiceTable},
@@ -407,6 +408,44 @@ fn histogram_message(kind: u32, h: &crate::ebpf::Histogram) -> pb::Histogram {
     }
 }
 
+/// A feature's state as the API reports it.
+pub fn feature_message(s: &FeatureState) -> pb::Feature {
+    pb::Feature {
+        name: s.feature.name().to_owned(),
+        status: match s.status {
+            FeatureStatus::On => pb::FeatureStatus::On,
+            FeatureStatus::Degraded => pb::FeatureStatus::Degraded,
+            FeatureStatus::Off => pb::FeatureStatus::Off,
+        }
+        .into(),
+        hook: s.hook.clone(),
+        reason: s.reason.clone(),
+    }
+}
+
+/// The histogram kinds (`hist_kind`) a `GetLatency` request names, in its order; every kind if
+/// it names none.
+fn latency_kinds(names: &[String]) -> Result<Vec<u32>> {
+    if names.is_empty() {
+        return Ok((0..hist_kind::COUNT).collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            hist_kind::NAMES
+                .iter()
+                .position(|k| k == name)
+                .map(|k| k as u32)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "unknown latency kind {name:?} (known: {})",
+                        hist_kind::NAMES.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
 /// What a `GetLatency` request asks for.
 enum LatencyOf {
     Service(String),
@@ -537,6 +576,7 @@ impl Agent for AgentService {
         let filter = service.clone();
         let rx = self
             .with_core(move |core| {
+                core.kernel.features().require(Feature::AuditStream)?;
                 require_known(&core.services, &filter)?;
                 core.kernel.set_audit(true)?;
                 Ok(core.audit.subscribe())
@@ -599,11 +639,13 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let ttl = breaker::trip_ttl(req.ttl_ms)?;
         breaker::check_reason(&req.reason)?;
-        let b = self
+        let (b, termination) = self
             .with_core(move |core| core.trip(&req.service, ttl, &req.reason))
             .await?;
         Ok(Response::new(pb::TripResponse {
             breaker: Some(breaker::breaker_message(&b)),
+            terminated: termination.terminated as u64,
+            not_terminated: termination.not_terminated,
         }))
     }
 
@@ -846,11 +888,32 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::GetLatencyRequest>,
     ) -> Result<Response<pb::GetLatencyResponse>, Status> {
-        let target = latency_target(&request.into_inner())?;
-        let histograms = self
+        let req = request.into_inner();
+        let target = latency_target(&req)?;
+        let kinds = latency_kinds(&req.kinds)?;
+        let asked = !req.kinds.is_empty();
+        let (histograms, features_off) = self
             .with_core(move |core| {
+                // Kinds asked for by name must be measured; with none asked for, the ones whose
+                // feature is off are left out and named instead of reported as zeros.
+                let features = core.kernel.features();
+                let mut features_off: Vec<pb::Feature> = Vec::new();
+                let mut measured = Vec::new();
+                for kind in kinds {
+                    let feature = Feature::of_histogram(kind);
+                    match features.require(feature) {
+                        Ok(()) => measured.push(kind),
+                        Err(e) if asked => return Err(e),
+                        Err(_) => {
+                            if features_off.iter().all(|f| f.name != feature.name()) {
+                                features_off.push(feature_message(features.get(feature)));
+                            }
+                        }
+                    }
+                }
                 let pending = core.kernel.pending_first_responses()?;
-                (0..hist_kind::COUNT)
+                let histograms = measured
+                    .into_iter()
                     .map(|kind| {
                         let h = match &target {
                             LatencyOf::Service(name) => {
@@ -877,10 +940,14 @@ impl Agent for AgentService {
                         };
                         Ok(histogram_message(kind, &h))
                     })
-                    .collect::<Result<Vec<_>>>()
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((histograms, features_off))
             })
             .await?;
-        Ok(Response::new(pb::GetLatencyResponse { histograms }))
+        Ok(Response::new(pb::GetLatencyResponse {
+            histograms,
+            features_off,
+        }))
     }
 
     async fn advise(
@@ -895,10 +962,11 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::GetAgentInfoRequest>,
     ) -> Result<Response<pb::GetAgentInfoResponse>, Status> {
-        let (programs, maps, counters) = self
+        let (programs, maps, counters, features) = self
             .with_core(|core| {
                 let k = &core.kernel;
-                Ok((k.programs(), k.maps(), k.counters()))
+                let features = k.features().iter().map(feature_message).collect();
+                Ok((k.programs(), k.maps(), k.counters(), features))
             })
             .await?;
         let kernel = nix::sys::utsname::uname()
@@ -941,6 +1009,7 @@ impl Agent for AgentService {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            features,
         }))
     }
 }
@@ -955,6 +1024,7 @@ mod tests {
             service: service.into(),
             destination: destination.into(),
             netns: 0,
+            kinds: Vec::new(),
         };
         assert!(matches!(latency_target(&req("db", "")), Ok(LatencyOf::Service(s)) if s == "db"));
         match latency_target(&req("", "[::1]:80")) {
@@ -983,6 +1053,44 @@ mod tests {
     }
 
     #[test]
+    fn latency_kinds_are_named_as_the_histograms_are() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(latency_kinds(&[]).unwrap(), [0, 1, 2, 3]);
+        assert_eq!(
+            latency_kinds(&names(&["first_response", "connect"])).unwrap(),
+            [hist_kind::FIRST_RESPONSE, hist_kind::CONNECT]
+        );
+        let err = latency_kinds(&names(&["rtt"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown latency kind \"rtt\" (known: connect, first_response, srtt, lifetime)"
+        );
+        assert!(matches!(err, Error::InvalidArgument(_)));
+    }
+
+    #[test]
+    fn features_keep_their_names_and_statuses() {
+        let mut f = crate::features::Features::default();
+        f.on(Feature::TcpStats, "tp_btf/inet_sock_set_state");
+        f.set(
+            Feature::Retransmits,
+            FeatureStatus::Degraded,
+            "kprobe/x",
+            "no tp",
+        );
+        let m: Vec<_> = f.iter().map(feature_message).collect();
+        assert_eq!(m.len(), Feature::ALL.len());
+        let by = |name: &str| m.iter().find(|x| x.name == name).unwrap().clone();
+        assert_eq!(by("tcp_stats").status(), pb::FeatureStatus::On);
+        assert_eq!(by("tcp_stats").hook, "tp_btf/inet_sock_set_state");
+        assert_eq!(by("retransmits").status(), pb::FeatureStatus::Degraded);
+        assert_eq!(by("retransmits").reason, "no tp");
+        assert_eq!(by("audit_stream").status(), pb::FeatureStatus::Off);
+        let json = serde_json::to_value(by("audit_stream")).unwrap();
+        assert_eq!(json["status"], "off");
+    }
+
+    #[test]
     fn enum_filters_reject_unknown_values() {
         assert_eq!(direction_filter(0).unwrap(), None);
         assert_eq!(direction_filter(2).unwrap(), Some(direction::INBOUND));
@@ -1001,6 +1109,10 @@ mod tests {
             tonic::Code::ResourceExhausted
         );
         assert_eq!(code(Error::Internal("x".into())), tonic::Code::Internal);
+        assert_eq!(
+            code(Error::FeatureOff("x".into())),
+            tonic::Code::FailedPrecondition
+        );
     }
 
     #[tokio::test]

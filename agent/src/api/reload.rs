@@ -25,6 +25,8 @@ pub struct Overrides {
     pub remote: crate::config::RemoteOverrides,
     pub health_listen: Option<String>,
     pub metrics_listen: Option<String>,
+    /// --disable-feature: added to the file's `[features] disable`.
+    pub disable_features: Vec<crate::features::Feature>,
 }
 
 impl Overrides {
@@ -42,6 +44,7 @@ impl Overrides {
         if self.metrics_listen.is_some() {
             config.metrics.listen.clone_from(&self.metrics_listen);
         }
+        config.features.add(&self.disable_features);
         config.validate()
     }
 }
@@ -71,6 +74,15 @@ impl Core {
                 "{}: [maps] changed: map sizes take effect only when the agent restarts",
                 path.display()
             )));
+        }
+        if next.features != self.config.features {
+            // The programs were chosen at start; the running set stays until the next one.
+            warn!(
+                running = ?self.config.features.disable,
+                file = ?next.features.disable,
+                "[features] disable changed: it takes effect when the agent restarts"
+            );
+            next.features = self.config.features.clone();
         }
         let authz_changed = next.agent.authz != self.config.agent.authz;
         let mut agent = next.agent.clone();

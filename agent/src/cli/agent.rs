@@ -3,13 +3,14 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::{AgentArgs, CliError};
+use super::{AgentArgs, CliError, OnUnsupportedKernel};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::{Config, RemoteOverrides},
-    ebpf::{breaker, Hooks, Kernel},
+    ebpf::{breaker, Hooks, Kernel, LoadError},
+    features::{Features, Status},
     netns,
     service::ServiceTable,
 };
@@ -40,6 +41,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         },
         health_listen: args.health_listen.clone(),
         metrics_listen: args.metrics_listen.clone(),
+        disable_features: args.disable_features.clone(),
     };
     overrides.apply(&mut config)?;
     let socket = args
@@ -67,35 +69,23 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     } else {
         Hooks::Work
     };
-    let mut kernel =
-        Kernel::load(&config.maps, &pin_dir, hooks).context("loading eBPF programs")?;
-    let mut services =
-        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
-    for (id, name, endpoints) in kernel.pinned_services() {
-        info!(service = name, id, "service kept from the previous agent");
-        services.restore(id, &name, endpoints);
-    }
-    let events = kernel.take_events();
-    let conn_events = kernel.take_conn_events();
     let authz = Authz::new(&config.agent.authz);
-    let mut core = Core {
-        authz: authz.clone(),
-        kernel,
-        services,
-        rates: Default::default(),
-        events: tokio::sync::broadcast::channel(1024).0,
-        audit: tokio::sync::broadcast::channel(4096).0,
-        cgroups: Default::default(),
-        config: config.clone(),
-        config_path: args.config.clone(),
-        overrides,
+    let started = start_kernel(&config, &args, overrides, &authz, hooks);
+    let (core, events, conn_events) = match started {
+        Ok(started) => started,
+        Err(CliError::UnsupportedKernel(why))
+            if args.on_unsupported_kernel == OnUnsupportedKernel::Wait =>
+        {
+            // Everything loaded so far was dropped with the error (the pin directory's lock
+            // too). Nothing will serve the API or the metrics: close their listeners, so that
+            // clients and scrapers are refused at once instead of left waiting; only the health
+            // listener stays.
+            drop((tls, insecure, metrics_listener));
+            return wait_unsupported(why, &health).await;
+        }
+        Err(e) => return Err(e),
     };
-    // Services go into the kernel before attaching, so seeded sockets get theirs too.
-    core.apply_config(&config)?;
-    core.kernel.attach(&[]).context("attaching eBPF programs")?;
-    core.kernel
-        .attach_breaker(&config.breaker.scope)
-        .context("attaching the circuit breaker")?;
+    log_features(core.kernel.features());
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
 
@@ -226,6 +216,91 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     info!("breakwater agent stopped");
     result.map_err(|e| CliError::Failed(e.into()))
+}
+
+type Started = (
+    Core,
+    Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    Option<aya::maps::RingBuf<aya::maps::MapData>>,
+);
+
+/// Loads and attaches everything: the core, and the ring buffers of breaker and connection
+/// events for their readers.
+fn start_kernel(
+    config: &Config,
+    args: &AgentArgs,
+    overrides: Overrides,
+    authz: &Authz,
+    hooks: Hooks,
+) -> Result<Started, CliError> {
+    let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
+        .map_err(|e| load_error("loading eBPF programs", e))?;
+    let mut services =
+        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
+    for (id, name, endpoints) in kernel.pinned_services() {
+        info!(service = name, id, "service kept from the previous agent");
+        services.restore(id, &name, endpoints);
+    }
+    let events = kernel.take_events();
+    let conn_events = kernel.take_conn_events();
+    let mut core = Core {
+        authz: authz.clone(),
+        kernel,
+        services,
+        rates: Default::default(),
+        events: tokio::sync::broadcast::channel(1024).0,
+        audit: tokio::sync::broadcast::channel(4096).0,
+        cgroups: Default::default(),
+        config: config.clone(),
+        config_path: args.config.clone(),
+        overrides,
+    };
+    // Services go into the kernel before attaching, so seeded sockets get theirs too.
+    core.apply_config(config)?;
+    let disabled = config.features.disabled()?;
+    core.kernel
+        .attach(&disabled)
+        .map_err(|e| load_error("attaching eBPF programs", e))?;
+    core.kernel
+        .attach_breaker(&config.breaker.scope)
+        .map_err(|e| load_error("attaching the circuit breaker", e))?;
+    Ok((core, events, conn_events))
+}
+
+/// A loader error as the agent exits with it: a kernel that cannot run a core feature has an
+/// exit code of its own ([`super::EXIT_UNSUPPORTED_KERNEL`]); anything else is a failure.
+fn load_error(what: &'static str, e: LoadError) -> CliError {
+    match e {
+        LoadError::Unsupported(_) => CliError::UnsupportedKernel(e.to_string()),
+        other => CliError::Failed(anyhow::Error::new(other).context(what)),
+    }
+}
+
+/// `--on-unsupported-kernel=wait`: says why, then stays up, alive and never ready, until
+/// SIGINT/SIGTERM; then exits with the unsupported kernel's code all the same.
+async fn wait_unsupported(why: String, health: &Health) -> Result<(), CliError> {
+    error!(
+        reason = %why,
+        "not running: waiting to be stopped (--on-unsupported-kernel=wait); health \"\" \
+         SERVING, breakwater.v1.Agent NOT_SERVING"
+    );
+    eprintln!("error: {why}\nbreakwater agent: not running; waiting to be stopped");
+    health.set_unsupported().await;
+    shutdown().await;
+    Err(CliError::UnsupportedKernel(why))
+}
+
+/// One line per feature that is not fully on: a warning if off, information if degraded.
+fn log_features(features: &Features) {
+    for s in features.iter() {
+        let (feature, status) = (s.feature.name(), s.status.name());
+        let (hook, reason) = (s.hook.as_str(), s.reason.as_str());
+        match s.status {
+            Status::On => {}
+            Status::Degraded => info!(feature, status, hook, reason, "feature degraded"),
+            Status::Off => warn!(feature, status, hook, reason, "feature off"),
+        }
+    }
 }
 
 /// Binds the health-only and the metrics listeners (before loading: a taken port stops the
@@ -360,4 +435,28 @@ pub fn uninstall(pin_dir: &std::path::Path) -> Result<(), CliError> {
         .map_err(CliError::Failed)?;
     println!("removed {}", pin_dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unsupported_kernel_has_an_exit_code_of_its_own() {
+        let e = load_error(
+            "attaching eBPF programs",
+            LoadError::Unsupported("no BTF for the kernel (CONFIG_DEBUG_INFO_BTF)".into()),
+        );
+        assert_eq!(e.exit_code(), super::super::EXIT_UNSUPPORTED_KERNEL);
+        assert_eq!(
+            e.to_string(),
+            "this kernel cannot run breakwater: no BTF for the kernel (CONFIG_DEBUG_INFO_BTF)"
+        );
+        let e = load_error("loading eBPF programs", LoadError::Seed("x".into()));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            "loading eBPF programs: seeding from existing sockets: x"
+        );
+    }
 }

@@ -251,6 +251,11 @@ fn status_error(s: tonic::Status) -> CliError {
         Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
             CliError::Usage(s.message().to_owned())
         }
+        // Not bad input: the agent does not run what the call needs (a feature that is off).
+        Code::FailedPrecondition => CliError::Failed(anyhow::anyhow!(
+            "{} (`breakwater info` shows what this agent runs)",
+            s.message()
+        )),
         _ => CliError::Failed(anyhow::anyhow!("agent: {} ({:?})", s.message(), s.code())),
     }
 }
@@ -622,11 +627,11 @@ async fn call(
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            reply_rows(
-                r,
-                |r| output::breaker_changed("tripped", &r.breaker),
-                |r| changed_rows("tripped", &r.breaker),
-            )
+            reply_rows(r, output::tripped, |r| {
+                let (title, mut rows) = changed_rows("tripped", &r.breaker);
+                rows.notes.extend(output::termination_note(r));
+                (title, rows)
+            })
         }
         Command::Reload => {
             let r = client
@@ -730,6 +735,7 @@ async fn call(
             reply(r, move |_| format!("deleted service {name}"))
         }
         Command::Latency {
+            kinds,
             service,
             destination,
             netns,
@@ -739,6 +745,7 @@ async fn call(
                     service: service.unwrap_or_default(),
                     destination: destination.unwrap_or_default(),
                     netns,
+                    kinds: kinds.iter().map(|k| k.name().to_owned()).collect(),
                 })
                 .await
                 .map_err(status_error)?

@@ -62,6 +62,7 @@ pub enum Output {
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
     /// Run the agent (as root): load the eBPF programs and serve the API.
+    #[command(after_help = AGENT_EXIT_CODES)]
     Agent(AgentArgs),
     /// Services with their connection counts.
     Services,
@@ -93,6 +94,9 @@ pub enum Command {
     Info,
     /// Latency histograms of a service (or with --destination, of one destination).
     Latency {
+        /// Only this kind; repeat for more [default: every kind the agent measures].
+        #[arg(long = "kind", value_enum, value_name = "KIND")]
+        kinds: Vec<LatencyKind>,
         /// Service name.
         #[arg(
             required_unless_present = "destination",
@@ -207,6 +211,31 @@ pub enum PolicyCommand {
     },
 }
 
+/// A latency histogram, as `GetLatency` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LatencyKind {
+    /// SYN sent -> established (connect_latency).
+    Connect,
+    /// A send -> the first data after it (first_response_latency).
+    #[value(name = "first_response")]
+    FirstResponse,
+    /// Smoothed RTT when a connection leaves ESTABLISHED (tcp_stats).
+    Srtt,
+    /// How long connections stayed ESTABLISHED (tcp_stats).
+    Lifetime,
+}
+
+impl LatencyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LatencyKind::Connect => "connect",
+            LatencyKind::FirstResponse => "first_response",
+            LatencyKind::Srtt => "srtt",
+            LatencyKind::Lifetime => "lifetime",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
     /// min_requests 3, failure_ratio 0.6, interval 60s, open_timeout 30s, half_open_max 1.
@@ -275,6 +304,28 @@ pub struct AgentArgs {
     /// [default: agent.tls_client_ca].
     #[arg(long, env = "BREAKWATER_TLS_CLIENT_CA", value_name = "FILE")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Turn off an optional feature, whatever the kernel offers; repeat or separate with commas.
+    /// Added to the config's `[features] disable`. Core features (connection_tracking,
+    /// breaker_gate) cannot be turned off.
+    #[arg(
+        long = "disable-feature",
+        env = "BREAKWATER_DISABLE_FEATURE",
+        value_name = "NAME",
+        value_delimiter = ',',
+        value_parser = feature_arg
+    )]
+    pub disable_features: Vec<crate::features::Feature>,
+    /// What to do when this kernel cannot run a core feature: `exit` with code 69, or `wait`:
+    /// log why and stay up (health "" SERVING, breakwater.v1.Agent NOT_SERVING) until stopped,
+    /// for supervisors that restart whatever exits (a Kubernetes DaemonSet).
+    #[arg(
+        long,
+        env = "BREAKWATER_ON_UNSUPPORTED_KERNEL",
+        value_enum,
+        value_name = "WHAT",
+        default_value_t = OnUnsupportedKernel::Exit
+    )]
+    pub on_unsupported_kernel: OnUnsupportedKernel,
     /// Attach every hook, but have each return at once: nothing is counted or enforced. For
     /// `cargo xtask bench`, to measure what the hooks cost by themselves.
     #[arg(long, hide = true)]
@@ -286,6 +337,34 @@ pub struct AgentArgs {
     #[arg(skip)]
     pub tls_key: Option<PathBuf>,
 }
+
+/// `--disable-feature`: an optional feature's name.
+fn feature_arg(name: &str) -> Result<crate::features::Feature, String> {
+    crate::features::Feature::optional(name)
+}
+
+/// `--on-unsupported-kernel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnUnsupportedKernel {
+    /// Exit with code 69 (EX_UNAVAILABLE).
+    Exit,
+    /// Log why, then stay up and not ready until stopped (then exit with code 69).
+    Wait,
+}
+
+/// Exit code of `breakwater agent` when this kernel cannot run a core feature (connection
+/// tracking, the breaker's gate): sysexits' EX_UNAVAILABLE. Not 1 (a failure that a restart may
+/// cure) nor 2 (bad input): restarting on the same kernel fails the same way.
+pub const EXIT_UNSUPPORTED_KERNEL: u8 = 69;
+
+/// `breakwater agent --help`'s exit codes ([`EXIT_UNSUPPORTED_KERNEL`] is the 69).
+const AGENT_EXIT_CODES: &str = "\
+Exit codes:
+  0   stopped by SIGINT or SIGTERM
+  1   failed (e.g. another agent holds the socket or the pin directory)
+  2   bad flags or config (the reason is printed); nothing was started
+  69  this kernel cannot run a core feature (the message says what is missing);
+      with --on-unsupported-kernel=wait, after waiting to be stopped";
 
 #[derive(Clone, Debug, Subcommand)]
 pub enum ServiceCommand {
@@ -320,9 +399,22 @@ pub enum CliError {
     /// Bad input: exit code 2.
     #[error("{0}")]
     Usage(String),
+    /// The kernel cannot run a core feature: exit code [`EXIT_UNSUPPORTED_KERNEL`].
+    #[error("{0}")]
+    UnsupportedKernel(String),
     /// Anything else: exit code 1.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::UnsupportedKernel(_) => EXIT_UNSUPPORTED_KERNEL,
+            CliError::Failed(_) => 1,
+        }
+    }
 }
 
 impl From<crate::error::Error> for CliError {
@@ -381,13 +473,113 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(CliError::Usage(m)) => {
-            eprintln!("error: {m}");
-            ExitCode::from(2)
-        }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::Feature;
+
+    fn agent_args(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["breakwater", "agent"].iter().chain(args))?;
+        match cli.command {
+            Command::Agent(a) => Ok(a),
+            other => panic!("not the agent: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn features_are_disabled_by_name() {
+        let a = agent_args(&[]).unwrap();
+        assert!(a.disable_features.is_empty());
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Exit);
+        let a = agent_args(&[
+            "--disable-feature",
+            "first_response_latency",
+            "--disable-feature=audit_stream,retransmits",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.disable_features,
+            [
+                Feature::FirstResponseLatency,
+                Feature::AuditStream,
+                Feature::Retransmits
+            ]
+        );
+        for (bad, why) in [
+            (
+                "nonsense",
+                "unknown feature \"nonsense\" (optional features: time_wait",
+            ),
+            (
+                "breaker_gate",
+                "breaker_gate is a core feature and cannot be disabled",
+            ),
+        ] {
+            let err = agent_args(&["--disable-feature", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            let text = err.to_string();
+            assert!(text.contains(why), "{text}");
+        }
+    }
+
+    #[test]
+    fn unsupported_kernels_exit_or_wait() {
+        let a = agent_args(&["--on-unsupported-kernel", "wait"]).unwrap();
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Wait);
+        let a = agent_args(&["--on-unsupported-kernel=exit"]).unwrap();
+        assert_eq!(a.on_unsupported_kernel, OnUnsupportedKernel::Exit);
+        let err = agent_args(&["--on-unsupported-kernel", "restart"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn exit_codes_say_what_kind_of_failure() {
+        assert_eq!(CliError::Usage("x".into()).exit_code(), 2);
+        assert_eq!(CliError::Failed(anyhow::anyhow!("x")).exit_code(), 1);
+        assert_eq!(CliError::UnsupportedKernel("x".into()).exit_code(), 69);
+        assert_eq!(EXIT_UNSUPPORTED_KERNEL, 69);
+        // `breakwater agent --help` documents it.
+        let help = Cli::try_parse_from(["breakwater", "agent", "--help"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            help.contains(&format!(
+                "{EXIT_UNSUPPORTED_KERNEL}  this kernel cannot run"
+            )),
+            "{help}"
+        );
+        assert!(help.contains("--on-unsupported-kernel"), "{help}");
+        assert!(help.contains("--disable-feature"), "{help}");
+    }
+
+    #[test]
+    fn latency_kinds_are_the_apis() {
+        for k in LatencyKind::value_variants() {
+            let v = k.to_possible_value().unwrap();
+            assert_eq!(v.get_name(), k.name());
+            assert!(breakwater_common::hist_kind::NAMES.contains(&k.name()));
+        }
+        let cli = Cli::try_parse_from([
+            "breakwater",
+            "latency",
+            "db",
+            "--kind",
+            "first_response",
+            "--kind",
+            "connect",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Latency { kinds, .. }
+                if kinds == [LatencyKind::FirstResponse, LatencyKind::Connect]
+        ));
     }
 }

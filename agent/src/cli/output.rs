@@ -221,9 +221,22 @@ fn age(ms: u64) -> String {
     }
 }
 
-/// bcc-style histograms: one line per bucket from the first to the last non-empty one.
+/// bcc-style histograms: one line per bucket from the first to the last non-empty one; then
+/// the kinds left out because their feature is off.
 pub fn latency(r: &pb::GetLatencyResponse) -> String {
     let mut out = String::new();
+    let off: String = r
+        .features_off
+        .iter()
+        .map(|f| {
+            format!(
+                "{} not measured: {} is off: {}\n",
+                kinds_of(&f.name),
+                f.name,
+                or_dash(&f.reason)
+            )
+        })
+        .collect();
     for h in &r.histograms {
         out += &format!(
             "{} latency: {} samples, p50 {}, p90 {}, p99 {}, max < {}\n",
@@ -248,7 +261,18 @@ pub fn latency(r: &pb::GetLatencyResponse) -> String {
             out += &format!("{lo:>10} -> {:<10} : {count:<8} |{bar:<40}|\n", hi - 1);
         }
     }
+    out += &off;
     out.trim_end().to_owned()
+}
+
+/// The latency kinds a feature measures, as the output names them.
+fn kinds_of(feature: &str) -> &'static str {
+    match feature {
+        "connect_latency" => "connect latency",
+        "first_response_latency" => "first_response latency",
+        "tcp_stats" => "srtt and lifetime",
+        _ => "some histograms",
+    }
 }
 
 fn micros(us: u64) -> String {
@@ -386,6 +410,15 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     if !r.config_path.is_empty() {
         out += &format!("config {}\n", r.config_path);
     }
+    let mut f = table(&["FEATURE", "STATUS", "HOOK", "REASON"]);
+    for x in &r.features {
+        f.add_row(vec![
+            Cell::new(&x.name),
+            Cell::new(feature_status(x.status)),
+            Cell::new(or_dash(&x.hook)),
+            Cell::new(or_dash(&x.reason)),
+        ]);
+    }
     let mut p = table(&["PROGRAM", "ATTACH", "ID", "RUNS", "NS/RUN", "MISSED"]);
     for x in &r.programs {
         let per_run = x.run_time_ns.checked_div(x.run_count).unwrap_or(0);
@@ -411,7 +444,16 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     for x in &r.counters {
         c.add_row(vec![Cell::new(&x.name), num(x.value)]);
     }
-    format!("{out}\n{p}\n\n{m}\n\n{c}")
+    format!("{out}\n{f}\n\n{p}\n\n{m}\n\n{c}")
+}
+
+fn feature_status(status: i32) -> &'static str {
+    match pb::FeatureStatus::try_from(status) {
+        Ok(pb::FeatureStatus::On) => "on",
+        Ok(pb::FeatureStatus::Degraded) => "degraded",
+        Ok(pb::FeatureStatus::Off) => "off",
+        _ => "?",
+    }
 }
 
 fn breaker_state(state: i32) -> &'static str {
@@ -539,6 +581,38 @@ pub fn breaker_changed(verb: &str, b: &Option<pb::Breaker>) -> String {
         breakers: vec![b.clone()],
     };
     format!("{verb} {}\n{}", b.service, breakers(&list))
+}
+
+/// After a trip: the breaker now, and what became of the established connections.
+pub fn tripped(r: &pb::TripResponse) -> String {
+    let mut out = breaker_changed("tripped", &r.breaker);
+    if let Some(note) = termination_note(r) {
+        out += &format!("\n{note}");
+    }
+    out
+}
+
+/// What a trip did to the service's established connections, if its policy terminates them.
+pub fn termination_note(r: &pb::TripResponse) -> Option<String> {
+    let terminates = r
+        .breaker
+        .as_ref()
+        .and_then(|b| b.policy.as_ref())
+        .is_some_and(|p| p.terminate_established);
+    if !r.not_terminated.is_empty() {
+        Some(format!(
+            "established connections NOT terminated: {}",
+            r.not_terminated
+        ))
+    } else if terminates {
+        Some(format!(
+            "terminated {} established connection{}",
+            r.terminated,
+            if r.terminated == 1 { "" } else { "s" }
+        ))
+    } else {
+        None
+    }
 }
 
 /// One line per state change.
@@ -685,6 +759,94 @@ mod tests {
             "1970-01-01T00:00:01.000Z db closed -> open (failure_ratio) requests=5 failures=3 \
              consecutive_failures=3 [2 events lost before this one]"
         );
+    }
+
+    #[test]
+    fn info_lists_the_features() {
+        let r = pb::GetAgentInfoResponse {
+            version: "0.1.0".into(),
+            kernel: "6.1.0-28-amd64".into(),
+            features: vec![
+                pb::Feature {
+                    name: "connection_tracking".into(),
+                    status: pb::FeatureStatus::On.into(),
+                    hook: "tp_btf/inet_sock_set_state".into(),
+                    reason: String::new(),
+                },
+                pb::Feature {
+                    name: "first_response_latency".into(),
+                    status: pb::FeatureStatus::Off.into(),
+                    hook: String::new(),
+                    reason: "disabled by configuration (features.disable)".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let out = info(&r);
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        let header = lines.iter().position(|l| l.starts_with("FEATURE")).unwrap();
+        assert!(lines[header].contains("STATUS") && lines[header].contains("REASON"));
+        assert!(lines[header + 1].starts_with("connection_tracking"));
+        assert!(lines[header + 1].contains(" on ") && lines[header + 1].ends_with('-'));
+        let off = lines[header + 2];
+        assert!(off.starts_with("first_response_latency"), "{out}");
+        assert!(off.contains(" off ") && off.contains(" - "), "{out}");
+        assert!(off.ends_with("disabled by configuration (features.disable)"));
+    }
+
+    #[test]
+    fn latency_names_what_is_not_measured() {
+        let r = pb::GetLatencyResponse {
+            histograms: vec![pb::Histogram {
+                kind: "connect".into(),
+                count: 0,
+                ..Default::default()
+            }],
+            features_off: vec![pb::Feature {
+                name: "first_response_latency".into(),
+                status: pb::FeatureStatus::Off.into(),
+                hook: String::new(),
+                reason: "no tcp_sendmsg_locked tracepoint (Linux 6.12 brings it)".into(),
+            }],
+        };
+        assert_eq!(
+            latency(&r),
+            "connect latency: 0 samples, p50 0µs, p90 0µs, p99 0µs, max < 0µs\n\
+             first_response latency not measured: first_response_latency is off: no \
+             tcp_sendmsg_locked tracepoint (Linux 6.12 brings it)"
+        );
+    }
+
+    #[test]
+    fn trips_say_what_became_of_the_connections() {
+        let b = |terminate| pb::Breaker {
+            service: "db".into(),
+            state: pb::BreakerState::Open.into(),
+            policy: Some(pb::BreakerPolicy {
+                terminate_established: terminate,
+                half_open_max: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = pb::TripResponse {
+            breaker: Some(b(true)),
+            terminated: 3,
+            not_terminated: String::new(),
+        };
+        assert!(tripped(&r).ends_with("\nterminated 3 established connections"));
+        let r = pb::TripResponse {
+            breaker: Some(b(true)),
+            terminated: 0,
+            not_terminated: "terminate_on_trip is off: x".into(),
+        };
+        assert!(tripped(&r)
+            .ends_with("\nestablished connections NOT terminated: terminate_on_trip is off: x"));
+        let r = pb::TripResponse {
+            breaker: Some(b(false)),
+            ..Default::default()
+        };
+        assert_eq!(termination_note(&r), None);
     }
 
     #[test]

@@ -306,7 +306,12 @@ impl Kernel {
             Feature::BreakerGate,
             format!("{}, {}", SCOPE_PROGRAMS[0].1, SCOPE_PROGRAMS[1].1),
         );
-        match program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?.load() {
+        let outcomes = if self.disabled.contains(&Feature::BreakerOutcomes) {
+            Ok(())
+        } else {
+            program::<SockOps>(&mut self.ebpf, names::PROG_SOCKOPS, "sock_ops")?.load()
+        };
+        match outcomes {
             Ok(()) => self
                 .features
                 .on(Feature::BreakerOutcomes, SCOPE_PROGRAMS[2].1),
@@ -367,6 +372,8 @@ impl Kernel {
             }
             (Err(why), _) | (_, Err(why)) => self.features.off(Feature::TerminateOnTrip, why),
         }
+        let disabled = std::mem::take(&mut self.disabled);
+        self.features.disable(&disabled);
         // Every hook is chosen: the parsed BTF (megabytes) is no longer needed.
         self.btf = None;
         Ok(())

@@ -152,6 +152,8 @@ pub struct Kernel {
     btf: Option<btf::KernelBtf>,
     /// Whether sock_diag can destroy a connection here (tried once, before attaching).
     destroy_probe: Option<Result<(), String>>,
+    /// Optional features the operator turned off (`[features] disable`).
+    disabled: Vec<Feature>,
     pin_dir: PathBuf,
     _pin_lock: breaker::PinLock,
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
@@ -251,6 +253,7 @@ impl Kernel {
             features: Features::default(),
             btf: Some(kbtf),
             destroy_probe: None,
+            disabled: Vec::new(),
             pin_dir: pin_dir.to_owned(),
             _pin_lock: pin_lock,
             links: Vec::new(),
@@ -341,12 +344,8 @@ impl Kernel {
             format!("ringbuf {}", names::MAP_CONN_EVENTS),
         );
 
-        for &feature in disabled {
-            if !feature.is_core() {
-                self.features
-                    .off(feature, "disabled by configuration (features.disable)");
-            }
-        }
+        self.disabled = disabled.to_vec();
+        self.features.disable(disabled);
         self.btf = Some(kbtf);
 
         let namespaces = netns::all();

@@ -236,6 +236,26 @@ pub struct Counter {
     #[prost(uint64, tag = "2")]
     pub value: u64,
 }
+/// A feature of the agent that depends on the kernel, and its state on this node.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Feature {
+    /// connection_tracking, time_wait, connect_latency, first_response_latency, tcp_stats,
+    /// retransmits, breaker_gate, breaker_outcomes, terminate_on_trip or audit_stream (the names of
+    /// `\[features\] disable`). connection_tracking and breaker_gate are core: an agent runs only
+    /// with both on.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(enumeration = "FeatureStatus", tag = "2")]
+    #[serde(serialize_with = "crate::json::feature_status")]
+    pub status: i32,
+    /// The hooks that implement it here, e.g. "tp_btf/tcp_sendmsg_locked"; empty when off.
+    #[prost(string, tag = "3")]
+    pub hook: ::prost::alloc::string::String,
+    /// Why it is degraded or off; empty when on.
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+}
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetAgentInfoRequest {}
@@ -261,6 +281,9 @@ pub struct GetAgentInfoResponse {
     pub host_netns: u32,
     #[prost(string, tag = "8")]
     pub config_path: ::prost::alloc::string::String,
+    /// Every feature, always all of them and in the same order, with its state on this node.
+    #[prost(message, repeated, tag = "9")]
+    pub features: ::prost::alloc::vec::Vec<Feature>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -360,6 +383,11 @@ pub struct GetLatencyRequest {
     /// With a destination: only this network namespace; 0 = all namespaces together.
     #[prost(uint32, tag = "3")]
     pub netns: u32,
+    /// Only these kinds ("connect", "first_response", "srtt", "lifetime"; see Histogram.kind), in
+    /// this order. Empty: every kind whose feature is on. An unknown kind is InvalidArgument; a
+    /// kind whose feature is off (see GetAgentInfoResponse.features) is FailedPrecondition.
+    #[prost(string, repeated, tag = "4")]
+    pub kinds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -403,6 +431,11 @@ pub struct Histogram {
 pub struct GetLatencyResponse {
     #[prost(message, repeated, tag = "1")]
     pub histograms: ::prost::alloc::vec::Vec<Histogram>,
+    /// With no kinds asked for: the features that are off, whose kinds are left out of
+    /// `histograms` (connect_latency: connect; first_response_latency: first_response; tcp_stats:
+    /// srtt and lifetime).
+    #[prost(message, repeated, tag = "2")]
+    pub features_off: ::prost::alloc::vec::Vec<Feature>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -636,6 +669,13 @@ pub struct TripRequest {
 pub struct TripResponse {
     #[prost(message, optional, tag = "1")]
     pub breaker: ::core::option::Option<Breaker>,
+    /// Established connections destroyed because the policy says terminate_established.
+    #[prost(uint64, tag = "2")]
+    pub terminated: u64,
+    /// Set when the policy says terminate_established but the connections were kept: why (the
+    /// terminate_on_trip feature is off). The trip itself took effect.
+    #[prost(string, tag = "3")]
+    pub not_terminated: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -830,6 +870,45 @@ impl DestinationSort {
             "DESTINATION_SORT_ACTIVE" => Some(Self::Active),
             "DESTINATION_SORT_OPENED" => Some(Self::Opened),
             "DESTINATION_SORT_FAILED" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+/// Whether a feature runs on this node.
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum FeatureStatus {
+    Unspecified = 0,
+    /// Fully on, through the best hook for it.
+    On = 1,
+    /// On, with less than on kernels that have the best hook for it; `reason` says what is missing.
+    Degraded = 2,
+    /// Not running: its numbers are not measured (the API leaves them out or answers
+    /// FailedPrecondition rather than report zeros). `reason` says why: what the kernel lacks, or
+    /// that the configuration disabled it.
+    Off = 3,
+}
+impl FeatureStatus {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "FEATURE_STATUS_UNSPECIFIED",
+            Self::On => "FEATURE_STATUS_ON",
+            Self::Degraded => "FEATURE_STATUS_DEGRADED",
+            Self::Off => "FEATURE_STATUS_OFF",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "FEATURE_STATUS_UNSPECIFIED" => Some(Self::Unspecified),
+            "FEATURE_STATUS_ON" => Some(Self::On),
+            "FEATURE_STATUS_DEGRADED" => Some(Self::Degraded),
+            "FEATURE_STATUS_OFF" => Some(Self::Off),
             _ => None,
         }
     }
@@ -1258,7 +1337,8 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "DeleteService"));
             self.inner.unary(req, path, codec).await
         }
-        /// Version, kernel, programs, map fill, evictions and error counters.
+        /// Version, kernel, the features this kernel lets the agent run, programs, map fill, evictions
+        /// and error counters.
         pub async fn get_agent_info(
             &mut self,
             request: impl tonic::IntoRequest<super::GetAgentInfoRequest>,
@@ -1308,7 +1388,8 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "GetTimeWait"));
             self.inner.unary(req, path, codec).await
         }
-        /// Latency histograms of a service or a destination.
+        /// Latency histograms of a service or a destination. FailedPrecondition if a kind asked for is
+        /// measured by a feature that is off.
         pub async fn get_latency(
             &mut self,
             request: impl tonic::IntoRequest<super::GetLatencyRequest>,
@@ -1457,7 +1538,8 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "ClearPolicy"));
             self.inner.unary(req, path, codec).await
         }
-        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel.
+        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel. With
+        /// terminate_on_trip off the breaker still opens; the response says the connections were kept.
         pub async fn trip(
             &mut self,
             request: impl tonic::IntoRequest<super::TripRequest>,
@@ -1551,6 +1633,7 @@ pub mod agent_client {
         }
         /// Connection events from now on, as they happen: opened, closed, failed, and connects a
         /// breaker rejected, with the process, cgroup and container; the audit trail.
+        /// FailedPrecondition if the audit_stream feature is off.
         pub async fn watch_connections(
             &mut self,
             request: impl tonic::IntoRequest<super::WatchConnectionsRequest>,
@@ -1629,7 +1712,8 @@ pub mod agent_server {
             tonic::Response<super::DeleteServiceResponse>,
             tonic::Status,
         >;
-        /// Version, kernel, programs, map fill, evictions and error counters.
+        /// Version, kernel, the features this kernel lets the agent run, programs, map fill, evictions
+        /// and error counters.
         async fn get_agent_info(
             &self,
             request: tonic::Request<super::GetAgentInfoRequest>,
@@ -1645,7 +1729,8 @@ pub mod agent_server {
             tonic::Response<super::GetTimeWaitResponse>,
             tonic::Status,
         >;
-        /// Latency histograms of a service or a destination.
+        /// Latency histograms of a service or a destination. FailedPrecondition if a kind asked for is
+        /// measured by a feature that is off.
         async fn get_latency(
             &self,
             request: tonic::Request<super::GetLatencyRequest>,
@@ -1692,7 +1777,8 @@ pub mod agent_server {
             tonic::Response<super::ClearPolicyResponse>,
             tonic::Status,
         >;
-        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel.
+        /// Forces a breaker Open, until Reset or for a time to live that expires in the kernel. With
+        /// terminate_on_trip off the breaker still opens; the response says the connections were kept.
         async fn trip(
             &self,
             request: tonic::Request<super::TripRequest>,
@@ -1734,6 +1820,7 @@ pub mod agent_server {
             + 'static;
         /// Connection events from now on, as they happen: opened, closed, failed, and connects a
         /// breaker rejected, with the process, cgroup and container; the audit trail.
+        /// FailedPrecondition if the audit_stream feature is off.
         async fn watch_connections(
             &self,
             request: tonic::Request<super::WatchConnectionsRequest>,

@@ -24,7 +24,7 @@ use breakwater_common::{
 };
 use tracing::{info, warn};
 
-use super::{iter, program, records, Kernel, LoadError};
+use super::{iter, program, records, refused, Kernel, LoadError};
 use crate::{
     error::{Error, Result},
     features::Feature,
@@ -298,7 +298,7 @@ impl Kernel {
                     LoadError::Unsupported(format!(
                         "the breaker's gate ({hook}) does not load: {}; it needs cgroup v2 with \
                          CONFIG_CGROUP_BPF=y and bpf_set_retval (Linux 5.18 or later)",
-                        crate::error::chain(&e)
+                        refused(&e)
                     ))
                 })?;
         }
@@ -320,7 +320,7 @@ impl Kernel {
                 format!(
                     "{}: {}: breakers trip only by hand",
                     SCOPE_PROGRAMS[2].1,
-                    crate::error::chain(&e)
+                    refused(&e)
                 ),
             ),
         }
@@ -352,7 +352,7 @@ impl Kernel {
         let loaded = breaker_iter
             .load(names::ITER_TCP, &btf)
             .map(|()| breaker_iter.info().map(|i| i.id()).unwrap_or_default())
-            .map_err(|e| format!("{iter_hook}: {}", crate::error::chain(&e)));
+            .map_err(|e| format!("{iter_hook}: {}", refused(&e)));
         let probed = self
             .destroy_probe
             .take()

@@ -77,6 +77,53 @@ impl LoadError {
     }
 }
 
+/// Why the kernel refused a program, in a line: the verifier's verdict (the last line of its
+/// log that is not statistics) with, for the refusals older kernels are known for, the kernel
+/// that lifts them. The whole log goes to the debug log.
+pub fn refused(e: &ProgramError) -> String {
+    let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = e
+    else {
+        return crate::error::chain(e);
+    };
+    let log = verifier_log.to_string();
+    tracing::debug!(verifier_log = %log, "program refused");
+    let verdict = log.lines().map(str::trim).rev().find(|l| {
+        !l.is_empty()
+            && ![
+                "verification time",
+                "stack depth",
+                "processed ",
+                "max_states",
+            ]
+            .iter()
+            .any(|stat| l.starts_with(stat))
+    });
+    const KNOWN: [(&str, &str); 3] = [
+        (
+            "unknown func bpf_sk_storage_get",
+            "tracing programs may use socket-local storage from Linux 5.11",
+        ),
+        (
+            "unknown func bpf_set_retval",
+            "bpf_set_retval came in Linux 5.18",
+        ),
+        (
+            "function calls are not allowed while holding a lock",
+            "this kernel's verifier allows no call under a spin lock",
+        ),
+    ];
+    match verdict {
+        None => format!("BPF_PROG_LOAD: {io_error}"),
+        Some(v) => match KNOWN.iter().find(|(pattern, _)| v.contains(pattern)) {
+            Some((_, hint)) => format!("the verifier refused it: {v} ({hint})"),
+            None => format!("the verifier refused it: {v}"),
+        },
+    }
+}
+
 /// A program of the object by name, as its concrete type.
 fn program<'a, T>(
     ebpf: &'a mut Ebpf,
@@ -277,11 +324,7 @@ impl Kernel {
         let (_, state) =
             tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::SOCK_STATE)
                 .map_err(|why| {
-                    LoadError::Unsupported(format!(
-                        "connection tracking needs the tp_btf tracepoint {} ({why}): Linux 5.5 \
-                         or later, built with CONFIG_DEBUG_INFO_BTF=y",
-                        names::TRACEPOINT_SOCK_STATE
-                    ))
+                    LoadError::Unsupported(format!("connection tracking cannot run: {why}"))
                 })?;
         let state_hook = state.attach.clone();
         self.programs.push(state);
@@ -305,7 +348,7 @@ impl Kernel {
         ] {
             let prog = self.iter(name)?;
             if let Err(e) = prog.load(names::ITER_TCP, &btf) {
-                let why = crate::error::chain(&e);
+                let why = refused(&e);
                 if name == names::PROG_SOCKS_TCP {
                     self.features
                         .off(Feature::TimeWait, format!("{iter_hook}: {why}"));

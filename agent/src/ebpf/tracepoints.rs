@@ -10,7 +10,7 @@ use aya::{
 use breakwater_common::names;
 use tracing::debug;
 
-use super::{btf::KernelBtf, LoadError, ProgramSummary};
+use super::{btf::KernelBtf, refused, LoadError, ProgramSummary};
 
 /// One way to run a program: a hook and the program written for it.
 #[derive(Clone, Debug)]
@@ -97,7 +97,7 @@ impl Hook {
                 id,
                 ..Default::default()
             }),
-            Err((e, _)) => Err(crate::error::chain(&e)),
+            Err((e, _)) => Err(refused(&e)),
         }
     }
 }

@@ -233,6 +233,25 @@ fn start_kernel(
     authz: &Authz,
     hooks: Hooks,
 ) -> Result<Started, CliError> {
+    let pin_dir = &config.agent.pin_dir;
+    let fresh = matches!(breaker::check_layout(pin_dir), Ok(breaker::Layout::Fresh));
+    let started = start_kernel_in(config, args, overrides, authz, hooks);
+    if fresh && matches!(started, Err(CliError::UnsupportedKernel(_))) {
+        // Nothing will ever use what this start pinned on a kernel that cannot run it.
+        if let Err(e) = breaker::release(pin_dir) {
+            warn!(pin_dir = %pin_dir.display(), error = %e, "cannot remove the pin directory");
+        }
+    }
+    started
+}
+
+fn start_kernel_in(
+    config: &Config,
+    args: &AgentArgs,
+    overrides: Overrides,
+    authz: &Authz,
+    hooks: Hooks,
+) -> Result<Started, CliError> {
     let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
         .map_err(|e| load_error("loading eBPF programs", e))?;
     let mut services =

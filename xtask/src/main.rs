@@ -186,30 +186,28 @@ fn socket_arg(args: &[String]) -> Option<&str> {
 /// One stage of `cargo xtask test` and how it went.
 struct Stage {
     name: String,
-    failure: Option<String>,
+    /// What it found (`ok, 6.1.0-57-cloud-amd64 (50 passed, 0 failed)`), or why it failed.
+    outcome: Result<String, String>,
     took: Duration,
 }
 
 impl Stage {
     fn print(&self) {
-        match &self.failure {
-            None => println!("== {}: {} s", self.name, self.took.as_secs()),
-            Some(why) => println!(
-                "== {}: FAILED in {} s: {why}",
-                self.name,
-                self.took.as_secs()
-            ),
+        let took = self.took.as_secs();
+        match &self.outcome {
+            Ok(what) if what.is_empty() => println!("== {}: {took} s", self.name),
+            Ok(what) => println!("== {}: {what} in {took} s", self.name),
+            Err(why) => println!("== {}: FAILED in {took} s: {why}", self.name),
         }
     }
 }
 
 /// Runs `f` as a stage and prints its duration.
-fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<()>) {
+fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>) {
     let started = Instant::now();
-    let failure = f().err().map(|e| format!("{e:#}"));
     let stage = Stage {
         name: name.to_string(),
-        failure,
+        outcome: f().map_err(|e| format!("{e:#}")),
         took: started.elapsed(),
     };
     stage.print();
@@ -232,14 +230,14 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         ]))?;
         agent = Some(build_release(ws)?);
         tests = Some(vm::build_tests(ws)?);
-        Ok(())
+        Ok(String::new())
     });
     let (Some(agent), Some(tests)) = (agent, tests) else {
         bail!("the build failed");
     };
 
     stage(&mut stages, "host suite", || {
-        host_suite(ws, &agent, test_args)
+        host_suite(ws, &agent, test_args).map(|()| String::new())
     });
 
     if no_vm {
@@ -253,15 +251,17 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
             let mut runs = Vec::new();
             stage(&mut stages, &format!("vm {}", line.name), || {
                 runs = vm::run_kernels(ws, &agent, &tests, &[line], &selection, vm::TIMEOUT)?;
-                match runs.iter().find(|run| !run.ok()) {
-                    Some(run) => bail!(
-                        "{} ({} passed, {} failed)",
-                        run.release,
-                        run.passed(),
-                        run.failed_count()
-                    ),
-                    None => Ok(()),
+                let run = runs.first().context("no kernel ran")?;
+                let what = format!(
+                    "{} ({} passed, {} failed)",
+                    run.release,
+                    run.passed(),
+                    run.failed_count()
+                );
+                if !run.ok() {
+                    bail!(what);
                 }
+                Ok(format!("ok, {what}"))
             });
         }
     }
@@ -273,7 +273,7 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     }
     let failed: Vec<&str> = stages
         .iter()
-        .filter(|s| s.failure.is_some())
+        .filter(|s| s.outcome.is_err())
         .map(|s| s.name.as_str())
         .collect();
     if !failed.is_empty() {

@@ -810,6 +810,15 @@ ip link set lo up
 export BREAKWATER_BIN=/bin/breakwater CI=true
 # libtest's per-test times (`<1.2s>` after each result) are behind -Z; RUSTC_BOOTSTRAP allows it.
 export RUSTC_BOOTSTRAP=1
+# The lowest MemAvailable while the tests run, to size the guest (builtins only: no forks).
+(
+    low=
+    while :; do
+        while read -r key kb unit; do [ "$key" = MemAvailable: ] && break; done </proc/meminfo
+        if [ -z "$low" ] || [ "$kb" -lt "$low" ]; then low=$kb; echo "$low" >/run/mem-low; fi
+        sleep 2
+    done
+) &
 cd /tmp
 rc=0
 run() {{
@@ -833,7 +842,8 @@ run() {{
         script.push('\n');
     }
     script.push_str(&format!(
-        r#"free -m | awk 'NR == 2 {{ print "BREAKWATER-VM: memory used " $3 " MiB of " $2 }}'
+        r#"total=$(awk '/^MemTotal/ {{ print int($2 / 1024) }}' /proc/meminfo)
+echo "BREAKWATER-VM: memory: at least $(( $(cat /run/mem-low) / 1024 )) MiB of $total available throughout"
 echo "{DONE_MARKER}$rc"
 # The console drains asynchronously: give the marker time to reach the host.
 sleep 1

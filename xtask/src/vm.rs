@@ -154,13 +154,24 @@ pub struct TestBinary {
 /// Builds the integration tests (the same command the host suite runs, so it reuses them) and
 /// returns their executables.
 pub fn build_tests(ws: &Workspace) -> Result<Vec<TestBinary>> {
-    let json = output(ws.cargo().args([
+    let mut cmd = ws.cargo();
+    cmd.args([
         "test",
         "--package",
         "breakwater-tests",
         "--no-run",
         "--message-format=json-render-diagnostics",
-    ]))?;
+    ]);
+    // JSON on stdout; progress and compiler errors on stderr, shown as they come.
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the integration tests failed ({})", out.status);
+    }
+    let json = String::from_utf8_lossy(&out.stdout);
     let mut bins = test_binaries(&json)?;
     bins.sort_by(|a, b| a.name.cmp(&b.name));
     if bins.is_empty() {
@@ -413,7 +424,9 @@ fn cached_deb(dir: &Path, package: &str) -> Result<Option<PathBuf>> {
 }
 
 fn unpack(deb: &Path, tree: &Path) -> Result<()> {
-    let partial = tree.with_extension("partial");
+    let mut partial = tree.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let _ = fs::remove_dir_all(&partial);
     run_cmd(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&partial))?;
     fs::rename(&partial, tree).with_context(|| format!("renaming to {}", tree.display()))

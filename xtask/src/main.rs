@@ -1,13 +1,15 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|run|test|vm-test|bench>`.
 
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     env,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -39,12 +41,19 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
-    /// Setup, unit tests, then the privileged integration tests (root)
+    /// Setup, build, unit and privileged integration tests (root), then the same tests on
+    /// Debian's 6.1 and 6.12 kernels in QEMU
     Test {
-        /// Extra arguments for the integration test binary after `--` (e.g. a test name filter)
+        /// Skip the tests on Debian's kernels in QEMU (quick local runs; CI runs them)
+        #[arg(long)]
+        no_vm: bool,
+        /// Extra arguments for the integration test binaries after `--` (e.g. a test name
+        /// filter), on the host and in the VMs
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// The privileged integration tests inside Debian's stock kernels (6.1, 6.12) in QEMU
+    VmTest(vm::Args),
     /// Throughput and memory with the agent off and on, and the breaker's rejection cost (root)
     Bench(bench::Args),
     /// (used by bench) hold PAIRS loopback connections open until stdin closes
@@ -69,7 +78,8 @@ fn run_task(task: Task) -> Result<()> {
         Task::Setup => setup::run(),
         Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
-        Task::Test { test_args } => test(&ws, &test_args),
+        Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
+        Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
     }
@@ -96,6 +106,11 @@ impl Workspace {
 
     /// The absolute path of the release agent binary (honours CARGO_TARGET_DIR and the like).
     fn agent_bin(&self) -> Result<PathBuf> {
+        Ok(self.target_dir()?.join("release").join("breakwater"))
+    }
+
+    /// Cargo's target directory (honours CARGO_TARGET_DIR and the like).
+    fn target_dir(&self) -> Result<PathBuf> {
         let metadata =
             output(
                 self.cargo()
@@ -106,7 +121,7 @@ impl Workspace {
         let target_dir = metadata["target_directory"]
             .as_str()
             .context("`cargo metadata` printed no target_directory")?;
-        Ok(Path::new(target_dir).join("release").join("breakwater"))
+        Ok(PathBuf::from(target_dir))
     }
 }
 
@@ -168,12 +183,111 @@ fn socket_arg(args: &[String]) -> Option<&str> {
     })
 }
 
-fn test(ws: &Workspace, test_args: &[String]) -> Result<()> {
+/// One stage of `cargo xtask test` and how it went.
+struct Stage {
+    name: String,
+    /// What it found (`ok, 6.1.0-57-cloud-amd64 (50 passed, 0 failed)`), or why it failed.
+    outcome: Result<String, String>,
+    took: Duration,
+}
+
+impl Stage {
+    fn print(&self) {
+        let took = self.took.as_secs();
+        match &self.outcome {
+            Ok(what) if what.is_empty() => println!("== {}: {took} s", self.name),
+            Ok(what) => println!("== {}: {what} in {took} s", self.name),
+            Err(why) => println!("== {}: FAILED in {took} s: {why}", self.name),
+        }
+    }
+}
+
+/// Runs `f` as a stage and prints its duration.
+fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>) {
+    let started = Instant::now();
+    let stage = Stage {
+        name: name.to_string(),
+        outcome: f().map_err(|e| format!("{e:#}")),
+        took: started.elapsed(),
+    };
+    stage.print();
+    stages.push(stage);
+}
+
+/// Build, then the host suite, then every VM kernel; a failing stage does not stop the later
+/// ones (a CI run shows everything at once), only a failed build does.
+fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     setup::run()?;
+    let mut stages = Vec::new();
+    let (mut agent, mut tests) = (None, None);
+    stage(&mut stages, "build", || {
+        run(ws.cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "breakwater-tests",
+            "--no-run",
+        ]))?;
+        agent = Some(build_release(ws)?);
+        tests = Some(vm::build_tests(ws)?);
+        Ok(String::new())
+    });
+    let (Some(agent), Some(tests)) = (agent, tests) else {
+        bail!("the build failed");
+    };
+
+    stage(&mut stages, "host suite", || {
+        host_suite(ws, &agent, test_args).map(|()| String::new())
+    });
+
+    if no_vm {
+        println!("== vm: skipped (--no-vm)");
+    } else {
+        let selection = vm::Selection {
+            full: false,
+            filters: test_args.to_vec(),
+        };
+        for line in vm::KERNELS {
+            let mut runs = Vec::new();
+            stage(&mut stages, &format!("vm {}", line.name), || {
+                runs = vm::run_kernels(ws, &agent, &tests, &[line], &selection, vm::TIMEOUT)?;
+                let run = runs.first().context("no kernel ran")?;
+                let what = format!(
+                    "{} ({} passed, {} failed)",
+                    run.release,
+                    run.passed(),
+                    run.failed_count()
+                );
+                if !run.ok() {
+                    bail!(what);
+                }
+                Ok(format!("ok, {what}"))
+            });
+        }
+    }
+
+    println!();
+    println!("== summary");
+    for stage in &stages {
+        stage.print();
+    }
+    let failed: Vec<&str> = stages
+        .iter()
+        .filter(|s| s.outcome.is_err())
+        .map(|s| s.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Unit tests, then the privileged integration tests on this machine's kernel.
+fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> {
     println!("== unit tests");
-    run(ws
+    let unit = run(ws
         .cargo()
-        .args(["test", "--workspace", "--exclude", "breakwater-tests"]))?;
+        .args(["test", "--workspace", "--exclude", "breakwater-tests"]));
 
     println!("== privileged integration tests (breakwater-tests)");
     if !is_root() {
@@ -183,10 +297,9 @@ fn test(ws: &Workspace, test_args: &[String]) -> Result<()> {
         println!(
             "skipped: privileged integration tests need root (run `cargo xtask test` as root)"
         );
-        return Ok(());
+        return unit;
     }
-    let bin = build_release(ws)?;
-    run(ws
+    let integration = run(ws
         .cargo()
         .args([
             "test",
@@ -196,7 +309,8 @@ fn test(ws: &Workspace, test_args: &[String]) -> Result<()> {
             "--test-threads=1",
         ])
         .args(test_args)
-        .env("BREAKWATER_BIN", &bin))
+        .env("BREAKWATER_BIN", agent));
+    unit.and(integration)
 }
 
 pub fn is_root() -> bool {
@@ -275,8 +389,21 @@ mod tests {
         let cli =
             Cli::try_parse_from(["xtask", "test", "--", "some_filter", "--nocapture"]).unwrap();
         match cli.command {
-            Task::Test { test_args } => assert_eq!(test_args, ["some_filter", "--nocapture"]),
+            Task::Test { no_vm, test_args } => {
+                assert!(!no_vm);
+                assert_eq!(test_args, ["some_filter", "--nocapture"]);
+            }
             _ => panic!("wrong task"),
         }
+        let cli =
+            Cli::try_parse_from(["xtask", "vm-test", "--kernel", "6.1", "--", "trip"]).unwrap();
+        match cli.command {
+            Task::VmTest(args) => {
+                assert_eq!(args.kernel, "6.1");
+                assert_eq!(args.test_args, ["trip"]);
+            }
+            _ => panic!("wrong task"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "5.10"]).is_err());
     }
 }

@@ -42,6 +42,7 @@ pub fn run() -> Result<()> {
     check_ss(root)?;
     check_cgroup2()?;
     check_python_venv(root)?;
+    check_vm_tools(root)?;
     Ok(())
 }
 
@@ -280,25 +281,85 @@ fn check_ss(root: bool) -> Result<()> {
     if !root {
         bail!("the `ss` command is missing: install the Debian package iproute2 as root (apt-get install -y iproute2), or run `cargo xtask setup` as root");
     }
-    println!("installing: iproute2 for `ss` (apt-get update && apt-get install -y iproute2)");
-    apt_install("iproute2")?;
+    println!("installing: iproute2 for `ss` (apt-get install -y iproute2)");
+    apt_install(&["iproute2"], &[])?;
     let path = which::which("ss")
         .map_err(|_| anyhow!("iproute2 was installed but `ss` is still not on PATH"))?;
     println!("ok: ss ({})", path.display());
     Ok(())
 }
 
-fn apt_install(package: &str) -> Result<()> {
+/// `apt-get install -y [options] packages`; `apt-get update` first only when the install fails
+/// (stale or missing package lists), then once more.
+fn apt_install(packages: &[&str], options: &[&str]) -> Result<()> {
+    let install = || {
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y"])
+                .args(options)
+                .args(packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install().is_ok() {
+        return Ok(());
+    }
+    println!("installing: the install failed; apt-get update, then again");
     run_cmd(
         Command::new("apt-get")
             .arg("update")
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    run_cmd(
-        Command::new("apt-get")
-            .args(["install", "-y", package])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    install()
+}
+
+/// Debian packages `cargo xtask vm-test` needs, each with the command that shows it is there.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    // Static, so the guest needs no libraries for it.
+    ("busybox-static", "busybox"),
+    ("cpio", "cpio"),
+    // Decompresses 6.12's .ko.xz modules on the host.
+    ("xz-utils", "xz"),
+    // setpriv, which tests/tests/remote.rs runs in the guest.
+    ("util-linux", "setpriv"),
+    // objcopy strips the test binaries' debug info before they go into the guest's RAM.
+    ("binutils", "objcopy"),
+];
+
+fn is_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", package]))
+        .is_ok_and(|status| status == "install ok installed")
+}
+
+/// QEMU, busybox-static and friends for `cargo xtask vm-test` (kernels are fetched by vm-test
+/// itself, into ~/.cache/breakwater/kernels).
+fn check_vm_tools(root: bool) -> Result<()> {
+    let present =
+        |(package, command): &(&str, &str)| is_installed(package) && which::which(command).is_ok();
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .filter(|p| !present(p))
+        .map(|(package, _)| *package)
+        .collect();
+    if !missing.is_empty() {
+        let list = missing.join(" ");
+        if !root {
+            println!(
+                "warning: {list} missing for `cargo xtask vm-test` (not root, so not installing; \
+                 as root: apt-get install -y --no-install-recommends {list})"
+            );
+            return Ok(());
+        }
+        println!("installing: {list} for vm-test (apt-get install -y --no-install-recommends)");
+        apt_install(&missing, &["--no-install-recommends"])?;
+        if let Some((package, command)) = VM_PACKAGES.iter().find(|p| !present(p)) {
+            bail!("{package} was installed but `{command}` is still not on PATH");
+        }
+    }
+    let list: Vec<&str> = VM_PACKAGES.iter().map(|(package, _)| *package).collect();
+    println!("ok: {} (for vm-test)", list.join(", "));
+    Ok(())
 }
 
 fn check_cgroup2() -> Result<()> {
@@ -364,7 +425,7 @@ fn check_python_venv(root: bool) -> Result<()> {
                 );
             }
             println!("installing: python3-venv (apt-get install -y python3-venv)");
-            apt_install("python3-venv")?;
+            apt_install(&["python3-venv"], &[])?;
             make()?;
         }
     }

@@ -71,6 +71,7 @@ const VM_DEFAULT: &[(&str, &[&str])] = &[
     ("remote", &[]),
     ("timewait", &[]),
     ("tracking", &[]),
+    ("kernel", &[]),
 ];
 
 /// How long one kernel's run may take, boot to power-off, before QEMU is killed: about three

@@ -305,6 +305,8 @@ fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> 
             "test",
             "--package",
             "breakwater-tests",
+            // Every test binary, even after one fails: CI shows all that fail at once.
+            "--no-fail-fast",
             "--",
             "--test-threads=1",
         ])

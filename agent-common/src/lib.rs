@@ -26,6 +26,9 @@ pub mod names {
 
     /// `fentry/tcp_sendmsg_locked`: `PROG_SOCK_SEND` where the tracepoint is missing.
     pub const PROG_SOCK_SEND_FENTRY: &str = "bw_sock_send_fentry";
+    /// `fentry/do_tcp_sendpages`: sends by `sendfile()`/`splice()` on kernels where they do not
+    /// pass through `tcp_sendmsg_locked` (6.1).
+    pub const PROG_SOCK_SENDPAGES_FENTRY: &str = "bw_sock_sendpages_fentry";
     /// `fentry/tcp_data_ready`: `PROG_DATA_READY` where the tracepoint is missing.
     pub const PROG_DATA_READY_FENTRY: &str = "bw_data_ready_fentry";
 
@@ -41,6 +44,7 @@ pub mod names {
     /// Kernel functions the `fentry` fallbacks attach to.
     pub const FUNC_SOCK_SEND: &str = "tcp_sendmsg_locked";
     pub const FUNC_DATA_READY: &str = "tcp_data_ready";
+    pub const FUNC_SOCK_SENDPAGES: &str = "do_tcp_sendpages";
     pub const ITER_TCP: &str = "tcp";
 
     /// Per destination (outbound) or local endpoint (inbound) aggregates: `DestKey -> ConnStats`.

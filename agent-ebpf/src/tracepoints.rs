@@ -343,6 +343,13 @@ pub fn bw_sock_send_fentry(ctx: FEntryContext) -> i32 {
     sock_send(ctx.arg(0))
 }
 
+/// On those kernels' older lines (6.1), `sendfile()` and `splice()` (and kTLS) send through
+/// `do_tcp_sendpages` instead; later ones pass them through `tcp_sendmsg_locked` too.
+#[fentry(function = "do_tcp_sendpages")]
+pub fn bw_sock_sendpages_fentry(ctx: FEntryContext) -> i32 {
+    sock_send(ctx.arg(0))
+}
+
 #[inline(always)]
 fn sock_send(sk: *const u8) -> i32 {
     if empty() {

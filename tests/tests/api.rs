@@ -363,11 +363,16 @@ fn info_reports_programs_maps_and_socket_mode() {
     // Each through the hook this kernel has, as its tracefs tells: the tracepoint, else the
     // fallback.
     let event = |name: &str| Path::new("/sys/kernel/tracing/events").join(name);
-    let send = if event("tcp/tcp_sendmsg_locked").exists() {
+    let mut send = vec![if event("tcp/tcp_sendmsg_locked").exists() {
         ("bw_sock_send", "tp_btf/tcp_sendmsg_locked")
     } else {
         ("bw_sock_send_fentry", "fentry/tcp_sendmsg_locked")
-    };
+    }];
+    // Kernels whose sendfile() does not go through tcp_sendmsg_locked (6.1) have this instead.
+    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap();
+    if kallsyms.lines().any(|l| l.ends_with(" do_tcp_sendpages")) {
+        send.push(("bw_sock_sendpages_fentry", "fentry/do_tcp_sendpages"));
+    }
     let ready = if event("sock/sk_data_ready").exists() {
         ("bw_data_ready", "tp_btf/sk_data_ready")
     } else {
@@ -382,18 +387,20 @@ fn info_reports_programs_maps_and_socket_mode() {
     assert_eq!(
         programs,
         [
-            ("bw_sock_state", "tp_btf/inet_sock_set_state"),
-            send,
-            ready,
-            retransmit,
-            ("bw_seed_tcp", "iter/tcp"),
-            ("bw_list_tcp", "iter/tcp"),
-            ("bw_socks_tcp", "iter/tcp"),
-            ("bw_connect4", &format!("cgroup/connect4 {scope}")),
-            ("bw_connect6", &format!("cgroup/connect6 {scope}")),
-            ("bw_sockops", &format!("sock_ops {scope}")),
-            ("bw_breaker_tcp", "iter/tcp"),
+            &[("bw_sock_state", "tp_btf/inet_sock_set_state")][..],
+            &send,
+            &[ready, retransmit],
+            &[
+                ("bw_seed_tcp", "iter/tcp"),
+                ("bw_list_tcp", "iter/tcp"),
+                ("bw_socks_tcp", "iter/tcp"),
+                ("bw_connect4", &format!("cgroup/connect4 {scope}")),
+                ("bw_connect6", &format!("cgroup/connect6 {scope}")),
+                ("bw_sockops", &format!("sock_ops {scope}")),
+                ("bw_breaker_tcp", "iter/tcp"),
+            ],
         ]
+        .concat()
     );
     assert!(info.programs.iter().all(|p| p.id > 0));
     let dests = info.maps.iter().find(|m| m.name == "BW_DESTS").unwrap();

@@ -238,3 +238,69 @@ fn first_response_latency_matches_the_clients_timing() {
     assert_eq!(srtt.count, 1);
     assert!(srtt.max_us < 50_000, "loopback SRTT: {srtt:?}");
 }
+
+/// Requests sent with `sendfile()` (as file servers and proxies send bodies) are timed too: on
+/// 6.1 they take another path through TCP than `write()` (`do_tcp_sendpages`).
+#[test]
+fn first_response_of_requests_sent_with_sendfile_is_timed() {
+    use std::{
+        io::{Read, Write},
+        os::fd::AsRawFd,
+    };
+
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        while s.read_exact(&mut buf).is_ok() {
+            thread::sleep(Duration::from_millis(20));
+            s.write_all(b"pong").unwrap();
+        }
+    });
+    let mut request = tempfile::tempfile().unwrap();
+    request.write_all(b"ping").unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut took = Vec::new();
+    for _ in 0..9 {
+        let t = Instant::now();
+        let mut offset: libc::off_t = 0;
+        // SAFETY: two open descriptors and a valid offset; sendfile reads 4 bytes of the file.
+        let sent = unsafe { libc::sendfile(c.as_raw_fd(), request.as_raw_fd(), &mut offset, 4) };
+        assert_eq!(sent, 4, "sendfile: {}", std::io::Error::last_os_error());
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).unwrap();
+        took.push(t.elapsed().as_micros() as u64);
+    }
+    drop(c);
+    server.join().unwrap();
+    took.sort_unstable();
+    let client_p50 = took[took.len() / 2];
+    let mut client = agent.client();
+    let r = agent
+        .block_on(client.get_latency(pb::GetLatencyRequest {
+            destination: addr.to_string(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let h = r
+        .histograms
+        .iter()
+        .find(|h| h.kind == "first_response")
+        .expect("first_response histogram");
+    assert_eq!(
+        h.count, 9,
+        "one sample per request sent with sendfile(): {h:?}"
+    );
+    assert!(
+        hist_bucket(h.p50_us).abs_diff(hist_bucket(client_p50)) <= 1,
+        "agent p50 {} µs vs client {client_p50} µs",
+        h.p50_us
+    );
+}

@@ -22,7 +22,7 @@ use tracing::info;
 use crate::{
     config::MapSizes,
     error::{Error, Result},
-    features::{Feature, Features},
+    features::{Feature, Features, Status},
     netns,
     netns::NetSettings,
     service::Endpoint,
@@ -412,11 +412,35 @@ impl Kernel {
         let ready = tracepoints::attach_first(&mut self.ebpf, kbtf, btf, tracepoints::DATA_READY);
         match (send, ready) {
             (Ok((_, send)), Ok((_, ready))) => {
-                self.features.on(
-                    Feature::FirstResponseLatency,
-                    format!("{}, {}", send.attach, ready.attach),
-                );
-                self.programs.extend([send, ready]);
+                let mut hooks = vec![send.attach.clone()];
+                self.programs.push(send);
+                let mut missed = None;
+                if kbtf.has_function(names::FUNC_SOCK_SENDPAGES) {
+                    match tracepoints::attach_first(
+                        &mut self.ebpf,
+                        kbtf,
+                        btf,
+                        tracepoints::SENDPAGES,
+                    ) {
+                        Ok((_, pages)) => {
+                            hooks.push(pages.attach.clone());
+                            self.programs.push(pages);
+                        }
+                        Err(why) => missed = Some(why),
+                    }
+                }
+                hooks.push(ready.attach.clone());
+                let hooks = hooks.join(", ");
+                match missed {
+                    None => self.features.on(Feature::FirstResponseLatency, hooks),
+                    Some(why) => self.features.set(
+                        Feature::FirstResponseLatency,
+                        Status::Degraded,
+                        hooks,
+                        format!("requests sent by sendfile() or splice() are not timed ({why})"),
+                    ),
+                }
+                self.programs.push(ready);
             }
             (send, ready) => {
                 let mut why = Vec::new();

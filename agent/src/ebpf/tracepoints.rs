@@ -125,6 +125,12 @@ pub const SEND: &[Hook] = &[
     },
 ];
 
+/// Where the kernel has it (6.1), the other way a request leaves: `sendfile()`, `splice()`.
+pub const SENDPAGES: &[Hook] = &[Hook::FEntry {
+    prog: names::PROG_SOCK_SENDPAGES_FENTRY,
+    function: names::FUNC_SOCK_SENDPAGES,
+}];
+
 /// The data that answers it.
 pub const DATA_READY: &[Hook] = &[
     Hook::TpBtf {

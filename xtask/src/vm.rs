@@ -28,6 +28,9 @@ pub struct KernelLine {
     pub name: &'static str,
     prefix: &'static str,
     suffix: &'static str,
+    /// The only test binaries that run on this line, whatever the selection (None: the
+    /// selection alone decides).
+    binaries: Option<&'static [&'static str]>,
 }
 
 /// The kernels users run: Debian 12's default and the 6.12 backport. The cloud flavour boots
@@ -37,11 +40,13 @@ pub const KERNELS: &[KernelLine] = &[
         name: "6.1",
         prefix: "linux-image-6.1.0-",
         suffix: "-cloud-amd64-unsigned",
+        binaries: None,
     },
     KernelLine {
         name: "6.12",
         prefix: "linux-image-6.12.",
         suffix: "+deb12-cloud-amd64-unsigned",
+        binaries: None,
     },
 ];
 
@@ -214,13 +219,21 @@ struct GuestRun {
     args: Vec<String>,
 }
 
-/// The guest's runs for these binaries, and notes on binaries left out.
-fn guest_runs(binaries: &[String], selection: &Selection) -> (Vec<GuestRun>, Vec<String>) {
+/// The guest's runs on `line` for these binaries, and notes on binaries left out.
+fn guest_runs(
+    binaries: &[String],
+    selection: &Selection,
+    line: &KernelLine,
+) -> (Vec<GuestRun>, Vec<String>) {
     let mut runs = Vec::new();
     let mut notes = Vec::new();
     let everything = selection.full || !selection.filters.is_empty();
     for binary in binaries {
-        if HOST_ONLY_BINARIES.contains(&binary.as_str()) {
+        if HOST_ONLY_BINARIES.contains(&binary.as_str())
+            || line
+                .binaries
+                .is_some_and(|only| !only.contains(&binary.as_str()))
+        {
             continue;
         }
         let skips = HOST_ONLY_TESTS
@@ -268,27 +281,49 @@ pub fn run_kernels(
     timeout: Duration,
 ) -> Result<Vec<KernelRun>> {
     let names: Vec<String> = tests.iter().map(|t| t.name.clone()).collect();
-    let (runs, notes) = guest_runs(&names, selection);
+    let mut line_runs = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for line in lines {
+        let (runs, line_notes) = guest_runs(&names, selection, line);
+        for note in line_notes {
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+        line_runs.push(runs);
+    }
     for note in &notes {
         println!("{note}");
+    }
+    // One root for every line, with the test binaries any of them runs; each line's initramfs
+    // takes only its own.
+    let mut all_runs: Vec<&GuestRun> = Vec::new();
+    for run in line_runs.iter().flatten() {
+        if !all_runs.iter().any(|r| r.binary == run.binary) {
+            all_runs.push(run);
+        }
     }
     let work = ws.target_dir()?.join("vm-test");
     let started = Instant::now();
     let root = work.join("root");
-    let staged = stage_root(&root, agent, tests, &runs)?;
+    let staged = stage_root(&root, agent, tests, &all_runs)?;
     println!(
         "vm: initramfs base staged in {} s ({} MiB): busybox, ip, ss, setpriv, the agent, {} \
          test binaries",
         started.elapsed().as_secs(),
         staged / (1 << 20),
-        runs.len()
+        all_runs.len()
     );
     let mut results = Vec::new();
-    for line in lines {
+    for (line, runs) in lines.iter().zip(&line_runs) {
         let started = Instant::now();
-        println!("== vm {}: preparing", line.name);
+        let only = match line.binaries {
+            Some(only) => format!(" (test binaries: {} only)", only.join(", ")),
+            None => String::new(),
+        };
+        println!("== vm {}: preparing{only}", line.name);
         let result = match prepare_kernel(line).and_then(|kernel| {
-            let initrd = pack_initrd(&root, &work, &kernel, &runs)?;
+            let (initrd, staged) = pack_initrd(&root, &work, &kernel, runs)?;
             let mut run = boot(line, &kernel, &initrd, &work, staged, timeout)?;
             // Without filters something must run: zero tests means the guest ran none of them.
             if selection.filters.is_empty() && run.ok() && run.passed() == 0 {
@@ -671,7 +706,7 @@ fn copy_stripped(binary: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Fills `root` with everything but the kernel's modules and /init; returns its size in bytes.
-fn stage_root(root: &Path, agent: &Path, tests: &[TestBinary], runs: &[GuestRun]) -> Result<u64> {
+fn stage_root(root: &Path, agent: &Path, tests: &[TestBinary], runs: &[&GuestRun]) -> Result<u64> {
     if root.exists() {
         fs::remove_dir_all(root).with_context(|| format!("removing {}", root.display()))?;
     }
@@ -869,8 +904,14 @@ poweroff -f
 
 /// The kernel's modules and /init into `root`, then `root` as a newc cpio archive, uncompressed:
 /// the guest unpacks gzip slower under TCG than it copies (measured: /init at 5.7 s with
-/// `gzip -1`, which took 2.9 s more on the host, against 4.3 s without).
-fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> Result<PathBuf> {
+/// `gzip -1`, which took 2.9 s more on the host, against 4.3 s without). Of the test binaries
+/// in `root` it takes those `runs` run. Returns the archive and the bytes of the files in it.
+fn pack_initrd(
+    root: &Path,
+    work: &Path,
+    kernel: &Kernel,
+    runs: &[GuestRun],
+) -> Result<(PathBuf, u64)> {
     let modules = stage_modules(kernel, &root.join("mods"))?;
     println!("vm: modules {}", modules.join(", "));
     let init = root.join("init");
@@ -878,8 +919,15 @@ fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> 
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
+    let leave_out: BTreeSet<PathBuf> = fs::read_dir(root.join("tests"))?
+        .map(|entry| Ok(entry?.file_name()))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|name| !runs.iter().any(|r| name.to_str() == Some(&r.binary)))
+        .map(|name| Path::new("./tests").join(name))
+        .collect();
     let mut list = Vec::new();
-    list_tree(root, Path::new("."), &mut list)?;
+    let size = list_tree(root, Path::new("."), &leave_out, &mut list)?;
     let initrd = work.join(format!("initrd-{}.cpio", kernel.release));
     let file = fs::File::create(&initrd)?;
     let mut cpio = Command::new("cpio")
@@ -900,23 +948,36 @@ fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> 
     if !status.success() {
         bail!("cpio failed ({status})");
     }
-    Ok(initrd)
+    Ok((initrd, size))
 }
 
-/// NUL-separated relative paths under `root`, each directory before what it holds.
-fn list_tree(root: &Path, rel: &Path, list: &mut Vec<u8>) -> Result<()> {
+/// NUL-separated relative paths under `root` but those in `leave_out` (and what they hold),
+/// each directory before what it holds; returns the bytes of the regular files listed.
+fn list_tree(
+    root: &Path,
+    rel: &Path,
+    leave_out: &BTreeSet<PathBuf>,
+    list: &mut Vec<u8>,
+) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let mut entries: Vec<_> = fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
+    let mut size = 0;
     for entry in entries {
         let path = rel.join(entry.file_name());
+        if leave_out.contains(&path) {
+            continue;
+        }
         list.extend_from_slice(path.as_os_str().as_bytes());
         list.push(0);
-        if entry.file_type()?.is_dir() {
-            list_tree(root, &path, list)?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            size += list_tree(root, &path, leave_out, list)?;
+        } else if kind.is_file() {
+            size += entry.metadata()?.len();
         }
     }
-    Ok(())
+    Ok(size)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1527,7 +1588,7 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
             full: false,
             filters: Vec::new(),
         };
-        let (runs, notes) = guest_runs(&bins, &default);
+        let (runs, notes) = guest_runs(&bins, &default, &KERNELS[0]);
         let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
         assert_eq!(names, ["api", "observability"]);
         assert_eq!(
@@ -1543,11 +1604,42 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
             full: false,
             filters: vec!["trip".to_string()],
         };
-        let (runs, notes) = guest_runs(&bins, &filtered);
+        let (runs, notes) = guest_runs(&bins, &filtered, &KERNELS[0]);
         let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
         assert_eq!(names, ["api", "observability", "newthing"]);
         assert_eq!(runs[0].args, ["trip"]);
         assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn a_line_runs_only_its_binaries() {
+        let line = KernelLine {
+            name: "old",
+            prefix: "linux-image-old-",
+            suffix: "",
+            binaries: Some(&["kernel", "deploy"]),
+        };
+        let bins: Vec<String> = ["api", "deploy", "kernel", "newthing"]
+            .map(String::from)
+            .to_vec();
+        let mut selection = Selection {
+            full: false,
+            filters: Vec::new(),
+        };
+        // By default, with --full and with filters alike; host-only binaries stay out.
+        for (full, filters) in [
+            (false, vec![]),
+            (true, vec![]),
+            (false, vec!["wait".into()]),
+        ] {
+            selection.full = full;
+            selection.filters = filters;
+            let (runs, notes) = guest_runs(&bins, &selection, &line);
+            let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
+            assert_eq!(names, ["kernel"]);
+            assert_eq!(runs[0].args, selection.filters);
+            assert!(notes.is_empty(), "{notes:?}");
+        }
     }
 
     #[test]
@@ -1565,6 +1657,20 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
         assert!(script.contains("insmod /mods/inet_diag.ko"));
         assert!(script.contains("\nrun api 'a b'\n"));
         assert!(script.contains("BREAKWATER-VM-DONE rc=$rc"));
+    }
+
+    #[test]
+    fn the_initramfs_list_leaves_out_other_lines_binaries() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("tests")).unwrap();
+        fs::write(root.path().join("init"), "12").unwrap();
+        fs::write(root.path().join("tests/api"), "1234").unwrap();
+        fs::write(root.path().join("tests/kernel"), "123").unwrap();
+        let leave_out = BTreeSet::from([PathBuf::from("./tests/api")]);
+        let mut list = Vec::new();
+        let size = list_tree(root.path(), Path::new("."), &leave_out, &mut list).unwrap();
+        assert_eq!(list, b"./init\0./tests\0./tests/kernel\0");
+        assert_eq!(size, 5);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test`: the privileged integration tests inside Debian's stock kernels.
 //!
-//! Users run the agent on Debian 12's 6.1 and on 6.12, not on this machine's kernel. For each of
+//! Users run the agent on Debian 12's 6.1 and on 6.12, not on this machine's kernel; Debian 11's
+//! 5.10 is too old for the agent's core, and the tests of that path run on it. For each of
 //! those kernels this boots Debian's own package in QEMU (TCG: KVM hangs on this machine kind,
 //! see shared/KERNEL.md) with an initramfs holding busybox, `ip`/`ss`/`setpriv`, the release
 //! agent, the test binaries and the kernel modules the tests need, runs the test binaries one
@@ -31,9 +32,16 @@ pub struct KernelLine {
     /// The only test binaries that run on this line, whatever the selection (None: the
     /// selection alone decides).
     binaries: Option<&'static [&'static str]>,
+    /// The `sources.list` line of the archive that has the line's packages when the machine's
+    /// apt sources do not list it (None: the machine's sources). apt then runs with this line
+    /// alone and package lists of its own in the kernel cache ([`Apt`]).
+    apt_source: Option<&'static str>,
 }
 
-/// The kernels users run: Debian 12's default and the 6.12 backport. The cloud flavour boots
+/// The kernels users run, Debian 12's default and the 6.12 backport, then Debian 11's 5.10, too
+/// old for the agent's core: its verifier refuses `bpf_sk_storage_get` in tracing programs,
+/// so the agent stops with exit 69 and the reason, and only the `kernel` tests (that path and
+/// the wait mode) run there; every other test needs a running agent. The cloud flavour boots
 /// fast and has BTF, cgroup BPF and INET_DIAG_DESTROY built in.
 pub const KERNELS: &[KernelLine] = &[
     KernelLine {
@@ -41,12 +49,26 @@ pub const KERNELS: &[KernelLine] = &[
         prefix: "linux-image-6.1.0-",
         suffix: "-cloud-amd64-unsigned",
         binaries: None,
+        apt_source: None,
     },
     KernelLine {
         name: "6.12",
         prefix: "linux-image-6.12.",
         suffix: "+deb12-cloud-amd64-unsigned",
         binaries: None,
+        apt_source: None,
+    },
+    KernelLine {
+        name: "5.10",
+        prefix: "linux-image-5.10.0-",
+        suffix: "-cloud-amd64-unsigned",
+        binaries: Some(&["kernel"]),
+        // Bullseye's main suite has had its last point release (11.11): its kernel package no
+        // longer changes. Debian 12's debian-archive-keyring holds bullseye's keys.
+        apt_source: Some(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg target=Packages] \
+             http://deb.debian.org/debian bullseye main",
+        ),
     },
 ];
 
@@ -93,8 +115,8 @@ const BIN_MARKER: &str = "BREAKWATER-VM-BIN ";
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Kernels to boot: 6.1, 6.12 or all
-    #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+    /// Kernels to boot: 6.1, 6.12, 5.10 or all
+    #[arg(long, default_value = "all", value_parser = kernel_choices())]
     pub kernel: String,
     /// Every test that can run in the guest, not only the default subset
     #[arg(long)]
@@ -108,6 +130,11 @@ pub struct Args {
     /// Test filters and libtest options for every test binary in the guest, after `--`
     #[arg(last = true)]
     pub test_args: Vec<String>,
+}
+
+/// What `--kernel` takes: a line's name or `all`.
+fn kernel_choices() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(KERNELS.iter().map(|k| k.name).chain(["all"]))
 }
 
 /// The kernel lines `--kernel` names.
@@ -382,14 +409,102 @@ fn newest_package(line: &KernelLine, search: &str) -> Option<String> {
         .map(|(_, name)| name.to_string())
 }
 
-fn newest_available(line: &KernelLine) -> Result<String> {
+/// How apt runs for a line's packages: with the machine's configuration, or, for a line with an
+/// `apt_source`, with that source alone and package lists of its own under the kernel cache
+/// (`apt-5.10/`), so that an archive the machine's sources do not list needs no change to them.
+struct Apt {
+    /// The private configuration's directory; None: the machine's.
+    dir: Option<PathBuf>,
+}
+
+impl Apt {
+    fn for_line(cache: &Path, line: &KernelLine) -> Result<Self> {
+        let Some(source) = line.apt_source else {
+            return Ok(Self { dir: None });
+        };
+        let dir = cache.join(format!("apt-{}", line.name));
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let list = dir.join("sources.list");
+        let text = format!("{source}\n");
+        if fs::read_to_string(&list).ok().as_deref() != Some(text.as_str()) {
+            fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
+        }
+        Ok(Self { dir: Some(dir) })
+    }
+
+    /// `program` (apt-get, apt-cache) with this configuration.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some(dir) = &self.dir {
+            cmd.args(private_apt_options(dir));
+        }
+        cmd
+    }
+
+    /// Whether the private configuration has no package lists yet (the machine's: never said).
+    fn lists_missing(&self) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        !fs::read_dir(dir.join("lists")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
+    }
+
+    fn update(&self) -> Result<()> {
+        run_cmd(self.command("apt-get").arg("update").stdout(Stdio::null()))
+    }
+
+    /// The sources it reads, for messages.
+    fn sources(&self) -> String {
+        match &self.dir {
+            Some(dir) => dir.join("sources.list").display().to_string(),
+            None => "the machine's apt sources".to_string(),
+        }
+    }
+}
+
+/// apt's options for the sources list, package lists and caches in `dir` instead of the
+/// machine's (whose apt.conf.d, for proxies and the like, still applies).
+fn private_apt_options(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args = Vec::new();
+    for (key, value) in [
+        ("Dir::Etc::sourcelist", dir.join("sources.list")),
+        ("Dir::Etc::sourceparts", PathBuf::from("-")),
+        ("Dir::State::Lists", dir.join("lists")),
+        ("Dir::Cache", dir.join("cache")),
+    ] {
+        let mut option = std::ffi::OsString::from(format!("{key}="));
+        option.push(value);
+        args.push("-o".into());
+        args.push(option);
+    }
+    args
+}
+
+fn newest_available(line: &KernelLine, apt: &Apt) -> Result<String> {
     let search =
-        output(Command::new("apt-cache").args(["search", "--names-only", &apt_pattern(line)]))?;
+        output(
+            apt.command("apt-cache")
+                .args(["search", "--names-only", &apt_pattern(line)]),
+        )?;
     newest_package(line, &search).with_context(|| {
+        let hint = if apt.dir.is_some() {
+            String::new()
+        } else {
+            " (is this Debian 12 with bookworm-security in its sources? try `apt-get update`)"
+                .to_string()
+        };
         format!(
-            "apt-cache knows no {}N{} package (is this Debian 12 with bookworm-security in its \
-             sources? try `apt-get update`)",
-            line.prefix, line.suffix
+            "apt-cache knows no {}N{} package in {}{hint}",
+            line.prefix,
+            line.suffix,
+            apt.sources()
         )
     })
 }
@@ -399,13 +514,18 @@ fn newest_available(line: &KernelLine) -> Result<String> {
 fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
     let cache = cache_dir()?;
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let apt = Apt::for_line(&cache, line)?;
+    if apt.lists_missing() {
+        println!("vm: apt-get update for {}", apt.sources());
+        apt.update()?;
+    }
     let fetch = || -> Result<String> {
-        let package = newest_available(line)?;
+        let package = newest_available(line, &apt)?;
         let tree = cache.join(&package);
         if tree.join("boot").is_dir() {
             println!("vm: {package} (cached in {})", cache.display());
         } else {
-            unpack(&download(&cache, &package)?, &tree)?;
+            unpack(&download(&cache, &package, &apt)?, &tree)?;
         }
         Ok(package)
     };
@@ -414,8 +534,11 @@ fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
         Err(error) => {
             // Stale apt lists name packages the mirror has replaced (404), missing lists none:
             // refresh once and pick again.
-            println!("vm: {error:#}; running apt-get update and trying again");
-            run_cmd(Command::new("apt-get").arg("update").stdout(Stdio::null()))?;
+            println!(
+                "vm: {error:#}; running apt-get update for {} and trying again",
+                apt.sources()
+            );
+            apt.update()?;
             fetch()?
         }
     };
@@ -424,7 +547,7 @@ fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
 }
 
 /// `apt-get download` into the cache; returns the .deb.
-fn download(cache: &Path, package: &str) -> Result<PathBuf> {
+fn download(cache: &Path, package: &str, apt: &Apt) -> Result<PathBuf> {
     if let Some(deb) = cached_deb(cache, package)? {
         return Ok(deb);
     }
@@ -434,7 +557,7 @@ fn download(cache: &Path, package: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
     output(
-        Command::new("apt-get")
+        apt.command("apt-get")
             .args(["download", package])
             .current_dir(&partial),
     )
@@ -1389,6 +1512,94 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
     }
 
     #[test]
+    fn the_5_10_line_is_debian_11s_from_its_own_apt_source() {
+        let line = kernels("5.10")[0];
+        let search = "\
+linux-image-5.10.0-30-cloud-amd64-unsigned - Linux 5.10 for x86-64 cloud
+linux-image-5.10.0-32-cloud-amd64-unsigned - Linux 5.10 for x86-64 cloud
+linux-image-5.10.0-32-cloud-amd64 - Linux 5.10 for x86-64 cloud (signed)
+linux-image-5.10.0-33-cloud-amd64-dbg - debug symbols
+linux-image-5.10.0-35-amd64-unsigned - Linux 5.10 for 64-bit PCs
+linux-image-6.1.0-57-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
+";
+        assert_eq!(
+            newest_package(line, search).as_deref(),
+            Some("linux-image-5.10.0-32-cloud-amd64-unsigned")
+        );
+        // 6.1's names are not 5.10's, nor 5.10's 6.1's.
+        assert_eq!(
+            newest_package(&KERNELS[0], search).as_deref(),
+            Some("linux-image-6.1.0-57-cloud-amd64-unsigned")
+        );
+        assert_eq!(
+            apt_pattern(line),
+            r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$"
+        );
+        let source = line.apt_source.unwrap();
+        assert!(source.starts_with("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg"));
+        assert!(source.ends_with(" http://deb.debian.org/debian bullseye main"));
+        assert_eq!(line.binaries, Some(&["kernel"][..]));
+        assert!(KERNELS[..2]
+            .iter()
+            .all(|k| k.apt_source.is_none() && k.binaries.is_none()));
+    }
+
+    #[test]
+    fn a_private_apt_configuration() {
+        let cache = tempfile::tempdir().unwrap();
+        let line = kernels("5.10")[0];
+        let apt = Apt::for_line(cache.path(), line).unwrap();
+        let dir = cache.path().join("apt-5.10");
+        assert_eq!(apt.dir.as_deref(), Some(dir.as_path()));
+        assert_eq!(
+            fs::read_to_string(dir.join("sources.list")).unwrap(),
+            format!("{}\n", line.apt_source.unwrap())
+        );
+        assert!(apt.lists_missing());
+        fs::write(
+            dir.join("lists/deb.debian.org_debian_dists_bullseye_main_binary-amd64_Packages.lz4"),
+            "",
+        )
+        .unwrap();
+        assert!(!apt.lists_missing());
+        let cmd = apt.command("apt-cache");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let d = dir.display();
+        assert_eq!(
+            args,
+            [
+                "-o".to_string(),
+                format!("Dir::Etc::sourcelist={d}/sources.list"),
+                "-o".to_string(),
+                "Dir::Etc::sourceparts=-".to_string(),
+                "-o".to_string(),
+                format!("Dir::State::Lists={d}/lists"),
+                "-o".to_string(),
+                format!("Dir::Cache={d}/cache"),
+            ]
+        );
+        // The machine's apt for the other lines, as it is.
+        let machine = Apt::for_line(cache.path(), &KERNELS[0]).unwrap();
+        assert!(machine.dir.is_none() && !machine.lists_missing());
+        assert_eq!(machine.command("apt-get").get_args().count(), 0);
+        // Pruning a line's old packages leaves the private configuration alone.
+        prune_cache(
+            cache.path(),
+            line,
+            "linux-image-5.10.0-32-cloud-amd64-unsigned",
+        );
+        prune_cache(
+            cache.path(),
+            &KERNELS[0],
+            "linux-image-6.1.0-57-cloud-amd64-unsigned",
+        );
+        assert!(dir.join("sources.list").is_file());
+    }
+
+    #[test]
     fn the_cache_keeps_one_package_per_line() {
         let cache = tempfile::tempdir().unwrap();
         let old = "linux-image-6.1.0-56-cloud-amd64-unsigned";
@@ -1417,8 +1628,16 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
 
     #[test]
     fn kernel_choice() {
-        assert_eq!(kernels("all").len(), 2);
+        let names: Vec<&str> = kernels("all").iter().map(|k| k.name).collect();
+        assert_eq!(names, ["6.1", "6.12", "5.10"]);
         assert_eq!(kernels("6.12")[0].name, "6.12");
+        assert_eq!(kernels("5.10")[0].name, "5.10");
+        let parser = kernel_choices();
+        let choices: Vec<String> = clap::builder::TypedValueParser::possible_values(&parser)
+            .unwrap()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert_eq!(choices, ["6.1", "6.12", "5.10", "all"]);
     }
 
     #[test]
@@ -1612,12 +1831,31 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
     }
 
     #[test]
+    fn on_5_10_only_the_kernel_tests_run() {
+        let bins: Vec<String> = ["api", "deploy", "kernel", "tracking"]
+            .map(String::from)
+            .to_vec();
+        let default = Selection {
+            full: false,
+            filters: Vec::new(),
+        };
+        let names = |line: &KernelLine| -> Vec<String> {
+            let (runs, _) = guest_runs(&bins, &default, line);
+            runs.into_iter().map(|r| r.binary).collect()
+        };
+        assert_eq!(names(kernels("5.10")[0]), ["kernel"]);
+        assert_eq!(names(kernels("6.1")[0]), ["api", "kernel", "tracking"]);
+        assert_eq!(names(kernels("6.12")[0]), ["api", "kernel", "tracking"]);
+    }
+
+    #[test]
     fn a_line_runs_only_its_binaries() {
         let line = KernelLine {
             name: "old",
             prefix: "linux-image-old-",
             suffix: "",
             binaries: Some(&["kernel", "deploy"]),
+            apt_source: None,
         };
         let bins: Vec<String> = ["api", "deploy", "kernel", "newthing"]
             .map(String::from)

@@ -470,7 +470,9 @@ impl Apt {
 }
 
 /// apt's options for the sources list, package lists and caches in `dir` instead of the
-/// machine's (whose apt.conf.d, for proxies and the like, still applies).
+/// machine's (whose apt.conf.d, for proxies and the like, still applies). apt downloads as root:
+/// its sandbox user `_apt` cannot enter root's home, and apt would fall back to root anyway,
+/// with a warning.
 fn private_apt_options(dir: &Path) -> Vec<std::ffi::OsString> {
     let mut args = Vec::new();
     for (key, value) in [
@@ -478,6 +480,7 @@ fn private_apt_options(dir: &Path) -> Vec<std::ffi::OsString> {
         ("Dir::Etc::sourceparts", PathBuf::from("-")),
         ("Dir::State::Lists", dir.join("lists")),
         ("Dir::Cache", dir.join("cache")),
+        ("APT::Sandbox::User", PathBuf::from("root")),
     ] {
         let mut option = std::ffi::OsString::from(format!("{key}="));
         option.push(value);
@@ -1579,6 +1582,8 @@ linux-image-6.1.0-57-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
                 format!("Dir::State::Lists={d}/lists"),
                 "-o".to_string(),
                 format!("Dir::Cache={d}/cache"),
+                "-o".to_string(),
+                "APT::Sandbox::User=root".to_string(),
             ]
         );
         // The machine's apt for the other lines, as it is.

@@ -1,6 +1,7 @@
 //! `cargo xtask vm-test`: the privileged integration tests inside Debian's stock kernels.
 //!
-//! Users run the agent on Debian 12's 6.1 and on 6.12, not on this machine's kernel. For each of
+//! Users run the agent on Debian 12's 6.1 and on 6.12, not on this machine's kernel; Debian 11's
+//! 5.10 is too old for the agent's core, and the tests of that path run on it. For each of
 //! those kernels this boots Debian's own package in QEMU (TCG: KVM hangs on this machine kind,
 //! see shared/KERNEL.md) with an initramfs holding busybox, `ip`/`ss`/`setpriv`, the release
 //! agent, the test binaries and the kernel modules the tests need, runs the test binaries one
@@ -28,20 +29,46 @@ pub struct KernelLine {
     pub name: &'static str,
     prefix: &'static str,
     suffix: &'static str,
+    /// The only test binaries that run on this line, whatever the selection (None: the
+    /// selection alone decides).
+    binaries: Option<&'static [&'static str]>,
+    /// The `sources.list` line of the archive that has the line's packages when the machine's
+    /// apt sources do not list it (None: the machine's sources). apt then runs with this line
+    /// alone and package lists of its own in the kernel cache ([`Apt`]).
+    apt_source: Option<&'static str>,
 }
 
-/// The kernels users run: Debian 12's default and the 6.12 backport. The cloud flavour boots
+/// The kernels users run, Debian 12's default and the 6.12 backport, then Debian 11's 5.10, too
+/// old for the agent's core: its verifier refuses `bpf_sk_storage_get` in tracing programs,
+/// so the agent stops with exit 69 and the reason, and only the `kernel` tests (that path and
+/// the wait mode) run there; every other test needs a running agent. The cloud flavour boots
 /// fast and has BTF, cgroup BPF and INET_DIAG_DESTROY built in.
 pub const KERNELS: &[KernelLine] = &[
     KernelLine {
         name: "6.1",
         prefix: "linux-image-6.1.0-",
         suffix: "-cloud-amd64-unsigned",
+        binaries: None,
+        apt_source: None,
     },
     KernelLine {
         name: "6.12",
         prefix: "linux-image-6.12.",
         suffix: "+deb12-cloud-amd64-unsigned",
+        binaries: None,
+        apt_source: None,
+    },
+    KernelLine {
+        name: "5.10",
+        prefix: "linux-image-5.10.0-",
+        suffix: "-cloud-amd64-unsigned",
+        binaries: Some(&["kernel"]),
+        // Bullseye's main suite has had its last point release (11.11): its kernel package no
+        // longer changes. Debian 12's debian-archive-keyring holds bullseye's keys.
+        apt_source: Some(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg target=Packages] \
+             http://deb.debian.org/debian bullseye main",
+        ),
     },
 ];
 
@@ -88,8 +115,8 @@ const BIN_MARKER: &str = "BREAKWATER-VM-BIN ";
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Kernels to boot: 6.1, 6.12 or all
-    #[arg(long, default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+    /// Kernels to boot: 6.1, 6.12, 5.10 or all
+    #[arg(long, default_value = "all", value_parser = kernel_choices())]
     pub kernel: String,
     /// Every test that can run in the guest, not only the default subset
     #[arg(long)]
@@ -103,6 +130,11 @@ pub struct Args {
     /// Test filters and libtest options for every test binary in the guest, after `--`
     #[arg(last = true)]
     pub test_args: Vec<String>,
+}
+
+/// What `--kernel` takes: a line's name or `all`.
+fn kernel_choices() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(KERNELS.iter().map(|k| k.name).chain(["all"]))
 }
 
 /// The kernel lines `--kernel` names.
@@ -214,13 +246,21 @@ struct GuestRun {
     args: Vec<String>,
 }
 
-/// The guest's runs for these binaries, and notes on binaries left out.
-fn guest_runs(binaries: &[String], selection: &Selection) -> (Vec<GuestRun>, Vec<String>) {
+/// The guest's runs on `line` for these binaries, and notes on binaries left out.
+fn guest_runs(
+    binaries: &[String],
+    selection: &Selection,
+    line: &KernelLine,
+) -> (Vec<GuestRun>, Vec<String>) {
     let mut runs = Vec::new();
     let mut notes = Vec::new();
     let everything = selection.full || !selection.filters.is_empty();
     for binary in binaries {
-        if HOST_ONLY_BINARIES.contains(&binary.as_str()) {
+        if HOST_ONLY_BINARIES.contains(&binary.as_str())
+            || line
+                .binaries
+                .is_some_and(|only| !only.contains(&binary.as_str()))
+        {
             continue;
         }
         let skips = HOST_ONLY_TESTS
@@ -268,27 +308,49 @@ pub fn run_kernels(
     timeout: Duration,
 ) -> Result<Vec<KernelRun>> {
     let names: Vec<String> = tests.iter().map(|t| t.name.clone()).collect();
-    let (runs, notes) = guest_runs(&names, selection);
+    let mut line_runs = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    for line in lines {
+        let (runs, line_notes) = guest_runs(&names, selection, line);
+        for note in line_notes {
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+        line_runs.push(runs);
+    }
     for note in &notes {
         println!("{note}");
+    }
+    // One root for every line, with the test binaries any of them runs; each line's initramfs
+    // takes only its own.
+    let mut all_runs: Vec<&GuestRun> = Vec::new();
+    for run in line_runs.iter().flatten() {
+        if !all_runs.iter().any(|r| r.binary == run.binary) {
+            all_runs.push(run);
+        }
     }
     let work = ws.target_dir()?.join("vm-test");
     let started = Instant::now();
     let root = work.join("root");
-    let staged = stage_root(&root, agent, tests, &runs)?;
+    let staged = stage_root(&root, agent, tests, &all_runs)?;
     println!(
         "vm: initramfs base staged in {} s ({} MiB): busybox, ip, ss, setpriv, the agent, {} \
          test binaries",
         started.elapsed().as_secs(),
         staged / (1 << 20),
-        runs.len()
+        all_runs.len()
     );
     let mut results = Vec::new();
-    for line in lines {
+    for (line, runs) in lines.iter().zip(&line_runs) {
         let started = Instant::now();
-        println!("== vm {}: preparing", line.name);
+        let only = match line.binaries {
+            Some(only) => format!(" (test binaries: {} only)", only.join(", ")),
+            None => String::new(),
+        };
+        println!("== vm {}: preparing{only}", line.name);
         let result = match prepare_kernel(line).and_then(|kernel| {
-            let initrd = pack_initrd(&root, &work, &kernel, &runs)?;
+            let (initrd, staged) = pack_initrd(&root, &work, &kernel, runs)?;
             let mut run = boot(line, &kernel, &initrd, &work, staged, timeout)?;
             // Without filters something must run: zero tests means the guest ran none of them.
             if selection.filters.is_empty() && run.ok() && run.passed() == 0 {
@@ -347,14 +409,105 @@ fn newest_package(line: &KernelLine, search: &str) -> Option<String> {
         .map(|(_, name)| name.to_string())
 }
 
-fn newest_available(line: &KernelLine) -> Result<String> {
+/// How apt runs for a line's packages: with the machine's configuration, or, for a line with an
+/// `apt_source`, with that source alone and package lists of its own under the kernel cache
+/// (`apt-5.10/`), so that an archive the machine's sources do not list needs no change to them.
+struct Apt {
+    /// The private configuration's directory; None: the machine's.
+    dir: Option<PathBuf>,
+}
+
+impl Apt {
+    fn for_line(cache: &Path, line: &KernelLine) -> Result<Self> {
+        let Some(source) = line.apt_source else {
+            return Ok(Self { dir: None });
+        };
+        let dir = cache.join(format!("apt-{}", line.name));
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+        }
+        let list = dir.join("sources.list");
+        let text = format!("{source}\n");
+        if fs::read_to_string(&list).ok().as_deref() != Some(text.as_str()) {
+            fs::write(&list, text).with_context(|| format!("writing {}", list.display()))?;
+        }
+        Ok(Self { dir: Some(dir) })
+    }
+
+    /// `program` (apt-get, apt-cache) with this configuration.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        if let Some(dir) = &self.dir {
+            cmd.args(private_apt_options(dir));
+        }
+        cmd
+    }
+
+    /// Whether the private configuration has no package lists yet (the machine's: never said).
+    fn lists_missing(&self) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        !fs::read_dir(dir.join("lists")).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
+        })
+    }
+
+    fn update(&self) -> Result<()> {
+        run_cmd(self.command("apt-get").arg("update").stdout(Stdio::null()))
+    }
+
+    /// The sources it reads, for messages.
+    fn sources(&self) -> String {
+        match &self.dir {
+            Some(dir) => dir.join("sources.list").display().to_string(),
+            None => "the machine's apt sources".to_string(),
+        }
+    }
+}
+
+/// apt's options for the sources list, package lists and caches in `dir` instead of the
+/// machine's (whose apt.conf.d, for proxies and the like, still applies). apt downloads as root:
+/// its sandbox user `_apt` cannot enter root's home, and apt would fall back to root anyway,
+/// with a warning.
+fn private_apt_options(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args = Vec::new();
+    for (key, value) in [
+        ("Dir::Etc::sourcelist", dir.join("sources.list")),
+        ("Dir::Etc::sourceparts", PathBuf::from("-")),
+        ("Dir::State::Lists", dir.join("lists")),
+        ("Dir::Cache", dir.join("cache")),
+        ("APT::Sandbox::User", PathBuf::from("root")),
+    ] {
+        let mut option = std::ffi::OsString::from(format!("{key}="));
+        option.push(value);
+        args.push("-o".into());
+        args.push(option);
+    }
+    args
+}
+
+fn newest_available(line: &KernelLine, apt: &Apt) -> Result<String> {
     let search =
-        output(Command::new("apt-cache").args(["search", "--names-only", &apt_pattern(line)]))?;
+        output(
+            apt.command("apt-cache")
+                .args(["search", "--names-only", &apt_pattern(line)]),
+        )?;
     newest_package(line, &search).with_context(|| {
+        let hint = if apt.dir.is_some() {
+            String::new()
+        } else {
+            " (is this Debian 12 with bookworm-security in its sources? try `apt-get update`)"
+                .to_string()
+        };
         format!(
-            "apt-cache knows no {}N{} package (is this Debian 12 with bookworm-security in its \
-             sources? try `apt-get update`)",
-            line.prefix, line.suffix
+            "apt-cache knows no {}N{} package in {}{hint}",
+            line.prefix,
+            line.suffix,
+            apt.sources()
         )
     })
 }
@@ -364,13 +517,18 @@ fn newest_available(line: &KernelLine) -> Result<String> {
 fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
     let cache = cache_dir()?;
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let apt = Apt::for_line(&cache, line)?;
+    if apt.lists_missing() {
+        println!("vm: apt-get update for {}", apt.sources());
+        apt.update()?;
+    }
     let fetch = || -> Result<String> {
-        let package = newest_available(line)?;
+        let package = newest_available(line, &apt)?;
         let tree = cache.join(&package);
         if tree.join("boot").is_dir() {
             println!("vm: {package} (cached in {})", cache.display());
         } else {
-            unpack(&download(&cache, &package)?, &tree)?;
+            unpack(&download(&cache, &package, &apt)?, &tree)?;
         }
         Ok(package)
     };
@@ -379,8 +537,11 @@ fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
         Err(error) => {
             // Stale apt lists name packages the mirror has replaced (404), missing lists none:
             // refresh once and pick again.
-            println!("vm: {error:#}; running apt-get update and trying again");
-            run_cmd(Command::new("apt-get").arg("update").stdout(Stdio::null()))?;
+            println!(
+                "vm: {error:#}; running apt-get update for {} and trying again",
+                apt.sources()
+            );
+            apt.update()?;
             fetch()?
         }
     };
@@ -389,7 +550,7 @@ fn prepare_kernel(line: &KernelLine) -> Result<Kernel> {
 }
 
 /// `apt-get download` into the cache; returns the .deb.
-fn download(cache: &Path, package: &str) -> Result<PathBuf> {
+fn download(cache: &Path, package: &str, apt: &Apt) -> Result<PathBuf> {
     if let Some(deb) = cached_deb(cache, package)? {
         return Ok(deb);
     }
@@ -399,7 +560,7 @@ fn download(cache: &Path, package: &str) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir_all(&partial)?;
     output(
-        Command::new("apt-get")
+        apt.command("apt-get")
             .args(["download", package])
             .current_dir(&partial),
     )
@@ -671,7 +832,7 @@ fn copy_stripped(binary: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Fills `root` with everything but the kernel's modules and /init; returns its size in bytes.
-fn stage_root(root: &Path, agent: &Path, tests: &[TestBinary], runs: &[GuestRun]) -> Result<u64> {
+fn stage_root(root: &Path, agent: &Path, tests: &[TestBinary], runs: &[&GuestRun]) -> Result<u64> {
     if root.exists() {
         fs::remove_dir_all(root).with_context(|| format!("removing {}", root.display()))?;
     }
@@ -869,8 +1030,14 @@ poweroff -f
 
 /// The kernel's modules and /init into `root`, then `root` as a newc cpio archive, uncompressed:
 /// the guest unpacks gzip slower under TCG than it copies (measured: /init at 5.7 s with
-/// `gzip -1`, which took 2.9 s more on the host, against 4.3 s without).
-fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> Result<PathBuf> {
+/// `gzip -1`, which took 2.9 s more on the host, against 4.3 s without). Of the test binaries
+/// in `root` it takes those `runs` run. Returns the archive and the bytes of the files in it.
+fn pack_initrd(
+    root: &Path,
+    work: &Path,
+    kernel: &Kernel,
+    runs: &[GuestRun],
+) -> Result<(PathBuf, u64)> {
     let modules = stage_modules(kernel, &root.join("mods"))?;
     println!("vm: modules {}", modules.join(", "));
     let init = root.join("init");
@@ -878,8 +1045,15 @@ fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> 
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
 
+    let leave_out: BTreeSet<PathBuf> = fs::read_dir(root.join("tests"))?
+        .map(|entry| Ok(entry?.file_name()))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|name| !runs.iter().any(|r| name.to_str() == Some(&r.binary)))
+        .map(|name| Path::new("./tests").join(name))
+        .collect();
     let mut list = Vec::new();
-    list_tree(root, Path::new("."), &mut list)?;
+    let size = list_tree(root, Path::new("."), &leave_out, &mut list)?;
     let initrd = work.join(format!("initrd-{}.cpio", kernel.release));
     let file = fs::File::create(&initrd)?;
     let mut cpio = Command::new("cpio")
@@ -900,23 +1074,36 @@ fn pack_initrd(root: &Path, work: &Path, kernel: &Kernel, runs: &[GuestRun]) -> 
     if !status.success() {
         bail!("cpio failed ({status})");
     }
-    Ok(initrd)
+    Ok((initrd, size))
 }
 
-/// NUL-separated relative paths under `root`, each directory before what it holds.
-fn list_tree(root: &Path, rel: &Path, list: &mut Vec<u8>) -> Result<()> {
+/// NUL-separated relative paths under `root` but those in `leave_out` (and what they hold),
+/// each directory before what it holds; returns the bytes of the regular files listed.
+fn list_tree(
+    root: &Path,
+    rel: &Path,
+    leave_out: &BTreeSet<PathBuf>,
+    list: &mut Vec<u8>,
+) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let mut entries: Vec<_> = fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
+    let mut size = 0;
     for entry in entries {
         let path = rel.join(entry.file_name());
+        if leave_out.contains(&path) {
+            continue;
+        }
         list.extend_from_slice(path.as_os_str().as_bytes());
         list.push(0);
-        if entry.file_type()?.is_dir() {
-            list_tree(root, &path, list)?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            size += list_tree(root, &path, leave_out, list)?;
+        } else if kind.is_file() {
+            size += entry.metadata()?.len();
         }
     }
-    Ok(())
+    Ok(size)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1328,6 +1515,96 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
     }
 
     #[test]
+    fn the_5_10_line_is_debian_11s_from_its_own_apt_source() {
+        let line = kernels("5.10")[0];
+        let search = "\
+linux-image-5.10.0-30-cloud-amd64-unsigned - Linux 5.10 for x86-64 cloud
+linux-image-5.10.0-32-cloud-amd64-unsigned - Linux 5.10 for x86-64 cloud
+linux-image-5.10.0-32-cloud-amd64 - Linux 5.10 for x86-64 cloud (signed)
+linux-image-5.10.0-33-cloud-amd64-dbg - debug symbols
+linux-image-5.10.0-35-amd64-unsigned - Linux 5.10 for 64-bit PCs
+linux-image-6.1.0-57-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
+";
+        assert_eq!(
+            newest_package(line, search).as_deref(),
+            Some("linux-image-5.10.0-32-cloud-amd64-unsigned")
+        );
+        // 6.1's names are not 5.10's, nor 5.10's 6.1's.
+        assert_eq!(
+            newest_package(&KERNELS[0], search).as_deref(),
+            Some("linux-image-6.1.0-57-cloud-amd64-unsigned")
+        );
+        assert_eq!(
+            apt_pattern(line),
+            r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$"
+        );
+        let source = line.apt_source.unwrap();
+        assert!(source.starts_with("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg"));
+        assert!(source.ends_with(" http://deb.debian.org/debian bullseye main"));
+        assert_eq!(line.binaries, Some(&["kernel"][..]));
+        assert!(KERNELS[..2]
+            .iter()
+            .all(|k| k.apt_source.is_none() && k.binaries.is_none()));
+    }
+
+    #[test]
+    fn a_private_apt_configuration() {
+        let cache = tempfile::tempdir().unwrap();
+        let line = kernels("5.10")[0];
+        let apt = Apt::for_line(cache.path(), line).unwrap();
+        let dir = cache.path().join("apt-5.10");
+        assert_eq!(apt.dir.as_deref(), Some(dir.as_path()));
+        assert_eq!(
+            fs::read_to_string(dir.join("sources.list")).unwrap(),
+            format!("{}\n", line.apt_source.unwrap())
+        );
+        assert!(apt.lists_missing());
+        fs::write(
+            dir.join("lists/deb.debian.org_debian_dists_bullseye_main_binary-amd64_Packages.lz4"),
+            "",
+        )
+        .unwrap();
+        assert!(!apt.lists_missing());
+        let cmd = apt.command("apt-cache");
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let d = dir.display();
+        assert_eq!(
+            args,
+            [
+                "-o".to_string(),
+                format!("Dir::Etc::sourcelist={d}/sources.list"),
+                "-o".to_string(),
+                "Dir::Etc::sourceparts=-".to_string(),
+                "-o".to_string(),
+                format!("Dir::State::Lists={d}/lists"),
+                "-o".to_string(),
+                format!("Dir::Cache={d}/cache"),
+                "-o".to_string(),
+                "APT::Sandbox::User=root".to_string(),
+            ]
+        );
+        // The machine's apt for the other lines, as it is.
+        let machine = Apt::for_line(cache.path(), &KERNELS[0]).unwrap();
+        assert!(machine.dir.is_none() && !machine.lists_missing());
+        assert_eq!(machine.command("apt-get").get_args().count(), 0);
+        // Pruning a line's old packages leaves the private configuration alone.
+        prune_cache(
+            cache.path(),
+            line,
+            "linux-image-5.10.0-32-cloud-amd64-unsigned",
+        );
+        prune_cache(
+            cache.path(),
+            &KERNELS[0],
+            "linux-image-6.1.0-57-cloud-amd64-unsigned",
+        );
+        assert!(dir.join("sources.list").is_file());
+    }
+
+    #[test]
     fn the_cache_keeps_one_package_per_line() {
         let cache = tempfile::tempdir().unwrap();
         let old = "linux-image-6.1.0-56-cloud-amd64-unsigned";
@@ -1356,8 +1633,16 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
 
     #[test]
     fn kernel_choice() {
-        assert_eq!(kernels("all").len(), 2);
+        let names: Vec<&str> = kernels("all").iter().map(|k| k.name).collect();
+        assert_eq!(names, ["6.1", "6.12", "5.10"]);
         assert_eq!(kernels("6.12")[0].name, "6.12");
+        assert_eq!(kernels("5.10")[0].name, "5.10");
+        let parser = kernel_choices();
+        let choices: Vec<String> = clap::builder::TypedValueParser::possible_values(&parser)
+            .unwrap()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert_eq!(choices, ["6.1", "6.12", "5.10", "all"]);
     }
 
     #[test]
@@ -1527,7 +1812,7 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
             full: false,
             filters: Vec::new(),
         };
-        let (runs, notes) = guest_runs(&bins, &default);
+        let (runs, notes) = guest_runs(&bins, &default, &KERNELS[0]);
         let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
         assert_eq!(names, ["api", "observability"]);
         assert_eq!(
@@ -1543,11 +1828,61 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
             full: false,
             filters: vec!["trip".to_string()],
         };
-        let (runs, notes) = guest_runs(&bins, &filtered);
+        let (runs, notes) = guest_runs(&bins, &filtered, &KERNELS[0]);
         let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
         assert_eq!(names, ["api", "observability", "newthing"]);
         assert_eq!(runs[0].args, ["trip"]);
         assert!(notes.is_empty());
+    }
+
+    #[test]
+    fn on_5_10_only_the_kernel_tests_run() {
+        let bins: Vec<String> = ["api", "deploy", "kernel", "tracking"]
+            .map(String::from)
+            .to_vec();
+        let default = Selection {
+            full: false,
+            filters: Vec::new(),
+        };
+        let names = |line: &KernelLine| -> Vec<String> {
+            let (runs, _) = guest_runs(&bins, &default, line);
+            runs.into_iter().map(|r| r.binary).collect()
+        };
+        assert_eq!(names(kernels("5.10")[0]), ["kernel"]);
+        assert_eq!(names(kernels("6.1")[0]), ["api", "kernel", "tracking"]);
+        assert_eq!(names(kernels("6.12")[0]), ["api", "kernel", "tracking"]);
+    }
+
+    #[test]
+    fn a_line_runs_only_its_binaries() {
+        let line = KernelLine {
+            name: "old",
+            prefix: "linux-image-old-",
+            suffix: "",
+            binaries: Some(&["kernel", "deploy"]),
+            apt_source: None,
+        };
+        let bins: Vec<String> = ["api", "deploy", "kernel", "newthing"]
+            .map(String::from)
+            .to_vec();
+        let mut selection = Selection {
+            full: false,
+            filters: Vec::new(),
+        };
+        // By default, with --full and with filters alike; host-only binaries stay out.
+        for (full, filters) in [
+            (false, vec![]),
+            (true, vec![]),
+            (false, vec!["wait".into()]),
+        ] {
+            selection.full = full;
+            selection.filters = filters;
+            let (runs, notes) = guest_runs(&bins, &selection, &line);
+            let names: Vec<&str> = runs.iter().map(|r| r.binary.as_str()).collect();
+            assert_eq!(names, ["kernel"]);
+            assert_eq!(runs[0].args, selection.filters);
+            assert!(notes.is_empty(), "{notes:?}");
+        }
     }
 
     #[test]
@@ -1565,6 +1900,20 @@ linux-image-6.12.120+deb12-cloud-amd64 - signed
         assert!(script.contains("insmod /mods/inet_diag.ko"));
         assert!(script.contains("\nrun api 'a b'\n"));
         assert!(script.contains("BREAKWATER-VM-DONE rc=$rc"));
+    }
+
+    #[test]
+    fn the_initramfs_list_leaves_out_other_lines_binaries() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("tests")).unwrap();
+        fs::write(root.path().join("init"), "12").unwrap();
+        fs::write(root.path().join("tests/api"), "1234").unwrap();
+        fs::write(root.path().join("tests/kernel"), "123").unwrap();
+        let leave_out = BTreeSet::from([PathBuf::from("./tests/api")]);
+        let mut list = Vec::new();
+        let size = list_tree(root.path(), Path::new("."), &leave_out, &mut list).unwrap();
+        assert_eq!(list, b"./init\0./tests\0./tests/kernel\0");
+        assert_eq!(size, 5);
     }
 
     #[test]

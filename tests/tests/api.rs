@@ -382,7 +382,10 @@ fn info_reports_programs_maps_and_socket_mode() {
     let retransmit = if format.contains("field:int err;") {
         ("bw_retransmit", "tp_btf/tcp_retransmit_skb")
     } else {
-        ("bw_retransmit_sent", "tp_btf/tcp_retransmit_skb")
+        (
+            "bw_retransmit_sent",
+            "tp_btf/tcp_retransmit_skb (2-argument form)",
+        )
     };
     assert_eq!(
         programs,

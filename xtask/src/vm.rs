@@ -995,6 +995,24 @@ export RUSTC_BOOTSTRAP=1
     done
 ) &
 cd /tmp
+# What this kernel lets the agent do, as it reports it (the README's kernel table comes from here).
+echo "BREAKWATER-VM: features on $(uname -r):"
+mkdir -p /sys/fs/cgroup/bw-features
+/bin/breakwater agent --socket /run/features.sock --pin-dir /sys/fs/bpf/bw-features \
+    --scope /bw-features --release-on-exit >/run/features.log 2>&1 &
+agent=$!
+i=0
+while [ ! -S /run/features.sock ] && kill -0 $agent 2>/dev/null && [ $i -lt 600 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+if [ -S /run/features.sock ]; then
+    /bin/breakwater --agent unix:///run/features.sock info | sed -n '/^ *FEATURE /,/^ *$/p'
+    kill $agent
+fi
+wait $agent
+echo "BREAKWATER-VM: agent exit status $?"
+grep -E '^error' /run/features.log
+rmdir /sys/fs/cgroup/bw-features
 rc=0
 run() {{
     name=$1; shift

@@ -40,6 +40,12 @@ impl Hook {
     /// `tp_btf/inet_sock_set_state`, `fentry/tcp_data_ready`: as `info` shows it.
     pub fn describe(&self) -> String {
         match self {
+            // A form with a fixed count is an older one: say which.
+            Hook::TpBtf {
+                tracepoint, args, ..
+            } if args.start() == args.end() => {
+                format!("tp_btf/{tracepoint} ({}-argument form)", args.start())
+            }
             Hook::TpBtf { tracepoint, .. } => format!("tp_btf/{tracepoint}"),
             Hook::FEntry { function, .. } => format!("fentry/{function}"),
         }

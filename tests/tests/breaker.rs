@@ -897,51 +897,11 @@ fn pinned_state_of_another_layout_is_refused_and_unstamped_state_adopted() {
     );
     agent.stop();
 
-    // An agent that should refuse to start: one that starts instead is stopped and fails.
-    let start = |agent: &Agent| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new(breakwater_tests::agent_bin())
-            .arg("agent")
-            .arg("--socket")
-            .arg(dir.path().join("a.sock"))
-            .arg("--pin-dir")
-            .arg(agent.pin_dir())
-            .args(["--scope", agent.scope()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline || dir.path().join("a.sock").exists() {
-                child.kill().unwrap();
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "the agent started on another layout's state: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let pinned = || {
-        let mut names: Vec<_> = std::fs::read_dir(agent.pin_dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        names
-    };
-    let before = pinned();
+    let before = pinned(agent.pin_dir());
     // A newer agent's layout: refused, nothing touched.
     let mut a = stamp();
     a.set(1, layout::VERSION + 1, 0).unwrap();
-    let (code, stderr) = start(&agent);
+    let (code, stderr) = refused_start(&agent);
     assert_eq!(code, Some(1), "{stderr}");
     let want = format!("has layout {} (a newer agent made it)", layout::VERSION + 1);
     assert!(stderr.contains(&want), "{stderr}");
@@ -950,10 +910,10 @@ fn pinned_state_of_another_layout_is_refused_and_unstamped_state_adopted() {
         "{stderr}"
     );
     assert_eq!(read(&stamp()), (layout::MAGIC, layout::VERSION + 1));
-    assert_eq!(pinned(), before);
+    assert_eq!(pinned(agent.pin_dir()), before);
     // Not a stamp of ours at all.
     a.set(0, 0xdead_beef, 0).unwrap();
-    let (code, stderr) = start(&agent);
+    let (code, stderr) = refused_start(&agent);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("is not a breakwater layout stamp"),
@@ -1106,45 +1066,14 @@ fn a_pin_dir_holds_one_agent() {
     }
     let mut agent = Agent::start();
     let pin_dir = agent.pin_dir().to_owned();
-    let pinned = || {
-        let mut names: Vec<_> = std::fs::read_dir(&pin_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        names.sort();
-        names
-    };
-    let before = pinned();
+    let before = pinned(&pin_dir);
     assert!(!before.is_empty());
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(breakwater_tests::agent_bin())
-        .arg("agent")
-        .arg("--socket")
-        .arg(dir.path().join("second.sock"))
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .args(["--scope", agent.scope()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("a second agent kept running on a pin directory in use");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let second = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = refused_start(&agent);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("is in use by another running agent"),
         "{stderr}"
     );
-    assert!(!dir.path().join("second.sock").exists());
 
     let uninstall = || {
         std::process::Command::new(breakwater_tests::agent_bin())
@@ -1158,7 +1087,7 @@ fn a_pin_dir_holds_one_agent() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("an agent is running"), "{stderr}");
     // Nothing was replaced or removed, and the first agent still answers.
-    assert_eq!(pinned(), before);
+    assert_eq!(pinned(&pin_dir), before);
     agent.info();
 
     agent.stop();
@@ -1206,4 +1135,51 @@ fn empty_hooks_count_and_enforce_nothing() {
         assert!(row.is_none(), "{dir}: {row:?}");
     }
     assert_eq!(agent.counter("conns_tracked"), 0);
+}
+
+/// Starts a second agent on `agent`'s pin directory and scope, which must refuse to start: its
+/// exit code and stderr. One that starts instead (its socket appears, or it is still running
+/// after 20 s) is killed, and the test fails.
+fn refused_start(agent: &Agent) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("second.sock");
+    let mut child = std::process::Command::new(breakwater_tests::agent_bin())
+        .arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--pin-dir")
+        .arg(agent.pin_dir())
+        .args(["--scope", agent.scope()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline || socket.exists() {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "an agent that had to refuse to start ran: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!socket.exists());
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What is pinned in a pin directory, by name.
+fn pinned(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    names
 }

@@ -166,16 +166,7 @@ fn first_response_latency_matches_the_clients_timing() {
         return;
     }
     let agent = Agent::start();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 4];
-        while s.read_exact(&mut buf).is_ok() {
-            thread::sleep(Duration::from_millis(50));
-            s.write_all(b"pong").unwrap();
-        }
-    });
+    let (addr, server) = answer_each_ping_after(Duration::from_millis(50));
     let mut c = TcpStream::connect(addr).unwrap();
     let mut took = Vec::new();
     for _ in 0..9 {
@@ -253,16 +244,7 @@ fn first_response_of_requests_sent_with_sendfile_is_timed() {
         return;
     }
     let agent = Agent::start();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 4];
-        while s.read_exact(&mut buf).is_ok() {
-            thread::sleep(Duration::from_millis(20));
-            s.write_all(b"pong").unwrap();
-        }
-    });
+    let (addr, server) = answer_each_ping_after(Duration::from_millis(20));
     let mut request = tempfile::tempfile().unwrap();
     request.write_all(b"ping").unwrap();
     let mut c = TcpStream::connect(addr).unwrap();
@@ -303,4 +285,20 @@ fn first_response_of_requests_sent_with_sendfile_is_timed() {
         "agent p50 {} µs vs client {client_p50} µs",
         h.p50_us
     );
+}
+
+/// A server for one connection that answers each 4-byte request with "pong" after `delay`.
+fn answer_each_ping_after(delay: Duration) -> (std::net::SocketAddr, thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        while s.read_exact(&mut buf).is_ok() {
+            thread::sleep(delay);
+            s.write_all(b"pong").unwrap();
+        }
+    });
+    (addr, server)
 }

@@ -137,7 +137,7 @@ pub struct BreakerEntry {
     pub counts: Counts,
 }
 
-/// Value of `BW_BREAKER_TOTALS`, indexed by service id: monotonic, updated with atomic adds
+/// Value of `BW_BRK_TOTALS`, indexed by service id: monotonic, updated with atomic adds
 /// outside the lock so that the agent never has to read-modify-write them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,7 +149,7 @@ pub struct Totals {
     pub events_lost: u64,
 }
 
-/// Value of `BW_BREAKER_SOCKS` (socket-local storage): a connection to a service, as admitted
+/// Value of `BW_BRK_SOCKS` (socket-local storage): a connection to a service, as admitted
 /// by the connect hook in the enforced scope.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -170,7 +170,7 @@ pub mod sock_flags {
     pub const SUCCEEDED: u32 = 4;
 }
 
-/// A state change, sent through `BW_BREAKER_EVENTS`.
+/// A state change, sent through `BW_BRK_EVENTS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {

@@ -4,7 +4,12 @@
 //! `#[repr(C)]` with explicit padding and a size assertion. The `user` feature adds `aya::Pod`.
 #![no_std]
 
+#[cfg(feature = "std")]
+extern crate std;
+
 pub mod breaker;
+#[cfg(feature = "std")]
+pub mod mounts;
 
 /// Names of programs, maps and globals. The eBPF side declares statics with these exact names
 /// (aya's attribute macros only take literals); the loader looks every one of them up and fails
@@ -226,7 +231,8 @@ pub mod timing_flags {
 pub mod counter {
     /// A program hit an internal error and let the event pass uncounted.
     pub const PROG_ERRORS: u32 = 0;
-    /// `bpf_probe_read_kernel` failed.
+    /// A kernel pointer a program follows was NULL (a socket without its namespace or its
+    /// `tcp_sock`): the event passed uncounted.
     pub const READ_ERRORS: u32 = 1;
     /// A map update failed (map full for non-LRU maps).
     pub const MAP_ERRORS: u32 = 2;

@@ -36,8 +36,11 @@ pub fn conn_key(sk: *const u8) -> u64 {
 pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
     LpmTrie::with_max_entries(defaults::MAX_SERVICE_ENDPOINTS, 0);
 
+/// Service ids run 1..=max_services (slot 0 is "no service"), two directions each; the loader
+/// sizes it from the config the same way.
 #[map]
-pub static BW_SVC_STATS: Array<ConnStats> = Array::with_max_entries(defaults::MAX_SERVICES * 2, 0);
+pub static BW_SVC_STATS: Array<ConnStats> =
+    Array::with_max_entries((defaults::MAX_SERVICES + 1) * 2, 0);
 
 #[map]
 pub static BW_LISTENERS: LruHashMap<ListenKey, ListenerInfo> =
@@ -189,7 +192,8 @@ pub unsafe fn timing(sk: *const u8, create: bool) -> Option<&'static mut Request
     sk_storage(&BW_SOCKS, sk, create)
 }
 
-/// The socket's entry in a socket-local storage map (see [`storage`]).
+/// The socket's entry in a socket-local storage map, created zeroed if `create` and absent.
+/// `sk` must be a BTF pointer to a full socket (`struct sock` or a struct that starts with one).
 #[inline(always)]
 pub unsafe fn sk_storage<T>(
     map: &SkStorage<T>,

@@ -4,6 +4,7 @@ pub mod advise;
 pub mod api;
 pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod destroy;
 pub mod ebpf;

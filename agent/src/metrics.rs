@@ -74,6 +74,7 @@ pub struct Metrics {
 /// From one socket walk: what the metrics need of it, before services are matched.
 #[derive(Debug, Default)]
 struct TimeWaitSummary {
+    report: timewait::Report,
     /// Sockets in TIME_WAIT per (address, port, direction), over every namespace.
     time_wait: HashMap<([u8; 16], u16, u8), u64>,
     /// The highest share of a port range in use per destination (address, port), over every
@@ -192,6 +193,7 @@ impl Metrics {
             let max = summary.pressure.entry((p.daddr, p.dport)).or_default();
             *max = max.max(p.ratio);
         }
+        summary.report = report;
         let summary = Arc::new(summary);
         *cache = Some((Instant::now(), summary.clone()));
         Some(summary)
@@ -211,15 +213,12 @@ impl Metrics {
             .map(|b| (b.service, (b.counts.state, b.totals)))
             .collect();
         let mut services = Vec::new();
-        let mut time_wait_by_service: HashMap<&str, [u64; 2]> = HashMap::new();
+        let time_wait_by_service = tw
+            .as_ref()
+            .map(|tw| tw.report.by_service(&core.services))
+            .unwrap_or_default();
         let mut pressure_by_service: HashMap<&str, f64> = HashMap::new();
         if let Some(tw) = &tw {
-            for ((addr, port, dir), n) in &tw.time_wait {
-                if let Some(s) = core.services.match_endpoint(addr, *port) {
-                    let i = usize::from(*dir == direction::INBOUND);
-                    time_wait_by_service.entry(&s.name).or_default()[i] += n;
-                }
-            }
             for ((addr, port), ratio) in &tw.pressure {
                 if let Some(s) = core.services.match_endpoint(addr, *port) {
                     let max = pressure_by_service.entry(&s.name).or_default();

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_common::{direction, tcp_state, SockRecord};
 
-use crate::netns::NetSettings;
+use crate::{netns::NetSettings, service::ServiceTable};
 
 /// Share of a namespace's ephemeral port range in use toward one destination that raises a
 /// warning, and a critical finding.
@@ -62,6 +62,21 @@ pub struct Report {
     pub time_wait: Vec<TimeWait>,
     /// Highest ratio first.
     pub pressure: Vec<Pressure>,
+}
+
+impl Report {
+    /// Sockets in TIME_WAIT per service, `[outbound, inbound]`, over every namespace: each key
+    /// counted under the service whose endpoint it matches; services without any are absent.
+    pub fn by_service<'a>(&self, services: &'a ServiceTable) -> BTreeMap<&'a str, [u64; 2]> {
+        let mut out = BTreeMap::<&str, [u64; 2]>::new();
+        for t in &self.time_wait {
+            if let Some(s) = services.match_endpoint(&t.addr, t.port) {
+                out.entry(&s.name).or_default()[usize::from(t.direction == direction::INBOUND)] +=
+                    t.count;
+            }
+        }
+        out
+    }
 }
 
 type PressureKey = ([u8; 16], [u8; 16], u16);
@@ -152,6 +167,32 @@ mod tests {
             state,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn time_wait_by_service_sums_each_direction_over_namespaces() {
+        let mut services = ServiceTable::new(8, 64);
+        services
+            .put("db", vec!["10.0.0.0/24:5432".parse().unwrap()])
+            .unwrap();
+        let tw = |netns, addr: [u8; 4], port, direction, count| TimeWait {
+            netns,
+            addr: v4_mapped(addr),
+            port,
+            direction,
+            count,
+        };
+        let report = Report {
+            time_wait: vec![
+                tw(1, [10, 0, 0, 1], 5432, direction::OUTBOUND, 3),
+                tw(2, [10, 0, 0, 9], 5432, direction::OUTBOUND, 2),
+                tw(1, [10, 0, 0, 1], 5432, direction::INBOUND, 4),
+                tw(1, [10, 0, 1, 1], 5432, direction::OUTBOUND, 7),
+            ],
+            pressure: Vec::new(),
+        };
+        let by = report.by_service(&services);
+        assert_eq!(by.into_iter().collect::<Vec<_>>(), [("db", [5, 4])]);
     }
 
     #[test]

@@ -31,48 +31,10 @@ fn unique_name() -> String {
     )
 }
 
-/// `(mount point, fstype)` of every line of /proc/self/mounts, with `\040`-style escapes undone.
-fn mounts() -> Vec<(PathBuf, String)> {
-    let text = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let _source = fields.next()?;
-            let target = fields.next()?;
-            let fstype = fields.next()?;
-            Some((PathBuf::from(unescape_mount(target)), fstype.to_string()))
-        })
-        .collect()
-}
-
-fn unescape_mount(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Where cgroup v2 is mounted. Panics if it is not.
 pub fn cgroup2_mount() -> PathBuf {
-    mounts()
-        .into_iter()
-        .find(|(_, fstype)| fstype == "cgroup2")
-        .map(|(target, _)| target)
+    breakwater_common::mounts::find("cgroup2")
+        .expect("read /proc/self/mounts")
         .expect("cgroup v2 is not mounted (no cgroup2 line in /proc/self/mounts): the breaker tests need it")
 }
 
@@ -428,10 +390,7 @@ pub fn remove_pin_dir(path: &Path) {
 /// Mounts a bpf filesystem at /sys/fs/bpf unless one is there already (pinning needs it).
 pub fn mount_bpffs_if_needed() {
     let bpffs = Path::new("/sys/fs/bpf");
-    if mounts()
-        .iter()
-        .any(|(target, fstype)| fstype == "bpf" && target == bpffs)
-    {
+    if breakwater_common::mounts::is_mounted("bpf", bpffs).expect("read /proc/self/mounts") {
         return;
     }
     nix::mount::mount(

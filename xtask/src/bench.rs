@@ -817,7 +817,7 @@ fn breaker(env: &Env, args: &Args) -> Result<()> {
     if errno != libc::ECONNREFUSED {
         bail!(
             "the connect that should trip {SVC_OPEN} ({open_addr}) got {}",
-            errno_name(errno)
+            std::io::Error::from_raw_os_error(errno)
         );
     }
     wait_open(env, SVC_OPEN)?;
@@ -896,7 +896,7 @@ fn connect_latency(
             if errno != libc::ECONNREFUSED {
                 bail!(
                     "connect() to {addr} returned {} instead of ECONNREFUSED",
-                    errno_name(errno)
+                    std::io::Error::from_raw_os_error(errno)
                 );
             }
             if i >= warmup {
@@ -1104,14 +1104,6 @@ fn last_errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-fn errno_name(errno: i32) -> String {
-    if errno == 0 {
-        "success".into()
-    } else {
-        std::io::Error::from_raw_os_error(errno).to_string()
-    }
-}
-
 fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -1173,12 +1165,8 @@ fn reserve_port() -> Result<(OwnedFd, SocketAddrV4)> {
 
 /// The cgroup2 mount point, from /proc/self/mounts.
 fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mounts
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == "cgroup2")
-        .map(|f| PathBuf::from(f[1].replace("\\040", " ")))
+    breakwater_common::mounts::find("cgroup2")
+        .context("reading /proc/self/mounts")?
         .context("cgroup v2 is not mounted (no cgroup2 line in /proc/self/mounts)")
 }
 

@@ -207,47 +207,9 @@ fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
         .with_context(|| format!("linking {} -> {}", link.display(), target.display()))
 }
 
-/// (mount point, fstype) of every mount of this process's mount namespace.
-fn mounts() -> Result<Vec<(String, String)>> {
-    let table = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    Ok(table
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace().skip(1);
-            let mount_point = unescape_mount_field(fields.next()?);
-            Some((mount_point, fields.next()?.to_string()))
-        })
-        .collect())
-}
-
-/// /proc/self/mounts writes space, tab, newline and backslash as octal escapes (`\040`).
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            let digits = std::str::from_utf8(digits).ok()?;
-            u8::from_str_radix(digits, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn is_mounted(fstype: &str, path: &str) -> Result<bool> {
-    Ok(mounts()?
-        .iter()
-        .any(|(mount_point, fs)| mount_point == path && fs == fstype))
+    breakwater_common::mounts::is_mounted(fstype, Path::new(path))
+        .context("reading /proc/self/mounts")
 }
 
 fn check_mount(what: &str, fstype: &str, path: &str, root: bool) -> Result<()> {
@@ -363,11 +325,11 @@ fn check_vm_tools(root: bool) -> Result<()> {
 }
 
 fn check_cgroup2() -> Result<()> {
-    let mounts = mounts()?;
-    let cgroup2 = mounts.iter().find(|(_, fstype)| fstype == "cgroup2");
+    let cgroup2 =
+        breakwater_common::mounts::find("cgroup2").context("reading /proc/self/mounts")?;
     match cgroup2 {
-        Some((mount_point, _)) => {
-            println!("ok: cgroup2 mounted at {mount_point}");
+        Some(mount_point) => {
+            println!("ok: cgroup2 mounted at {}", mount_point.display());
             Ok(())
         }
         None => bail!(
@@ -472,12 +434,5 @@ mod tests {
             "nightly-2024-01-01-x86_64-unknown-linux-gnu"
         ));
         assert!(!is_plain_nightly("stable-x86_64-unknown-linux-gnu"));
-    }
-
-    #[test]
-    fn unescapes_mount_points() {
-        assert_eq!(unescape_mount_field("/sys/fs/bpf"), "/sys/fs/bpf");
-        assert_eq!(unescape_mount_field(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_field(r"/mnt/a\\b"), r"/mnt/a\\b");
     }
 }

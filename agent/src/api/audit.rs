@@ -17,7 +17,7 @@ use breakwater_proto::v1 as pb;
 use tokio::io::unix::AsyncFd;
 
 use super::Core;
-use crate::service::display_addr;
+use crate::{breaker::errno_name, service::display_addr};
 
 /// The stream `WatchConnections` answers with.
 pub type ConnectionEventStream = super::EventStream<pb::ConnectionEvent>;
@@ -103,15 +103,6 @@ pub fn container_id(path: &str) -> Option<String> {
 fn comm(bytes: &[u8; 16]) -> String {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..len]).into_owned()
-}
-
-fn errno_name(errno: u32) -> String {
-    match errno as i32 {
-        libc::ECONNREFUSED => "ECONNREFUSED".into(),
-        libc::EHOSTUNREACH => "EHOSTUNREACH".into(),
-        libc::EPERM => "EPERM".into(),
-        n => format!("errno {n}"),
-    }
 }
 
 impl Core {
@@ -203,7 +194,7 @@ pub async fn read_events(core: Arc<Mutex<Core>>, ring: RingBuf<MapData>) -> std:
         let lost_now = core.kernel.counter(counter::AUDIT_LOST);
         let mut lost = lost_now.saturating_sub(kernel_lost);
         kernel_lost = lost_now;
-        let mono_now = super::enforce::monotonic_ns();
+        let mono_now = crate::clock::monotonic_ns();
         let wall_now = UNIX_EPOCH.elapsed().unwrap_or_default().as_millis() as u64;
         for e in &batch {
             let ago_ms = mono_now.saturating_sub(e.time_ns) / 1_000_000;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use super::Core;
 use crate::{
+    clock::{monotonic_ns, wall_time},
     error::{Error, Result},
     features::Feature,
 };
@@ -54,19 +55,6 @@ pub struct Termination {
     /// Why the connections were kept although the policy says to terminate them; empty
     /// otherwise.
     pub not_terminated: String,
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, which the kernel's deadlines use.
-pub fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-}
-
-/// The wall-clock time of a CLOCK_MONOTONIC instant.
-fn wall_time(mono_ns: u64) -> SystemTime {
-    let ago = monotonic_ns().saturating_sub(mono_ns);
-    SystemTime::now() - Duration::from_nanos(ago)
 }
 
 impl Core {

@@ -22,6 +22,7 @@ use tracing::info;
 use crate::{
     advise,
     breaker::{self, PolicySpec},
+    clock::monotonic_ns,
     ebpf::Kernel,
     error::{Error, Result},
     features::{Feature, FeatureState, Status as FeatureStatus},
@@ -364,13 +365,6 @@ fn connection_message(services: &ServiceTable, r: &ConnRecord, now_ns: u64) -> p
         age_ms: now_ns.saturating_sub(c.start_ns) / 1_000_000,
         cookie: r.cookie,
     }
-}
-
-fn monotonic_ns() -> u64 {
-    // bpf_ktime_get_ns() is CLOCK_MONOTONIC too.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or_default()
 }
 
 fn direction_filter(v: i32) -> Result<Option<u8>> {
@@ -803,22 +797,11 @@ impl Agent for AgentService {
                         .map(|s| s.name.clone())
                         .unwrap_or_default()
                 };
-                let mut per_service: HashMap<String, (u64, u64)> = HashMap::new();
-                for t in &report.time_wait {
-                    let name = service(&t.addr, t.port);
-                    if !name.is_empty() {
-                        let e = per_service.entry(name).or_default();
-                        if t.direction == direction::INBOUND {
-                            e.1 += t.count;
-                        } else {
-                            e.0 += t.count;
-                        }
-                    }
-                }
-                let mut services: Vec<pb::ServiceTimeWait> = per_service
+                let mut services: Vec<pb::ServiceTimeWait> = report
+                    .by_service(&core.services)
                     .into_iter()
-                    .map(|(service, (outbound, inbound))| pb::ServiceTimeWait {
-                        service,
+                    .map(|(service, [outbound, inbound])| pb::ServiceTimeWait {
+                        service: service.to_owned(),
                         outbound,
                         inbound,
                     })

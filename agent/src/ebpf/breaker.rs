@@ -63,12 +63,7 @@ impl BreakerMaps {
 
 /// The cgroup2 mount point, from /proc/self/mounts (it is not always /sys/fs/cgroup).
 pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == "cgroup2")
-        .map(|f| PathBuf::from(f[1]))
+    breakwater_common::mounts::find("cgroup2")?
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 mount"))
 }
 
@@ -76,11 +71,7 @@ pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
 /// directory.
 pub fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    let mounted = mounts.lines().any(|l| {
-        let f: Vec<_> = l.split_whitespace().collect();
-        f.len() > 2 && f[2] == "bpf" && Path::new(f[1]) == parent
-    });
+    let mounted = breakwater_common::mounts::is_mounted("bpf", parent)?;
     if !mounted {
         std::fs::create_dir_all(parent)?;
         nix::mount::mount(
@@ -347,28 +338,16 @@ impl Kernel {
             what: "kernel BTF",
             source: aya::programs::ProgramError::Btf(e),
         })?;
-        let breaker_iter = self.iter(names::PROG_BREAKER_TCP)?;
-        let iter_hook = format!("iter/{}", names::ITER_TCP);
-        let loaded = breaker_iter
-            .load(names::ITER_TCP, &btf)
-            .map(|()| breaker_iter.info().map(|i| i.id()).unwrap_or_default())
-            .map_err(|e| format!("{iter_hook}: {}", refused(&e)));
+        let loaded = self.load_iter(names::PROG_BREAKER_TCP, &btf)?;
         let probed = self
             .destroy_probe
             .take()
             .unwrap_or_else(crate::destroy::probe);
         match (loaded, probed) {
-            (Ok(id), Ok(())) => {
-                self.programs.push(super::ProgramSummary {
-                    name: names::PROG_BREAKER_TCP,
-                    attach: iter_hook.clone(),
-                    id,
-                    ..Default::default()
-                });
-                self.features.on(
-                    Feature::TerminateOnTrip,
-                    format!("{iter_hook}, sock_diag SOCK_DESTROY"),
-                );
+            (Ok(summary), Ok(())) => {
+                let hook = format!("{}, sock_diag SOCK_DESTROY", summary.attach);
+                self.programs.push(summary);
+                self.features.on(Feature::TerminateOnTrip, hook);
             }
             (Err(why), _) | (_, Err(why)) => self.features.off(Feature::TerminateOnTrip, why),
         }

@@ -124,6 +124,11 @@ pub fn refused(e: &ProgramError) -> String {
     }
 }
 
+/// How `info` shows the socket iterators' hook.
+fn iter_hook() -> String {
+    format!("iter/{}", names::ITER_TCP)
+}
+
 /// A program of the object by name, as its concrete type.
 fn program<'a, T>(
     ebpf: &'a mut Ebpf,
@@ -340,32 +345,24 @@ impl Kernel {
                 Err(why) => self.features.off(Feature::Retransmits, why),
             }
         }
-        let iter_hook = format!("iter/{}", names::ITER_TCP);
+        let iter_hook = iter_hook();
         for name in [
             names::PROG_SEED_TCP,
             names::PROG_LIST_TCP,
             names::PROG_SOCKS_TCP,
         ] {
-            let prog = self.iter(name)?;
-            if let Err(e) = prog.load(names::ITER_TCP, &btf) {
-                let why = refused(&e);
-                if name == names::PROG_SOCKS_TCP {
-                    self.features
-                        .off(Feature::TimeWait, format!("{iter_hook}: {why}"));
-                    continue;
+            match self.load_iter(name, &btf)? {
+                Ok(summary) => self.programs.push(summary),
+                Err(why) if name == names::PROG_SOCKS_TCP => {
+                    self.features.off(Feature::TimeWait, why)
                 }
-                return Err(LoadError::Unsupported(format!(
-                    "connection tracking needs BPF iterators over TCP sockets ({iter_hook}: \
-                     {why}): Linux 5.9 or later"
-                )));
+                Err(why) => {
+                    return Err(LoadError::Unsupported(format!(
+                        "connection tracking needs BPF iterators over TCP sockets ({why}): Linux \
+                         5.9 or later"
+                    )))
+                }
             }
-            let id = prog.info().map(|i| i.id()).unwrap_or_default();
-            self.programs.push(ProgramSummary {
-                name,
-                attach: iter_hook.clone(),
-                id,
-                ..Default::default()
-            });
         }
         self.features.on(
             Feature::ConnectionTracking,
@@ -474,6 +471,24 @@ impl Kernel {
 
     fn iter(&mut self, name: &'static str) -> Result<&mut Iter, LoadError> {
         program(&mut self.ebpf, name, "iter/tcp")
+    }
+
+    /// Loads the `iter/tcp` program `name`: its summary, or why the kernel refused it.
+    fn load_iter(
+        &mut self,
+        name: &'static str,
+        btf: &aya::Btf,
+    ) -> Result<Result<ProgramSummary, String>, LoadError> {
+        let prog = self.iter(name)?;
+        Ok(match prog.load(names::ITER_TCP, btf) {
+            Ok(()) => Ok(ProgramSummary {
+                name,
+                attach: iter_hook(),
+                id: prog.info().map(|i| i.id()).unwrap_or_default(),
+                ..Default::default()
+            }),
+            Err(e) => Err(format!("{}: {}", iter_hook(), refused(&e))),
+        })
     }
 
     /// The attached programs with their kernel run statistics now.

@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod core;
 pub mod destroy;
 pub mod ebpf;
 pub mod error;

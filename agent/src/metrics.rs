@@ -38,6 +38,7 @@ use tracing::{debug, warn};
 
 use crate::{
     api::Core,
+    core::counters,
     ebpf::{Histogram, MapSummary, ProgramSummary},
     error::{Error, Result},
     features::Feature,
@@ -137,19 +138,6 @@ fn direction_name(d: u8) -> &'static str {
     } else {
         "outbound"
     }
-}
-
-fn add(into: &mut ConnStats, s: &ConnStats) {
-    into.active += s.active;
-    into.opened += s.opened;
-    into.closed += s.closed;
-    into.failed_refused += s.failed_refused;
-    into.failed_timeout += s.failed_timeout;
-    into.failed_other += s.failed_other;
-    into.time_wait_entered += s.time_wait_entered;
-    into.retransmits += s.retransmits;
-    into.bytes_sent += s.bytes_sent;
-    into.bytes_received += s.bytes_received;
 }
 
 fn endpoint(addr: &[u8; 16], port: u16) -> String {
@@ -255,7 +243,7 @@ impl Metrics {
         // One row per destination and direction, summed over namespaces.
         let mut by_destination: HashMap<([u8; 16], u16, u8), ConnStats> = HashMap::new();
         for (k, s) in core.kernel.destinations() {
-            add(
+            counters::add(
                 by_destination
                     .entry((k.addr, k.port, k.direction))
                     .or_default(),
@@ -506,7 +494,8 @@ fn histogram<'h>(
     })
 }
 
-/// The connection counters shared by services and destinations, under `prefix`.
+/// The connection counters shared by services and destinations, under `prefix`: one family
+/// per family of the counter table, one sample per row (and per label of the family).
 fn connection_families<'r, R: 'r>(
     enc: &mut DescriptorEncoder,
     prefix: &str,
@@ -515,77 +504,27 @@ fn connection_families<'r, R: 'r>(
     each: impl Fn(&'r R) -> Vec<(Labels, &'r ConnStats)>,
 ) -> fmt::Result {
     let all: Vec<(Labels, &ConnStats)> = rows.iter().flat_map(each).collect();
-    let pick = |f: fn(&ConnStats) -> u64| {
-        all.iter()
-            .map(move |(l, s)| (l.clone(), f(s)))
-            .collect::<Vec<_>>()
-    };
-    gauge(
-        enc,
-        &format!("{prefix}_connections_active"),
-        &format!("Connections in ESTABLISHED now, per {what} and direction"),
-        pick(|s| s.active),
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_connections_opened"),
-        &format!("Connections that reached ESTABLISHED, per {what} and direction"),
-        pick(|s| s.opened),
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_connections_closed"),
-        &format!("Established connections that left ESTABLISHED, per {what} and direction"),
-        pick(|s| s.closed),
-    )?;
-    let failed: Vec<(Labels, u64)> = all
-        .iter()
-        .flat_map(|(l, s)| {
-            [
-                ("refused", s.failed_refused),
-                ("timeout", s.failed_timeout),
-                ("other", s.failed_other),
-            ]
-            .map(|(reason, n)| {
-                let mut l = l.clone();
-                l.push(("reason", reason.to_owned()));
-                (l, n)
+    for (family, kind, help, members) in counters::families() {
+        let samples: Vec<(Labels, u64)> = all
+            .iter()
+            .flat_map(|(l, s)| {
+                members.iter().map(|c| {
+                    let mut l = l.clone();
+                    if let Some((name, value)) = c.label {
+                        l.push((name, value.to_owned()));
+                    }
+                    (l, (c.get)(s))
+                })
             })
-        })
-        .collect();
-    counter(
-        enc,
-        &format!("{prefix}_connections_failed"),
-        &format!(
-            "Connects that failed, per {what}, direction and reason: refused (RST), timeout \
-             (SYN retries ran out), other"
-        ),
-        failed,
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_time_wait_entered"),
-        &format!("Connections that went into TIME_WAIT on this side, per {what} and direction"),
-        pick(|s| s.time_wait_entered),
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_retransmits"),
-        &format!("Segments retransmitted (SYNs included), per {what} and direction"),
-        pick(|s| s.retransmits),
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_sent_bytes"),
-        &format!("Payload bytes acknowledged by the peer over closed connections, per {what} and direction"),
-        pick(|s| s.bytes_sent),
-    )?;
-    counter(
-        enc,
-        &format!("{prefix}_received_bytes"),
-        &format!("Payload bytes received over closed connections, per {what} and direction"),
-        pick(|s| s.bytes_received),
-    )
+            .collect();
+        let name = format!("{prefix}_{family}");
+        let help = help.replace("{what}", what);
+        match kind {
+            counters::Kind::Gauge => gauge(enc, &name, &help, samples)?,
+            counters::Kind::Counter => counter(enc, &name, &help, samples)?,
+        }
+    }
+    Ok(())
 }
 
 impl Collector for Snapshot {

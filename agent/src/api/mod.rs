@@ -23,6 +23,7 @@ use crate::{
     advise,
     breaker::{self, PolicySpec},
     clock::monotonic_ns,
+    core::counters::conn_counters,
     ebpf::Kernel,
     error::{Error, Result},
     features::{Feature, FeatureState, Status as FeatureStatus},
@@ -278,18 +279,7 @@ impl AgentService {
 }
 
 fn counts(s: &ConnStats) -> pb::ConnCounts {
-    pb::ConnCounts {
-        active: s.active,
-        opened: s.opened,
-        closed: s.closed,
-        failed_refused: s.failed_refused,
-        failed_timeout: s.failed_timeout,
-        failed_other: s.failed_other,
-        time_wait_entered: s.time_wait_entered,
-        retransmits: s.retransmits,
-        bytes_sent: s.bytes_sent,
-        bytes_received: s.bytes_received,
-    }
+    conn_counters!(literal pb::ConnCounts, s)
 }
 
 fn pb_direction(d: u8) -> pb::Direction {
@@ -317,7 +307,7 @@ fn service_message(core: &Core, s: &Service) -> Result<pb::Service> {
 }
 
 fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> pb::Destination {
-    pb::Destination {
+    conn_counters!(literal pb::Destination, s,
         address: display_addr(&k.addr).to_string(),
         port: k.port.into(),
         service: services
@@ -326,17 +316,7 @@ fn destination_message(services: &ServiceTable, k: &DestKey, s: &ConnStats) -> p
             .unwrap_or_default(),
         direction: pb_direction(k.direction).into(),
         netns: k.netns,
-        active: s.active,
-        opened: s.opened,
-        closed: s.closed,
-        failed_refused: s.failed_refused,
-        failed_timeout: s.failed_timeout,
-        failed_other: s.failed_other,
-        time_wait_entered: s.time_wait_entered,
-        retransmits: s.retransmits,
-        bytes_sent: s.bytes_sent,
-        bytes_received: s.bytes_received,
-    }
+    )
 }
 
 fn connection_message(services: &ServiceTable, r: &ConnRecord, now_ns: u64) -> pb::Connection {
@@ -1124,6 +1104,42 @@ mod tests {
             got.iter().map(|e| (e.cause, e.lost)).collect::<Vec<_>>(),
             vec![(3, 2), (4, 0)]
         );
+    }
+
+    /// The counter table and the proto agree: `ConnCounts` is the table, in its order, and so
+    /// is `Destination` after its key fields.
+    #[test]
+    fn the_counter_table_is_the_protos() {
+        use prost::Message as _;
+        use prost_types::field_descriptor_proto::Type;
+        let fds =
+            prost_types::FileDescriptorSet::decode(breakwater_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let message = |name: &str| {
+            fds.file
+                .iter()
+                .flat_map(|f| &f.message_type)
+                .find(|m| m.name() == name)
+                .unwrap_or_else(|| panic!("no message {name}"))
+                .clone()
+        };
+        let table: Vec<&str> = crate::core::counters::COUNTERS
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        let counters = |m: &prost_types::DescriptorProto, skip: usize| {
+            m.field[skip..]
+                .iter()
+                .map(|f| {
+                    assert_eq!(f.r#type(), Type::Uint64, "{}", f.name());
+                    f.name().to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counters(&message("ConnCounts"), 0), table);
+        let destination = message("Destination");
+        let keys: Vec<&str> = destination.field[..5].iter().map(|f| f.name()).collect();
+        assert_eq!(keys, ["address", "port", "service", "direction", "netns"]);
+        assert_eq!(counters(&destination, 5), table);
     }
 
     #[test]

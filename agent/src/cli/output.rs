@@ -1,7 +1,15 @@
 //! Tables for people; `-o json` bypasses all of this.
 
+use breakwater_common::ConnStats;
 use breakwater_proto::v1 as pb;
 use comfy_table::{presets::NOTHING, Cell, CellAlignment, Table};
+
+use crate::core::counters::{conn_counters, COUNTERS};
+
+/// A service's counters as the API sent them.
+fn conn_stats(c: &pb::ConnCounts) -> ConnStats {
+    conn_counters!(literal ConnStats, c)
+}
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -99,45 +107,28 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
 }
 
 pub fn services_rows(r: &pb::ListServicesResponse) -> Rows {
-    let mut t = Rows::new(&[
-        "SERVICE",
-        "ENDPOINTS",
-        "ACTIVE",
-        "OPENED",
-        "CLOSED",
-        "REFUSED",
-        "TIMEOUT",
-        "OTHER",
-        "IN-ACTIVE",
-        "IN-OPENED",
-        "CONNECT-P50",
-        "CONNECT-P99",
-    ]);
+    // The counters' columns, outbound then inbound, from the counter table.
+    let columns = |dir: usize| {
+        COUNTERS
+            .iter()
+            .filter_map(move |c| c.services_columns[dir].map(|title| (title, c.get)))
+    };
+    let mut header = vec!["SERVICE", "ENDPOINTS"];
+    header.extend(columns(0).chain(columns(1)).map(|(title, _)| title));
+    header.extend(["CONNECT-P50", "CONNECT-P99"]);
+    let mut t = Rows::new(&header);
     for s in &r.services {
-        let o = s.outbound.unwrap_or_default();
-        let i = s.inbound.unwrap_or_default();
-        t.rows.push(vec![
-            Cell::new(&s.name),
-            Cell::new(s.endpoints.join(",")),
-            num(o.active),
-            num(o.opened),
-            num(o.closed),
-            num(o.failed_refused),
-            num(o.failed_timeout),
-            num(o.failed_other),
-            num(i.active),
-            num(i.opened),
-            Cell::new(if s.connect_p50_us == 0 {
-                "-".into()
-            } else {
-                micros(s.connect_p50_us)
-            }),
-            Cell::new(if s.connect_p99_us == 0 {
-                "-".into()
-            } else {
-                micros(s.connect_p99_us)
-            }),
-        ]);
+        let stats =
+            [&s.outbound, &s.inbound].map(|c| c.as_ref().map(conn_stats).unwrap_or_default());
+        let mut row = vec![Cell::new(&s.name), Cell::new(s.endpoints.join(","))];
+        for (dir, stats) in stats.iter().enumerate() {
+            row.extend(columns(dir).map(|(_, get)| num(get(stats))));
+        }
+        row.extend(
+            [s.connect_p50_us, s.connect_p99_us]
+                .map(|us| Cell::new(if us == 0 { "-".into() } else { micros(us) })),
+        );
+        t.rows.push(row);
     }
     t
 }
@@ -147,35 +138,24 @@ pub fn destinations(r: &pb::ListDestinationsResponse) -> String {
 }
 
 pub fn destinations_rows(r: &pb::ListDestinationsResponse) -> Rows {
-    let mut t = Rows::new(&[
-        "DESTINATION",
-        "DIR",
-        "SERVICE",
-        "NETNS",
-        "ACTIVE",
-        "OPENED",
-        "CLOSED",
-        "REFUSED",
-        "TIMEOUT",
-        "OTHER",
-        "TO-TW",
-        "RETX",
-    ]);
+    let columns = || {
+        COUNTERS
+            .iter()
+            .filter_map(|c| c.destinations_column.map(|title| (title, c.get)))
+    };
+    let mut header = vec!["DESTINATION", "DIR", "SERVICE", "NETNS"];
+    header.extend(columns().map(|(title, _)| title));
+    let mut t = Rows::new(&header);
     for d in &r.destinations {
-        t.rows.push(vec![
+        let stats = conn_counters!(literal ConnStats, d);
+        let mut row = vec![
             Cell::new(endpoint(&d.address, d.port)),
             Cell::new(direction(d.direction)),
             Cell::new(or_dash(&d.service)),
             Cell::new(d.netns),
-            num(d.active),
-            num(d.opened),
-            num(d.closed),
-            num(d.failed_refused),
-            num(d.failed_timeout),
-            num(d.failed_other),
-            num(d.time_wait_entered),
-            num(d.retransmits),
-        ]);
+        ];
+        row.extend(columns().map(|(_, get)| num(get(&stats))));
+        t.rows.push(row);
     }
     t
 }
@@ -847,6 +827,120 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(termination_note(&r), None);
+    }
+
+    #[test]
+    fn counter_columns_are_as_documented() {
+        let d = pb::Destination {
+            address: "10.0.0.1".into(),
+            port: 80,
+            direction: pb::Direction::Outbound.into(),
+            netns: 7,
+            active: 1,
+            opened: 2,
+            closed: 3,
+            failed_refused: 4,
+            failed_timeout: 5,
+            failed_other: 6,
+            time_wait_entered: 7,
+            retransmits: 8,
+            bytes_sent: 9,
+            bytes_received: 10,
+            ..Default::default()
+        };
+        let rows = destinations_rows(&pb::ListDestinationsResponse {
+            destinations: vec![d],
+        });
+        assert_eq!(
+            rows.header,
+            [
+                "DESTINATION",
+                "DIR",
+                "SERVICE",
+                "NETNS",
+                "ACTIVE",
+                "OPENED",
+                "CLOSED",
+                "REFUSED",
+                "TIMEOUT",
+                "OTHER",
+                "TO-TW",
+                "RETX"
+            ]
+        );
+        let cells: Vec<String> = rows.rows[0].iter().map(|c| c.content()).collect();
+        assert_eq!(
+            cells,
+            [
+                "10.0.0.1:80",
+                "out",
+                "-",
+                "7",
+                "1",
+                "2",
+                "3",
+                "4",
+                "5",
+                "6",
+                "7",
+                "8"
+            ]
+        );
+
+        let counts = |base: u64| pb::ConnCounts {
+            active: base + 1,
+            opened: base + 2,
+            closed: base + 3,
+            failed_refused: base + 4,
+            failed_timeout: base + 5,
+            failed_other: base + 6,
+            ..Default::default()
+        };
+        let rows = services_rows(&pb::ListServicesResponse {
+            services: vec![pb::Service {
+                name: "db".into(),
+                endpoints: vec!["10.0.0.1:80".into()],
+                outbound: Some(counts(0)),
+                inbound: Some(counts(10)),
+                connect_p50_us: 1500,
+                connect_p99_us: 0,
+            }],
+        });
+        assert_eq!(
+            rows.header,
+            [
+                "SERVICE",
+                "ENDPOINTS",
+                "ACTIVE",
+                "OPENED",
+                "CLOSED",
+                "REFUSED",
+                "TIMEOUT",
+                "OTHER",
+                "IN-ACTIVE",
+                "IN-OPENED",
+                "CONNECT-P50",
+                "CONNECT-P99"
+            ]
+        );
+        let cells: Vec<String> = rows.rows[0].iter().map(|c| c.content()).collect();
+        assert_eq!(
+            cells,
+            [
+                "db",
+                "10.0.0.1:80",
+                "1",
+                "2",
+                "3",
+                "4",
+                "5",
+                "6",
+                "11",
+                "12",
+                "1.5ms",
+                "-"
+            ]
+        );
     }
 
     #[test]

@@ -1,0 +1,4 @@
+//! The domain core: what the agent knows and decides, in its own types. The gRPC API, the
+//! metrics and the CLI read it; it reads none of them.
+
+pub mod counters;

@@ -7,10 +7,12 @@ use breakwater_common::{breaker::Policy, defaults};
 use serde::Deserialize;
 
 use crate::{
-    breaker::{parse_duration, PolicySpec},
+    core::{
+        features::Feature,
+        policy::{parse_duration, PolicySpec},
+        service::{parse_endpoints, ServiceTable},
+    },
     error::{Error, Result},
-    features::Feature,
-    service::{parse_endpoints, ServiceTable},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/breakwater/agent.sock";
@@ -265,7 +267,7 @@ impl MetricsConfig {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeaturesConfig {
-    /// Names of optional features (`crate::features::Feature::name`); a core feature cannot be
+    /// Names of optional features (`crate::core::features::Feature::name`); a core feature cannot be
     /// disabled.
     pub disable: Vec<String>,
 }

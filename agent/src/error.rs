@@ -16,7 +16,7 @@ pub enum Error {
     /// A configured capacity (map size) would be exceeded; nothing was changed.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// The call needs a feature that this kernel does not offer (see `crate::features`).
+    /// The call needs a feature that this kernel does not offer (see `crate::core::features`).
     #[error("{0}")]
     FeatureOff(String),
     #[error("kernel map {map}: {source}")]

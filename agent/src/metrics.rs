@@ -38,13 +38,9 @@ use tracing::{debug, warn};
 
 use crate::{
     api::Core,
-    core::counters,
+    core::{counters, features::Feature, latency, service::display_addr, timewait},
     ebpf::{Histogram, MapSummary, ProgramSummary},
     error::{Error, Result},
-    features::Feature,
-    latency,
-    service::display_addr,
-    timewait,
 };
 
 /// Histogram bucket bounds (`le`), in µs: every power of two from 16 µs to about 33.5 s. Each

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use breakwater::features::{Feature, DISABLED_BY_CONFIG};
+use breakwater::core::features::{Feature, DISABLED_BY_CONFIG};
 use breakwater_proto::v1 as pb;
 use breakwater_tests::{
     churn_to_time_wait, closed_port, connect_many, echo_server, eventually, prom, require_root,

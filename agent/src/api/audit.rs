@@ -17,7 +17,7 @@ use breakwater_proto::v1 as pb;
 use tokio::io::unix::AsyncFd;
 
 use super::Core;
-use crate::{breaker::errno_name, service::display_addr};
+use crate::core::{policy::errno_name, service::display_addr};
 
 /// The stream `WatchConnections` answers with.
 pub type ConnectionEventStream = super::EventStream<pb::ConnectionEvent>;

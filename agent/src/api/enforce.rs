@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use super::Core;
 use crate::{
     clock::{monotonic_ns, wall_time},
+    core::features::Feature,
     error::{Error, Result},
-    features::Feature,
 };
 
 /// One service's breaker as the API reports it.

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod authz;
+pub mod convert;
 pub mod enforce;
 pub mod health;
 pub mod reload;
@@ -20,17 +21,19 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::{
-    advise,
-    breaker::{self, PolicySpec},
     clock::monotonic_ns,
-    core::counters::conn_counters,
+    core::{
+        advise,
+        counters::conn_counters,
+        features::{Feature, FeatureState, Status as FeatureStatus},
+        latency,
+        policy::{self as breaker, PolicySpec},
+        service::Endpoint,
+        service::{display_addr, parse_endpoints, Service, ServiceTable},
+        timewait::{self, Level},
+    },
     ebpf::Kernel,
     error::{Error, Result},
-    features::{Feature, FeatureState, Status as FeatureStatus},
-    latency,
-    service::Endpoint,
-    service::{display_addr, parse_endpoints, Service, ServiceTable},
-    timewait::{self, Level},
 };
 
 /// What the API serves from: the kernel side and the service table, changed together.
@@ -525,7 +528,7 @@ fn breaker_events(
         rx,
         service,
         |e| &e.service,
-        |e, lost| breaker::event_message(&e, lost),
+        |e, lost| convert::event_message(&e, lost),
     )
 }
 
@@ -565,7 +568,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ListBreakersResponse>, Status> {
         let breakers = self.with_core(|core| core.breakers()).await?;
         Ok(Response::new(pb::ListBreakersResponse {
-            breakers: breakers.iter().map(breaker::breaker_message).collect(),
+            breakers: breakers.iter().map(convert::breaker_message).collect(),
         }))
     }
 
@@ -576,7 +579,7 @@ impl Agent for AgentService {
         let service = request.into_inner().service;
         let b = self.with_core(move |core| core.breaker(&service)).await?;
         Ok(Response::new(pb::GetBreakerResponse {
-            breaker: Some(breaker::breaker_message(&b)),
+            breaker: Some(convert::breaker_message(&b)),
         }))
     }
 
@@ -592,7 +595,7 @@ impl Agent for AgentService {
             .with_core(move |core| core.set_policy(&req.service, policy))
             .await?;
         Ok(Response::new(pb::SetPolicyResponse {
-            breaker: Some(breaker::breaker_message(&b)),
+            breaker: Some(convert::breaker_message(&b)),
         }))
     }
 
@@ -617,7 +620,7 @@ impl Agent for AgentService {
             .with_core(move |core| core.trip(&req.service, ttl, &req.reason))
             .await?;
         Ok(Response::new(pb::TripResponse {
-            breaker: Some(breaker::breaker_message(&b)),
+            breaker: Some(convert::breaker_message(&b)),
             terminated: termination.terminated as u64,
             not_terminated: termination.not_terminated,
         }))
@@ -630,7 +633,7 @@ impl Agent for AgentService {
         let service = request.into_inner().service;
         let b = self.with_core(move |core| core.reset(&service)).await?;
         Ok(Response::new(pb::ResetResponse {
-            breaker: Some(breaker::breaker_message(&b)),
+            breaker: Some(convert::breaker_message(&b)),
         }))
     }
 
@@ -1033,7 +1036,7 @@ mod tests {
 
     #[test]
     fn features_keep_their_names_and_statuses() {
-        let mut f = crate::features::Features::default();
+        let mut f = crate::core::features::Features::default();
         f.on(Feature::TcpStats, "tp_btf/inet_sock_set_state");
         f.set(
             Feature::Retransmits,

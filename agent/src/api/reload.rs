@@ -12,8 +12,8 @@ use tracing::{info, warn};
 use super::Core;
 use crate::{
     config::{Config, ServiceConfig},
+    core::service::parse_endpoints,
     error::{Error, Result},
-    service::parse_endpoints,
 };
 
 /// What flags and environment set over the file; they still win after a reload.
@@ -26,7 +26,7 @@ pub struct Overrides {
     pub health_listen: Option<String>,
     pub metrics_listen: Option<String>,
     /// --disable-feature: added to the file's `[features] disable`.
-    pub disable_features: Vec<crate::features::Feature>,
+    pub disable_features: Vec<crate::core::features::Feature>,
 }
 
 impl Overrides {

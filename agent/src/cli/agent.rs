@@ -9,10 +9,12 @@ use super::{AgentArgs, CliError, OnUnsupportedKernel};
 use crate::{
     api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
     config::{Config, RemoteOverrides},
+    core::{
+        features::{Features, Status},
+        service::ServiceTable,
+    },
     ebpf::{breaker, Hooks, Kernel, LoadError},
-    features::{Features, Status},
     netns,
-    service::ServiceTable,
 };
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {

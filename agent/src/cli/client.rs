@@ -19,9 +19,11 @@ use super::{
     WatchCommand,
 };
 use crate::{
-    breaker::{self, PolicySpec},
     config::DEFAULT_SOCKET,
-    service::parse_endpoints,
+    core::{
+        policy::{self as breaker, PolicySpec},
+        service::parse_endpoints,
+    },
 };
 
 const MAX_RESPONSE: usize = 1 << 30;

@@ -154,7 +154,7 @@ pub enum Command {
 
 /// A duration flag: "30s", "500ms", "2m"; whole milliseconds (what the API carries).
 fn duration_arg(text: &str) -> Result<Duration, String> {
-    let d = crate::breaker::parse_duration("duration", text)
+    let d = crate::core::policy::parse_duration("duration", text)
         .map_err(|e| e.to_string().trim_start_matches("duration: ").to_owned())?;
     if d.subsec_nanos() % 1_000_000 != 0 {
         return Err(format!("{text:?} is not a whole number of milliseconds"));
@@ -314,7 +314,7 @@ pub struct AgentArgs {
         value_delimiter = ',',
         value_parser = feature_arg
     )]
-    pub disable_features: Vec<crate::features::Feature>,
+    pub disable_features: Vec<crate::core::features::Feature>,
     /// What to do when this kernel cannot run a core feature: `exit` with code 69, or `wait`:
     /// log why and stay up (health "" SERVING, breakwater.v1.Agent NOT_SERVING) until stopped,
     /// for supervisors that restart whatever exits (a Kubernetes DaemonSet).
@@ -339,8 +339,8 @@ pub struct AgentArgs {
 }
 
 /// `--disable-feature`: an optional feature's name.
-fn feature_arg(name: &str) -> Result<crate::features::Feature, String> {
-    crate::features::Feature::optional(name)
+fn feature_arg(name: &str) -> Result<crate::core::features::Feature, String> {
+    crate::core::features::Feature::optional(name)
 }
 
 /// `--on-unsupported-kernel`.
@@ -483,7 +483,7 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::Feature;
+    use crate::core::features::Feature;
 
     fn agent_args(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         let cli = Cli::try_parse_from(["breakwater", "agent"].iter().chain(args))?;

@@ -236,7 +236,7 @@ pub fn latency(r: &pb::GetLatencyResponse) -> String {
         for idx in first..=last {
             let b = h.buckets.iter().find(|b| b.index == idx);
             let count = b.map_or(0, |b| b.count);
-            let (lo, hi) = crate::latency::bounds(idx);
+            let (lo, hi) = crate::core::latency::bounds(idx);
             let bar = "*".repeat((count * 40).div_ceil(top) as usize);
             out += &format!("{lo:>10} -> {:<10} : {count:<8} |{bar:<40}|\n", hi - 1);
         }

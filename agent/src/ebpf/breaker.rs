@@ -26,10 +26,9 @@ use tracing::{info, warn};
 
 use super::{iter, program, records, refused, Kernel, LoadError};
 use crate::{
+    core::{features::Feature, service::Endpoint},
     error::{Error, Result},
-    features::Feature,
     netns,
-    service::Endpoint,
 };
 
 /// `BPF_F_LOCK`: map reads and writes that take the entry's spin lock.
@@ -578,8 +577,14 @@ impl Kernel {
                 .map(|r| {
                     let s = &r.sock;
                     (
-                        std::net::SocketAddr::new(crate::service::display_addr(&s.saddr), s.sport),
-                        std::net::SocketAddr::new(crate::service::display_addr(&s.daddr), s.dport),
+                        std::net::SocketAddr::new(
+                            crate::core::service::display_addr(&s.saddr),
+                            s.sport,
+                        ),
+                        std::net::SocketAddr::new(
+                            crate::core::service::display_addr(&s.daddr),
+                            s.dport,
+                        ),
                     )
                 })
                 .collect();

@@ -21,11 +21,13 @@ use tracing::info;
 
 use crate::{
     config::MapSizes,
+    core::{
+        features::{Feature, Features, Status},
+        service::Endpoint,
+    },
     error::{Error, Result},
-    features::{Feature, Features, Status},
     netns,
     netns::NetSettings,
-    service::Endpoint,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater"));

@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_common::{direction, tcp_state, SockRecord};
 
-use crate::{netns::NetSettings, service::ServiceTable};
+use super::service::ServiceTable;
+use crate::netns::NetSettings;
 
 /// Share of a namespace's ephemeral port range in use toward one destination that raises a
 /// warning, and a critical finding.

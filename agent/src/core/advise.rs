@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 
 use breakwater_common::{direction, tcp_state, SockRecord};
 
-use crate::{
-    netns::NetSettings,
+use super::{
     service::display_addr,
     timewait::{Level, Report},
 };
+use crate::netns::NetSettings;
 
 /// Churn: at least this many new connections per second ...
 pub const CHURN_MIN_RATE: f64 = 5.0;
@@ -288,7 +288,7 @@ pub fn advise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timewait::{self, Pressure};
+    use crate::core::timewait::{self, Pressure};
     use breakwater_common::v4_mapped;
 
     fn settings() -> NetSettings {

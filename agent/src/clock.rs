@@ -10,9 +10,9 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
-/// The wall-clock time of a CLOCK_MONOTONIC instant.
-pub fn wall_time(mono_ns: u64) -> SystemTime {
-    let ago = monotonic_ns().saturating_sub(mono_ns);
+/// The wall-clock time of a CLOCK_MONOTONIC instant, `now_ns` being CLOCK_MONOTONIC now.
+pub fn wall_time(mono_ns: u64, now_ns: u64) -> SystemTime {
+    let ago = now_ns.saturating_sub(mono_ns);
     SystemTime::now() - Duration::from_nanos(ago)
 }
 
@@ -24,7 +24,7 @@ mod tests {
     fn monotonic_instants_map_to_wall_time() {
         let now = monotonic_ns();
         assert!(monotonic_ns() >= now);
-        let then = wall_time(now.saturating_sub(2_000_000_000));
+        let then = wall_time(now.saturating_sub(2_000_000_000), monotonic_ns());
         let ago = SystemTime::now().duration_since(then).unwrap();
         assert!(
             ago >= Duration::from_secs(2) && ago < Duration::from_secs(3),

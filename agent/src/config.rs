@@ -204,6 +204,39 @@ impl RemoteOverrides {
     }
 }
 
+/// What flags and environment set over the file; they still win after a reload.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub pin_dir: Option<std::path::PathBuf>,
+    pub scope: Vec<String>,
+    /// --listen, --tls-*, --socket-mode, ...
+    pub remote: RemoteOverrides,
+    pub health_listen: Option<String>,
+    pub metrics_listen: Option<String>,
+    /// --disable-feature: added to the file's `[features] disable`.
+    pub disable_features: Vec<Feature>,
+}
+
+impl Overrides {
+    pub fn apply(&self, config: &mut Config) -> Result<()> {
+        if let Some(dir) = &self.pin_dir {
+            config.agent.pin_dir = dir.clone();
+        }
+        if !self.scope.is_empty() {
+            config.breaker.scope = self.scope.clone();
+        }
+        self.remote.apply(&mut config.agent);
+        if self.health_listen.is_some() {
+            config.agent.health_listen.clone_from(&self.health_listen);
+        }
+        if self.metrics_listen.is_some() {
+            config.metrics.listen.clone_from(&self.metrics_listen);
+        }
+        config.features.add(&self.disable_features);
+        config.validate()
+    }
+}
+
 /// HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 address.
 pub fn check_host_port(addr: &str) -> std::result::Result<(), String> {
     let (host, port) = addr

@@ -1,6 +1,4 @@
-//! Domain errors and their one mapping to gRPC status codes.
-
-use tonic::{Code, Status};
+//! Domain errors. Their one mapping to gRPC status codes is `api`'s `From<Error> for Status`.
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,20 +34,6 @@ impl Error {
 
     pub fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
         move |source| Self::Map { map, source }
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::FeatureOff(_) => Code::FailedPrecondition,
-            Error::Map { .. } | Error::Internal(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
     }
 }
 

@@ -1,6 +1,7 @@
 //! breakwater's node agent: loader, domain core, gRPC server and CLI.
 
 pub mod api;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -19,7 +19,7 @@ use std::{
 
 use breakwater_common::{
     breaker::{state, Totals},
-    direction, hist_bucket, hist_kind, ConnStats, HIST_BUCKETS,
+    direction, hist_bucket, ConnStats, HIST_BUCKETS,
 };
 use bytes::Bytes;
 use http_body_util::Full;
@@ -37,9 +37,13 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::{
-    api::Core,
-    core::{counters, features::Feature, latency, service::display_addr, timewait},
-    ebpf::{Histogram, MapSummary, ProgramSummary},
+    core::{
+        counters,
+        features::{Feature, Status},
+        latency,
+        service::display_addr,
+        timewait, Core, Histogram, MapSummary, ProgramSummary,
+    },
     error::{Error, Result},
 };
 
@@ -158,14 +162,13 @@ impl Metrics {
                 return Some(summary.clone());
             }
         }
-        let walked = match core.kernel.sockets() {
-            Ok(w) => w,
+        let report = match core.time_wait_report() {
+            Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "metrics: cannot walk the sockets; TIME_WAIT series left out");
                 return None;
             }
         };
-        let report = timewait::analyze(&walked);
         let mut summary = TimeWaitSummary::default();
         for t in &report.time_wait {
             *summary
@@ -196,57 +199,50 @@ impl Metrics {
             .into_iter()
             .map(|b| (b.service, (b.counts.state, b.totals)))
             .collect();
-        let mut services = Vec::new();
-        let time_wait_by_service = tw
+        let services_table = core.services();
+        let time_wait_by_service: HashMap<String, [u64; 2]> = tw
             .as_ref()
-            .map(|tw| tw.report.by_service(&core.services))
-            .unwrap_or_default();
-        let mut pressure_by_service: HashMap<&str, f64> = HashMap::new();
+            .map(|tw| tw.report.by_service(services_table))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let mut pressure_by_service: HashMap<String, f64> = HashMap::new();
         if let Some(tw) = &tw {
             for ((addr, port), ratio) in &tw.pressure {
-                if let Some(s) = core.services.match_endpoint(addr, *port) {
-                    let max = pressure_by_service.entry(&s.name).or_default();
+                if let Some(s) = services_table.match_endpoint(addr, *port) {
+                    let max = pressure_by_service.entry(s.name.clone()).or_default();
                     *max = max.max(*ratio);
                 }
             }
         }
-        let pending = core.kernel.pending_first_responses()?;
-        for s in core.services.iter() {
-            let k = &core.kernel;
-            let mut first_response = k.service_histogram(s.id, hist_kind::FIRST_RESPONSE)?;
-            pending.add_service(s.id, &mut first_response);
-            services.push(ServiceRow {
-                name: s.name.clone(),
-                stats: [
-                    k.service_stats(s.id, direction::OUTBOUND)?,
-                    k.service_stats(s.id, direction::INBOUND)?,
-                ],
+        let summaries = core.service_summaries()?;
+        let mut first_response = core.first_response_by_service()?;
+        let services_table = core.services();
+        let mut services: Vec<ServiceRow> = summaries
+            .into_iter()
+            .map(|s| ServiceRow {
                 time_wait: time_wait_by_service
-                    .get(s.name.as_str())
+                    .get(&s.service.name)
                     .copied()
                     .unwrap_or_default(),
                 pressure: pressure_by_service
-                    .get(s.name.as_str())
+                    .get(&s.service.name)
                     .copied()
                     .unwrap_or_default(),
-                connect: k.service_histogram(s.id, hist_kind::CONNECT)?,
-                first_response,
-                breaker: breakers.get(&s.name).copied(),
-            });
-        }
+                first_response: first_response
+                    .remove(&s.service.id)
+                    .unwrap_or([0; HIST_BUCKETS as usize]),
+                breaker: breakers.get(&s.service.name).copied(),
+                stats: s.stats,
+                connect: s.connect,
+                name: s.service.name,
+            })
+            .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
 
         // One row per destination and direction, summed over namespaces.
-        let mut by_destination: HashMap<([u8; 16], u16, u8), ConnStats> = HashMap::new();
-        for (k, s) in core.kernel.destinations() {
-            counters::add(
-                by_destination
-                    .entry((k.addr, k.port, k.direction))
-                    .or_default(),
-                &s,
-            );
-        }
-        let mut top: Vec<_> = by_destination.into_iter().collect();
+        let mut top = core.destinations_by_endpoint();
         top.sort_by(|(ka, a), (kb, b)| {
             (b.opened, b.active)
                 .cmp(&(a.opened, a.active))
@@ -258,8 +254,7 @@ impl Metrics {
             .map(|((addr, port, dir), stats)| DestinationRow {
                 destination: endpoint(&addr, port),
                 direction: dir,
-                service: core
-                    .services
+                service: services_table
                     .match_endpoint(&addr, port)
                     .map(|s| s.name.clone())
                     .unwrap_or_default(),
@@ -275,7 +270,7 @@ impl Metrics {
             })
             .collect();
 
-        let k = &core.kernel;
+        let state = core.agent_state();
         Ok(Snapshot {
             start_time_s: self
                 .started
@@ -285,13 +280,13 @@ impl Metrics {
             services,
             destinations,
             time_wait_known: tw.is_some(),
-            counters: k.counters(),
-            maps: k.maps(),
-            programs: k.programs(),
-            features: k
-                .features()
+            counters: state.counters,
+            maps: state.maps,
+            programs: state.programs,
+            features: state
+                .features
                 .iter()
-                .map(|s| (s.feature, k.features().is_on(s.feature)))
+                .map(|s| (s.feature, s.status != Status::Off))
                 .collect(),
         })
     }

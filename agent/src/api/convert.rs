@@ -1,13 +1,34 @@
 //! Proto <-> domain: every message the API sends is made here from the core's types, and every
-//! request read into them.
+//! request read into them. Nothing here decides anything.
 
 use std::time::{Duration, SystemTime};
 
-use breakwater_common::breaker::{policy_flags, state, Policy, RATIO_ONE};
+use breakwater_common::{
+    breaker::{policy_flags, state, Policy, RATIO_ONE},
+    direction, tcp_state, ConnStats,
+};
 use breakwater_proto::v1 as pb;
 
-use super::enforce::{BreakerEventView, BreakerView};
-use crate::core::policy::{errno_name, PolicySpec};
+use crate::{
+    core::{
+        advise,
+        aggregate::{
+            Advice, AgentState, Connection, Destination, DestinationSort, Latency, ServiceSummary,
+            TimeWaitView,
+        },
+        audit::{ConnectionEvent, ConnectionEventKind},
+        breakers::{BreakerEvent, BreakerView},
+        counters::conn_counters,
+        features::{FeatureState, Status as FeatureStatus},
+        latency,
+        policy::{errno_name, PolicySpec},
+        reload::Reloaded,
+        service::display_addr,
+        timewait::Level,
+        Histogram,
+    },
+    error::{Error, Result},
+};
 
 impl PolicySpec {
     /// The policy a `SetPolicy` request asks for (checked by [`PolicySpec::resolve`]).
@@ -87,7 +108,7 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
 }
 
 /// An event for a subscriber that lost `lost` events just before it.
-pub fn event_message(e: &BreakerEventView, lost: u64) -> pb::BreakerEvent {
+pub fn event_message(e: &BreakerEvent, lost: u64) -> pb::BreakerEvent {
     pb::BreakerEvent {
         service: e.service.clone(),
         from: state_message(e.from).into(),
@@ -105,12 +126,343 @@ pub fn event_message(e: &BreakerEventView, lost: u64) -> pb::BreakerEvent {
     }
 }
 
+fn direction_message(d: u8) -> pb::Direction {
+    if d == direction::INBOUND {
+        pb::Direction::Inbound
+    } else {
+        pb::Direction::Outbound
+    }
+}
+
+/// A direction filter: unspecified is both.
+pub fn direction_filter(v: i32) -> Result<Option<u8>> {
+    match pb::Direction::try_from(v) {
+        Ok(pb::Direction::Unspecified) => Ok(None),
+        Ok(pb::Direction::Outbound) => Ok(Some(direction::OUTBOUND)),
+        Ok(pb::Direction::Inbound) => Ok(Some(direction::INBOUND)),
+        Err(_) => Err(Error::invalid(format!("direction: unknown value {v}"))),
+    }
+}
+
+pub fn destination_sort(v: i32) -> Result<DestinationSort> {
+    match pb::DestinationSort::try_from(v) {
+        Ok(pb::DestinationSort::Opened) => Ok(DestinationSort::Opened),
+        Ok(pb::DestinationSort::Failed) => Ok(DestinationSort::Failed),
+        Ok(pb::DestinationSort::Active | pb::DestinationSort::Unspecified) => {
+            Ok(DestinationSort::Active)
+        }
+        Err(_) => Err(Error::invalid(format!("sort: unknown value {v}"))),
+    }
+}
+
+pub fn conn_counts(s: &ConnStats) -> pb::ConnCounts {
+    conn_counters!(literal pb::ConnCounts, s)
+}
+
+/// A service's counts as the API sent them (the CLI reads them back).
+pub fn conn_stats(c: &pb::ConnCounts) -> ConnStats {
+    conn_counters!(literal ConnStats, c)
+}
+
+/// A destination's counts as the API sent them.
+pub fn destination_stats(d: &pb::Destination) -> ConnStats {
+    conn_counters!(literal ConnStats, d)
+}
+
+pub fn service_message(s: &ServiceSummary) -> pb::Service {
+    let connect = latency::summarize(&s.connect);
+    pb::Service {
+        connect_p50_us: connect.p50,
+        connect_p99_us: connect.p99,
+        name: s.service.name.clone(),
+        endpoints: s
+            .service
+            .endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        outbound: Some(conn_counts(&s.stats[0])),
+        inbound: Some(conn_counts(&s.stats[1])),
+    }
+}
+
+fn address(addr: &[u8; 16]) -> String {
+    display_addr(addr).to_string()
+}
+
+pub fn destination_message(d: &Destination) -> pb::Destination {
+    let (k, s) = (&d.key, &d.stats);
+    conn_counters!(literal pb::Destination, s,
+        address: address(&k.addr),
+        port: k.port.into(),
+        service: d.service.clone(),
+        direction: direction_message(k.direction).into(),
+        netns: k.netns,
+    )
+}
+
+pub fn connection_message(c: &Connection<'_>) -> pb::Connection {
+    let (r, i) = (c.record, &c.record.info);
+    let comm_len = i.comm.iter().position(|&b| b == 0).unwrap_or(i.comm.len());
+    pb::Connection {
+        local_address: address(&i.saddr),
+        local_port: i.sport.into(),
+        remote_address: address(&i.daddr),
+        remote_port: i.dport.into(),
+        direction: direction_message(i.direction).into(),
+        state: tcp_state::name(r.state as u8).to_owned(),
+        netns: i.netns,
+        pid: i.pid,
+        comm: String::from_utf8_lossy(&i.comm[..comm_len]).into_owned(),
+        cgroup_id: i.cgroup_id,
+        service: c.service.to_owned(),
+        age_ms: c.age_ms,
+        cookie: r.cookie,
+    }
+}
+
+/// What a connection listing is ordered by: (age in ms, cookie).
+pub fn connection_order(c: &pb::Connection) -> (u64, u64) {
+    (c.age_ms, c.cookie)
+}
+
+pub fn histogram_message(kind: u32, h: &Histogram) -> pb::Histogram {
+    let s = latency::summarize(h);
+    pb::Histogram {
+        kind: breakwater_common::hist_kind::NAMES[kind as usize].to_owned(),
+        count: s.count,
+        p50_us: s.p50,
+        p90_us: s.p90,
+        p99_us: s.p99,
+        max_us: s.max,
+        buckets: h
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(i, &count)| {
+                let (low_us, high_us) = latency::bounds(i as u32);
+                pb::HistogramBucket {
+                    index: i as u32,
+                    low_us,
+                    high_us,
+                    count,
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn latency_response(l: &Latency) -> pb::GetLatencyResponse {
+    pb::GetLatencyResponse {
+        histograms: l
+            .histograms
+            .iter()
+            .map(|(kind, h)| histogram_message(*kind, h))
+            .collect(),
+        features_off: l.features_off.iter().map(feature_message).collect(),
+    }
+}
+
+/// A feature's state as the API reports it.
+pub fn feature_message(s: &FeatureState) -> pb::Feature {
+    pb::Feature {
+        name: s.feature.name().to_owned(),
+        status: match s.status {
+            FeatureStatus::On => pb::FeatureStatus::On,
+            FeatureStatus::Degraded => pb::FeatureStatus::Degraded,
+            FeatureStatus::Off => pb::FeatureStatus::Off,
+        }
+        .into(),
+        hook: s.hook.clone(),
+        reason: s.reason.clone(),
+    }
+}
+
+pub fn time_wait_response(v: &TimeWaitView) -> pb::GetTimeWaitResponse {
+    pb::GetTimeWaitResponse {
+        destinations: v
+            .destinations
+            .iter()
+            .map(|d| {
+                let t = &d.time_wait;
+                pb::TimeWaitDestination {
+                    entered_per_s: d.entered_per_s,
+                    address: address(&t.addr),
+                    port: t.port.into(),
+                    direction: direction_message(t.direction).into(),
+                    netns: t.netns,
+                    service: d.service.clone(),
+                    time_wait: t.count,
+                }
+            })
+            .collect(),
+        pressure: v
+            .pressure
+            .iter()
+            .map(|(p, service)| pb::PortPressure {
+                netns: p.netns,
+                source_address: address(&p.saddr),
+                address: address(&p.daddr),
+                port: p.dport.into(),
+                service: service.clone(),
+                ports_in_use: p.in_use,
+                time_wait: p.time_wait,
+                port_range_low: p.settings.port_range.0.into(),
+                port_range_high: p.settings.port_range.1.into(),
+                ratio: p.ratio,
+                level: match p.level {
+                    Level::Ok => pb::PressureLevel::Ok,
+                    Level::Warn => pb::PressureLevel::Warn,
+                    Level::Critical => pb::PressureLevel::Critical,
+                }
+                .into(),
+                tcp_tw_reuse: p.settings.tcp_tw_reuse.into(),
+            })
+            .collect(),
+        services: v
+            .services
+            .iter()
+            .map(|s| pb::ServiceTimeWait {
+                service: s.service.clone(),
+                outbound: s.outbound,
+                inbound: s.inbound,
+            })
+            .collect(),
+    }
+}
+
+pub fn advise_response(a: &Advice) -> pb::AdviseResponse {
+    pb::AdviseResponse {
+        findings: a
+            .findings
+            .iter()
+            .map(|f| pb::Finding {
+                kind: f.kind.to_owned(),
+                severity: match f.severity {
+                    advise::Severity::Info => pb::Severity::Info,
+                    advise::Severity::Warn => pb::Severity::Warn,
+                    advise::Severity::Critical => pb::Severity::Critical,
+                }
+                .into(),
+                netns: f.netns,
+                subject: f.subject.clone(),
+                evidence: f.evidence.clone(),
+                recommendation: f.recommendation.clone(),
+            })
+            .collect(),
+        namespaces: a
+            .namespaces
+            .iter()
+            .map(|v| pb::NamespaceSettings {
+                netns: v.netns,
+                tcp_tw_reuse: v.settings.tcp_tw_reuse.into(),
+                port_range_low: v.settings.port_range.0.into(),
+                port_range_high: v.settings.port_range.1.into(),
+                somaxconn: v.settings.somaxconn,
+                tcp_max_tw_buckets: v.settings.tcp_max_tw_buckets,
+                tcp_fin_timeout: v.settings.tcp_fin_timeout,
+                listen_overflows: v.settings.listen_overflows,
+                listen_drops: v.settings.listen_drops,
+                sockets: v.sockets,
+                time_wait: v.time_wait,
+                fin_wait2: v.fin_wait2,
+            })
+            .collect(),
+        file_max: a.file_max,
+    }
+}
+
+/// The programs, maps, counters and features of `GetAgentInfo`, on `base`.
+pub fn agent_info(s: AgentState, base: pb::GetAgentInfoResponse) -> pb::GetAgentInfoResponse {
+    pb::GetAgentInfoResponse {
+        programs: s
+            .programs
+            .into_iter()
+            .map(|p| pb::ProgramInfo {
+                name: p.name.to_owned(),
+                attach: p.attach,
+                id: p.id,
+                run_count: p.run_count,
+                run_time_ns: p.run_time_ns,
+                recursion_misses: p.recursion_misses,
+            })
+            .collect(),
+        maps: s
+            .maps
+            .into_iter()
+            .map(|m| pb::MapInfo {
+                name: m.name.to_owned(),
+                capacity: m.capacity,
+                entries: m.entries,
+                evictions: m.evictions,
+            })
+            .collect(),
+        counters: s
+            .counters
+            .into_iter()
+            .map(|(name, value)| pb::Counter {
+                name: name.to_owned(),
+                value,
+            })
+            .collect(),
+        features: s.features.iter().map(feature_message).collect(),
+        ..base
+    }
+}
+
+pub fn reload_response(r: Reloaded) -> pb::ReloadConfigResponse {
+    pb::ReloadConfigResponse {
+        config_path: r.config_path,
+        services_added: r.services_added,
+        services_changed: r.services_changed,
+        services_removed: r.services_removed,
+        policies_changed: r.policies_changed,
+        scope_added: r.scope_added,
+        scope_removed: r.scope_removed,
+    }
+}
+
+/// A connection event for a subscriber that lost `lost` events just before it.
+pub fn connection_event_message(e: ConnectionEvent, lost: u64) -> pb::ConnectionEvent {
+    pb::ConnectionEvent {
+        kind: match e.kind {
+            ConnectionEventKind::Opened => pb::ConnectionEventKind::Opened,
+            ConnectionEventKind::Closed => pb::ConnectionEventKind::Closed,
+            ConnectionEventKind::Failed => pb::ConnectionEventKind::Failed,
+            ConnectionEventKind::Rejected => pb::ConnectionEventKind::Rejected,
+            ConnectionEventKind::Unspecified => pb::ConnectionEventKind::Unspecified,
+        }
+        .into(),
+        reason: e.reason,
+        direction: direction_message(e.direction).into(),
+        local_address: e.local_address.map(|a| a.to_string()).unwrap_or_default(),
+        local_port: e.local_port.into(),
+        remote_address: e.remote_address.to_string(),
+        remote_port: e.remote_port.into(),
+        netns: e.netns,
+        pid: e.pid,
+        comm: e.comm,
+        cgroup_id: e.cgroup_id,
+        container_id: e.container_id,
+        cgroup: e.cgroup,
+        service: e.service,
+        time_unix_ms: e.time_unix_ms,
+        bytes_sent: e.bytes_sent,
+        bytes_received: e.bytes_received,
+        duration_us: e.duration_us,
+        lost: e.lost + lost,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use breakwater_common::breaker::{cause, Counts, Totals};
 
     use super::*;
-    use crate::core::policy::cause_name;
+    use crate::core::{
+        features::{Feature, Features},
+        policy::cause_name,
+    };
 
     const S: u64 = 1_000_000_000;
 
@@ -224,7 +576,7 @@ mod tests {
         }
         assert_eq!(json["policy"]["max_failures"], 3);
 
-        let event = BreakerEventView {
+        let event = BreakerEvent {
             service: "db".into(),
             from: state::HALF_OPEN,
             to: state::OPEN,
@@ -242,5 +594,75 @@ mod tests {
         assert_eq!(json["time_unix_ms"], 1234);
         assert_eq!(json["lost"], 4);
         assert_eq!(cause_name(cause::TTL_EXPIRED), "ttl_expired");
+    }
+
+    #[test]
+    fn features_keep_their_names_and_statuses() {
+        let mut f = Features::default();
+        f.on(Feature::TcpStats, "tp_btf/inet_sock_set_state");
+        f.set(
+            Feature::Retransmits,
+            FeatureStatus::Degraded,
+            "kprobe/x",
+            "no tp",
+        );
+        let m: Vec<_> = f.iter().map(feature_message).collect();
+        assert_eq!(m.len(), Feature::ALL.len());
+        let by = |name: &str| m.iter().find(|x| x.name == name).unwrap().clone();
+        assert_eq!(by("tcp_stats").status(), pb::FeatureStatus::On);
+        assert_eq!(by("tcp_stats").hook, "tp_btf/inet_sock_set_state");
+        assert_eq!(by("retransmits").status(), pb::FeatureStatus::Degraded);
+        assert_eq!(by("retransmits").reason, "no tp");
+        assert_eq!(by("audit_stream").status(), pb::FeatureStatus::Off);
+        let json = serde_json::to_value(by("audit_stream")).unwrap();
+        assert_eq!(json["status"], "off");
+    }
+
+    #[test]
+    fn enum_filters_reject_unknown_values() {
+        assert_eq!(direction_filter(0).unwrap(), None);
+        assert_eq!(direction_filter(2).unwrap(), Some(direction::INBOUND));
+        let err = direction_filter(9).unwrap_err();
+        assert_eq!(err.to_string(), "direction: unknown value 9");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    /// The counter table and the proto agree: `ConnCounts` is the table, in its order, and so
+    /// is `Destination` after its key fields.
+    #[test]
+    fn the_counter_table_is_the_protos() {
+        use prost::Message as _;
+        use prost_types::field_descriptor_proto::Type;
+        let fds =
+            prost_types::FileDescriptorSet::decode(breakwater_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let message = |name: &str| {
+            fds.file
+                .iter()
+                .flat_map(|f| &f.message_type)
+                .find(|m| m.name() == name)
+                .unwrap_or_else(|| panic!("no message {name}"))
+                .clone()
+        };
+        let table: Vec<&str> = crate::core::counters::COUNTERS
+            .iter()
+            .map(|c| c.name)
+            .collect();
+        let counters = |m: &prost_types::DescriptorProto, skip: usize| {
+            m.field[skip..]
+                .iter()
+                .map(|f| {
+                    assert_eq!(f.r#type(), Type::Uint64, "{}", f.name());
+                    f.name().to_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counters(&message("ConnCounts"), 0), table);
+        let destination = message("Destination");
+        let keys: Vec<&str> = destination.field[..5].iter().map(|f| f.name()).collect();
+        assert_eq!(keys, ["address", "port", "service", "direction", "netns"]);
+        assert_eq!(counters(&destination, 5), table);
     }
 }

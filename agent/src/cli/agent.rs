@@ -7,13 +7,13 @@ use tracing::{error, info, warn};
 
 use super::{AgentArgs, CliError, OnUnsupportedKernel};
 use crate::{
-    api::{authz::Authz, health::Health, reload::Overrides, serve, AgentService, Core},
-    config::{Config, RemoteOverrides},
+    api::{authz::Authz, health::Health, serve, AgentService},
+    config::{Config, Overrides, RemoteOverrides},
     core::{
         features::{Features, Status},
-        service::ServiceTable,
+        Core, Kernel as _,
     },
-    ebpf::{breaker, Hooks, Kernel, LoadError},
+    ebpf::{breaker, events, Hooks, Kernel, LoadError},
     netns,
 };
 
@@ -72,7 +72,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         Hooks::Work
     };
     let authz = Authz::new(&config.agent.authz);
-    let started = start_kernel(&config, &args, overrides, &authz, hooks);
+    let started = start_kernel(&config, &args, overrides, hooks);
     let (core, events, conn_events) = match started {
         Ok(started) => started,
         Err(CliError::UnsupportedKernel(why))
@@ -87,7 +87,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         }
         Err(e) => return Err(e),
     };
-    log_features(core.kernel.features());
+    log_features(core.kernel().features());
     // Loading parsed the kernel's BTF (megabytes) and is done with it: give the memory back.
     crate::api::trim_heap();
 
@@ -98,11 +98,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     )
     .map_err(serve_error)?;
     let host_netns = netns::current().unwrap_or_default();
-    let core = Arc::new(Mutex::new(core));
+    let core = Arc::new(Mutex::new(core.into_dyn()));
     if let Some(ring) = conn_events {
         let core = core.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::api::audit::read_events(core, ring).await {
+            if let Err(e) = events::read_connection_events(core, ring).await {
                 warn!(error = %e, "connection events: reader stopped");
             }
         });
@@ -120,6 +120,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     });
     // SIGHUP reloads the config file, like ReloadConfig.
     let reloading = core.clone();
+    let reloading_authz = authz.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -127,10 +128,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         };
         while hup.recv().await.is_some() {
             let core = reloading.clone();
+            let authz = reloading_authz.clone();
             let result = tokio::task::spawn_blocking(move || {
                 core.lock()
                     .map_err(|_| crate::error::Error::Internal("core lock poisoned".into()))
-                    .and_then(|mut c| c.reload())
+                    .and_then(|mut c| crate::api::reload(&mut c, &authz))
             })
             .await;
             match result {
@@ -145,7 +147,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     if let Some(ring) = events {
         let core = core.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::api::enforce::read_events(core, ring).await {
+            if let Err(e) = events::read_breaker_events(core, ring).await {
                 warn!(error = %e, "breaker events: reader stopped");
             }
         });
@@ -153,7 +155,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     // Connection rates for the advisor: snapshots of `opened` on a thread of their own.
     let sampled = Arc::downgrade(&core);
     std::thread::spawn(move || loop {
-        std::thread::sleep(crate::api::RateWindow::SAMPLE_EVERY);
+        std::thread::sleep(crate::core::aggregate::RateWindow::SAMPLE_EVERY);
         let Some(core) = sampled.upgrade() else { break };
         if let Ok(mut guard) = core.lock() {
             guard.sample();
@@ -168,7 +170,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             std::future::pending(),
         ));
     }
-    let service = AgentService::new(core, host_netns, args.config.clone());
+    let service = AgentService::new(core, authz.clone(), host_netns, args.config.clone());
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
     eprintln!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
@@ -221,7 +223,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
 }
 
 type Started = (
-    Core,
+    Core<Kernel>,
     Option<aya::maps::RingBuf<aya::maps::MapData>>,
     Option<aya::maps::RingBuf<aya::maps::MapData>>,
 );
@@ -232,12 +234,11 @@ fn start_kernel(
     config: &Config,
     args: &AgentArgs,
     overrides: Overrides,
-    authz: &Authz,
     hooks: Hooks,
 ) -> Result<Started, CliError> {
     let pin_dir = &config.agent.pin_dir;
     let fresh = matches!(breaker::check_layout(pin_dir), Ok(breaker::Layout::Fresh));
-    let started = start_kernel_in(config, args, overrides, authz, hooks);
+    let started = start_kernel_in(config, args, overrides, hooks);
     if fresh && matches!(started, Err(CliError::UnsupportedKernel(_))) {
         // Nothing will ever use what this start pinned on a kernel that cannot run it.
         if let Err(e) = breaker::release(pin_dir) {
@@ -251,38 +252,20 @@ fn start_kernel_in(
     config: &Config,
     args: &AgentArgs,
     overrides: Overrides,
-    authz: &Authz,
     hooks: Hooks,
 ) -> Result<Started, CliError> {
     let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
         .map_err(|e| load_error("loading eBPF programs", e))?;
-    let mut services =
-        ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
-    for (id, name, endpoints) in kernel.pinned_services() {
-        info!(service = name, id, "service kept from the previous agent");
-        services.restore(id, &name, endpoints);
-    }
     let events = kernel.take_events();
     let conn_events = kernel.take_conn_events();
-    let mut core = Core {
-        authz: authz.clone(),
-        kernel,
-        services,
-        rates: Default::default(),
-        events: tokio::sync::broadcast::channel(1024).0,
-        audit: tokio::sync::broadcast::channel(4096).0,
-        cgroups: Default::default(),
-        config: config.clone(),
-        config_path: args.config.clone(),
-        overrides,
-    };
+    let mut core = Core::new(kernel, config.clone(), args.config.clone(), overrides);
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_config(config)?;
     let disabled = config.features.disabled()?;
-    core.kernel
+    core.kernel_mut()
         .attach(&disabled)
         .map_err(|e| load_error("attaching eBPF programs", e))?;
-    core.kernel
+    core.kernel_mut()
         .attach_breaker(&config.breaker.scope)
         .map_err(|e| load_error("attaching the circuit breaker", e))?;
     Ok((core, events, conn_events))

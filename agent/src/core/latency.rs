@@ -2,7 +2,7 @@
 
 use breakwater_common::{hist_bucket_low, HIST_BUCKETS};
 
-use crate::ebpf::Histogram;
+use super::Histogram;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {

@@ -1,10 +1,194 @@
-//! The domain core: what the agent knows and decides, in its own types. The gRPC API, the
-//! metrics and the CLI read it; it reads none of them.
+//! The domain core: what the agent knows and decides, in its own types, over a kernel it
+//! reaches only through [`Kernel`]. The gRPC API (`api`), the metrics and the CLI read it; it
+//! reads none of them.
+//!
+//! [`Core`] holds the service table and everything that changes with it: services, breakers
+//! (policies, trips, resets, the events they make), the aggregates the API and the metrics
+//! report (destinations, connections, latency, TIME_WAIT and port pressure, the advisor), the
+//! audit stream's subscriptions and the config's reload.
 
 pub mod advise;
+pub mod aggregate;
+pub mod audit;
+pub mod breakers;
 pub mod counters;
 pub mod features;
+pub mod kernel;
 pub mod latency;
 pub mod policy;
+pub mod reload;
 pub mod service;
 pub mod timewait;
+
+use std::path::PathBuf;
+
+use breakwater_common::breaker::policy_flags;
+use tracing::info;
+
+pub use self::kernel::{Histogram, Kernel, MapSummary, ProgramSummary};
+use self::{
+    audit::ConnectionEvent,
+    breakers::BreakerEvent,
+    service::{parse_endpoints, Service, ServiceTable},
+};
+use crate::{
+    cgroup::CgroupPaths,
+    config::{Config, Overrides},
+    error::Result,
+};
+
+/// The service table and the kernel, changed together; what the API, the metrics and the event
+/// readers serve from. `K` is the kernel: `ebpf::Kernel` while the agent starts (it attaches
+/// after the config's services are in), then any [`Kernel`].
+pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
+    services: ServiceTable,
+    rates: aggregate::RateWindow,
+    /// Breaker state changes, fanned out to `WatchBreakerEvents` subscribers.
+    events: tokio::sync::broadcast::Sender<BreakerEvent>,
+    /// Connection events, fanned out to `WatchConnections` subscribers.
+    audit: tokio::sync::broadcast::Sender<ConnectionEvent>,
+    /// The kernel's count of connection events it had no room for, as last seen.
+    audit_lost: u64,
+    cgroups: CgroupPaths,
+    /// The config last applied (at start or by a reload): a reload applies the difference.
+    config: Config,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    kernel: Box<K>,
+}
+
+impl<K: Kernel> Core<K> {
+    /// A core over `kernel`, with the services a previous agent left in it. Nothing of
+    /// `config` is applied yet (see [`Core::apply_config`]); a reload reads `config_path`.
+    pub fn new(
+        kernel: K,
+        config: Config,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Self {
+        let mut services =
+            ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
+        for (id, name, endpoints) in kernel.pinned_services() {
+            info!(service = name, id, "service kept from the previous agent");
+            services.restore(id, &name, endpoints);
+        }
+        Self {
+            services,
+            rates: Default::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            audit: tokio::sync::broadcast::channel(4096).0,
+            audit_lost: 0,
+            cgroups: CgroupPaths::default(),
+            config,
+            config_path,
+            overrides,
+            kernel: Box::new(kernel),
+        }
+    }
+
+    /// The same core over the kernel as a [`Kernel`] object.
+    pub fn into_dyn(self) -> Core
+    where
+        K: 'static,
+    {
+        Core {
+            services: self.services,
+            rates: self.rates,
+            events: self.events,
+            audit: self.audit,
+            audit_lost: self.audit_lost,
+            cgroups: self.cgroups,
+            config: self.config,
+            config_path: self.config_path,
+            overrides: self.overrides,
+            kernel: self.kernel,
+        }
+    }
+}
+
+impl<K: Kernel + ?Sized> Core<K> {
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    pub fn kernel_mut(&mut self) -> &mut K {
+        &mut self.kernel
+    }
+
+    pub fn services(&self) -> &ServiceTable {
+        &self.services
+    }
+
+    /// The config last applied.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies the config over what a previous agent left pinned (at start, before seeding):
+    /// its services are put, and its breaker policies set where they differ from the pinned
+    /// ones (an unchanged policy keeps the breaker's state across the restart).
+    pub fn apply_config(&mut self, config: &Config) -> Result<()> {
+        for s in &config.services {
+            self.put_service(&s.name, &s.endpoints)?;
+        }
+        for (name, policy) in config.policies()? {
+            let id = self.services.require(&name)?.id;
+            let enabled = breakwater_common::breaker::Policy {
+                flags: policy.flags | policy_flags::ENABLED,
+                ..policy
+            };
+            if self.kernel.policy(id)? != enabled {
+                self.set_policy(&name, enabled)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces a service; true if it replaced one. On any error the table and the
+    /// kernel stay as they were.
+    pub fn put_service<S: AsRef<str>>(
+        &mut self,
+        name: &str,
+        endpoints: &[S],
+    ) -> Result<(Service, bool)> {
+        let endpoints = parse_endpoints(name, endpoints)?;
+        // Validate against a copy: on any error the live table and the kernel stay as they were.
+        let mut next = ServiceTable::clone(&self.services);
+        let change = next.put(name, endpoints)?;
+        if change.created {
+            self.kernel.reset_service_stats(change.id)?;
+            self.kernel.clear_breaker(change.id)?;
+            self.kernel.set_service_meta(change.id, name, "")?;
+        }
+        self.kernel.put_endpoints(change.id, &change.added)?;
+        self.kernel.remove_endpoints(&change.removed)?;
+        self.services = next;
+        let svc = self.services.get(name).expect("just put").clone();
+        Ok((svc, change.replaced))
+    }
+
+    pub fn delete_service(&mut self, name: &str) -> Result<()> {
+        let svc = self.services.require(name)?.clone();
+        self.kernel.remove_endpoints(&svc.endpoints)?;
+        self.kernel.reset_service_stats(svc.id)?;
+        self.kernel.clear_breaker(svc.id)?;
+        self.services.delete(name)?;
+        Ok(())
+    }
+
+    /// NotFound for a name that is neither empty (no filter) nor a service's.
+    pub fn require_known(&self, name: &str) -> Result<()> {
+        if !name.is_empty() {
+            self.services.require(name)?;
+        }
+        Ok(())
+    }
+
+    /// The name of the service whose endpoint `addr:port` matches; empty if none.
+    fn service_name(&self, addr: &[u8; 16], port: u16) -> String {
+        self.services
+            .match_endpoint(addr, port)
+            .map(|s| s.name.clone())
+            .unwrap_or_default()
+    }
+}

@@ -1,14 +1,11 @@
 //! The breaker's side of the loader: pinning under bpffs, attaching the gate and the outcome
-//! counter to the enforced cgroups, and the agent's access to the breaker maps.
+//! counter to the enforced cgroups, and the agent's handles on the breaker maps (read and
+//! written in `domain.rs`).
 //!
 //! Maps in `names::PINNED_MAPS` and the cgroup links are pinned in the agent's pin directory,
 //! so enforcement goes on without the agent and the next agent picks the state up again.
 
-use std::{
-    fs::File,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::{fs::File, os::unix::ffi::OsStrExt as _, path::Path};
 
 use aya::{
     maps::{Array, MapData},
@@ -19,20 +16,16 @@ use aya::{
     Ebpf,
 };
 use breakwater_common::{
-    breaker::{BreakerEntry, Counts, Policy, SvcMeta, Totals},
-    names, BreakerSockRecord, SvcLpmData,
+    breaker::{BreakerEntry, Policy, SvcMeta, Totals},
+    names, SvcLpmData,
 };
 use tracing::{info, warn};
 
-use super::{iter, program, records, refused, Kernel, LoadError};
-use crate::{
-    core::{features::Feature, service::Endpoint},
-    error::{Error, Result},
-    netns,
-};
+use super::{program, refused, Kernel, LoadError};
+use crate::core::{features::Feature, service::Endpoint};
 
 /// `BPF_F_LOCK`: map reads and writes that take the entry's spin lock.
-const F_LOCK: u64 = 4;
+pub(super) const F_LOCK: u64 = 4;
 const LINK_PREFIX: &str = "link-";
 /// The programs attached to each enforced cgroup, with what `info` calls their attach point.
 const SCOPE_PROGRAMS: [(&str, &str); 3] = [
@@ -43,10 +36,10 @@ const SCOPE_PROGRAMS: [(&str, &str); 3] = [
 
 /// Handles on the breaker maps.
 pub struct BreakerMaps {
-    policies: Array<MapData, Policy>,
-    breakers: Array<MapData, BreakerEntry>,
-    totals: Array<MapData, Totals>,
-    meta: Array<MapData, SvcMeta>,
+    pub(super) policies: Array<MapData, Policy>,
+    pub(super) breakers: Array<MapData, BreakerEntry>,
+    pub(super) totals: Array<MapData, Totals>,
+    pub(super) meta: Array<MapData, SvcMeta>,
 }
 
 impl BreakerMaps {
@@ -58,12 +51,6 @@ impl BreakerMaps {
             meta: super::take(ebpf, names::MAP_SVC_META)?,
         })
     }
-}
-
-/// The cgroup2 mount point, from /proc/self/mounts (it is not always /sys/fs/cgroup).
-pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
-    breakwater_common::mounts::find("cgroup2")?
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no cgroup2 mount"))
 }
 
 /// Mounts bpffs at the pin directory's parent if nothing is mounted there, and creates the
@@ -331,7 +318,7 @@ impl Kernel {
             });
         }
         for rel in scope {
-            self.attach_scope(rel)?;
+            self.attach_cgroup(rel)?;
         }
         let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
             what: "kernel BTF",
@@ -363,9 +350,9 @@ impl Kernel {
     }
 
     /// Enforces the breakers on one more cgroup (a path relative to the cgroup2 mount).
-    pub fn attach_scope(&mut self, rel: &str) -> Result<(), LoadError> {
+    pub fn attach_cgroup(&mut self, rel: &str) -> Result<(), LoadError> {
         use std::os::unix::fs::MetadataExt as _;
-        let root = cgroup2_mount().map_err(|e| LoadError::Setup(format!("cgroup2: {e}")))?;
+        let root = crate::cgroup::mount().map_err(|e| LoadError::Setup(format!("cgroup2: {e}")))?;
         let path = root.join(rel.trim_start_matches('/'));
         let cgroup = File::open(&path)
             .map_err(|e| LoadError::Setup(format!("cgroup {}: {e}", path.display())))?;
@@ -412,7 +399,7 @@ impl Kernel {
     }
 
     /// Stops enforcing on a cgroup: its links are unpinned and detached.
-    pub fn detach_scope(&mut self, rel: &str) -> Result<(), LoadError> {
+    pub fn detach_cgroup(&mut self, rel: &str) -> Result<(), LoadError> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()
             .partition(|(r, _)| r == rel);
@@ -449,163 +436,13 @@ impl Kernel {
         }
     }
 
-    /// Services a previous agent left in the pinned maps: (id, name, endpoints).
-    pub fn pinned_services(&self) -> Vec<(u32, String, Vec<Endpoint>)> {
-        let mut by_id = std::collections::BTreeMap::<u32, Vec<Endpoint>>::new();
-        for (key, id) in self.svc_lpm.iter().filter_map(|r| r.ok()) {
-            if let Some(e) = Endpoint::from_lpm_key(key.prefix_len(), &key.data()) {
-                by_id.entry(id).or_default().push(e);
-            }
-        }
-        by_id
-            .into_iter()
-            .filter_map(|(id, mut endpoints)| {
-                let meta = self.brk.meta.get(&id, 0).ok()?;
-                let name = meta_text(&meta.name, meta.name_len)?;
-                endpoints.sort();
-                Some((id, name, endpoints))
-            })
-            .collect()
-    }
-
-    pub fn set_service_meta(&mut self, id: u32, name: &str, reason: &str) -> Result<()> {
-        let mut meta = SvcMeta::default();
-        let n = name.len().min(meta.name.len());
-        meta.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        meta.name_len = n as u32;
-        let r = reason.len().min(meta.reason.len());
-        meta.reason[..r].copy_from_slice(&reason.as_bytes()[..r]);
-        meta.reason_len = r as u32;
-        self.brk
-            .meta
-            .set(id, meta, 0)
-            .map_err(Error::map(names::MAP_SVC_META))
-    }
-
-    /// The reason an operator gave for the service's current trip.
-    pub fn trip_reason(&self, id: u32) -> String {
-        self.brk
-            .meta
-            .get(&id, 0)
-            .ok()
-            .and_then(|m| meta_text(&m.reason, m.reason_len))
-            .unwrap_or_default()
-    }
-
-    pub fn policy(&self, id: u32) -> Result<Policy> {
-        self.brk
-            .policies
-            .get(&id, 0)
-            .map_err(Error::map(names::MAP_POLICIES))
-    }
-
-    pub fn set_policy(&mut self, id: u32, policy: &Policy) -> Result<()> {
-        self.brk
-            .policies
-            .set(id, policy, 0)
-            .map_err(Error::map(names::MAP_POLICIES))
-    }
-
-    /// A consistent copy of the breaker's counts (read under its lock).
-    pub fn counts(&self, id: u32) -> Result<Counts> {
-        self.brk
-            .breakers
-            .get(&id, F_LOCK)
-            .map(|e| e.counts)
-            .map_err(Error::map(names::MAP_BREAKERS))
-    }
-
-    /// Replaces the counts under the entry's lock.
-    pub fn set_counts(&mut self, id: u32, counts: Counts) -> Result<()> {
-        let entry = BreakerEntry {
-            counts,
-            ..Default::default()
-        };
-        self.brk
-            .breakers
-            .set(id, entry, F_LOCK)
-            .map_err(Error::map(names::MAP_BREAKERS))
-    }
-
-    pub fn totals(&self, id: u32) -> Result<Totals> {
-        self.brk
-            .totals
-            .get(&id, 0)
-            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
-    }
-
-    /// Counts a trip made from user space (the kernel counts its own).
-    pub fn count_trip(&mut self, id: u32) -> Result<()> {
-        let mut t = self.totals(id)?;
-        t.trips += 1;
-        self.brk
-            .totals
-            .set(id, t, 0)
-            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
-    }
-
-    /// Forgets everything about a service's breaker (the service is gone or its id reused).
-    pub fn clear_breaker(&mut self, id: u32) -> Result<()> {
-        self.set_policy(id, &Policy::default())?;
-        self.set_counts(id, Counts::default())?;
-        self.brk
-            .totals
-            .set(id, Totals::default(), 0)
-            .map_err(Error::map(names::MAP_BREAKER_TOTALS))?;
-        self.brk
-            .meta
-            .set(id, SvcMeta::default(), 0)
-            .map_err(Error::map(names::MAP_SVC_META))
-    }
-
     /// The ring buffer the kernel reports transitions through (once; the reader owns it).
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.events.take()
     }
-
-    /// Destroys the established connections the gate admitted to service `id`, in every
-    /// network namespace. Returns how many were destroyed.
-    pub fn terminate(&mut self, id: u32) -> Result<usize> {
-        let namespaces = netns::all();
-        let prog = self
-            .iter(names::PROG_BREAKER_TCP)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let walked = iter::walk_all(prog, &namespaces, move |bytes| {
-            let conns: Vec<_> = records::<BreakerSockRecord>(bytes)
-                .into_iter()
-                .filter(|r| r.svc == id)
-                .map(|r| {
-                    let s = &r.sock;
-                    (
-                        std::net::SocketAddr::new(
-                            crate::core::service::display_addr(&s.saddr),
-                            s.sport,
-                        ),
-                        std::net::SocketAddr::new(
-                            crate::core::service::display_addr(&s.daddr),
-                            s.dport,
-                        ),
-                    )
-                })
-                .collect();
-            if conns.is_empty() {
-                return Ok(crate::destroy::DestroyReport::default());
-            }
-            crate::destroy::destroy_tcp(&conns)
-        })
-        .map_err(|e| Error::Internal(e.to_string()))?;
-        let mut destroyed = 0;
-        for w in walked {
-            match w.inside {
-                Ok(r) => destroyed += r.destroyed,
-                Err(e) => warn!(netns = w.netns, error = %e, "cannot destroy connections"),
-            }
-        }
-        Ok(destroyed)
-    }
 }
 
-fn meta_text(bytes: &[u8], len: u32) -> Option<String> {
+pub(super) fn meta_text(bytes: &[u8], len: u32) -> Option<String> {
     let len = (len as usize).min(bytes.len());
     if len == 0 {
         return None;

@@ -3,19 +3,20 @@
 
 pub mod breaker;
 pub mod btf;
+mod domain;
+pub mod events;
 pub mod iter;
 pub mod tracepoints;
 
 use std::path::{Path, PathBuf};
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{links::PinnedLink, Iter, ProgramError},
     Ebpf, EbpfLoader,
 };
 use breakwater_common::{
-    conn_flags, counter, direction, hist_kind, names, svc_hist_index, svc_stats_index, ConnRecord,
-    ConnState, ConnStats, DestKey, HistKey, SockRecord, SvcLpmData, HIST_BUCKETS,
+    counter, hist_kind, names, ConnState, ConnStats, DestKey, HistKey, SvcLpmData, HIST_BUCKETS,
 };
 use tracing::info;
 
@@ -23,11 +24,9 @@ use crate::{
     config::MapSizes,
     core::{
         features::{Feature, Features, Status},
-        service::Endpoint,
+        Kernel as _, ProgramSummary,
     },
-    error::{Error, Result},
     netns,
-    netns::NetSettings,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater"));
@@ -149,9 +148,6 @@ where
         .map_err(LoadError::program(kind))
 }
 
-/// Counts per bucket (see `breakwater_common::hist_bucket`).
-pub type Histogram = [u64; HIST_BUCKETS as usize];
-
 /// Fixed-size records an iterator wrote.
 fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
     bytes
@@ -161,28 +157,6 @@ fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
             unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<T>()) }
         })
         .collect()
-}
-
-/// A program as loaded into the kernel.
-#[derive(Clone, Debug, Default)]
-pub struct ProgramSummary {
-    pub name: &'static str,
-    pub attach: String,
-    pub id: u32,
-    /// From the program fd's fdinfo; run count and time need `kernel.bpf_stats_enabled=1`.
-    pub run_count: u64,
-    pub run_time_ns: u64,
-    /// Runs the kernel skipped because the program was already running on that CPU.
-    pub recursion_misses: u64,
-}
-
-/// Fill of one map.
-#[derive(Clone, Debug)]
-pub struct MapSummary {
-    pub name: &'static str,
-    pub capacity: u32,
-    pub entries: u64,
-    pub evictions: u64,
 }
 
 /// The loaded programs and the agent's handles on their maps. Dropping it detaches everything.
@@ -466,11 +440,6 @@ impl Kernel {
         }
     }
 
-    /// What this kernel lets the agent do, as probed while loading and attaching.
-    pub fn features(&self) -> &Features {
-        &self.features
-    }
-
     fn iter(&mut self, name: &'static str) -> Result<&mut Iter, LoadError> {
         program(&mut self.ebpf, name, "iter/tcp")
     }
@@ -493,284 +462,8 @@ impl Kernel {
         })
     }
 
-    /// The attached programs with their kernel run statistics now.
-    pub fn programs(&self) -> Vec<ProgramSummary> {
-        self.programs
-            .iter()
-            .map(|p| {
-                let mut p = p.clone();
-                let fdinfo = self
-                    .ebpf
-                    .program(p.name)
-                    .and_then(|prog| prog.fd().ok())
-                    .and_then(|fd| {
-                        use std::os::fd::{AsFd as _, AsRawFd as _};
-                        let raw = fd.as_fd().as_raw_fd();
-                        std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()
-                    })
-                    .unwrap_or_default();
-                let field = |name: &str| {
-                    fdinfo
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0)
-                };
-                p.run_count = field("run_cnt");
-                p.run_time_ns = field("run_time_ns");
-                p.recursion_misses = field("recursion_misses");
-                p
-            })
-            .collect()
-    }
-
-    pub fn put_endpoints(&mut self, id: u32, added: &[Endpoint]) -> Result<()> {
-        for e in added {
-            let (len, data) = e.lpm_key();
-            self.svc_lpm
-                .insert(&Key::new(len, data), id, 0)
-                .map_err(Error::map(names::MAP_SVC_LPM))?;
-        }
-        Ok(())
-    }
-
-    pub fn remove_endpoints(&mut self, removed: &[Endpoint]) -> Result<()> {
-        for e in removed {
-            let (len, data) = e.lpm_key();
-            match self.svc_lpm.remove(&Key::new(len, data)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(Error::map(names::MAP_SVC_LPM)(e)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Zeroes a service's counters and histograms (a new service starts from zero).
-    pub fn reset_service_stats(&mut self, id: u32) -> Result<()> {
-        for kind in 0..hist_kind::COUNT {
-            for b in 0..HIST_BUCKETS {
-                self.svc_hist
-                    .set(svc_hist_index(id, kind, b), 0, 0)
-                    .map_err(Error::map(names::MAP_SVC_HIST))?;
-            }
-        }
-        for dir in [
-            breakwater_common::direction::OUTBOUND,
-            breakwater_common::direction::INBOUND,
-        ] {
-            self.svc_stats
-                .set(svc_stats_index(id, dir), ConnStats::default(), 0)
-                .map_err(Error::map(names::MAP_SVC_STATS))?;
-        }
-        Ok(())
-    }
-
-    pub fn service_stats(&self, id: u32, dir: u8) -> Result<ConnStats> {
-        self.svc_stats
-            .get(&svc_stats_index(id, dir), 0)
-            .map_err(Error::map(names::MAP_SVC_STATS))
-    }
-
-    /// A service's histogram of one kind.
-    pub fn service_histogram(&self, id: u32, kind: u32) -> Result<Histogram> {
-        let mut h = [0u64; HIST_BUCKETS as usize];
-        for (b, slot) in h.iter_mut().enumerate() {
-            *slot = self
-                .svc_hist
-                .get(&svc_hist_index(id, kind, b as u32), 0)
-                .map_err(Error::map(names::MAP_SVC_HIST))?;
-        }
-        Ok(h)
-    }
-
-    /// Histograms of one kind for the destinations `keep` selects, summed.
-    pub fn destination_histogram(&self, kind: u32, keep: impl Fn(&DestKey) -> bool) -> Histogram {
-        let mut h = [0u64; HIST_BUCKETS as usize];
-        for (k, count) in self.dest_hist.iter().filter_map(|r| r.ok()) {
-            if k.kind == kind && keep(&k.dest) && k.bucket < HIST_BUCKETS {
-                h[k.bucket as usize] += count;
-            }
-        }
-        h
-    }
-
-    /// The first-response samples live connections hold and the histograms do not have yet.
-    pub fn pending_first_responses(&mut self) -> Result<PendingSamples> {
-        let mut pending = PendingSamples::default();
-        self.for_each_connection(|r| {
-            let c = &r.info;
-            if c.direction != direction::OUTBOUND || c.flags & conn_flags::COUNTED == 0 {
-                return;
-            }
-            let dest = c.dest_key();
-            for (&bucket, &count) in c.fr_bucket.iter().zip(&c.fr_count) {
-                if count > 0 && u32::from(bucket) < HIST_BUCKETS {
-                    pending.0.push((dest, c.svc, bucket, u64::from(count)));
-                }
-            }
-        })?;
-        Ok(pending)
-    }
-
-    /// Every destination's histogram of one kind, in one walk of the map.
-    pub fn histograms_by_destination(
-        &self,
-        kind: u32,
-    ) -> std::collections::HashMap<DestKey, Histogram> {
-        let mut out = std::collections::HashMap::<DestKey, Histogram>::new();
-        for (k, count) in self.dest_hist.iter().filter_map(|r| r.ok()) {
-            if k.kind == kind && k.bucket < HIST_BUCKETS {
-                out.entry(k.dest).or_insert([0; HIST_BUCKETS as usize])[k.bucket as usize] += count;
-            }
-        }
-        out
-    }
-
-    pub fn destinations(&self) -> Vec<(DestKey, ConnStats)> {
-        // Entries may be evicted while we walk: skip the ones that vanish.
-        self.dests.iter().filter_map(|r| r.ok()).collect()
-    }
-
-    /// Visits the tracked live sockets of every network namespace, read with the listing
-    /// iterator a piece at a time: on a node with 100k sockets, a copy of the whole walk would be
-    /// megabytes more at the agent's peak.
-    pub fn for_each_connection(&mut self, mut f: impl FnMut(&ConnRecord)) -> Result<()> {
-        use std::io::Read as _;
-        const SIZE: usize = std::mem::size_of::<ConnRecord>();
-        let namespaces = netns::all();
-        let prog = self
-            .iter(names::PROG_LIST_TCP)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let files =
-            iter::open_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))?;
-        let mut buf = vec![0u8; SIZE * 512];
-        for (netns, mut file) in files {
-            let mut filled = 0;
-            loop {
-                let n = match file.read(&mut buf[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::warn!(netns, error = %e, "cannot read the connection list");
-                        break;
-                    }
-                };
-                filled += n;
-                let whole = filled / SIZE * SIZE;
-                for chunk in buf[..whole].chunks_exact(SIZE) {
-                    // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
-                    f(&unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) });
-                }
-                buf.copy_within(whole..filled, 0);
-                filled -= whole;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every TCP socket of every network namespace (TIME_WAIT included), with each namespace's
-    /// port settings.
-    pub fn sockets(&mut self) -> Result<Vec<(u32, Vec<SockRecord>, NetSettings)>> {
-        let namespaces = netns::all();
-        let prog = self
-            .iter(names::PROG_SOCKS_TCP)
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let walked = iter::walk_all(prog, &namespaces, |_| NetSettings::read())
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        Ok(walked
-            .into_iter()
-            .map(|w| (w.netns, records(&w.bytes), w.inside))
-            .collect())
-    }
-
-    /// Switches the connection events of the audit stream on or off in the programs.
-    pub fn set_audit(&mut self, on: bool) -> Result<()> {
-        self.audit
-            .set(0, u32::from(on), 0)
-            .map_err(Error::map(names::MAP_AUDIT))
-    }
-
     /// The ring buffer of connection events (once; the reader owns it).
     pub fn take_conn_events(&mut self) -> Option<RingBuf<MapData>> {
         self.conn_events.take()
-    }
-
-    pub fn counter(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or_default()
-    }
-
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        counter::NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| (*name, self.counter(i as u32)))
-            .collect()
-    }
-
-    pub fn maps(&self) -> Vec<MapSummary> {
-        let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
-        let hist = self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64;
-        let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
-        let conns = self.conns.keys().filter(|k| k.is_ok()).count() as u64;
-        let c = |i| self.counter(i);
-        vec![
-            MapSummary {
-                name: names::MAP_DESTS,
-                capacity: self.sizes.max_destinations,
-                entries: dests,
-                // Nothing deletes destinations but the LRU.
-                evictions: c(counter::DEST_INSERTS).saturating_sub(dests),
-            },
-            MapSummary {
-                name: names::MAP_DEST_HIST,
-                capacity: self.sizes.max_histogram_buckets,
-                entries: hist,
-                // Nothing deletes histogram buckets but the LRU.
-                evictions: c(counter::HIST_INSERTS).saturating_sub(hist),
-            },
-            MapSummary {
-                name: names::MAP_SVC_LPM,
-                capacity: self.sizes.max_service_endpoints,
-                entries: lpm,
-                evictions: 0,
-            },
-            MapSummary {
-                name: names::MAP_CONNS,
-                capacity: self.sizes.max_connections,
-                entries: conns,
-                // Never evicted: a connection that finds it full is left uncounted (`conns_full`).
-                evictions: 0,
-            },
-        ]
-    }
-}
-
-/// First-response samples still held by live connections (`ConnInfo::fr_count`): the
-/// programs add them to the maps when a connection's buckets change or it closes, so a reader
-/// adds them to what it read from the maps. Each is (destination, service, bucket, count).
-#[derive(Default)]
-pub struct PendingSamples(Vec<(DestKey, u32, u8, u64)>);
-
-impl PendingSamples {
-    /// Adds the samples of service `id` to `h`.
-    pub fn add_service(&self, id: u32, h: &mut Histogram) {
-        for (_, svc, bucket, count) in &self.0 {
-            if *svc == id {
-                h[usize::from(*bucket)] += count;
-            }
-        }
-    }
-
-    /// Adds the samples of the destinations `keep` selects to `h`.
-    pub fn add_destinations(&self, keep: impl Fn(&DestKey) -> bool, h: &mut Histogram) {
-        for (dest, _, bucket, count) in &self.0 {
-            if keep(dest) {
-                h[usize::from(*bucket)] += count;
-            }
-        }
     }
 }

@@ -6,47 +6,28 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use breakwater_common::breaker::Policy;
-use breakwater_proto::v1 as pb;
 use tracing::{info, warn};
 
-use super::Core;
+use super::{service::parse_endpoints, Core, Kernel};
 use crate::{
-    config::{Config, ServiceConfig},
-    core::service::parse_endpoints,
+    config::{AuthzConfig, Config, ServiceConfig},
     error::{Error, Result},
 };
 
-/// What flags and environment set over the file; they still win after a reload.
-#[derive(Clone, Debug, Default)]
-pub struct Overrides {
-    pub pin_dir: Option<std::path::PathBuf>,
-    pub scope: Vec<String>,
-    /// --listen, --tls-*, --socket-mode, ...
-    pub remote: crate::config::RemoteOverrides,
-    pub health_listen: Option<String>,
-    pub metrics_listen: Option<String>,
-    /// --disable-feature: added to the file's `[features] disable`.
-    pub disable_features: Vec<crate::core::features::Feature>,
-}
-
-impl Overrides {
-    pub fn apply(&self, config: &mut Config) -> Result<()> {
-        if let Some(dir) = &self.pin_dir {
-            config.agent.pin_dir = dir.clone();
-        }
-        if !self.scope.is_empty() {
-            config.breaker.scope = self.scope.clone();
-        }
-        self.remote.apply(&mut config.agent);
-        if self.health_listen.is_some() {
-            config.agent.health_listen.clone_from(&self.health_listen);
-        }
-        if self.metrics_listen.is_some() {
-            config.metrics.listen.clone_from(&self.metrics_listen);
-        }
-        config.features.add(&self.disable_features);
-        config.validate()
-    }
+/// What a reload changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reloaded {
+    pub config_path: String,
+    pub services_added: Vec<String>,
+    pub services_changed: Vec<String>,
+    pub services_removed: Vec<String>,
+    /// Services whose breaker policy was set, changed or cleared.
+    pub policies_changed: Vec<String>,
+    /// Cgroups the breakers are now enforced on, or no longer.
+    pub scope_added: Vec<String>,
+    pub scope_removed: Vec<String>,
+    /// The new `[agent.authz]` if it changed: who may change state, which the API applies.
+    pub authz: Option<AuthzConfig>,
 }
 
 fn policies(config: &Config) -> Result<BTreeMap<String, Policy>> {
@@ -61,9 +42,9 @@ fn by_name(config: &Config) -> BTreeMap<&str, &ServiceConfig> {
         .collect()
 }
 
-impl Core {
+impl<K: Kernel + ?Sized> Core<K> {
     /// Re-reads the config file and applies what changed since the config last applied.
-    pub fn reload(&mut self) -> Result<pb::ReloadConfigResponse> {
+    pub fn reload(&mut self) -> Result<Reloaded> {
         let path = self.config_path.clone().ok_or_else(|| {
             Error::invalid("the agent was started without --config: there is no file to reload")
         })?;
@@ -154,19 +135,13 @@ impl Core {
         }
         let old_scope: BTreeSet<_> = self.config.breaker.scope.iter().cloned().collect();
         let new_scope: BTreeSet<_> = next.breaker.scope.iter().cloned().collect();
-        let root = crate::ebpf::breaker::cgroup2_mount()
-            .map_err(|e| Error::Internal(format!("cgroup2: {e}")))?;
         let scope_added: Vec<String> = new_scope.difference(&old_scope).cloned().collect();
         let scope_removed: Vec<String> = old_scope.difference(&new_scope).cloned().collect();
         for rel in &scope_added {
-            let dir = root.join(rel.trim_start_matches('/'));
-            if !dir.is_dir() {
-                return Err(Error::invalid(format!(
-                    "{}: breaker.scope {rel:?}: no such cgroup ({})",
-                    path.display(),
-                    dir.display()
-                )));
-            }
+            self.kernel.check_scope(rel).map_err(|e| match e {
+                Error::InvalidArgument(why) => Error::invalid(format!("{}: {why}", path.display())),
+                e => e,
+            })?;
         }
 
         // Everything checked: apply.
@@ -188,21 +163,12 @@ impl Core {
             }
         }
         for rel in &scope_added {
-            self.kernel
-                .attach_scope(rel)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            self.kernel.attach_scope(rel)?;
         }
         for rel in &scope_removed {
-            self.kernel
-                .detach_scope(rel)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            self.kernel.detach_scope(rel)?;
         }
-        if authz_changed {
-            self.authz.update(&next.agent.authz);
-            info!(authz = ?next.agent.authz, "authorization updated");
-        }
-        self.config = next;
-        let response = pb::ReloadConfigResponse {
+        let reloaded = Reloaded {
             config_path: path.display().to_string(),
             services_added: added,
             services_changed: changed,
@@ -210,8 +176,10 @@ impl Core {
             policies_changed,
             scope_added,
             scope_removed,
+            authz: authz_changed.then(|| next.agent.authz.clone()),
         };
-        info!(?response, "config reloaded");
-        Ok(response)
+        self.config = next;
+        info!(?reloaded, "config reloaded");
+        Ok(reloaded)
     }
 }

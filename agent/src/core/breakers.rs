@@ -1,24 +1,19 @@
-//! The breaker side of the core: policies, manual trips and resets, and the state the kernel
-//! keeps. Everything here acts on the pinned maps, so it works the same after a restart.
+//! Breakers: policies, manual trips and resets, the state the kernel keeps, and the state
+//! changes (the kernel's and the operators') as events. Everything here acts on the kernel's
+//! (pinned) maps, so it works the same after a restart.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
-use aya::maps::{MapData, RingBuf};
 use breakwater_common::breaker::{self as brk, cause, policy_flags, state, Counts, Policy, Totals};
-use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use super::Core;
+use super::{audit::Subscription, features::Feature, policy, Core, Kernel};
 use crate::{
-    clock::{monotonic_ns, wall_time},
-    core::features::Feature,
+    clock,
     error::{Error, Result},
 };
 
-/// One service's breaker as the API reports it.
+/// One service's breaker.
 #[derive(Clone, Debug)]
 pub struct BreakerView {
     pub service: String,
@@ -32,8 +27,8 @@ pub struct BreakerView {
 }
 
 /// A breaker state change, from the kernel's ring buffer or from an operator's action.
-#[derive(Clone, Debug)]
-pub struct BreakerEventView {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakerEvent {
     pub service: String,
     /// `breakwater_common::breaker::state`
     pub from: u32,
@@ -57,7 +52,7 @@ pub struct Termination {
     pub not_terminated: String,
 }
 
-impl Core {
+impl<K: Kernel + ?Sized> Core<K> {
     /// A service's id and policy; InvalidArgument if the service is unknown or has no breaker.
     fn breaker_of(&self, service: &str) -> Result<(u32, Policy)> {
         let id = self.service_id(service)?;
@@ -78,7 +73,7 @@ impl Core {
     }
 
     fn view(&self, id: u32, service: &str, policy: Policy) -> Result<BreakerView> {
-        let now = monotonic_ns();
+        let now = self.kernel.now_ns();
         let counts = self.kernel.counts(id)?.effective(&policy, now);
         Ok(BreakerView {
             service: service.to_owned(),
@@ -121,7 +116,7 @@ impl Core {
         };
         let mut counts = self.kernel.counts(id)?;
         let had_policy = self.kernel.policy(id)?.flags & policy_flags::ENABLED != 0;
-        let t = counts.reset(&policy, cause::POLICY, monotonic_ns());
+        let t = counts.reset(&policy, cause::POLICY, self.kernel.now_ns());
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_policy(id, &policy)?;
         self.kernel.set_service_meta(id, service, "")?;
@@ -150,10 +145,11 @@ impl Core {
         ttl: Option<Duration>,
         reason: &str,
     ) -> Result<(BreakerView, Termination)> {
+        policy::check_reason(reason)?;
         let (id, policy) = self.breaker_of(service)?;
         let ttl_ns = ttl.map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
         let mut counts = self.kernel.counts(id)?;
-        let t = counts.trip(&policy, ttl_ns, monotonic_ns());
+        let t = counts.trip(&policy, ttl_ns, self.kernel.now_ns());
         self.kernel.set_service_meta(id, service, reason)?;
         self.kernel.set_counts(id, counts)?;
         self.kernel.count_trip(id)?;
@@ -183,7 +179,7 @@ impl Core {
     pub fn reset(&mut self, service: &str) -> Result<BreakerView> {
         let (id, policy) = self.breaker_of(service)?;
         let mut counts = self.kernel.counts(id)?;
-        let t = counts.reset(&policy, cause::RESET, monotonic_ns());
+        let t = counts.reset(&policy, cause::RESET, self.kernel.now_ns());
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_service_meta(id, service, "")?;
         self.publish(service, &t, "");
@@ -191,10 +187,11 @@ impl Core {
         self.view(id, service, policy)
     }
 
-    /// A receiver of every state change from now on (`Lagged(n)` tells a slow subscriber how
-    /// many it lost).
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BreakerEventView> {
-        self.events.subscribe()
+    /// The state changes from now on, only `service`'s unless it is empty (NotFound for an
+    /// unknown one), each with the number this subscriber lost just before it.
+    pub fn watch_breakers(&self, service: &str) -> Result<Subscription<BreakerEvent>> {
+        self.require_known(service)?;
+        Ok(Subscription::new(self.events.subscribe(), service))
     }
 
     fn publish(&self, service: &str, t: &brk::Transition, reason: &str) {
@@ -203,7 +200,7 @@ impl Core {
 
     fn publish_at(&self, service: &str, t: &brk::Transition, reason: &str, time: SystemTime) {
         // No subscribers is no error.
-        let _ = self.events.send(BreakerEventView {
+        let _ = self.events.send(BreakerEvent {
             service: service.to_owned(),
             from: t.from,
             to: t.to,
@@ -214,6 +211,13 @@ impl Core {
             time,
             reason: reason.to_owned(),
         });
+    }
+
+    /// Transitions the kernel made (from its ring buffer), in order.
+    pub fn on_kernel_events(&mut self, events: &[brk::Event]) {
+        for ev in events {
+            self.on_kernel_event(ev);
+        }
     }
 
     /// A transition the kernel made: published, and on a trip the service's connections are
@@ -242,7 +246,8 @@ impl Core {
             failures = t.failures,
             "breaker changed state"
         );
-        self.publish_at(&service, &t, "", wall_time(ev.time_ns));
+        let time = self.wall_time(ev.time_ns);
+        self.publish_at(&service, &t, "", time);
         if t.to == state::OPEN && t.from != state::OPEN {
             let terminate = self
                 .kernel
@@ -261,33 +266,9 @@ impl Core {
     }
 }
 
-/// Reads the kernel's transitions as they come and hands each to the core.
-pub async fn read_events(core: Arc<Mutex<Core>>, ring: RingBuf<MapData>) -> std::io::Result<()> {
-    // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, while the AsyncFd
-    // owns the ring buffer.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let mut batch = Vec::new();
-        while let Some(item) = guard.get_inner_mut().next() {
-            if item.len() >= std::mem::size_of::<brk::Event>() {
-                // SAFETY: the kernel wrote a `breaker::Event` (plain old data) here.
-                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<brk::Event>()) });
-            }
-        }
-        guard.clear_ready();
-        if batch.is_empty() {
-            continue;
-        }
-        let core = core.clone();
-        // Termination walks every namespace: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(mut core) = core.lock() {
-                for ev in &batch {
-                    core.on_kernel_event(ev);
-                }
-            }
-        })
-        .await;
+impl<K: Kernel + ?Sized> Core<K> {
+    /// The wall-clock time of an instant of the kernel's clock.
+    pub(super) fn wall_time(&self, kernel_ns: u64) -> SystemTime {
+        clock::wall_time(kernel_ns, self.kernel.now_ns())
     }
 }

@@ -1,0 +1,401 @@
+//! The loaded programs and maps as the domain core sees them: `impl core::Kernel for Kernel`.
+
+use std::collections::HashMap;
+
+use aya::maps::lpm_trie::Key;
+use breakwater_common::{
+    breaker::{BreakerEntry, Counts, Policy, SvcMeta, Totals},
+    counter, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord, ConnRecord,
+    ConnStats, DestKey, HIST_BUCKETS,
+};
+use tracing::warn;
+
+use super::{breaker, iter, records, Kernel};
+use crate::{
+    clock,
+    core::{
+        features::Features,
+        kernel::{PinnedService, Walked},
+        service::Endpoint,
+        Histogram, MapSummary, ProgramSummary,
+    },
+    error::{Error, Result},
+    netns,
+    netns::NetSettings,
+};
+
+impl crate::core::Kernel for Kernel {
+    fn now_ns(&self) -> u64 {
+        clock::monotonic_ns()
+    }
+
+    fn features(&self) -> &Features {
+        &self.features
+    }
+
+    fn programs(&self) -> Vec<ProgramSummary> {
+        self.programs
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                let fdinfo = self
+                    .ebpf
+                    .program(p.name)
+                    .and_then(|prog| prog.fd().ok())
+                    .and_then(|fd| {
+                        use std::os::fd::{AsFd as _, AsRawFd as _};
+                        let raw = fd.as_fd().as_raw_fd();
+                        std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")).ok()
+                    })
+                    .unwrap_or_default();
+                let field = |name: &str| {
+                    fdinfo
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                p.run_count = field("run_cnt");
+                p.run_time_ns = field("run_time_ns");
+                p.recursion_misses = field("recursion_misses");
+                p
+            })
+            .collect()
+    }
+
+    fn maps(&self) -> Vec<MapSummary> {
+        let dests = self.dests.keys().filter(|k| k.is_ok()).count() as u64;
+        let hist = self.dest_hist.keys().filter(|k| k.is_ok()).count() as u64;
+        let lpm = self.svc_lpm.keys().filter(|k| k.is_ok()).count() as u64;
+        let conns = self.conns.keys().filter(|k| k.is_ok()).count() as u64;
+        let c = |i| self.counter(i);
+        vec![
+            MapSummary {
+                name: names::MAP_DESTS,
+                capacity: self.sizes.max_destinations,
+                entries: dests,
+                // Nothing deletes destinations but the LRU.
+                evictions: c(counter::DEST_INSERTS).saturating_sub(dests),
+            },
+            MapSummary {
+                name: names::MAP_DEST_HIST,
+                capacity: self.sizes.max_histogram_buckets,
+                entries: hist,
+                // Nothing deletes histogram buckets but the LRU.
+                evictions: c(counter::HIST_INSERTS).saturating_sub(hist),
+            },
+            MapSummary {
+                name: names::MAP_SVC_LPM,
+                capacity: self.sizes.max_service_endpoints,
+                entries: lpm,
+                evictions: 0,
+            },
+            MapSummary {
+                name: names::MAP_CONNS,
+                capacity: self.sizes.max_connections,
+                entries: conns,
+                // Never evicted: a connection that finds it full is left uncounted (`conns_full`).
+                evictions: 0,
+            },
+        ]
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or_default()
+    }
+
+    fn pinned_services(&self) -> Vec<PinnedService> {
+        let mut by_id = std::collections::BTreeMap::<u32, Vec<Endpoint>>::new();
+        for (key, id) in self.svc_lpm.iter().filter_map(|r| r.ok()) {
+            if let Some(e) = Endpoint::from_lpm_key(key.prefix_len(), &key.data()) {
+                by_id.entry(id).or_default().push(e);
+            }
+        }
+        by_id
+            .into_iter()
+            .filter_map(|(id, mut endpoints)| {
+                let meta = self.brk.meta.get(&id, 0).ok()?;
+                let name = breaker::meta_text(&meta.name, meta.name_len)?;
+                endpoints.sort();
+                Some((id, name, endpoints))
+            })
+            .collect()
+    }
+
+    fn put_endpoints(&mut self, id: u32, added: &[Endpoint]) -> Result<()> {
+        for e in added {
+            let (len, data) = e.lpm_key();
+            self.svc_lpm
+                .insert(&Key::new(len, data), id, 0)
+                .map_err(Error::map(names::MAP_SVC_LPM))?;
+        }
+        Ok(())
+    }
+
+    fn remove_endpoints(&mut self, removed: &[Endpoint]) -> Result<()> {
+        for e in removed {
+            let (len, data) = e.lpm_key();
+            match self.svc_lpm.remove(&Key::new(len, data)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(Error::map(names::MAP_SVC_LPM)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_service_stats(&mut self, id: u32) -> Result<()> {
+        for kind in 0..hist_kind::COUNT {
+            for b in 0..HIST_BUCKETS {
+                self.svc_hist
+                    .set(svc_hist_index(id, kind, b), 0, 0)
+                    .map_err(Error::map(names::MAP_SVC_HIST))?;
+            }
+        }
+        for dir in [
+            breakwater_common::direction::OUTBOUND,
+            breakwater_common::direction::INBOUND,
+        ] {
+            self.svc_stats
+                .set(svc_stats_index(id, dir), ConnStats::default(), 0)
+                .map_err(Error::map(names::MAP_SVC_STATS))?;
+        }
+        Ok(())
+    }
+
+    fn set_service_meta(&mut self, id: u32, name: &str, reason: &str) -> Result<()> {
+        let mut meta = SvcMeta::default();
+        let n = name.len().min(meta.name.len());
+        meta.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        meta.name_len = n as u32;
+        let r = reason.len().min(meta.reason.len());
+        meta.reason[..r].copy_from_slice(&reason.as_bytes()[..r]);
+        meta.reason_len = r as u32;
+        self.brk
+            .meta
+            .set(id, meta, 0)
+            .map_err(Error::map(names::MAP_SVC_META))
+    }
+
+    fn trip_reason(&self, id: u32) -> String {
+        self.brk
+            .meta
+            .get(&id, 0)
+            .ok()
+            .and_then(|m| breaker::meta_text(&m.reason, m.reason_len))
+            .unwrap_or_default()
+    }
+
+    fn service_stats(&self, id: u32, direction: u8) -> Result<ConnStats> {
+        self.svc_stats
+            .get(&svc_stats_index(id, direction), 0)
+            .map_err(Error::map(names::MAP_SVC_STATS))
+    }
+
+    fn service_histogram(&self, id: u32, kind: u32) -> Result<Histogram> {
+        let mut h = [0u64; HIST_BUCKETS as usize];
+        for (b, slot) in h.iter_mut().enumerate() {
+            *slot = self
+                .svc_hist
+                .get(&svc_hist_index(id, kind, b as u32), 0)
+                .map_err(Error::map(names::MAP_SVC_HIST))?;
+        }
+        Ok(h)
+    }
+
+    fn destinations(&self) -> Vec<(DestKey, ConnStats)> {
+        // Entries may be evicted while we walk: skip the ones that vanish.
+        self.dests.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    fn destination_histograms(&self, kind: u32) -> HashMap<DestKey, Histogram> {
+        let mut out = HashMap::<DestKey, Histogram>::new();
+        for (k, count) in self.dest_hist.iter().filter_map(|r| r.ok()) {
+            if k.kind == kind && k.bucket < HIST_BUCKETS {
+                out.entry(k.dest).or_insert([0; HIST_BUCKETS as usize])[k.bucket as usize] += count;
+            }
+        }
+        out
+    }
+
+    // The listing iterator is read a piece at a time: on a node with 100k sockets, a copy of
+    // the whole walk would be megabytes more at the agent's peak.
+    fn for_each_connection(&mut self, f: &mut dyn FnMut(&ConnRecord)) -> Result<()> {
+        use std::io::Read as _;
+        const SIZE: usize = std::mem::size_of::<ConnRecord>();
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_LIST_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let files =
+            iter::open_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut buf = vec![0u8; SIZE * 512];
+        for (netns, mut file) in files {
+            let mut filled = 0;
+            loop {
+                let n = match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(netns, error = %e, "cannot read the connection list");
+                        break;
+                    }
+                };
+                filled += n;
+                let whole = filled / SIZE * SIZE;
+                for chunk in buf[..whole].chunks_exact(SIZE) {
+                    // SAFETY: ConnRecord is plain old data, and the chunk is exactly its size.
+                    f(&unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<ConnRecord>()) });
+                }
+                buf.copy_within(whole..filled, 0);
+                filled -= whole;
+            }
+        }
+        Ok(())
+    }
+
+    fn sockets(&mut self) -> Result<Vec<Walked>> {
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_SOCKS_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let walked = iter::walk_all(prog, &namespaces, |_| NetSettings::read())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(walked
+            .into_iter()
+            .map(|w| (w.netns, records(&w.bytes), w.inside))
+            .collect())
+    }
+
+    fn policy(&self, id: u32) -> Result<Policy> {
+        self.brk
+            .policies
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_POLICIES))
+    }
+
+    fn set_policy(&mut self, id: u32, policy: &Policy) -> Result<()> {
+        self.brk
+            .policies
+            .set(id, policy, 0)
+            .map_err(Error::map(names::MAP_POLICIES))
+    }
+
+    fn counts(&self, id: u32) -> Result<Counts> {
+        self.brk
+            .breakers
+            .get(&id, breaker::F_LOCK)
+            .map(|e| e.counts)
+            .map_err(Error::map(names::MAP_BREAKERS))
+    }
+
+    fn set_counts(&mut self, id: u32, counts: Counts) -> Result<()> {
+        let entry = BreakerEntry {
+            counts,
+            ..Default::default()
+        };
+        self.brk
+            .breakers
+            .set(id, entry, breaker::F_LOCK)
+            .map_err(Error::map(names::MAP_BREAKERS))
+    }
+
+    fn totals(&self, id: u32) -> Result<Totals> {
+        self.brk
+            .totals
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
+    }
+
+    fn count_trip(&mut self, id: u32) -> Result<()> {
+        let mut t = self.totals(id)?;
+        t.trips += 1;
+        self.brk
+            .totals
+            .set(id, t, 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))
+    }
+
+    fn clear_breaker(&mut self, id: u32) -> Result<()> {
+        self.set_policy(id, &Policy::default())?;
+        self.set_counts(id, Counts::default())?;
+        self.brk
+            .totals
+            .set(id, Totals::default(), 0)
+            .map_err(Error::map(names::MAP_BREAKER_TOTALS))?;
+        self.brk
+            .meta
+            .set(id, SvcMeta::default(), 0)
+            .map_err(Error::map(names::MAP_SVC_META))
+    }
+
+    fn terminate(&mut self, id: u32) -> Result<usize> {
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_BREAKER_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let walked = iter::walk_all(prog, &namespaces, move |bytes| {
+            let conns: Vec<_> = records::<BreakerSockRecord>(bytes)
+                .into_iter()
+                .filter(|r| r.svc == id)
+                .map(|r| {
+                    let s = &r.sock;
+                    (
+                        std::net::SocketAddr::new(
+                            crate::core::service::display_addr(&s.saddr),
+                            s.sport,
+                        ),
+                        std::net::SocketAddr::new(
+                            crate::core::service::display_addr(&s.daddr),
+                            s.dport,
+                        ),
+                    )
+                })
+                .collect();
+            if conns.is_empty() {
+                return Ok(crate::destroy::DestroyReport::default());
+            }
+            crate::destroy::destroy_tcp(&conns)
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let mut destroyed = 0;
+        for w in walked {
+            match w.inside {
+                Ok(r) => destroyed += r.destroyed,
+                Err(e) => warn!(netns = w.netns, error = %e, "cannot destroy connections"),
+            }
+        }
+        Ok(destroyed)
+    }
+
+    fn check_scope(&self, cgroup: &str) -> Result<()> {
+        let root = crate::cgroup::mount().map_err(|e| Error::Internal(format!("cgroup2: {e}")))?;
+        let dir = root.join(cgroup.trim_start_matches('/'));
+        if !dir.is_dir() {
+            return Err(Error::invalid(format!(
+                "breaker.scope {cgroup:?}: no such cgroup ({})",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn attach_scope(&mut self, cgroup: &str) -> Result<()> {
+        self.attach_cgroup(cgroup)
+            .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    fn detach_scope(&mut self, cgroup: &str) -> Result<()> {
+        self.detach_cgroup(cgroup)
+            .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    fn set_audit(&mut self, on: bool) -> Result<()> {
+        self.audit
+            .set(0, u32::from(on), 0)
+            .map_err(Error::map(names::MAP_AUDIT))
+    }
+}

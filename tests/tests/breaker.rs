@@ -10,27 +10,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use breakwater::{
+    api::convert::{policy_message, state_message},
+    core::{
+        conformance::{self, Run, Step, SHORT},
+        policy::PolicySpec,
+    },
+};
 use breakwater_proto::v1 as pb;
 use breakwater_tests::{
     cgroup, closed_port, echo_server, full_queue, one_syn_retry_socket, require_root, serial,
     Agent, Server,
 };
 use pb::BreakerState::{Closed, HalfOpen, Open};
-
-/// What a step of a conformance sequence does.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    /// Connect to the listening endpoint: established.
-    Up,
-    /// Connect to the closed endpoint: the network refuses it.
-    Refused,
-    /// Connect to the endpoint whose accept queue is full, with one SYN retry: times out.
-    Timeout,
-    /// Connect while open: the kernel rejects it with this errno before any SYN.
-    Rejected(i32),
-    /// Let time pass (open_timeout).
-    Wait(Duration),
-}
 
 /// A service with three endpoints on loopback, one per outcome, and an agent enforcing on a
 /// cgroup this test process has entered.
@@ -91,6 +83,29 @@ impl Rig {
             .into_inner()
             .breaker
             .expect("breaker")
+    }
+
+    /// Sets a policy of the conformance table.
+    fn set_spec(&self, spec: &PolicySpec) -> pb::Breaker {
+        self.set_policy(spec.to_request(SERVICE))
+    }
+
+    /// Runs of the conformance table, each with its policy set first.
+    fn run_table(&self, runs: &[Run]) {
+        for run in runs {
+            self.set_spec(&run.policy);
+            self.run_steps(run);
+        }
+    }
+
+    /// A run's steps, on the policy set now.
+    fn run_steps(&self, run: &Run) {
+        let steps: Vec<_> = run
+            .steps
+            .iter()
+            .map(|&(step, state)| (step, state_message(state)))
+            .collect();
+        self.run(&steps);
     }
 
     /// Runs each step and checks the breaker's state after it.
@@ -197,7 +212,9 @@ fn get_breaker(agent: &Agent, service: &str) -> Result<pb::Breaker, tonic::Statu
 }
 
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;
-const SHORT: Duration = Duration::from_millis(1100);
+
+// The conformance tables are breakwater::core::conformance's, which the core's unit tests also
+// run against the in-memory kernel.
 
 #[test]
 fn gobreaker_preset_conformance() {
@@ -205,6 +222,8 @@ fn gobreaker_preset_conformance() {
     if !require_root() {
         return;
     }
+    let case = conformance::case("gobreaker");
+    // The first run's policy comes from the config file.
     let rig = Rig::with_policy_toml("preset = \"gobreaker\"");
     let b = rig.breaker();
     assert_eq!(b.state(), Closed);
@@ -219,39 +238,16 @@ fn gobreaker_preset_conformance() {
         ),
         (3, 0.6, 60_000, 30_000, 1)
     );
-    // Requests >= 3 and failures / requests >= 0.6: 2 of 3 trips it.
-    rig.run(&[
-        (Step::Up, Closed),
-        (Step::Refused, Closed),
-        (Step::Refused, Open),
-        (Step::Rejected(ECONNREFUSED), Open),
-    ]);
+    assert_eq!(p, policy_message(&case.runs[0].policy.resolve().unwrap()));
+    rig.run_steps(&case.runs[0]);
     let b = rig.breaker();
     assert_eq!((b.trips, b.forced), (1, false));
     assert!(
         b.open_remaining_ms > 25_000 && b.open_remaining_ms <= 30_000,
         "{b:?}"
     );
-
-    // The same preset with a short open_timeout, to see Half-Open; a timeout is a failure too.
-    rig.set_policy(pb::SetPolicyRequest {
-        preset: "gobreaker".into(),
-        open_timeout_ms: Some(1000),
-        ..Default::default()
-    });
-    rig.run(&[
-        (Step::Up, Closed),
-        (Step::Up, Closed),
-        // 1 of 3, then 2 of 4, then 3 of 5 = 0.6.
-        (Step::Timeout, Closed),
-        (Step::Refused, Closed),
-        (Step::Refused, Open),
-        (Step::Rejected(ECONNREFUSED), Open),
-        (Step::Wait(SHORT), HalfOpen),
-        // The one probe succeeds: closed again.
-        (Step::Up, Closed),
-        (Step::Up, Closed),
-    ]);
+    // The same preset with a short open_timeout, to see Half-Open.
+    rig.run_table(&case.runs[1..]);
     assert_eq!(rig.breaker().trips, 2);
 }
 
@@ -261,12 +257,9 @@ fn nginx_preset_conformance() {
     if !require_root() {
         return;
     }
+    let case = conformance::case("nginx");
     let rig = Rig::new();
-    let b = rig.set_policy(pb::SetPolicyRequest {
-        preset: "nginx".into(),
-        ..Default::default()
-    });
-    let p = b.policy.expect("policy");
+    let p = rig.set_spec(&case.runs[0].policy).policy.expect("policy");
     assert_eq!(
         (
             p.max_failures,
@@ -276,33 +269,8 @@ fn nginx_preset_conformance() {
         ),
         (3, 30_000, 30_000, 1)
     );
-    // max_fails=3 within fail_timeout: successes in between do not matter.
-    rig.run(&[
-        (Step::Refused, Closed),
-        (Step::Up, Closed),
-        (Step::Refused, Closed),
-        (Step::Up, Closed),
-        (Step::Up, Closed),
-        (Step::Refused, Open),
-        (Step::Rejected(ECONNREFUSED), Open),
-    ]);
-
-    rig.set_policy(pb::SetPolicyRequest {
-        preset: "nginx".into(),
-        open_timeout_ms: Some(1000),
-        ..Default::default()
-    });
-    rig.run(&[
-        (Step::Refused, Closed),
-        (Step::Refused, Closed),
-        (Step::Refused, Open),
-        (Step::Wait(SHORT), HalfOpen),
-        // The trial connection fails: open again, for another open_timeout.
-        (Step::Refused, Open),
-        (Step::Rejected(ECONNREFUSED), Open),
-        (Step::Wait(SHORT), HalfOpen),
-        (Step::Up, Closed),
-    ]);
+    rig.run_steps(&case.runs[0]);
+    rig.run_table(&case.runs[1..]);
 }
 
 #[test]
@@ -312,33 +280,7 @@ fn explicit_policy_conformance() {
         return;
     }
     let rig = Rig::new();
-    rig.set_policy(pb::SetPolicyRequest {
-        consecutive_failures: Some(2),
-        open_timeout_ms: Some(1000),
-        half_open_max: Some(2),
-        errno: Some("EHOSTUNREACH".into()),
-        ..Default::default()
-    });
-    rig.run(&[
-        (Step::Refused, Closed),
-        (Step::Up, Closed),
-        (Step::Refused, Closed),
-        (Step::Timeout, Open),
-        (Step::Rejected(libc::EHOSTUNREACH), Open),
-        (Step::Wait(SHORT), HalfOpen),
-        // Two probes are needed to close; the first one's success is not enough.
-        (Step::Up, HalfOpen),
-        (Step::Up, Closed),
-        (Step::Refused, Closed),
-        (Step::Refused, Open),
-    ]);
-
-    rig.set_policy(pb::SetPolicyRequest {
-        consecutive_failures: Some(1),
-        errno: Some("EPERM".into()),
-        ..Default::default()
-    });
-    rig.run(&[(Step::Refused, Open), (Step::Rejected(libc::EPERM), Open)]);
+    rig.run_table(&conformance::case("explicit").runs);
 }
 
 #[test]

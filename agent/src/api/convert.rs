@@ -48,6 +48,26 @@ impl PolicySpec {
             terminate_established: r.terminate_established,
         }
     }
+
+    /// The `SetPolicy` request for this policy on `service`: what [`PolicySpec::from_request`]
+    /// reads back.
+    pub fn to_request(&self, service: &str) -> pb::SetPolicyRequest {
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        pb::SetPolicyRequest {
+            service: service.to_owned(),
+            preset: self.preset.clone().unwrap_or_default(),
+            min_requests: self.min_requests,
+            failure_ratio: self.failure_ratio,
+            consecutive_failures: self.consecutive_failures,
+            max_failures: self.max_failures,
+            interval_ms: ms(self.interval),
+            open_timeout_ms: ms(self.open_timeout),
+            half_open_max: self.half_open_max,
+            errno: self.errno.clone(),
+            slow_connect_ms: ms(self.slow_connect),
+            terminate_established: self.terminate_established,
+        }
+    }
 }
 
 fn ms(ns: u64) -> u64 {
@@ -664,5 +684,16 @@ mod tests {
         let keys: Vec<&str> = destination.field[..5].iter().map(|f| f.name()).collect();
         assert_eq!(keys, ["address", "port", "service", "direction", "netns"]);
         assert_eq!(counters(&destination, 5), table);
+    }
+
+    #[test]
+    fn specs_go_to_requests_and_back() {
+        for case in crate::core::conformance::table() {
+            for run in case.runs {
+                let req = run.policy.to_request("db");
+                assert_eq!(req.service, "db");
+                assert_eq!(PolicySpec::from_request(&req), run.policy, "{}", case.name);
+            }
+        }
     }
 }

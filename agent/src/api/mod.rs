@@ -6,6 +6,8 @@ pub mod authz;
 pub mod convert;
 pub mod health;
 pub mod serve;
+#[cfg(test)]
+mod tests;
 
 use std::{
     path::PathBuf,
@@ -364,26 +366,5 @@ impl Agent for AgentService {
                 ..Default::default()
             },
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn errors_keep_their_status_codes() {
-        let code = |e: Error| Status::from(e).code();
-        assert_eq!(code(Error::invalid("x")), tonic::Code::InvalidArgument);
-        assert_eq!(code(Error::NotFound("x".into())), tonic::Code::NotFound);
-        assert_eq!(
-            code(Error::ResourceExhausted("x".into())),
-            tonic::Code::ResourceExhausted
-        );
-        assert_eq!(code(Error::Internal("x".into())), tonic::Code::Internal);
-        assert_eq!(
-            code(Error::FeatureOff("x".into())),
-            tonic::Code::FailedPrecondition
-        );
     }
 }

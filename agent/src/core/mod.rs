@@ -11,13 +11,18 @@ pub mod advise;
 pub mod aggregate;
 pub mod audit;
 pub mod breakers;
+pub mod conformance;
 pub mod counters;
 pub mod features;
 pub mod kernel;
 pub mod latency;
+#[cfg(test)]
+pub mod memory;
 pub mod policy;
 pub mod reload;
 pub mod service;
+#[cfg(test)]
+mod tests;
 pub mod timewait;
 
 use std::path::PathBuf;

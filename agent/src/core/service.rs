@@ -113,6 +113,21 @@ impl Endpoint {
     }
 }
 
+/// What `BW_SVC_LPM` finds for `addr:port` among `endpoints`: the value of the endpoint with
+/// the exact port and the longest prefix that contains the address.
+pub fn longest_match<'a, T>(
+    endpoints: impl IntoIterator<Item = (&'a Endpoint, T)>,
+    addr: &[u8; 16],
+    port: u16,
+) -> Option<T> {
+    let addr = Ipv6Addr::from(*addr);
+    endpoints
+        .into_iter()
+        .filter(|(e, _)| e.matches(&addr, port))
+        .max_by_key(|(e, _)| e.specificity())
+        .map(|(_, v)| v)
+}
+
 /// Canonical display of a kernel address: IPv4-mapped addresses as plain IPv4.
 pub fn display_addr(addr: &[u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(*addr);
@@ -219,13 +234,13 @@ impl ServiceTable {
 
     /// The service an endpoint belongs to: the longest matching prefix, as the kernel does.
     pub fn match_endpoint(&self, addr: &[u8; 16], port: u16) -> Option<&Service> {
-        let addr = Ipv6Addr::from(*addr);
-        self.by_name
-            .values()
-            .flat_map(|s| s.endpoints.iter().map(move |e| (s, e)))
-            .filter(|(_, e)| e.matches(&addr, port))
-            .max_by_key(|(_, e)| e.specificity())
-            .map(|(s, _)| s)
+        longest_match(
+            self.by_name
+                .values()
+                .flat_map(|s| s.endpoints.iter().map(move |e| (e, s))),
+            addr,
+            port,
+        )
     }
 
     /// Creates or replaces a service. Validates everything first: on error nothing changed.

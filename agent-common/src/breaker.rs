@@ -219,6 +219,35 @@ pub struct Transition {
     pub consecutive_failures: u64,
 }
 
+impl Event {
+    /// Service `svc`'s transition at `time_ns`, as the ring buffer carries it.
+    #[inline(always)]
+    pub fn new(time_ns: u64, svc: u32, t: &Transition) -> Self {
+        Self {
+            time_ns,
+            svc,
+            from: t.from,
+            to: t.to,
+            cause: t.cause,
+            requests: t.requests,
+            failures: t.failures,
+            consecutive_failures: t.consecutive_failures,
+        }
+    }
+
+    /// The transition it reports.
+    pub fn transition(&self) -> Transition {
+        Transition {
+            from: self.from,
+            to: self.to,
+            cause: self.cause,
+            requests: self.requests,
+            failures: self.failures,
+            consecutive_failures: self.consecutive_failures,
+        }
+    }
+}
+
 /// What the connect hook does with a connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {

@@ -222,16 +222,7 @@ fn emit(svc: u32, t: &Transition, now: u64) {
     if t.to == state::OPEN {
         total(svc, |t| &raw mut t.trips);
     }
-    let ev = Event {
-        time_ns: now,
-        svc,
-        from: t.from,
-        to: t.to,
-        cause: t.cause,
-        requests: t.requests,
-        failures: t.failures,
-        consecutive_failures: t.consecutive_failures,
-    };
+    let ev = Event::new(now, svc, t);
     if BW_BRK_EVENTS.output::<Event>(&ev, 0).is_err() {
         total(svc, |t| &raw mut t.events_lost);
     }

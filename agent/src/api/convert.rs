@@ -129,14 +129,15 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
 
 /// An event for a subscriber that lost `lost` events just before it.
 pub fn event_message(e: &BreakerEvent, lost: u64) -> pb::BreakerEvent {
+    let t = &e.transition;
     pb::BreakerEvent {
         service: e.service.clone(),
-        from: state_message(e.from).into(),
-        to: state_message(e.to).into(),
-        cause: cause_message(e.cause).into(),
-        requests: e.requests,
-        failures: e.failures,
-        consecutive_failures: e.consecutive_failures,
+        from: state_message(t.from).into(),
+        to: state_message(t.to).into(),
+        cause: cause_message(t.cause).into(),
+        requests: t.requests,
+        failures: t.failures,
+        consecutive_failures: t.consecutive_failures,
         time_unix_ms: e
             .time
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -476,7 +477,7 @@ pub fn connection_event_message(e: ConnectionEvent, lost: u64) -> pb::Connection
 
 #[cfg(test)]
 mod tests {
-    use breakwater_common::breaker::{cause, Counts, Totals};
+    use breakwater_common::breaker::{cause, Counts, Totals, Transition};
 
     use super::*;
     use crate::core::{
@@ -485,13 +486,6 @@ mod tests {
     };
 
     const S: u64 = 1_000_000_000;
-
-    fn spec(preset: &str) -> PolicySpec {
-        PolicySpec {
-            preset: Some(preset.into()),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn requests_map_to_specs() {
@@ -513,7 +507,7 @@ mod tests {
 
     #[test]
     fn policies_map_back_to_messages() {
-        let p = spec("gobreaker").resolve().unwrap();
+        let p = PolicySpec::preset("gobreaker").resolve().unwrap();
         let m = policy_message(&p);
         assert_eq!(m.failure_ratio, 0.6);
         assert_eq!(
@@ -561,7 +555,7 @@ mod tests {
     fn breakers_and_events_become_messages() {
         let view = BreakerView {
             service: "db".into(),
-            policy: spec("nginx").resolve().unwrap(),
+            policy: PolicySpec::preset("nginx").resolve().unwrap(),
             counts: Counts {
                 state: state::OPEN,
                 forced: 1,
@@ -598,12 +592,14 @@ mod tests {
 
         let event = BreakerEvent {
             service: "db".into(),
-            from: state::HALF_OPEN,
-            to: state::OPEN,
-            cause: cause::PROBE_FAILURE,
-            requests: 1,
-            failures: 1,
-            consecutive_failures: 1,
+            transition: Transition {
+                from: state::HALF_OPEN,
+                to: state::OPEN,
+                cause: cause::PROBE_FAILURE,
+                requests: 1,
+                failures: 1,
+                consecutive_failures: 1,
+            },
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1234),
             reason: String::new(),
         };

@@ -1,15 +1,12 @@
 //! Tables for people; `-o json` bypasses all of this.
 
-use breakwater_common::ConnStats;
 use breakwater_proto::v1 as pb;
 use comfy_table::{presets::NOTHING, Cell, CellAlignment, Table};
 
-use crate::core::counters::{conn_counters, COUNTERS};
-
-/// A service's counters as the API sent them.
-fn conn_stats(c: &pb::ConnCounts) -> ConnStats {
-    conn_counters!(literal ConnStats, c)
-}
+use crate::{
+    api::convert::{conn_stats, destination_stats},
+    core::counters::COUNTERS,
+};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -147,7 +144,7 @@ pub fn destinations_rows(r: &pb::ListDestinationsResponse) -> Rows {
     header.extend(columns().map(|(title, _)| title));
     let mut t = Rows::new(&header);
     for d in &r.destinations {
-        let stats = conn_counters!(literal ConnStats, d);
+        let stats = destination_stats(d);
         let mut row = vec![
             Cell::new(endpoint(&d.address, d.port)),
             Cell::new(direction(d.direction)),

@@ -204,12 +204,14 @@ mod tests {
         use futures::StreamExt as _;
         let event = |service: &str, cause: u32| BreakerEvent {
             service: service.into(),
-            from: 0,
-            to: 1,
-            cause,
-            requests: 0,
-            failures: 0,
-            consecutive_failures: 0,
+            transition: breakwater_common::breaker::Transition {
+                from: 0,
+                to: 1,
+                cause,
+                requests: 0,
+                failures: 0,
+                consecutive_failures: 0,
+            },
             time: std::time::SystemTime::now(),
             reason: String::new(),
         };
@@ -223,7 +225,7 @@ mod tests {
         let got: Vec<_> = stream.collect().await;
         assert_eq!(
             got.iter()
-                .map(|(e, lost)| (e.cause, *lost))
+                .map(|(e, lost)| (e.transition.cause, *lost))
                 .collect::<Vec<_>>(),
             vec![(3, 2), (4, 0)]
         );

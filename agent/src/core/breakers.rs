@@ -30,15 +30,11 @@ pub struct BreakerView {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakerEvent {
     pub service: String,
-    /// `breakwater_common::breaker::state`
-    pub from: u32,
-    pub to: u32,
-    /// `breakwater_common::breaker::cause`
-    pub cause: u32,
-    pub requests: u64,
-    pub failures: u64,
-    pub consecutive_failures: u64,
+    /// From, to, why (`breakwater_common::breaker::{state, cause}`), and the counts before they
+    /// were cleared.
+    pub transition: brk::Transition,
     pub time: SystemTime,
+    /// An operator's reason, for a trip by hand.
     pub reason: String,
 }
 
@@ -202,12 +198,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         // No subscribers is no error.
         let _ = self.events.send(BreakerEvent {
             service: service.to_owned(),
-            from: t.from,
-            to: t.to,
-            cause: t.cause,
-            requests: t.requests,
-            failures: t.failures,
-            consecutive_failures: t.consecutive_failures,
+            transition: *t,
             time,
             reason: reason.to_owned(),
         });
@@ -226,22 +217,12 @@ impl<K: Kernel + ?Sized> Core<K> {
         let Some(service) = self.services.name_of(ev.svc).map(str::to_owned) else {
             return;
         };
-        let t = brk::Transition {
-            from: ev.from,
-            to: ev.to,
-            cause: ev.cause,
-            requests: ev.requests,
-            failures: ev.failures,
-            consecutive_failures: ev.consecutive_failures,
-        };
+        let t = ev.transition();
         info!(
             service,
             from = state::name(t.from),
             to = state::name(t.to),
-            cause = cause::NAMES
-                .get(t.cause as usize)
-                .copied()
-                .unwrap_or("unknown"),
+            cause = policy::cause_name(t.cause),
             requests = t.requests,
             failures = t.failures,
             "breaker changed state"

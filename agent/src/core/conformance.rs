@@ -47,13 +47,6 @@ pub const SHORT: Duration = Duration::from_millis(1100);
 
 const ECONNREFUSED: i32 = libc::ECONNREFUSED;
 
-fn preset(name: &str) -> PolicySpec {
-    PolicySpec {
-        preset: Some(name.into()),
-        ..Default::default()
-    }
-}
-
 /// Every case.
 pub fn table() -> Vec<Case> {
     use Step::*;
@@ -64,7 +57,7 @@ pub fn table() -> Vec<Case> {
             runs: vec![
                 // Requests >= 3 and failures / requests >= 0.6: 2 of 3 trips it.
                 Run {
-                    policy: preset("gobreaker"),
+                    policy: PolicySpec::preset("gobreaker"),
                     steps: vec![
                         (Up, CLOSED),
                         (Refused, CLOSED),
@@ -77,7 +70,7 @@ pub fn table() -> Vec<Case> {
                 Run {
                     policy: PolicySpec {
                         open_timeout: one_second,
-                        ..preset("gobreaker")
+                        ..PolicySpec::preset("gobreaker")
                     },
                     steps: vec![
                         (Up, CLOSED),
@@ -100,7 +93,7 @@ pub fn table() -> Vec<Case> {
             runs: vec![
                 // max_fails=3 within fail_timeout: successes in between do not matter.
                 Run {
-                    policy: preset("nginx"),
+                    policy: PolicySpec::preset("nginx"),
                     steps: vec![
                         (Refused, CLOSED),
                         (Up, CLOSED),
@@ -114,7 +107,7 @@ pub fn table() -> Vec<Case> {
                 Run {
                     policy: PolicySpec {
                         open_timeout: one_second,
-                        ..preset("nginx")
+                        ..PolicySpec::preset("nginx")
                     },
                     steps: vec![
                         (Refused, CLOSED),

@@ -374,16 +374,7 @@ impl State {
         if t.to == state::OPEN {
             self.totals.entry(svc).or_default().trips += 1;
         }
-        self.events.push(brk::Event {
-            time_ns: now,
-            svc,
-            from: t.from,
-            to: t.to,
-            cause: t.cause,
-            requests: t.requests,
-            failures: t.failures,
-            consecutive_failures: t.consecutive_failures,
-        });
+        self.events.push(brk::Event::new(now, svc, t));
     }
 
     fn audit_event(&mut self, c: &ConnInfo, kind: u8, reason: u8, errno: u32, now: u64) {

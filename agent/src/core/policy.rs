@@ -153,6 +153,14 @@ fn ns(d: Duration) -> u64 {
 }
 
 impl PolicySpec {
+    /// A preset, as it is.
+    pub fn preset(name: &str) -> Self {
+        Self {
+            preset: Some(name.to_owned()),
+            ..Default::default()
+        }
+    }
+
     /// The kernel's policy, or the first thing wrong with this one.
     pub fn resolve(&self) -> Result<Policy> {
         let mut f = match self.preset.as_deref().map(str::trim) {
@@ -270,16 +278,9 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn spec(preset: &str) -> PolicySpec {
-        PolicySpec {
-            preset: Some(preset.into()),
-            ..Default::default()
-        }
-    }
-
     #[test]
     fn presets_are_what_they_say() {
-        let g = spec("gobreaker").resolve().unwrap();
+        let g = PolicySpec::preset("gobreaker").resolve().unwrap();
         assert_eq!(
             g,
             Policy {
@@ -296,7 +297,7 @@ mod tests {
                 _pad: 0,
             }
         );
-        let n = spec("NGINX").resolve().unwrap();
+        let n = PolicySpec::preset("NGINX").resolve().unwrap();
         assert_eq!(
             (n.max_failures, n.failure_ratio_ppm, n.consecutive_failures),
             (3, 0, 0)
@@ -363,7 +364,7 @@ mod tests {
     fn bad_policies_say_why() {
         let cases = [
             (
-                spec("hystrix"),
+                PolicySpec::preset("hystrix"),
                 "unknown preset \"hystrix\" (known: gobreaker, nginx)",
             ),
             (
@@ -397,7 +398,7 @@ mod tests {
             (
                 PolicySpec {
                     open_timeout: Some(Duration::ZERO),
-                    ..spec("nginx")
+                    ..PolicySpec::preset("nginx")
                 },
                 "open_timeout must be more than 0",
             ),
@@ -425,7 +426,7 @@ mod tests {
             (
                 PolicySpec {
                     failure_ratio: Some(0.0),
-                    ..spec("gobreaker")
+                    ..PolicySpec::preset("gobreaker")
                 },
                 "the policy has no trip rule",
             ),

@@ -168,11 +168,15 @@ fn a_kernel_trip_is_published_and_terminates_the_services_connections() {
     let (e, lost) = &got[0];
     assert_eq!(*lost, 0);
     assert_eq!(
-        (e.service.as_str(), e.from, e.to),
+        (e.service.as_str(), e.transition.from, e.transition.to),
         ("db", state::CLOSED, state::OPEN)
     );
     assert_eq!(
-        (e.cause, e.requests, e.failures),
+        (
+            e.transition.cause,
+            e.transition.requests,
+            e.transition.failures
+        ),
         (cause::CONSECUTIVE_FAILURES, 2, 1)
     );
 }
@@ -235,7 +239,10 @@ fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
         Err(libc::ECONNREFUSED)
     );
     let (e, _) = futures::executor::block_on(events.next()).unwrap();
-    assert_eq!((e.cause, e.reason.as_str()), (cause::MANUAL, "maintenance"));
+    assert_eq!(
+        (e.transition.cause, e.reason.as_str()),
+        (cause::MANUAL, "maintenance")
+    );
     // The TTL runs out in the kernel: the next connect finds it closed.
     kernel.advance(Duration::from_secs(2));
     assert_eq!(core.breaker("db").unwrap().counts.state, state::CLOSED);
@@ -243,7 +250,7 @@ fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
     deliver(&mut core, &kernel);
     let (e, _) = futures::executor::block_on(events.next()).unwrap();
     assert_eq!(
-        (e.from, e.to, e.cause),
+        (e.transition.from, e.transition.to, e.transition.cause),
         (state::OPEN, state::CLOSED, cause::TTL_EXPIRED)
     );
 
@@ -256,7 +263,7 @@ fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
     );
     futures::executor::block_on(events.next()).unwrap();
     let (e, _) = futures::executor::block_on(events.next()).unwrap();
-    assert_eq!(e.cause, cause::RESET);
+    assert_eq!(e.transition.cause, cause::RESET);
     assert_eq!(core.breaker("db").unwrap().totals.trips, 2);
 }
 

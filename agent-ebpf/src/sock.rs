@@ -182,10 +182,9 @@ pub fn record(key: &DestKey, svc: u32, ev: Event) -> Result<(), Error> {
     let stats = match BW_DESTS.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            match BW_DESTS.insert(key, &ConnStats::default(), BPF_NOEXIST as u64) {
-                Ok(()) => bump(counter::DEST_INSERTS),
-                // Another CPU inserted it first: fine, use theirs.
-                Err(_) => {}
+            // An error: another CPU inserted it first; fine, use theirs.
+            if let Ok(()) = BW_DESTS.insert(key, &ConnStats::default(), BPF_NOEXIST as u64) {
+                bump(counter::DEST_INSERTS);
             }
             BW_DESTS.get_ptr_mut(key).ok_or(Error::Map)?
         }

@@ -1,6 +1,7 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|test|vm-test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench>`.
 
 mod bench;
+mod lint;
 mod setup;
 mod vm;
 
@@ -41,6 +42,9 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
+    /// rustfmt, and clippy (every warning an error) on the host crates and on the eBPF crate for
+    /// the BPF target; installs the toolchain pieces it needs first
+    Lint,
     /// Setup, build, unit and privileged integration tests (root), then the same tests on
     /// Debian's 6.1 and 6.12 kernels in QEMU, and the unsupported-kernel tests on Debian 11's 5.10
     Test {
@@ -78,6 +82,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Setup => setup::run(),
         Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
+        Task::Lint => setup::toolchain().and_then(|()| lint::run(&ws)),
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
@@ -412,5 +417,8 @@ mod tests {
             _ => panic!("wrong task"),
         }
         assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "5.4"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "lint"]).unwrap();
+        assert!(matches!(cli.command, Task::Lint));
+        assert!(Cli::try_parse_from(["xtask", "lint", "--fix"]).is_err());
     }
 }

@@ -45,7 +45,7 @@ enum Task {
     /// rustfmt, and clippy (every warning an error) on the host crates and on the eBPF crate for
     /// the BPF target; installs the toolchain pieces it needs first
     Lint,
-    /// Setup, build, unit and privileged integration tests (root), then the same tests on
+    /// Setup, lint, build, unit and privileged integration tests (root), then the same tests on
     /// Debian's 6.1 and 6.12 kernels in QEMU, and the unsupported-kernel tests on Debian 11's 5.10
     Test {
         /// Skip the tests on Debian's kernels in QEMU (quick local runs; CI runs them)
@@ -219,11 +219,14 @@ fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>
     stages.push(stage);
 }
 
-/// Build, then the host suite, then every VM kernel; a failing stage does not stop the later
-/// ones (a CI run shows everything at once), only a failed build does.
+/// The lint, the build, then the host suite, then every VM kernel; a failing stage does not stop
+/// the later ones (a CI run shows everything at once), only a failed build skips the tests.
 fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     setup::run()?;
     let mut stages = Vec::new();
+    stage(&mut stages, "lint", || {
+        lint::run(ws).map(|()| String::new())
+    });
     let (mut agent, mut tests) = (None, None);
     stage(&mut stages, "build", || {
         run(ws.cargo().args([
@@ -238,7 +241,7 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         Ok(String::new())
     });
     let (Some(agent), Some(tests)) = (agent, tests) else {
-        bail!("the build failed");
+        return summary(&stages);
     };
 
     stage(&mut stages, "host suite", || {
@@ -271,9 +274,14 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         }
     }
 
+    summary(&stages)
+}
+
+/// Prints every stage again, and fails naming those that failed.
+fn summary(stages: &[Stage]) -> Result<()> {
     println!();
     println!("== summary");
-    for stage in &stages {
+    for stage in stages {
         stage.print();
     }
     let failed: Vec<&str> = stages

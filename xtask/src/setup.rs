@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{is_root, output, run as run_cmd};
+use crate::{describe, is_root, output, run as run_cmd};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -34,15 +34,30 @@ const VENV: &str = "venv";
 
 pub fn run() -> Result<()> {
     let root = is_root();
-    check_nightly()?;
-    check_rust_src()?;
-    check_bpf_linker()?;
+    toolchain()?;
     check_mount("bpffs", "bpf", "/sys/fs/bpf", root)?;
     check_mount("tracefs", "tracefs", "/sys/kernel/tracing", root)?;
     check_ss(root)?;
     check_cgroup2()?;
     check_python_venv(root)?;
     check_vm_tools(root)?;
+    Ok(())
+}
+
+/// What building and linting need (the part of `run` that `cargo xtask lint` runs): nightly
+/// with rust-src and clippy, clippy and rustfmt on the toolchain that runs xtask, bpf-linker.
+pub fn toolchain() -> Result<()> {
+    check_nightly()?;
+    check_component("nightly", "rust-src")?;
+    check_component("nightly", "clippy")?;
+    let active = output(Command::new("rustup").args(["show", "active-toolchain"]))?;
+    let active = active
+        .split_whitespace()
+        .next()
+        .context("`rustup show active-toolchain` printed nothing")?;
+    check_component(active, "clippy")?;
+    check_component(active, "rustfmt")?;
+    check_bpf_linker()?;
     Ok(())
 }
 
@@ -75,35 +90,36 @@ fn is_plain_nightly(name: &str) -> bool {
             .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
 }
 
-fn check_rust_src() -> Result<()> {
-    let has_rust_src = || -> Result<bool> {
-        let installed = output(Command::new("rustup").args([
+/// A rustup component of `toolchain`, added when missing.
+fn check_component(toolchain: &str, component: &str) -> Result<()> {
+    let installed = || -> Result<bool> {
+        let list = output(Command::new("rustup").args([
             "component",
             "list",
-            "--toolchain",
-            "nightly",
             "--installed",
+            "--toolchain",
+            toolchain,
         ]))?;
-        Ok(installed.lines().any(|line| line.starts_with("rust-src")))
+        Ok(list.lines().any(|line| line.starts_with(component)))
     };
-    if has_rust_src()? {
-        println!("ok: rust-src for nightly");
+    if installed()? {
+        println!("ok: {component} for {toolchain}");
         return Ok(());
     }
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", component, "--toolchain", toolchain]);
     println!(
-        "installing: rust-src for nightly (rustup component add rust-src --toolchain nightly)"
+        "installing: {component} for {toolchain} ({})",
+        describe(&add)
     );
-    run_cmd(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))?;
-    if !has_rust_src()? {
-        bail!("`rustup component add rust-src --toolchain nightly` succeeded but rust-src is still not listed");
+    run_cmd(&mut add)?;
+    if !installed()? {
+        bail!(
+            "`{}` succeeded but {component} is still not listed",
+            describe(&add)
+        );
     }
-    println!("ok: rust-src for nightly");
+    println!("ok: {component} for {toolchain}");
     Ok(())
 }
 

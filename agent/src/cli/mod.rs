@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod output;
+mod verbs;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -491,6 +492,14 @@ mod tests {
             Command::Agent(a) => Ok(a),
             other => panic!("not the agent: {other:?}"),
         }
+    }
+
+    /// clap's own checks of the definition (conflicting names, bad defaults, ...), which it
+    /// otherwise makes only when a command is parsed in a debug build.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 
     #[test]

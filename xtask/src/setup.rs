@@ -40,6 +40,7 @@ pub fn run() -> Result<()> {
     check_ss(root)?;
     check_cgroup2()?;
     check_python_venv(root)?;
+    check_promtool(root)?;
     check_vm_tools(root)?;
     Ok(())
 }
@@ -337,6 +338,73 @@ fn check_vm_tools(root: bool) -> Result<()> {
     }
     let list: Vec<&str> = VM_PACKAGES.iter().map(|(package, _)| *package).collect();
     println!("ok: {} (for vm-test)", list.join(", "));
+    Ok(())
+}
+
+/// Debian's promtool, which tests/tests/observability.rs runs on the agent's `/metrics`.
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+/// promtool comes in Debian's `prometheus` package, with the Prometheus server, its systemd unit
+/// and its init script; installed here, it must not leave a server running, or starting at boot.
+/// Its postinst enables `prometheus.service` (even without systemd running: it links the unit
+/// into multi-user.target.wants), starts it with systemd running, and otherwise runs
+/// `update-rc.d prometheus defaults` and `invoke-rc.d prometheus start`, which starts it only
+/// where the runlevel is known and /usr/sbin/policy-rc.d does not forbid it (in a container
+/// `runlevel` fails, and Docker's images forbid every start). So with systemd the unit is masked
+/// for the install (a runtime mask, gone at the next boot whatever happens), then unmasked,
+/// disabled and stopped; without, `update-rc.d prometheus disable` turns the rc links into K
+/// links and removes the unit's link, and the server is stopped if it runs.
+/// `--no-install-recommends` also leaves out prometheus-node-exporter, another server.
+/// A prometheus package that was already installed is left as it is.
+fn check_promtool(root: bool) -> Result<()> {
+    let present = || is_installed("prometheus") && Path::new(PROMTOOL).is_file();
+    if !present() {
+        if !root {
+            println!(
+                "warning: promtool is missing for tests/tests/observability.rs (not root, so not \
+                 installing; as root: apt-get install -y --no-install-recommends prometheus, then \
+                 stop and disable its server)"
+            );
+            return Ok(());
+        }
+        println!(
+            "installing: prometheus for promtool (apt-get install -y --no-install-recommends; \
+             its server is not left running)"
+        );
+        let systemd = Path::new("/run/systemd/system").is_dir();
+        let systemctl = |args: &[&str]| run_cmd(Command::new("systemctl").args(args));
+        if systemd {
+            systemctl(&["mask", "--runtime", "prometheus.service"])?;
+        }
+        let installed = apt_install(&["prometheus"], &["--no-install-recommends"]);
+        if systemd {
+            systemctl(&["unmask", "--runtime", "prometheus.service"])?;
+        }
+        installed?;
+        if systemd {
+            systemctl(&["disable", "--now", "prometheus.service"])?;
+        } else {
+            let init = Path::new("/etc/init.d/prometheus");
+            if init.is_file() {
+                run_cmd(Command::new("update-rc.d").args(["prometheus", "disable"]))?;
+                let running = Command::new(init)
+                    .arg("status")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if running {
+                    run_cmd(Command::new(init).arg("stop"))?;
+                }
+            }
+        }
+        if !present() {
+            bail!("the prometheus package was installed but {PROMTOOL} is still missing");
+        }
+    }
+    let version = output(Command::new(PROMTOOL).arg("--version"))?;
+    let version = version.lines().next().unwrap_or_default();
+    println!("ok: promtool ({PROMTOOL}: {version})");
     Ok(())
 }
 

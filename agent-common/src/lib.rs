@@ -707,6 +707,10 @@ const _: () = {
 };
 
 #[cfg(feature = "user")]
+#[expect(
+    clippy::undocumented_unsafe_blocks,
+    reason = "the one SAFETY note covers every impl"
+)]
 mod pod {
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::Offsets {}

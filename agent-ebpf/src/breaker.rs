@@ -38,6 +38,7 @@ const ECONNRESET: i32 = 104;
 pub fn bw_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // Context fields must be loaded at constant offsets: read them here, per program.
+    // SAFETY: `sock_addr` is the kernel's `bpf_sock_addr` for this call, readable as a whole.
     let (protocol, ip, port) = unsafe {
         (
             core::ptr::read_volatile(&raw const (*sa).protocol),
@@ -54,6 +55,7 @@ pub fn bw_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn bw_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: as in `bw_connect4`.
     let (protocol, w0, w1, w2, w3, port) = unsafe {
         (
             core::ptr::read_volatile(&raw const (*sa).protocol),
@@ -80,6 +82,7 @@ fn gate(ctx: &SockAddrContext, addr: &[u8; 16], port_be: u32) -> i32 {
     if empty() {
         return ALLOW;
     }
+    // SAFETY: `ctx` is this program's own context.
     match unsafe { try_connect(ctx, addr, u16::from_be(port_be as u16)) } {
         Ok(verdict) => verdict,
         Err(e) => {
@@ -89,6 +92,10 @@ fn gate(ctx: &SockAddrContext, addr: &[u8; 16], port_be: u32) -> i32 {
     }
 }
 
+/// The gate: admits or rejects a connect to `addr`:`port` by its service's breaker.
+///
+/// # Safety
+/// `ctx` is the context the kernel passed to the running `cgroup/connect*` program.
 #[inline(always)]
 unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Result<i32, Error> {
     let svc = service_of(addr, port);
@@ -153,6 +160,8 @@ fn audit_rejected(
         return;
     };
     // A context field: loaded at its constant offset, as the verifier requires.
+    // SAFETY: `sock_addr` is the kernel's `bpf_sock_addr` for this call; its `sk` is the
+    // connecting socket (checked for null by `netns_of`).
     let netns = unsafe {
         netns_of(
             core::ptr::read_volatile(&raw const (*ctx.sock_addr).__bindgen_anon_1.sk) as *const u8,
@@ -184,6 +193,9 @@ fn audit_rejected(
 }
 
 /// The network namespace (inode) of the connecting socket; 0 if it cannot be read.
+///
+/// # Safety
+/// `sk` is null or the `sk` of this program's `bpf_sock_addr` context.
 #[inline(always)]
 unsafe fn netns_of(sk: *const u8) -> u32 {
     if sk.is_null() {
@@ -197,11 +209,21 @@ unsafe fn netns_of(sk: *const u8) -> u32 {
     netns(tp, offsets()).unwrap_or(0)
 }
 
+/// Takes an entry's spin lock.
+///
+/// # Safety
+/// `entry` points to a `BW_BREAKERS` value looked up in this program run, no other lock is held,
+/// and [`unlock`] follows on the same entry with no call in between: no helper, no subprogram,
+/// no `memset` (the verifier refuses the program otherwise; keep the code between inlined).
 #[inline(always)]
 unsafe fn lock(entry: *mut BreakerEntry) {
     bpf_spin_lock((&raw mut (*entry).lock).cast());
 }
 
+/// Releases the spin lock [`lock`] took.
+///
+/// # Safety
+/// `entry` is the entry this program locked with [`lock`].
 #[inline(always)]
 unsafe fn unlock(entry: *mut BreakerEntry) {
     bpf_spin_unlock((&raw mut (*entry).lock).cast());
@@ -233,12 +255,17 @@ pub fn bw_sockops(ctx: SockOpsContext) -> u32 {
     if empty() {
         return 1;
     }
+    // SAFETY: `ctx` is this program's own context.
     if let Err(e) = unsafe { try_sockops(&ctx) } {
         e.count();
     }
     1
 }
 
+/// Counts the outcome of a connect the gate admitted: established, failed, or reset by the peer.
+///
+/// # Safety
+/// `ctx` is the context the kernel passed to the running `sock_ops` program.
 unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), Error> {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_TCP_CONNECT_CB
@@ -303,6 +330,10 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), Error> {
 }
 
 /// Counts an admitted connect's outcome, possibly changing the breaker's state.
+///
+/// # Safety
+/// Nothing for the caller to uphold: `unsafe` for the lock it takes, with [`lock`]'s
+/// requirements met here (the entry is looked up just before, no call while it is held).
 #[inline(always)]
 unsafe fn outcome(
     svc: u32,

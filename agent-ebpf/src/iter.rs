@@ -42,12 +42,18 @@ pub struct IterTcpCtx {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn bw_seed_tcp(ctx: *const IterTcpCtx) -> i32 {
+    // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
     if let Err(e) = unsafe { try_seed_tcp(ctx) } {
         e.count();
     }
     0
 }
 
+/// Seeds the gauges from an established socket that no tracepoint counted, and remembers
+/// listeners.
+///
+/// # Safety
+/// `ctx` is the `bpf_iter__tcp` context the kernel passed to the running `iter/tcp` program.
 unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     let sk = (*ctx).sk_common;
     if sk.is_null() {
@@ -115,6 +121,7 @@ unsafe fn try_seed_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn bw_list_tcp(ctx: *const IterTcpCtx) -> i32 {
+    // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
     if let Err(e) = unsafe { try_list_tcp(ctx) } {
         e.count();
     }
@@ -123,6 +130,9 @@ pub fn bw_list_tcp(ctx: *const IterTcpCtx) -> i32 {
 
 /// Writes a `ConnRecord` (cookie, what is known of the connection, live state) for each
 /// tracked socket.
+///
+/// # Safety
+/// `ctx` is the `bpf_iter__tcp` context the kernel passed to the running `iter/tcp` program.
 unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     let sk = (*ctx).sk_common;
     if sk.is_null() {
@@ -164,6 +174,7 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn bw_socks_tcp(ctx: *const IterTcpCtx) -> i32 {
+    // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
     if let Err(e) = unsafe { try_socks_tcp(ctx) } {
         e.count();
     }
@@ -171,6 +182,9 @@ pub fn bw_socks_tcp(ctx: *const IterTcpCtx) -> i32 {
 }
 
 /// Writes a `SockRecord` for every TCP socket: listeners, request and TIME_WAIT sockets too.
+///
+/// # Safety
+/// `ctx` is the `bpf_iter__tcp` context the kernel passed to the running `iter/tcp` program.
 unsafe fn try_socks_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     let sk = (*ctx).sk_common;
     if sk.is_null() {
@@ -194,6 +208,7 @@ unsafe fn try_socks_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn bw_breaker_tcp(ctx: *const IterTcpCtx) -> i32 {
+    // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
     if let Err(e) = unsafe { try_breaker_tcp(ctx) } {
         e.count();
     }
@@ -202,6 +217,9 @@ pub fn bw_breaker_tcp(ctx: *const IterTcpCtx) -> i32 {
 
 /// Writes a `BreakerSockRecord` for every established socket the breaker's gate marked: the
 /// connections a trip of their service terminates.
+///
+/// # Safety
+/// `ctx` is the `bpf_iter__tcp` context the kernel passed to the running `iter/tcp` program.
 unsafe fn try_breaker_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
     let sk = (*ctx).sk_common;
     if sk.is_null() {

@@ -167,6 +167,10 @@ pub fn service_of(addr: &[u8; 16], port: u16) -> u32 {
 }
 
 /// An inbound connection's process: the one that listens on its port.
+///
+/// # Safety
+/// Nothing for the caller to uphold; unsafe as aya's `HashMap::get` is: the listener's entry is
+/// read in place, and an update racing on another CPU can at worst mix two listeners' fields.
 #[inline(always)]
 pub unsafe fn attribute_to_listener(c: &mut ConnInfo) {
     if let Some(l) = BW_LISTENERS.get(&listen_key(c.netns, c.sport)) {
@@ -185,15 +189,21 @@ pub fn listen_key(netns: u32, port: u16) -> ListenKey {
     }
 }
 
-/// The socket's `RequestTiming`, created zeroed if `create` and absent. `sk` must be a BTF
-/// pointer to a full socket (`struct sock` or a struct that starts with one).
+/// The socket's `RequestTiming`, created zeroed if `create` and absent.
+///
+/// # Safety
+/// As [`sk_storage`].
 #[inline(always)]
 pub unsafe fn timing(sk: *const u8, create: bool) -> Option<&'static mut RequestTiming> {
     sk_storage(&BW_SOCKS, sk, create)
 }
 
 /// The socket's entry in a socket-local storage map, created zeroed if `create` and absent.
-/// `sk` must be a BTF pointer to a full socket (`struct sock` or a struct that starts with one).
+///
+/// # Safety
+/// `sk` is a BTF pointer to a full socket (`struct sock` or a struct that starts with one: see
+/// `crate::sock`), and the caller holds no other reference to that socket's entry in `map`
+/// while it uses this one (it lives as long as the socket, hence `'static`).
 #[inline(always)]
 pub unsafe fn sk_storage<T>(
     map: &SkStorage<T>,

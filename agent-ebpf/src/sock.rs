@@ -1,4 +1,12 @@
 //! Reading kernel sockets through the BTF-resolved offsets, and updating the aggregates.
+//!
+//! **Socket pointers.** The `unsafe fn`s here and in the other modules that take `sk: *const u8`
+//! require it to be a *BTF socket pointer*: a kernel socket the program was handed (a hook's
+//! argument, an iterator's `sk_common`, `bpf_skc_to_tcp_sock`'s result, non-null), which the
+//! verifier types by the kernel's BTF. Loads through it at the loader's offsets (`BW_OFFSETS`,
+//! resolved from that BTF for the socket's type) are checked by the verifier when the program
+//! loads, and one that faults at run time reads as zero instead. A field beyond `struct sock`
+//! (`tcp_sock`'s) needs the pointer `bpf_skc_to_tcp_sock` returned.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use breakwater_common::{
@@ -34,6 +42,11 @@ impl Error {
 /// A direct load from a BTF-typed kernel pointer. The offset comes from the frozen, read-only
 /// `BW_OFFSETS`, so the verifier knows it exactly and checks the access against the kernel's
 /// BTF; a fault reads as zero. Far cheaper than `bpf_probe_read_kernel` on the hot path.
+///
+/// # Safety
+/// `base` is a BTF socket pointer (see the module doc) or a kernel pointer read from one
+/// (`skc_net`), `off` a field of `BW_OFFSETS` resolved for `base`'s type, and `T` that field's
+/// type or a prefix of it.
 #[inline(always)]
 pub unsafe fn read<T: Copy>(base: *const u8, off: &u32) -> T {
     // Volatile so that the compiler loads the offset from the map here, not from a stack copy.
@@ -42,6 +55,9 @@ pub unsafe fn read<T: Copy>(base: *const u8, off: &u32) -> T {
 }
 
 /// An IPv6 address as the kernel's `in6_addr` allows it to be read: four 32-bit words.
+///
+/// # Safety
+/// As [`read`], for an `in6_addr` field.
 #[inline(always)]
 unsafe fn read_in6(base: *const u8, off: &u32) -> [u8; 16] {
     let p = base.add(core::ptr::read_volatile(off) as usize) as *const [u8; 4];
@@ -94,6 +110,9 @@ impl SockIds for SockRecord {
 
 /// Reads the `sock_common` identity fields into `c` (addresses, ports, namespace); works for
 /// full, request and timewait sockets alike. `Ok(false)` for families other than IPv4/IPv6.
+///
+/// # Safety
+/// `sk` is a BTF socket pointer (see the module doc) and `o` is [`crate::maps::offsets`].
 #[inline(always)]
 pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut impl SockIds) -> Result<bool, Error> {
     let c = c.ids();
@@ -116,6 +135,9 @@ pub unsafe fn read_sock(sk: *const u8, o: &Offsets, c: &mut impl SockIds) -> Res
 }
 
 /// The inode of a socket's network namespace.
+///
+/// # Safety
+/// As [`read_sock`].
 #[inline(always)]
 pub unsafe fn netns(sk: *const u8, o: &Offsets) -> Result<u32, Error> {
     let net: *const u8 = read(sk, &o.skc_net);
@@ -148,6 +170,11 @@ pub enum Event {
     Retransmit,
 }
 
+/// Moves the counters of `ev` in `*stats`, each with an atomic add.
+///
+/// # Safety
+/// `stats` points to a `ConnStats` value of a map (`BW_DESTS`, `BW_SVC_STATS`), from a lookup
+/// in this program run: the kernel keeps it alive until the run ends.
 #[inline(always)]
 unsafe fn apply(stats: *mut ConnStats, ev: Event) {
     let s = &raw mut *stats;
@@ -182,17 +209,18 @@ pub fn record(key: &DestKey, svc: u32, ev: Event) -> Result<(), Error> {
     let stats = match BW_DESTS.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            match BW_DESTS.insert(key, &ConnStats::default(), BPF_NOEXIST as u64) {
-                Ok(()) => bump(counter::DEST_INSERTS),
-                // Another CPU inserted it first: fine, use theirs.
-                Err(_) => {}
+            // An error: another CPU inserted it first; fine, use theirs.
+            if let Ok(()) = BW_DESTS.insert(key, &ConnStats::default(), BPF_NOEXIST as u64) {
+                bump(counter::DEST_INSERTS);
             }
             BW_DESTS.get_ptr_mut(key).ok_or(Error::Map)?
         }
     };
+    // SAFETY: `stats` was just looked up in `BW_DESTS`.
     unsafe { apply(stats, ev) };
     if svc != 0 {
         if let Some(p) = BW_SVC_STATS.get_ptr_mut(svc_stats_index(svc, key.direction)) {
+            // SAFETY: `p` was just looked up in `BW_SVC_STATS`.
             unsafe { apply(p, ev) };
         }
     }
@@ -213,6 +241,10 @@ pub fn scratch(slot: u32) -> Result<&'static mut ConnInfo, Error> {
 /// A tracked connection as a `ConnInfo`, built in scratch `slot`: what `BW_CONNS` keeps of it,
 /// the rest read from the socket (not an inbound connection's process: see
 /// `attribute_to_listener`). None for families we do not track.
+///
+/// # Safety
+/// As [`read_sock`]; and no reference to scratch `slot` from before is used after this call
+/// (it is overwritten).
 #[inline(always)]
 pub unsafe fn conn_of(
     sk: *const u8,
@@ -240,7 +272,7 @@ pub unsafe fn conn_of(
 /// Gives a connection its `BW_CONNS` entry (replacing what a socket at the same address left).
 /// False when the map is full: the connection is left uncounted, and so is its close.
 #[inline(always)]
-pub unsafe fn track(sk: *const u8, st: &ConnState) -> bool {
+pub fn track(sk: *const u8, st: &ConnState) -> bool {
     if BW_CONNS.insert(&conn_key(sk), st, 0).is_err() {
         bump(counter::CONNS_FULL);
         return false;

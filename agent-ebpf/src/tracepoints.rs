@@ -36,12 +36,17 @@ pub fn bw_sock_state(ctx: BtfTracePointContext) -> i32 {
     if empty() {
         return 0;
     }
+    // SAFETY: `ctx` is this program's own context.
     if let Err(e) = unsafe { try_sock_state(&ctx) } {
         e.count();
     }
     0
 }
 
+/// Dispatches a state change to what it means for the counters.
+///
+/// # Safety
+/// `ctx` is the context the kernel passed to the running `tp_btf/inet_sock_set_state` program.
 unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
     let o = offsets();
     if core::ptr::read_volatile(&o.ready) == 0 {
@@ -80,6 +85,9 @@ unsafe fn try_sock_state(ctx: &BtfTracePointContext) -> Result<(), Error> {
 }
 
 /// `connect()` sent a SYN: we are in the connecting process, so attribute the connection to it.
+///
+/// # Safety
+/// Nothing for the caller to uphold (`sk` is only a key): `unsafe` for the clock helper.
 unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
     let process = current_process();
     let st = ConnState {
@@ -101,6 +109,7 @@ unsafe fn on_connect(sk: *const u8) -> Result<(), Error> {
 #[inline(always)]
 fn current_process() -> ListenerInfo {
     ListenerInfo {
+        // SAFETY: a helper without arguments, for the current task.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
@@ -108,6 +117,11 @@ fn current_process() -> ListenerInfo {
     }
 }
 
+/// An outbound connection was established: counted, and its connect latency observed.
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let id = conn_key(sk);
     let st = match BW_CONNS.get_ptr_mut(&id) {
@@ -160,6 +174,10 @@ unsafe fn on_established(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 
 /// An inbound connection was accepted: softirq context, so the current task is not the owner;
 /// it belongs to its listener's process, looked up only when someone needs it.
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let mut rec = SockRecord::default();
     if !read_sock(sk, o, &mut rec)? {
@@ -188,6 +206,11 @@ unsafe fn on_accepted(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     Ok(())
 }
 
+/// A connection left ESTABLISHED: the end of a counted one (a reset also frees its entry).
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<(), Error> {
     let id = conn_key(sk);
     let Some(p) = BW_CONNS.get_ptr_mut(&id) else {
@@ -209,6 +232,10 @@ unsafe fn on_leave_established(sk: *const u8, o: &Offsets, new: u8) -> Result<()
 
 /// A counted connection left ESTABLISHED: what it moved, how long it lived, and for outbound
 /// ones the latency samples it still held and its SRTT.
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_closed(sk: *const u8, o: &Offsets, st: &ConnState, new: u8) -> Result<(), Error> {
     let mut rec = SockRecord::default();
     if !read_sock(sk, o, &mut rec)? {
@@ -264,6 +291,10 @@ unsafe fn on_closed(sk: *const u8, o: &Offsets, st: &ConnState, new: u8) -> Resu
 /// FIN_WAIT2/CLOSING -> CLOSE is `tcp_time_wait()` handing the connection to a timewait
 /// socket, which by now has replaced it in the established hash. If the socket is still hashed,
 /// no timewait socket was made (`tcp_max_tw_buckets` reached): nothing entered TIME_WAIT.
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let id = conn_key(sk);
     let (dir, svc, port) = match BW_CONNS.get(&id).map(|s| (s.direction, s.svc, s.port)) {
@@ -293,6 +324,10 @@ unsafe fn on_time_wait(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 }
 
 /// `listen()`: process context, so remember who listens for the inbound connections to come.
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let mut rec = SockRecord::default();
     if !read_sock(sk, o, &mut rec)? {
@@ -305,6 +340,10 @@ unsafe fn on_listen(sk: *const u8, o: &Offsets) -> Result<(), Error> {
 }
 
 /// SYN_SENT -> CLOSE: the connect failed; `sk_err` says why (set before `tcp_done`).
+///
+/// # Safety
+/// `sk` is `inet_sock_set_state`'s socket, a BTF socket pointer (see `crate::sock`); `o` is
+/// `offsets()`.
 unsafe fn on_connect_failed(sk: *const u8, o: &Offsets) -> Result<(), Error> {
     let c = scratch(scratch_slot::TRACEPOINT)?;
     // Softirq or timer context: the connecting process is the one `connect()` recorded.
@@ -355,6 +394,7 @@ fn sock_send(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
+    // SAFETY: every caller passes its hook's own socket argument.
     if let Err(e) = unsafe { try_sock_send(sk) } {
         e.count();
     }
@@ -365,6 +405,10 @@ fn sock_send(sk: *const u8) -> i32 {
 /// before any of it leaves, so no response can beat it): on a tracked client connection that
 /// starts the clock, unless a request is already waiting for its response (a request sent in
 /// several writes is timed from its first).
+///
+/// # Safety
+/// `sk` is the socket argument of the running hook, a BTF pointer to a full TCP socket (see
+/// `crate::sock`).
 unsafe fn try_sock_send(sk: *const u8) -> Result<(), Error> {
     let t = match timing(sk, false) {
         Some(t) => t,
@@ -381,6 +425,9 @@ unsafe fn try_sock_send(sk: *const u8) -> Result<(), Error> {
 /// A socket's first send makes its storage, which says from then on whether it is a counted
 /// client connection whose requests are timed. Connections that never send (probes, health
 /// checks, connect-and-close churn) never pay for storage.
+///
+/// # Safety
+/// As `try_sock_send`; and the socket has no `RequestTiming` yet, so no other reference to it.
 #[inline(always)]
 unsafe fn first_send(sk: *const u8) -> Result<&'static mut RequestTiming, Error> {
     let client = BW_CONNS.get(&conn_key(sk)).and_then(|s| {
@@ -394,6 +441,11 @@ unsafe fn first_send(sk: *const u8) -> Result<&'static mut RequestTiming, Error>
     Ok(t)
 }
 
+/// Whether `sk` is a TCP socket (and the offsets are there to tell).
+///
+/// # Safety
+/// `sk` is the socket argument of the running hook, a BTF socket pointer (see `crate::sock`);
+/// any protocol.
 #[inline(always)]
 unsafe fn is_tcp(sk: *const u8) -> bool {
     let o = offsets();
@@ -402,6 +454,10 @@ unsafe fn is_tcp(sk: *const u8) -> bool {
 
 /// The kernel's clock (`CLOCK_MONOTONIC`, µs) as TCP last read it for this socket: refreshed
 /// when it received the data that just arrived, and on the transitions that use it.
+///
+/// # Safety
+/// `sk` is the socket argument of the running hook, a BTF socket pointer (see `crate::sock`);
+/// any protocol.
 #[inline(always)]
 unsafe fn mstamp(sk: *const u8) -> Result<u64, Error> {
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
@@ -428,6 +484,7 @@ fn data_ready(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
+    // SAFETY: every caller passes its hook's own socket argument.
     if let Err(e) = unsafe { try_data_ready(sk) } {
         e.count();
     }
@@ -438,6 +495,9 @@ fn data_ready(sk: *const u8) -> i32 {
 /// in the connection, in up to `FR_RUNS` buckets, so that a steady request/response stream
 /// touches no map: a sample that falls in none of those buckets hands the smallest run to the
 /// maps, and the connection's close hands them all.
+///
+/// # Safety
+/// `sk` is the socket argument of the running hook, a BTF socket pointer (see `crate::sock`).
 unsafe fn try_data_ready(sk: *const u8) -> Result<(), Error> {
     if !is_tcp(sk) {
         return Ok(());
@@ -523,6 +583,7 @@ fn retransmit(sk: *const u8) -> i32 {
     if empty() {
         return 0;
     }
+    // SAFETY: every caller passes its hook's own socket argument.
     if let Err(e) = unsafe { try_retransmit(sk) } {
         e.count();
     }
@@ -530,6 +591,10 @@ fn retransmit(sk: *const u8) -> i32 {
 }
 
 /// A segment (a SYN too) went out again: counted for the connection's destination.
+///
+/// # Safety
+/// `sk` is the socket argument of the running hook, a BTF pointer to a full TCP socket (see
+/// `crate::sock`).
 unsafe fn try_retransmit(sk: *const u8) -> Result<(), Error> {
     let Some(st) = BW_CONNS.get(&conn_key(sk)).copied() else {
         return Ok(());

@@ -711,9 +711,9 @@ impl Collector for Snapshot {
         )?;
         counter(
             enc,
-            "breakwater_kernel_counter",
-            "The eBPF programs' counters, as `breakwater info` shows them (prog_errors, \
-             read_errors, map_errors, underflows, ...)",
+            "breakwater_kernel_events",
+            "Events the eBPF programs counted, one series per counter of `breakwater info` \
+             (prog_errors, read_errors, map_errors, underflows, ...)",
             self.counters
                 .iter()
                 .map(|(name, v)| (labels([("counter", name)]), *v)),
@@ -903,7 +903,7 @@ mod tests {
             "breakwater_breaker_trips_total{service=\"db\"} 1",
             "breakwater_breaker_rejected_total{service=\"db\"} 7",
             "breakwater_destination_connections_opened_total{destination=\"[::1]:5432\",direction=\"outbound\",service=\"db\"} 20",
-            "breakwater_kernel_counter_total{counter=\"underflows\"} 2",
+            "breakwater_kernel_events_total{counter=\"underflows\"} 2",
             "breakwater_map_entries{map=\"BW_DESTS\"} 3",
             "breakwater_program_missed_runs_total{program=\"bw_state\"} 1",
             "breakwater_agent_info{version=\"0.1.0\"} 1",

@@ -242,8 +242,8 @@ pub fn connect_from_cgroup(cgroup_rel: &str, addr: SocketAddr) -> io::Result<()>
     };
 
     let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills the two descriptors.
     assert_eq!(
+        // SAFETY: pipe2 fills the two descriptors.
         unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
         0,
         "pipe2: {}",

@@ -296,6 +296,35 @@ fn bad_config_file_is_refused_with_the_reason() {
     assert!(!dir.path().join("a.sock").exists());
 }
 
+/// A pin directory must be on bpffs: one elsewhere is refused, and no bpffs is mounted over the
+/// directory the operator named (or its parent).
+#[test]
+fn a_pin_dir_off_bpffs_is_refused_and_nothing_is_mounted() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pins = dir.path().join("pins");
+    let out = Command::new(agent_bin())
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("a.sock"))
+        .arg("--pin-dir")
+        .arg(&pins)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not on a bpf filesystem"), "{err}");
+    let mounts = breakwater_common::mounts::read().unwrap();
+    assert!(
+        !mounts.iter().any(|m| m.point.starts_with(dir.path())),
+        "{mounts:?}"
+    );
+    assert!(!pins.exists());
+    assert!(!dir.path().join("a.sock").exists());
+}
+
 /// `--disable-feature` (and `[features] disable`) take optional features only: anything else
 /// is bad input, refused before anything starts.
 #[test]

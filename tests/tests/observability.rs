@@ -3,7 +3,8 @@
 //! health-only listener (`--health-listen`) through start and shutdown, Prometheus
 //! `/metrics` (`--metrics-listen`): strictly parsed, and its numbers equal to the API's; and the
 //! features the agent runs, reported everywhere, with the calls that need one that is off
-//! (`--disable-feature`) saying so.
+//! (`--disable-feature`) saying so. `/metrics` also passes `promtool check metrics`, the
+//! conventions Prometheus users check with their own tools.
 
 use std::{
     io::{Read as _, Write as _},
@@ -45,6 +46,27 @@ fn python() -> Option<PathBuf> {
         "CI=true but the Python gRPC client is missing: {how}"
     );
     eprintln!("skipped: the Python gRPC client is missing ({how})");
+    None
+}
+
+/// Debian's promtool (package prometheus, which `cargo xtask setup` installs); None (with the
+/// reason printed) outside CI, a failure under `CI=true`.
+fn promtool() -> Option<PathBuf> {
+    let promtool = PathBuf::from("/usr/bin/promtool");
+    let works = Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Some(promtool);
+    }
+    let how = "run `cargo xtask setup` as root (it installs Debian's prometheus package for \
+               /usr/bin/promtool, and leaves its server stopped and disabled)";
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but promtool is missing: {how}"
+    );
+    eprintln!("skipped: promtool is missing ({how})");
     None
 }
 
@@ -444,7 +466,7 @@ fn metrics_parse_and_equal_the_api() {
             .iter()
             .find(|a| a.name == c.name)
             .unwrap();
-        let v = m.value("breakwater_kernel_counter_total", &[("counter", &c.name)]) as u64;
+        let v = m.value("breakwater_kernel_events_total", &[("counter", &c.name)]) as u64;
         assert!(
             c.value <= v && v <= after.value,
             "{}: {} <= {v} <= {}",
@@ -534,6 +556,85 @@ fn metrics_parse_and_equal_the_api() {
         .contains("# TYPE breakwater_service_connections_opened counter\n"));
     assert_eq!(http(metrics, "GET", "/", None).status, 404);
     assert_eq!(http(metrics, "POST", "/metrics", None).status, 405);
+    drop((held, server));
+}
+
+/// `promtool check metrics` finds nothing to say about `/metrics` with every family in it:
+/// services with a breaker, destinations, TIME_WAIT, the histograms, the agent's own.
+#[test]
+fn metrics_pass_promtool_check() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let Some(promtool) = promtool() else { return };
+    let server = Server::start("127.0.0.1:0");
+    let churn = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = closed_port();
+    let config = format!(
+        "[[service]]\nname = \"shop\"\n\
+         endpoints = [\"127.0.0.1:{}\", \"127.0.0.1:{closed}\", \"127.0.0.1:{}\"]\n\
+         [service.breaker]\nconsecutive_failures = 1000\n",
+        server.addr.port(),
+        churn.local_addr().unwrap().port()
+    );
+    let agent = Agent::start_with(Some(&config), &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = listening(&agent, "metrics");
+    let held = connect_many(server.addr, 3);
+    TcpStream::connect(("127.0.0.1", closed)).unwrap_err();
+    churn_to_time_wait(&churn, 2);
+    eventually(Duration::from_secs(10), || {
+        let o = service(&agent, "shop").outbound.unwrap();
+        (o.opened >= 5 && o.failed_refused >= 1).then_some(())
+    })
+    .expect("the service counts the connects");
+
+    let r = http(metrics, "GET", "/metrics", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let families: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for family in [
+        "breakwater_service_connections_opened_total",
+        "breakwater_service_time_wait_sockets",
+        "breakwater_service_connect_duration_seconds",
+        "breakwater_breaker_state",
+        "breakwater_breaker_trips_total",
+        "breakwater_destination_connections_opened_total",
+        "breakwater_destination_port_pressure_ratio",
+        "breakwater_kernel_events_total",
+        "breakwater_map_entries",
+        "breakwater_program_run_seconds_total",
+        "breakwater_feature_enabled",
+        "breakwater_agent_info",
+    ] {
+        assert!(families.contains(&family), "no {family} in\n{}", r.body);
+    }
+
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(r.body.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics ({}):\n{}{}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
     drop((held, server));
 }
 

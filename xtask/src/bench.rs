@@ -262,8 +262,9 @@ fn measure_rounds(
 /// client and server threads and how fast they wake each other (on a 2-vCPU VM, two runs of the
 /// same loop differed by 11%, standard deviation of their ratio, against a few percent pinned).
 fn loop_cpu() -> Result<usize> {
-    // SAFETY: a zeroed cpu_set_t is valid, and sched_getaffinity writes at most its size.
+    // SAFETY: a zeroed cpu_set_t is valid.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; it writes at most the set's size.
     if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
         return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
     }
@@ -275,8 +276,9 @@ fn loop_cpu() -> Result<usize> {
 
 /// Pins the calling thread (and the threads it starts from now on) to `cpu`.
 fn pin(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET with `cpu` < CPU_SETSIZE (from `loop_cpu`).
+    // SAFETY: a zeroed cpu_set_t is valid.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE (from `loop_cpu`).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is the calling thread; the set is valid for its size.
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {

@@ -1,6 +1,7 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|test|vm-test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench>`.
 
 mod bench;
+mod lint;
 mod setup;
 mod vm;
 
@@ -41,7 +42,10 @@ enum Task {
         #[arg(last = true)]
         agent_args: Vec<String>,
     },
-    /// Setup, build, unit and privileged integration tests (root), then the same tests on
+    /// rustfmt, and clippy (every warning an error) on the host crates and on the eBPF crate for
+    /// the BPF target; installs the toolchain pieces it needs first
+    Lint,
+    /// Setup, lint, build, unit and privileged integration tests (root), then the same tests on
     /// Debian's 6.1 and 6.12 kernels in QEMU, and the unsupported-kernel tests on Debian 11's 5.10
     Test {
         /// Skip the tests on Debian's kernels in QEMU (quick local runs; CI runs them)
@@ -78,6 +82,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Setup => setup::run(),
         Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
+        Task::Lint => setup::toolchain().and_then(|()| lint::run(&ws)),
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
@@ -214,11 +219,14 @@ fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>
     stages.push(stage);
 }
 
-/// Build, then the host suite, then every VM kernel; a failing stage does not stop the later
-/// ones (a CI run shows everything at once), only a failed build does.
+/// The lint, the build, then the host suite, then every VM kernel; a failing stage does not stop
+/// the later ones (a CI run shows everything at once), only a failed build skips the tests.
 fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     setup::run()?;
     let mut stages = Vec::new();
+    stage(&mut stages, "lint", || {
+        lint::run(ws).map(|()| String::new())
+    });
     let (mut agent, mut tests) = (None, None);
     stage(&mut stages, "build", || {
         run(ws.cargo().args([
@@ -233,7 +241,7 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         Ok(String::new())
     });
     let (Some(agent), Some(tests)) = (agent, tests) else {
-        bail!("the build failed");
+        return summary(&stages);
     };
 
     stage(&mut stages, "host suite", || {
@@ -266,9 +274,14 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         }
     }
 
+    summary(&stages)
+}
+
+/// Prints every stage again, and fails naming those that failed.
+fn summary(stages: &[Stage]) -> Result<()> {
     println!();
     println!("== summary");
-    for stage in &stages {
+    for stage in stages {
         stage.print();
     }
     let failed: Vec<&str> = stages
@@ -412,5 +425,8 @@ mod tests {
             _ => panic!("wrong task"),
         }
         assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "5.4"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "lint"]).unwrap();
+        assert!(matches!(cli.command, Task::Lint));
+        assert!(Cli::try_parse_from(["xtask", "lint", "--fix"]).is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{is_root, output, run as run_cmd};
+use crate::{describe, is_root, output, run as run_cmd};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -34,15 +34,31 @@ const VENV: &str = "venv";
 
 pub fn run() -> Result<()> {
     let root = is_root();
-    check_nightly()?;
-    check_rust_src()?;
-    check_bpf_linker()?;
+    toolchain()?;
     check_mount("bpffs", "bpf", "/sys/fs/bpf", root)?;
     check_mount("tracefs", "tracefs", "/sys/kernel/tracing", root)?;
     check_ss(root)?;
     check_cgroup2()?;
     check_python_venv(root)?;
+    check_promtool(root)?;
     check_vm_tools(root)?;
+    Ok(())
+}
+
+/// What building and linting need (the part of `run` that `cargo xtask lint` runs): nightly
+/// with rust-src and clippy, clippy and rustfmt on the toolchain that runs xtask, bpf-linker.
+pub fn toolchain() -> Result<()> {
+    check_nightly()?;
+    check_component("nightly", "rust-src")?;
+    check_component("nightly", "clippy")?;
+    let active = output(Command::new("rustup").args(["show", "active-toolchain"]))?;
+    let active = active
+        .split_whitespace()
+        .next()
+        .context("`rustup show active-toolchain` printed nothing")?;
+    check_component(active, "clippy")?;
+    check_component(active, "rustfmt")?;
+    check_bpf_linker()?;
     Ok(())
 }
 
@@ -75,35 +91,36 @@ fn is_plain_nightly(name: &str) -> bool {
             .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
 }
 
-fn check_rust_src() -> Result<()> {
-    let has_rust_src = || -> Result<bool> {
-        let installed = output(Command::new("rustup").args([
+/// A rustup component of `toolchain`, added when missing.
+fn check_component(toolchain: &str, component: &str) -> Result<()> {
+    let installed = || -> Result<bool> {
+        let list = output(Command::new("rustup").args([
             "component",
             "list",
-            "--toolchain",
-            "nightly",
             "--installed",
+            "--toolchain",
+            toolchain,
         ]))?;
-        Ok(installed.lines().any(|line| line.starts_with("rust-src")))
+        Ok(list.lines().any(|line| line.starts_with(component)))
     };
-    if has_rust_src()? {
-        println!("ok: rust-src for nightly");
+    if installed()? {
+        println!("ok: {component} for {toolchain}");
         return Ok(());
     }
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", component, "--toolchain", toolchain]);
     println!(
-        "installing: rust-src for nightly (rustup component add rust-src --toolchain nightly)"
+        "installing: {component} for {toolchain} ({})",
+        describe(&add)
     );
-    run_cmd(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))?;
-    if !has_rust_src()? {
-        bail!("`rustup component add rust-src --toolchain nightly` succeeded but rust-src is still not listed");
+    run_cmd(&mut add)?;
+    if !installed()? {
+        bail!(
+            "`{}` succeeded but {component} is still not listed",
+            describe(&add)
+        );
     }
-    println!("ok: rust-src for nightly");
+    println!("ok: {component} for {toolchain}");
     Ok(())
 }
 
@@ -321,6 +338,73 @@ fn check_vm_tools(root: bool) -> Result<()> {
     }
     let list: Vec<&str> = VM_PACKAGES.iter().map(|(package, _)| *package).collect();
     println!("ok: {} (for vm-test)", list.join(", "));
+    Ok(())
+}
+
+/// Debian's promtool, which tests/tests/observability.rs runs on the agent's `/metrics`.
+const PROMTOOL: &str = "/usr/bin/promtool";
+
+/// promtool comes in Debian's `prometheus` package, with the Prometheus server, its systemd unit
+/// and its init script; installed here, it must not leave a server running, or starting at boot.
+/// Its postinst enables `prometheus.service` (even without systemd running: it links the unit
+/// into multi-user.target.wants), starts it with systemd running, and otherwise runs
+/// `update-rc.d prometheus defaults` and `invoke-rc.d prometheus start`, which starts it only
+/// where the runlevel is known and /usr/sbin/policy-rc.d does not forbid it (in a container
+/// `runlevel` fails, and Docker's images forbid every start). So with systemd the unit is masked
+/// for the install (a runtime mask, gone at the next boot whatever happens), then unmasked,
+/// disabled and stopped; without, `update-rc.d prometheus disable` turns the rc links into K
+/// links and removes the unit's link, and the server is stopped if it runs.
+/// `--no-install-recommends` also leaves out prometheus-node-exporter, another server.
+/// A prometheus package that was already installed is left as it is.
+fn check_promtool(root: bool) -> Result<()> {
+    let present = || is_installed("prometheus") && Path::new(PROMTOOL).is_file();
+    if !present() {
+        if !root {
+            println!(
+                "warning: promtool is missing for tests/tests/observability.rs (not root, so not \
+                 installing; as root: apt-get install -y --no-install-recommends prometheus, then \
+                 stop and disable its server)"
+            );
+            return Ok(());
+        }
+        println!(
+            "installing: prometheus for promtool (apt-get install -y --no-install-recommends; \
+             its server is not left running)"
+        );
+        let systemd = Path::new("/run/systemd/system").is_dir();
+        let systemctl = |args: &[&str]| run_cmd(Command::new("systemctl").args(args));
+        if systemd {
+            systemctl(&["mask", "--runtime", "prometheus.service"])?;
+        }
+        let installed = apt_install(&["prometheus"], &["--no-install-recommends"]);
+        if systemd {
+            systemctl(&["unmask", "--runtime", "prometheus.service"])?;
+        }
+        installed?;
+        if systemd {
+            systemctl(&["disable", "--now", "prometheus.service"])?;
+        } else {
+            let init = Path::new("/etc/init.d/prometheus");
+            if init.is_file() {
+                run_cmd(Command::new("update-rc.d").args(["prometheus", "disable"]))?;
+                let running = Command::new(init)
+                    .arg("status")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if running {
+                    run_cmd(Command::new(init).arg("stop"))?;
+                }
+            }
+        }
+        if !present() {
+            bail!("the prometheus package was installed but {PROMTOOL} is still missing");
+        }
+    }
+    let version = output(Command::new(PROMTOOL).arg("--version"))?;
+    let version = version.lines().next().unwrap_or_default();
+    println!("ok: promtool ({PROMTOOL}: {version})");
     Ok(())
 }
 

@@ -81,11 +81,15 @@ const MODULES: &[&str] = &["inet_diag", "tcp_diag", "veth"];
 /// kernel. The host suite runs them.
 const HOST_ONLY_BINARIES: &[&str] = &["deploy"];
 
-/// Single tests that need the host's Python venv (the grpcio client), skipped in the guest.
-const HOST_ONLY_TESTS: &[(&str, &str)] = &[(
-    "observability",
-    "reflection_and_health_serve_a_client_without_our_protos",
-)];
+/// Single tests that need the host's Python venv (the grpcio client) or Debian's promtool,
+/// skipped in the guest.
+const HOST_ONLY_TESTS: &[(&str, &str)] = &[
+    (
+        "observability",
+        "reflection_and_health_serve_a_client_without_our_protos",
+    ),
+    ("observability", "metrics_pass_promtool_check"),
+];
 
 /// What a VM run takes by default: (test binary, test names; empty = every test of it that is
 /// not host-only). `--full` and test filters take every binary that is not host-only.
@@ -1837,7 +1841,9 @@ linux-image-6.1.0-57-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
             runs[1].args,
             [
                 "--skip",
-                "reflection_and_health_serve_a_client_without_our_protos"
+                "reflection_and_health_serve_a_client_without_our_protos",
+                "--skip",
+                "metrics_pass_promtool_check"
             ]
         );
         assert!(notes[0].contains("newthing"));

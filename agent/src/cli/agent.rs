@@ -276,6 +276,8 @@ fn start_kernel_in(
 fn load_error(what: &'static str, e: LoadError) -> CliError {
     match e {
         LoadError::Unsupported(_) => CliError::UnsupportedKernel(e.to_string()),
+        // A --pin-dir (or agent.pin_dir) off bpffs is bad input.
+        LoadError::NotBpffs(_) => CliError::Usage(e.to_string()),
         other => CliError::Failed(anyhow::Error::new(other).context(what)),
     }
 }

@@ -1,12 +1,14 @@
-//! The client commands: one RPC each, printed as a table or as the response's JSON; with several
-//! agents, asked of all of them at once and printed together, with a node column.
+//! The plumbing of the client commands, written once for all of them: which agents to ask,
+//! connecting (unix socket, TLS or plain TCP), the agent's status as the CLI's exit code and
+//! message, asking several agents at once and printing their answers together with a NODE
+//! column, as a table or as the response's JSON. The verbs themselves are in [`super::verbs`].
 
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use breakwater_proto::v1::{self as pb, agent_client::AgentClient};
+use breakwater_proto::v1::agent_client::AgentClient;
 use hyper_util::rt::TokioIo;
 use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri},
@@ -15,16 +17,18 @@ use tonic::{
 use tower::service_fn;
 
 use super::{
-    output, CliError, Command, DirectionArg, Output, PolicyCommand, Preset, ServiceCommand, Sort,
-    WatchCommand,
+    output,
+    verbs::{self, Ask, Verb},
+    CliError, Command, Output,
 };
-use crate::{
-    config::DEFAULT_SOCKET,
-    core::{
-        policy::{self as breaker, PolicySpec},
-        service::parse_endpoints,
-    },
-};
+use crate::config::DEFAULT_SOCKET;
+
+/// A connected agent.
+pub type Client = AgentClient<Channel>;
+
+/// What a verb's handler returns: the answer, or the agent's status as it came (mapped to the
+/// CLI's exit code and message in one place, [`status_error`]).
+pub type Answered = Result<Box<dyn Answer>, tonic::Status>;
 
 const MAX_RESPONSE: usize = 1 << 30;
 /// How long a TCP agent may take to accept a connection.
@@ -197,7 +201,7 @@ fn client_tls(agent: &str, tls: &ClientTls) -> Result<ClientTlsConfig, CliError>
     }
 }
 
-async fn connect(node: &Node, tls: &ClientTls) -> Result<AgentClient<Channel>, CliError> {
+async fn connect(node: &Node, tls: &ClientTls) -> Result<Client, CliError> {
     let agent = &node.text;
     let channel = match &node.address {
         Address::Unix(path) => {
@@ -247,6 +251,7 @@ async fn connect(node: &Node, tls: &ClientTls) -> Result<AgentClient<Channel>, C
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
+/// The agent's status as the CLI's error: bad input and refused changes exit 2, the rest 1.
 fn status_error(s: tonic::Status) -> CliError {
     match s.code() {
         // Refused before anything changed: bad input, or a caller who may not change state.
@@ -263,7 +268,7 @@ fn status_error(s: tonic::Status) -> CliError {
 }
 
 /// One agent's answer, ready to be printed alone or with other agents'.
-trait Answer: Send {
+pub trait Answer: Send {
     /// `-o json`: the response message as JSON.
     fn json(&self) -> serde_json::Result<String>;
     fn value(&self) -> serde_json::Result<serde_json::Value>;
@@ -275,7 +280,7 @@ trait Answer: Send {
 }
 
 /// A table's rows, with the line to print above them.
-type Titled = (Option<String>, output::Rows);
+pub type Titled = (Option<String>, output::Rows);
 
 type RowsOf<T> = fn(&T) -> Titled;
 
@@ -307,7 +312,7 @@ where
     }
 }
 
-fn reply<T>(msg: T, table: impl Fn(&T) -> String + Send + 'static) -> Box<dyn Answer>
+pub fn reply<T>(msg: T, table: impl Fn(&T) -> String + Send + 'static) -> Box<dyn Answer>
 where
     T: serde::Serialize + Send + 'static,
 {
@@ -318,7 +323,7 @@ where
     })
 }
 
-fn reply_rows<T>(
+pub fn reply_rows<T>(
     msg: T,
     table: impl Fn(&T) -> String + Send + 'static,
     rows: RowsOf<T>,
@@ -341,78 +346,25 @@ fn print(format: Output, answer: &dyn Answer) -> Result<(), CliError> {
     Ok(())
 }
 
-/// A breaker after a trip, reset or new policy, as rows, with "tripped db" above them.
-fn changed_rows(verb: &str, b: &Option<pb::Breaker>) -> Titled {
-    let list = pb::ListBreakersResponse {
-        breakers: b.iter().cloned().collect(),
-    };
-    let title = b.as_ref().map(|b| format!("{verb} {}", b.service));
-    (title, output::breakers_rows(&list))
-}
-
-/// `SetPolicy` from `breakwater policy set`'s flags.
-fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
-    let PolicyCommand::Set {
-        name,
-        preset,
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval,
-        open_timeout,
-        half_open_max,
-        errno,
-        slow_connect,
-        no_terminate,
-    } = command
-    else {
-        return None;
-    };
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
-    Some(pb::SetPolicyRequest {
-        service: name,
-        preset: match preset {
-            None => String::new(),
-            Some(Preset::Gobreaker) => "gobreaker".into(),
-            Some(Preset::Nginx) => "nginx".into(),
-        },
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval_ms: ms(interval),
-        open_timeout_ms: ms(open_timeout),
-        half_open_max,
-        errno,
-        slow_connect_ms: ms(slow_connect),
-        terminate_established: no_terminate.then_some(false),
-    })
-}
-
-/// Prints breaker events as they come, until the agent ends the stream.
-async fn watch_breakers(
-    client: &mut AgentClient<Channel>,
+/// Prints a stream's messages as they come (with -o json, one JSON object per line) until the
+/// agent ends it, which is a failure: a watch ends only when stopped.
+pub async fn follow<T: serde::Serialize>(
+    opened: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
     format: Output,
-    service: Option<String>,
+    what: &str,
+    line: fn(&T) -> String,
 ) -> Result<(), CliError> {
-    let mut stream = client
-        .watch_breaker_events(pb::WatchBreakerEventsRequest {
-            service: service.unwrap_or_default(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = opened.map_err(status_error)?.into_inner();
     if format == Output::Table {
-        eprintln!("watching breaker state changes (Ctrl-C to stop)");
+        eprintln!("watching {what} (Ctrl-C to stop)");
     }
-    while let Some(event) = stream.message().await.map_err(status_error)? {
+    while let Some(message) = stream.message().await.map_err(status_error)? {
         match format {
             Output::Json => {
-                let json = serde_json::to_string(&event).map_err(anyhow::Error::from)?;
+                let json = serde_json::to_string(&message).map_err(anyhow::Error::from)?;
                 println!("{json}");
             }
-            Output::Table => println!("{}", output::breaker_event(&event)),
+            Output::Table => println!("{}", line(&message)),
         }
     }
     Err(CliError::Failed(anyhow::anyhow!(
@@ -420,72 +372,27 @@ async fn watch_breakers(
     )))
 }
 
-/// Prints connection events as they come, until the agent ends the stream.
-async fn watch_conns(
-    client: &mut AgentClient<Channel>,
-    format: Output,
-    service: Option<String>,
-) -> Result<(), CliError> {
-    let mut stream = client
-        .watch_connections(pb::WatchConnectionsRequest {
-            service: service.unwrap_or_default(),
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    if format == Output::Table {
-        eprintln!("watching connections (Ctrl-C to stop)");
-    }
-    while let Some(event) = stream.message().await.map_err(status_error)? {
-        match format {
-            Output::Json => {
-                let json = serde_json::to_string(&event).map_err(anyhow::Error::from)?;
-                println!("{json}");
-            }
-            Output::Table => println!("{}", output::connection_event(&event)),
-        }
-    }
-    Err(CliError::Failed(anyhow::anyhow!(
-        "the agent ended the stream (it stopped?)"
-    )))
-}
-
+/// Runs a client command: on one agent, its answer as it is; on several, asked of all at once
+/// and printed together.
 pub async fn run(target: &Target, format: Output, command: Command) -> Result<(), CliError> {
     let nodes = nodes(target)?;
-    // Check what can be checked here first, so that bad input gets exit code 2 even when
-    // the agent is not running.
-    match &command {
-        Command::Service(ServiceCommand::Put { name, endpoints }) => {
-            parse_endpoints(name, endpoints)?;
-        }
-        Command::Trip { reason, .. } => breaker::check_reason(reason.as_deref().unwrap_or(""))?,
-        Command::Policy(p @ PolicyCommand::Set { .. }) => {
-            let req = set_policy_request(p.clone()).expect("a set command");
-            PolicySpec::from_request(&req).resolve()?;
-        }
-        _ => {}
-    }
-    if let [node] = &nodes[..] {
-        let mut client = connect(node, &target.tls).await?;
-        match command {
-            Command::Watch(WatchCommand::Breakers { service }) => {
-                return watch_breakers(&mut client, format, service).await;
-            }
-            Command::Watch(WatchCommand::Conns { service }) => {
-                return watch_conns(&mut client, format, service).await;
-            }
-            _ => {}
-        }
-        let answer = call(&mut client, &command).await?;
-        return print(format, answer.as_ref());
-    }
-    if matches!(command, Command::Watch(_)) {
-        return Err(CliError::Usage(format!(
+    // Before connecting: bad input gets exit code 2 even when the agent is not running.
+    let verb = verbs::verb(command)?;
+    match (verb, &nodes[..]) {
+        (Verb::Watch(watch), [node]) => watch(connect(node, &target.tls).await?, format).await,
+        (Verb::Watch(_), _) => Err(CliError::Usage(format!(
             "watch follows one agent; {} were given",
             nodes.len()
-        )));
+        ))),
+        (Verb::Ask(ask), [node]) => print(format, one(node, &target.tls, &ask).await?.as_ref()),
+        (Verb::Ask(ask), _) => fan_out(&nodes, &target.tls, format, &ask).await,
     }
-    fan_out(&nodes, &target.tls, format, &command).await
+}
+
+/// The verb's answer from one agent.
+async fn one(node: &Node, tls: &ClientTls, ask: &Ask) -> Result<Box<dyn Answer>, CliError> {
+    let agent = connect(node, tls).await?;
+    ask(agent).await.map_err(status_error)
 }
 
 /// Asks every node at once; prints what came back, merged, and each failure on stderr.
@@ -493,13 +400,9 @@ async fn fan_out(
     nodes: &[Node],
     tls: &ClientTls,
     format: Output,
-    command: &Command,
+    ask: &Ask,
 ) -> Result<(), CliError> {
-    let results = futures::future::join_all(nodes.iter().map(|node| async move {
-        let mut client = connect(node, tls).await?;
-        call(&mut client, command).await
-    }))
-    .await;
+    let results = futures::future::join_all(nodes.iter().map(|node| one(node, tls, ask))).await;
     let answers: Vec<(&str, &dyn Answer)> = nodes
         .iter()
         .zip(&results)
@@ -590,247 +493,11 @@ fn merged_table(answers: &[(&str, &dyn Answer)]) -> String {
         .join("\n\n")
 }
 
-/// The command's RPC on one agent.
-async fn call(
-    client: &mut AgentClient<Channel>,
-    command: &Command,
-) -> Result<Box<dyn Answer>, CliError> {
-    Ok(match command.clone() {
-        Command::Agent(_) | Command::Uninstall { .. } => unreachable!("handled by the caller"),
-        Command::Watch(_) => unreachable!("streams are not answers"),
-        Command::Policy(p @ PolicyCommand::Set { .. }) => {
-            let req = set_policy_request(p).expect("a set command");
-            let r = client
-                .set_policy(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(
-                r,
-                |r| output::breaker_changed("policy set on", &r.breaker),
-                |r| changed_rows("policy set on", &r.breaker),
-            )
-        }
-        Command::Breakers => {
-            let r = client
-                .list_breakers(pb::ListBreakersRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(r, output::breakers, |r| (None, output::breakers_rows(r)))
-        }
-        Command::Trip { name, ttl, reason } => {
-            let r = client
-                .trip(pb::TripRequest {
-                    service: name,
-                    ttl_ms: ttl.map(|d| d.as_millis() as u64),
-                    reason: reason.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(r, output::tripped, |r| {
-                let (title, mut rows) = changed_rows("tripped", &r.breaker);
-                rows.notes.extend(output::termination_note(r));
-                (title, rows)
-            })
-        }
-        Command::Reload => {
-            let r = client
-                .reload_config(pb::ReloadConfigRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::reloaded)
-        }
-        Command::Reset { name } => {
-            let r = client
-                .reset(pb::ResetRequest { service: name })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(
-                r,
-                |r| output::breaker_changed("reset", &r.breaker),
-                |r| changed_rows("reset", &r.breaker),
-            )
-        }
-        Command::Policy(PolicyCommand::Clear { name }) => {
-            let r = client
-                .clear_policy(pb::ClearPolicyRequest {
-                    service: name.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, move |_| {
-                format!("cleared the breaker policy of {name}: its connects pass uncounted")
-            })
-        }
-        Command::Services => {
-            let r = client
-                .list_services(pb::ListServicesRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(r, output::services, |r| (None, output::services_rows(r)))
-        }
-        Command::Destinations {
-            service,
-            sort,
-            limit,
-            direction,
-        } => {
-            let req = pb::ListDestinationsRequest {
-                service: service.unwrap_or_default(),
-                sort: match sort {
-                    Sort::Active => pb::DestinationSort::Active,
-                    Sort::Opened => pb::DestinationSort::Opened,
-                    Sort::Failed => pb::DestinationSort::Failed,
-                }
-                .into(),
-                limit,
-                direction: match direction {
-                    None => pb::Direction::Unspecified,
-                    Some(DirectionArg::Outbound) => pb::Direction::Outbound,
-                    Some(DirectionArg::Inbound) => pb::Direction::Inbound,
-                }
-                .into(),
-            };
-            let r = client
-                .list_destinations(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(r, output::destinations, |r| {
-                (None, output::destinations_rows(r))
-            })
-        }
-        Command::Conns { service, limit } => {
-            let req = pb::ListConnectionsRequest {
-                service: service.unwrap_or_default(),
-                limit,
-            };
-            let r = client
-                .list_connections(req)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply_rows(r, output::connections, |r| {
-                (None, output::connections_rows(r))
-            })
-        }
-        Command::Service(ServiceCommand::Put { name, endpoints }) => {
-            let r = client
-                .put_service(pb::PutServiceRequest { name, endpoints })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::put_service)
-        }
-        Command::Service(ServiceCommand::Delete { name }) => {
-            let r = client
-                .delete_service(pb::DeleteServiceRequest { name: name.clone() })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, move |_| format!("deleted service {name}"))
-        }
-        Command::Latency {
-            kinds,
-            service,
-            destination,
-            netns,
-        } => {
-            let r = client
-                .get_latency(pb::GetLatencyRequest {
-                    service: service.unwrap_or_default(),
-                    destination: destination.unwrap_or_default(),
-                    netns,
-                    kinds: kinds.iter().map(|k| k.name().to_owned()).collect(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::latency)
-        }
-        Command::Advise => {
-            let r = client
-                .advise(pb::AdviseRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::advise)
-        }
-        Command::Timewait { limit } => {
-            let r = client
-                .get_time_wait(pb::GetTimeWaitRequest { limit })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::time_wait)
-        }
-        Command::Info => {
-            let r = client
-                .get_agent_info(pb::GetAgentInfoRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            reply(r, output::info)
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use breakwater_proto::v1 as pb;
     use clap::Parser as _;
-
-    fn policy_set(args: &[&str]) -> pb::SetPolicyRequest {
-        let cli = super::super::Cli::try_parse_from(
-            ["breakwater", "policy", "set", "db"].iter().chain(args),
-        )
-        .unwrap();
-        let Command::Policy(p) = cli.command else {
-            panic!("a policy command")
-        };
-        set_policy_request(p).unwrap()
-    }
-
-    #[test]
-    fn policy_flags_become_overrides() {
-        let r = policy_set(&[
-            "--preset",
-            "gobreaker",
-            "--open-timeout",
-            "10s",
-            "--no-terminate",
-        ]);
-        assert_eq!(r.service, "db");
-        assert_eq!(r.preset, "gobreaker");
-        assert_eq!(r.open_timeout_ms, Some(10_000));
-        assert_eq!(r.terminate_established, Some(false));
-        assert_eq!((r.interval_ms, r.failure_ratio), (None, None));
-
-        let r = policy_set(&[
-            "--failure-ratio",
-            "0.5",
-            "--min-requests",
-            "10",
-            "--interval",
-            "2m",
-            "--slow-connect",
-            "500ms",
-            "--errno",
-            "EPERM",
-        ]);
-        assert_eq!(r.preset, "");
-        assert_eq!(r.failure_ratio, Some(0.5));
-        assert_eq!(r.interval_ms, Some(120_000));
-        assert_eq!(r.slow_connect_ms, Some(500));
-        assert_eq!(r.terminate_established, None);
-        assert!(PolicySpec::from_request(&r).resolve().is_ok());
-    }
 
     /// Bad input is refused before the agent is even contacted, with exit code 2.
     #[tokio::test]
@@ -875,6 +542,19 @@ mod tests {
                 other => panic!("{args:?}: {other:?}"),
             }
         }
+        let cli = super::super::Cli::try_parse_from([
+            "breakwater",
+            "service",
+            "put",
+            "db",
+            "--endpoint",
+            "10.0.0.1",
+        ])
+        .unwrap();
+        assert!(matches!(
+            run(agent, Output::Table, cli.command).await,
+            Err(CliError::Usage(_))
+        ));
         let long = "x".repeat(200);
         let cli =
             super::super::Cli::try_parse_from(["breakwater", "trip", "db", "--reason", &long])
@@ -883,6 +563,33 @@ mod tests {
             run(agent, Output::Table, cli.command).await,
             Err(CliError::Usage(_))
         ));
+    }
+
+    /// The agent's status, whatever the verb: refused input exits 2 with the agent's message,
+    /// a feature that is off exits 1 with its message and where to look, the rest exits 1.
+    #[test]
+    fn statuses_become_exit_codes() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+        ] {
+            let e = status_error(tonic::Status::new(code, "no service \"db\""));
+            assert_eq!(e.exit_code(), 2, "{code:?}");
+            assert_eq!(e.to_string(), "no service \"db\"");
+        }
+        let e = status_error(tonic::Status::failed_precondition(
+            "time_wait is off: disabled by configuration (features.disable)",
+        ));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            "time_wait is off: disabled by configuration (features.disable) \
+             (`breakwater info` shows what this agent runs)"
+        );
+        let e = status_error(tonic::Status::unavailable("shutting down"));
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(e.to_string(), "agent: shutting down (Unavailable)");
     }
 
     #[test]

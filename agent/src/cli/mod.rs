@@ -3,6 +3,7 @@
 mod agent;
 mod client;
 mod output;
+mod verbs;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -262,6 +263,7 @@ pub enum WatchCommand {
 }
 
 #[derive(Clone, Debug, clap::Args)]
+#[command(args = refused_client_flags())]
 pub struct AgentArgs {
     /// TOML config file; without one the agent observes everything and has no services.
     #[arg(long, env = "BREAKWATER_CONFIG")]
@@ -336,6 +338,36 @@ pub struct AgentArgs {
     /// --tls-key.
     #[arg(skip)]
     pub tls_key: Option<PathBuf>,
+}
+
+/// The client's own global flags, which `breakwater agent` refuses (exit 2) rather than take,
+/// list in its help and ignore. Each has the id of its global flag on [`Cli`], and so clap does
+/// not propagate that one to `agent` (`--tls-cert` and `--tls-key` are both sides', and are);
+/// hidden; no `env`, so an agent started with `BREAKWATER_AGENT` and the like in its
+/// environment starts as before.
+fn refused_client_flags() -> [clap::Arg; 4] {
+    let refuse = |id: &'static str, flag: &'static str, value: &'static str, instead: &str| {
+        let why = format!(
+            "{flag} is a flag of the client commands; `breakwater agent` does not take it{instead}"
+        );
+        clap::Arg::new(id)
+            .long(flag.trim_start_matches("--"))
+            .value_name(value)
+            .action(clap::ArgAction::Append)
+            .hide(true)
+            .value_parser(move |_: &str| Err::<String, _>(why.clone()))
+    };
+    [
+        refuse("agents", "--agent", "ADDRESS", ""),
+        refuse("agents_file", "--agents-file", "FILE", ""),
+        refuse(
+            "tls_ca",
+            "--tls-ca",
+            "FILE",
+            " (the agent's CA for client certificates is --tls-client-ca)",
+        ),
+        refuse("output", "--output", "FORMAT", "").short('o'),
+    ]
 }
 
 /// `--disable-feature`: an optional feature's name.
@@ -484,6 +516,7 @@ pub fn main() -> ExitCode {
 mod tests {
     use super::*;
     use crate::core::features::Feature;
+    use clap::CommandFactory as _;
 
     fn agent_args(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         let cli = Cli::try_parse_from(["breakwater", "agent"].iter().chain(args))?;
@@ -491,6 +524,144 @@ mod tests {
             Command::Agent(a) => Ok(a),
             other => panic!("not the agent: {other:?}"),
         }
+    }
+
+    /// clap's own checks of the definition (conflicting names, bad defaults, ...), which it
+    /// otherwise makes only when a command is parsed in a debug build.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The client's global flags, as `breakwater --help` lists them.
+    const CLIENT_FLAGS: [&str; 5] = ["--agent", "--agents-file", "--tls-ca", "--output", "-o"];
+
+    /// The flags a help text lists.
+    fn flags_in(help: &str) -> std::collections::BTreeSet<&str> {
+        help.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with('-') && w.len() > 1)
+            .collect()
+    }
+
+    /// `breakwater agent --help` lists the agent's flags and none of the client's; the two sides'
+    /// --tls-cert and --tls-key are there. The client's are refused (exit 2), with a word on the
+    /// agent's own flag where one does that job.
+    #[test]
+    fn the_agent_has_its_own_flags() {
+        let help = Cli::try_parse_from(["breakwater", "agent", "--help"])
+            .unwrap_err()
+            .to_string();
+        let flags = flags_in(&help);
+        for flag in CLIENT_FLAGS {
+            assert!(!flags.contains(flag), "{flag} in\n{help}");
+        }
+        for flag in [
+            "--tls-cert",
+            "--tls-key",
+            "--tls-client-ca",
+            "--socket",
+            "--listen",
+        ] {
+            assert!(flags.contains(flag), "no {flag} in\n{help}");
+        }
+        for (args, why) in [
+            (
+                &["--agent", "unix:///run/x.sock"][..],
+                "--agent is a flag of the client commands",
+            ),
+            (
+                &["--agents-file", "agents"],
+                "--agents-file is a flag of the client commands",
+            ),
+            (
+                &["--tls-ca", "ca.pem"],
+                "CA for client certificates is --tls-client-ca",
+            ),
+            (&["-o", "json"], "--output is a flag of the client commands"),
+            (
+                &["--output=table"],
+                "--output is a flag of the client commands",
+            ),
+        ] {
+            let err = agent_args(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(why), "{args:?}: {err}");
+        }
+        // Refused on the command line only: the agent's environment may hold the client's
+        // variables (BREAKWATER_AGENT, ...) as it always could.
+        let cmd = Cli::command();
+        let agent = cmd.find_subcommand("agent").unwrap();
+        for arg in agent.get_arguments().filter(|a| a.is_hide_set()) {
+            assert_eq!(arg.get_env(), None, "{}", arg.get_id());
+        }
+        // Before the subcommand they are the top level's, as for every command.
+        let cli = Cli::try_parse_from(["breakwater", "-o", "json", "agent", "--tls-cert", "a.pem"])
+            .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        assert_eq!(cli.tls_cert.as_deref(), Some(std::path::Path::new("a.pem")));
+    }
+
+    /// The client commands take the global flags before or after their name (scripts use both),
+    /// and the top-level help lists them.
+    #[test]
+    fn client_flags_go_before_or_after_the_command() {
+        let help = Cli::try_parse_from(["breakwater", "--help"])
+            .unwrap_err()
+            .to_string();
+        let flags = flags_in(&help);
+        for flag in CLIENT_FLAGS.iter().chain(&["--tls-cert", "--tls-key"]) {
+            assert!(flags.contains(flag), "no {flag} in\n{help}");
+        }
+        let global = [
+            "--agent",
+            "unix:///a.sock",
+            "--agent",
+            "https://b:7443",
+            "--agents-file",
+            "fleet",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "c.key",
+            "-o",
+            "json",
+        ];
+        for command in [
+            &["services"][..],
+            &["policy", "set", "db", "--preset", "nginx"],
+            &["watch", "conns", "--service", "db"],
+            &["trip", "db", "--for", "30s"],
+        ] {
+            for args in [
+                [&global[..], command].concat(),
+                [command, &global[..]].concat(),
+            ] {
+                let cli = Cli::try_parse_from(["breakwater"].iter().chain(&args))
+                    .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                assert_eq!(cli.agents, ["unix:///a.sock", "https://b:7443"], "{args:?}");
+                assert_eq!(
+                    cli.agents_file.as_deref(),
+                    Some(std::path::Path::new("fleet"))
+                );
+                assert_eq!(cli.tls_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+                assert_eq!(cli.tls_cert.as_deref(), Some(std::path::Path::new("c.pem")));
+                assert_eq!(cli.tls_key.as_deref(), Some(std::path::Path::new("c.key")));
+                assert_eq!(cli.output, Output::Json, "{args:?}");
+            }
+        }
+        // Split around the command, as `breakwater --agent X services -o json` is written.
+        let cli = Cli::try_parse_from([
+            "breakwater",
+            "--agent",
+            "unix:///a.sock",
+            "services",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!((cli.agents.len(), cli.output), (1, Output::Json));
     }
 
     #[test]

@@ -53,24 +53,39 @@ impl BreakerMaps {
     }
 }
 
-/// Mounts bpffs at the pin directory's parent if nothing is mounted there, and creates the
-/// directory.
-pub fn prepare_pin_dir(dir: &Path) -> std::io::Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
-    let mounted = breakwater_common::mounts::is_mounted("bpf", parent)?;
-    if !mounted {
-        std::fs::create_dir_all(parent)?;
+/// Where bpffs usually is; the agent mounts it there if nothing is.
+const BPFFS: &str = "/sys/fs/bpf";
+/// `statfs` type of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes the pin directory, on a bpf filesystem: bpffs is mounted at /sys/fs/bpf if the
+/// directory is under it and nothing is mounted there; anywhere else it must be on bpffs
+/// already (never mounted over a directory the operator named).
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    let io = |e: std::io::Error| LoadError::Setup(format!("pin directory {}: {e}", dir.display()));
+    let bpffs = Path::new(BPFFS);
+    if dir.starts_with(bpffs) && !breakwater_common::mounts::is_mounted("bpf", bpffs).map_err(io)? {
+        std::fs::create_dir_all(bpffs).map_err(io)?;
         nix::mount::mount(
             Some("bpf"),
-            parent,
+            bpffs,
             Some("bpf"),
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(std::io::Error::from)?;
-        info!(path = %parent.display(), "mounted bpffs");
+        .map_err(|e| io(e.into()))?;
+        info!(path = BPFFS, "mounted bpffs");
     }
-    std::fs::create_dir_all(dir)
+    // The directory, or where it will be made.
+    let on = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let fs = nix::sys::statfs::statfs(on).map_err(|e| io(e.into()))?;
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(LoadError::NotBpffs(dir.to_owned()));
+    }
+    std::fs::create_dir_all(dir).map_err(io)
 }
 
 /// Holds `dir` for this agent: an exclusive `flock` on the directory, released when the agent

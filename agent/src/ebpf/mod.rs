@@ -59,6 +59,12 @@ pub enum LoadError {
     /// Pinning, cgroups, bpffs: the breaker's setup around the programs.
     #[error("{0}")]
     Setup(String),
+    #[error(
+        "pin directory {}: not on a bpf filesystem; pins live on bpffs: use a directory under \
+         /sys/fs/bpf, or mount bpffs where they should go (mount -t bpf bpf DIR)",
+        .0.display()
+    )]
+    NotBpffs(PathBuf),
     /// A core feature cannot run on this kernel: what is missing, and what brings it.
     #[error("this kernel cannot run breakwater: {0}")]
     Unsupported(String),
@@ -222,8 +228,7 @@ impl Kernel {
             ))
         })?;
         let offsets = kbtf.offsets()?;
-        breaker::prepare_pin_dir(pin_dir)
-            .map_err(|e| LoadError::Setup(format!("pin directory {}: {e}", pin_dir.display())))?;
+        breaker::prepare_pin_dir(pin_dir)?;
         let pin_lock = breaker::lock_pin_dir(pin_dir)?;
         let layout = breaker::check_layout(pin_dir)?;
         breaker::check_pins(pin_dir, sizes)?;

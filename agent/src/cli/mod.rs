@@ -172,8 +172,8 @@ pub enum PolicyCommand {
     Set {
         /// Service name.
         name: String,
-        #[arg(long, value_enum)]
-        preset: Option<Preset>,
+        #[arg(long, value_parser = preset_arg())]
+        preset: Option<String>,
         /// The ratio rule needs at least N requests in the interval.
         #[arg(long, value_name = "N")]
         min_requests: Option<u32>,
@@ -195,8 +195,8 @@ pub enum PolicyCommand {
         /// Probes admitted in half-open; that many successes close the breaker.
         #[arg(long, value_name = "N")]
         half_open_max: Option<u32>,
-        /// What refused connects return: ECONNREFUSED (default), EHOSTUNREACH or EPERM.
-        #[arg(long, value_name = "NAME")]
+        /// What refused connects return (default ECONNREFUSED; any case).
+        #[arg(long, value_name = "NAME", value_parser = errno_arg)]
         errno: Option<String>,
         /// A connect slower than this counts as a failure (0s = off).
         #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
@@ -235,14 +235,6 @@ impl LatencyKind {
             LatencyKind::Lifetime => "lifetime",
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
-    /// min_requests 3, failure_ratio 0.6, interval 60s, open_timeout 30s, half_open_max 1.
-    Gobreaker,
-    /// nginx's max_fails=3 fail_timeout=30s: 3 failures within 30s open it for 30s.
-    Nginx,
 }
 
 #[derive(Clone, Debug, Subcommand)]
@@ -368,6 +360,19 @@ fn refused_client_flags() -> [clap::Arg; 4] {
         ),
         refuse("output", "--output", "FORMAT", "").short('o'),
     ]
+}
+
+/// `--preset`: one of the core's presets, each listed in the help with what it sets.
+fn preset_arg() -> clap::builder::PossibleValuesParser {
+    crate::core::policy::PRESETS
+        .map(|(name, sets)| clap::builder::PossibleValue::new(name).help(sets))
+        .into()
+}
+
+/// `--errno`: a name from the core's table, spelled as the table spells it.
+fn errno_arg(name: &str) -> Result<String, String> {
+    let errno = crate::core::policy::parse_errno(name).map_err(|e| e.to_string())?;
+    Ok(crate::core::policy::errno_name(errno))
 }
 
 /// `--disable-feature`: an optional feature's name.

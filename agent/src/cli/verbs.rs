@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 
 use super::{
     client::{follow, reply, reply_rows, Answered, Client, Titled},
-    output, CliError, Command, DirectionArg, Output, PolicyCommand, Preset, ServiceCommand, Sort,
+    output, CliError, Command, DirectionArg, Output, PolicyCommand, ServiceCommand, Sort,
     WatchCommand,
 };
 use crate::core::{
@@ -187,11 +187,7 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
     Some(pb::SetPolicyRequest {
         service: name,
-        preset: match preset {
-            None => String::new(),
-            Some(Preset::Gobreaker) => "gobreaker".into(),
-            Some(Preset::Nginx) => "nginx".into(),
-        },
+        preset: preset.unwrap_or_default(),
         min_requests,
         failure_ratio,
         consecutive_failures,
@@ -381,14 +377,37 @@ mod tests {
             "--slow-connect",
             "500ms",
             "--errno",
-            "EPERM",
+            "eperm",
         ]);
         assert_eq!(r.preset, "");
+        assert_eq!(r.errno.as_deref(), Some("EPERM"));
         assert_eq!(r.failure_ratio, Some(0.5));
         assert_eq!(r.interval_ms, Some(120_000));
         assert_eq!(r.slow_connect_ms, Some(500));
         assert_eq!(r.terminate_established, None);
         assert!(PolicySpec::from_request(&r).resolve().is_ok());
+    }
+
+    #[test]
+    fn presets_and_errnos_come_from_the_core_tables() {
+        let refused = |args: &[&str]| {
+            super::super::Cli::try_parse_from(
+                ["breakwater", "policy", "set", "db"].iter().chain(args),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let e = refused(&["--errno", "EAGAIN"]);
+        assert!(
+            e.contains("unknown errno \"EAGAIN\" (allowed: ECONNREFUSED, EHOSTUNREACH, EPERM)"),
+            "{e}"
+        );
+        let e = refused(&["--preset", "envoy"]);
+        assert!(e.contains("[possible values: gobreaker, nginx]"), "{e}");
+        let help = refused(&["--help"]);
+        for (name, sets) in breaker::PRESETS {
+            assert!(help.contains(name) && help.contains(sets), "{help}");
+        }
     }
 
     #[test]

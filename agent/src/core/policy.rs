@@ -7,8 +7,19 @@ use breakwater_common::breaker::{cause, policy_flags, Policy, RATIO_ONE};
 
 use crate::error::{Error, Result};
 
-/// Named starting points for a policy.
-pub const PRESETS: [&str; 2] = ["gobreaker", "nginx"];
+/// Named starting points for a policy, with what each sets (the CLI's help shows it; a unit test
+/// resolves each one and checks the text against its fields).
+pub const PRESETS: [(&str, &str); 2] = [
+    (
+        "gobreaker",
+        "min_requests 3, failure_ratio 0.6, interval 60s, open_timeout 30s, half_open_max 1",
+    ),
+    (
+        "nginx",
+        "nginx's max_fails=3 fail_timeout=30s: max_failures 3, interval 30s, open_timeout 30s, \
+         half_open_max 1",
+    ),
+];
 
 /// Errnos a refused `connect()` may return, by name.
 pub const ERRNOS: [(&str, u32); 3] = [
@@ -98,7 +109,7 @@ fn preset(name: &str) -> Result<Fields> {
         }),
         _ => Err(Error::invalid(format!(
             "unknown preset {name:?} (known: {})",
-            PRESETS.join(", ")
+            PRESETS.map(|(n, _)| n).join(", ")
         ))),
     }
 }
@@ -305,6 +316,42 @@ mod tests {
         assert_eq!(
             (n.interval_ns, n.open_timeout_ns, n.half_open_max),
             (30 * S, 30 * S, 1)
+        );
+    }
+
+    #[test]
+    fn every_preset_resolves_to_what_its_help_says() {
+        for (name, sets) in PRESETS {
+            let f = preset(name).unwrap();
+            let secs = |d: Duration| format!("{}s", d.as_secs());
+            let pairs = sets.rsplit(": ").next().unwrap().split(", ");
+            for pair in pairs {
+                let (field, value) = pair.split_once(' ').unwrap();
+                let actual = match field {
+                    "min_requests" => f.min_requests.to_string(),
+                    "failure_ratio" => f.failure_ratio.to_string(),
+                    "consecutive_failures" => f.consecutive_failures.to_string(),
+                    "max_failures" => f.max_failures.to_string(),
+                    "interval" => secs(f.interval),
+                    "open_timeout" => secs(f.open_timeout),
+                    "half_open_max" => f.half_open_max.to_string(),
+                    other => panic!("{name}: unknown field {other:?} in its help"),
+                };
+                assert_eq!(actual, value, "{name}: {field}");
+            }
+        }
+    }
+
+    #[test]
+    fn errno_names_round_trip_in_any_case() {
+        for (name, number) in ERRNOS {
+            assert_eq!(parse_errno(&name.to_ascii_lowercase()).unwrap(), number);
+            assert_eq!(errno_name(number), name);
+        }
+        let e = parse_errno("EAGAIN").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "unknown errno \"EAGAIN\" (allowed: ECONNREFUSED, EHOSTUNREACH, EPERM)"
         );
     }
 

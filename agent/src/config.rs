@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use breakwater_common::{breaker::Policy, defaults};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     core::{
@@ -414,19 +414,30 @@ pub struct ServiceConfig {
 
 /// `[service.breaker]`: a preset, explicit fields, or a preset with some fields overridden
 /// (the same fields and checks as the API's `SetPolicy`). Durations are written "30s", "500ms".
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_requests: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub open_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub half_open_max: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub errno: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_connect: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub terminate_established: Option<bool>,
 }
 

@@ -17,6 +17,10 @@ pub enum Error {
     /// The call needs a feature that this kernel does not offer (see `crate::core::features`).
     #[error("{0}")]
     FeatureOff(String),
+    /// Another source owns the object (the fleet, for a change through the local API); nothing
+    /// was changed.
+    #[error("{0}")]
+    Owned(String),
     #[error("kernel map {map}: {source}")]
     Map {
         map: &'static str,

@@ -9,5 +9,6 @@ pub mod core;
 pub mod destroy;
 pub mod ebpf;
 pub mod error;
+pub mod fleet;
 pub mod metrics;
 pub mod netns;

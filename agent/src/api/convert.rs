@@ -21,6 +21,7 @@ use crate::{
         counters::conn_counters,
         features::{FeatureState, Status as FeatureStatus},
         latency,
+        owners::Owner,
         policy::{errno_name, PolicySpec},
         reload::Reloaded,
         service::display_addr,
@@ -124,6 +125,17 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
         open_remaining_ms: b.open_remaining_ms,
         policy: Some(policy_message(&b.policy)),
         events_lost: b.totals.events_lost,
+        policy_owner: owner_message(Some(b.policy_owner)).into(),
+        tripped_by: owner_message(b.tripped_by).into(),
+    }
+}
+
+pub fn owner_message(owner: Option<Owner>) -> pb::Owner {
+    match owner {
+        None => pb::Owner::Unspecified,
+        Some(Owner::Local) => pb::Owner::Local,
+        Some(Owner::Config) => pb::Owner::Config,
+        Some(Owner::Fleet) => pb::Owner::Fleet,
     }
 }
 
@@ -204,6 +216,8 @@ pub fn service_message(s: &ServiceSummary) -> pb::Service {
             .collect(),
         outbound: Some(conn_counts(&s.stats[0])),
         inbound: Some(conn_counts(&s.stats[1])),
+        owner: owner_message(Some(s.owner)).into(),
+        shadowed: owner_message(s.shadowed).into(),
     }
 }
 
@@ -572,6 +586,8 @@ mod tests {
             },
             reason: "maintenance".into(),
             open_remaining_ms: 2500,
+            policy_owner: Owner::Fleet,
+            tripped_by: Some(Owner::Local),
         };
         let json = serde_json::to_value(breaker_message(&view)).unwrap();
         for (k, v) in [

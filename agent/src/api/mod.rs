@@ -23,6 +23,7 @@ use tracing::info;
 use crate::{
     core::{
         aggregate::{latency_kinds, DestinationQuery, LatencyOf},
+        owners::Owner,
         policy::{self, PolicySpec},
         reload::Reloaded,
         Core,
@@ -37,12 +38,23 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::FeatureOff(_) => Code::FailedPrecondition,
+            Error::FeatureOff(_) | Error::Owned(_) => Code::FailedPrecondition,
             Error::Map { .. } | Error::Internal(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let Error::Owned(_) = e {
+            // A refusal of the caller's change, as InvalidArgument is, though the request was
+            // well formed: the CLI exits 2 for it.
+            status
+                .metadata_mut()
+                .insert(REFUSED_METADATA, "owner".parse().expect("ascii"));
+        }
+        status
     }
 }
+
+/// Metadata on a status that refused a change because another source owns the object.
+pub const REFUSED_METADATA: &str = "breakwater-refused";
 
 /// Reloads the config (`ReloadConfig`, SIGHUP): the core applies it, and who may change state
 /// is updated here, where calls are let through.
@@ -165,7 +177,7 @@ impl Agent for AgentService {
         let policy = PolicySpec::from_request(&req).resolve()?;
         // The core logs every change it makes.
         let b = self
-            .with_core(move |core| core.set_policy(&req.service, policy))
+            .with_core(move |core| core.set_policy(Owner::Local, &req.service, policy))
             .await?;
         Ok(Response::new(pb::SetPolicyResponse {
             breaker: Some(convert::breaker_message(&b)),
@@ -177,7 +189,7 @@ impl Agent for AgentService {
         request: Request<pb::ClearPolicyRequest>,
     ) -> Result<Response<pb::ClearPolicyResponse>, Status> {
         let service = request.into_inner().service;
-        self.with_core(move |core| core.clear_policy(&service))
+        self.with_core(move |core| core.clear_policy(Owner::Local, &service))
             .await?;
         Ok(Response::new(pb::ClearPolicyResponse {}))
     }
@@ -189,7 +201,7 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let ttl = policy::trip_ttl(req.ttl_ms)?;
         let (b, termination) = self
-            .with_core(move |core| core.trip(&req.service, ttl, &req.reason))
+            .with_core(move |core| core.trip(Owner::Local, &req.service, ttl, &req.reason))
             .await?;
         Ok(Response::new(pb::TripResponse {
             breaker: Some(convert::breaker_message(&b)),
@@ -287,7 +299,7 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let (service, replaced) = self
             .with_core(move |core| {
-                let (svc, replaced) = core.put_service(&req.name, &req.endpoints)?;
+                let (svc, replaced) = core.put_service(Owner::Local, &req.name, &req.endpoints)?;
                 info!(service = %svc.name, endpoints = svc.endpoints.len(), replaced, "service put");
                 Ok((core.service_summary(&svc)?, replaced))
             })
@@ -304,7 +316,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::DeleteServiceResponse>, Status> {
         let req = request.into_inner();
         self.with_core(move |core| {
-            core.delete_service(&req.name)?;
+            core.delete_service(Owner::Local, &req.name)?;
             info!(service = %req.name, "service deleted");
             Ok(())
         })

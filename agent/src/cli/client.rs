@@ -258,6 +258,10 @@ fn status_error(s: tonic::Status) -> CliError {
         Code::InvalidArgument | Code::NotFound | Code::PermissionDenied => {
             CliError::Usage(s.message().to_owned())
         }
+        // Another source (the fleet) owns what the caller would change.
+        Code::FailedPrecondition if s.metadata().contains_key(crate::api::REFUSED_METADATA) => {
+            CliError::Usage(s.message().to_owned())
+        }
         // Not bad input: the agent does not run what the call needs (a feature that is off).
         Code::FailedPrecondition => CliError::Failed(anyhow::anyhow!(
             "{} (`breakwater info` shows what this agent runs)",

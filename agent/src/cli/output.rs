@@ -110,14 +110,18 @@ pub fn services_rows(r: &pb::ListServicesResponse) -> Rows {
             .iter()
             .filter_map(move |c| c.services_columns[dir].map(|title| (title, c.get)))
     };
-    let mut header = vec!["SERVICE", "ENDPOINTS"];
+    let mut header = vec!["SERVICE", "OWNER", "ENDPOINTS"];
     header.extend(columns(0).chain(columns(1)).map(|(title, _)| title));
     header.extend(["CONNECT-P50", "CONNECT-P99"]);
     let mut t = Rows::new(&header);
     for s in &r.services {
         let stats =
             [&s.outbound, &s.inbound].map(|c| c.as_ref().map(conn_stats).unwrap_or_default());
-        let mut row = vec![Cell::new(&s.name), Cell::new(s.endpoints.join(","))];
+        let mut row = vec![
+            Cell::new(&s.name),
+            Cell::new(owner_cell(s.owner, s.shadowed)),
+            Cell::new(s.endpoints.join(",")),
+        ];
         for (dir, stats) in stats.iter().enumerate() {
             row.extend(columns(dir).map(|(_, get)| num(get(stats))));
         }
@@ -424,6 +428,23 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     format!("{out}\n{f}\n\n{p}\n\n{m}\n\n{c}")
 }
 
+fn owner_name(owner: i32) -> &'static str {
+    match pb::Owner::try_from(owner) {
+        Ok(pb::Owner::Local) => "local",
+        Ok(pb::Owner::Config) => "config",
+        Ok(pb::Owner::Fleet) => "fleet",
+        _ => "-",
+    }
+}
+
+/// "fleet", or "fleet (shadows config)" where the fleet's hides another definition.
+fn owner_cell(owner: i32, shadowed: i32) -> String {
+    match owner_name(shadowed) {
+        "-" => owner_name(owner).to_owned(),
+        hidden => format!("{} (shadows {hidden})", owner_name(owner)),
+    }
+}
+
 fn feature_status(status: i32) -> &'static str {
     match pb::FeatureStatus::try_from(status) {
         Ok(pb::FeatureStatus::On) => "on",
@@ -516,7 +537,7 @@ pub fn breakers(r: &pb::ListBreakersResponse) -> String {
 pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
     let mut t = Rows::new(&[
         "SERVICE", "STATE", "REQUESTS", "FAILURES", "IN-A-ROW", "REJECTED", "TRIPS", "OPEN-FOR",
-        "POLICY",
+        "POLICY", "OWNER",
     ]);
     for b in &r.breakers {
         t.rows.push(vec![
@@ -538,13 +559,24 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
                 },
             ),
             Cell::new(b.policy.as_ref().map(policy_summary).unwrap_or_default()),
+            Cell::new(owner_cell(b.policy_owner, 0)),
         ]);
     }
     t.notes = r
         .breakers
         .iter()
-        .filter(|b| b.forced && !b.reason.is_empty())
-        .map(|b| format!("{} forced open: {}", b.service, b.reason))
+        .filter(|b| b.forced)
+        .filter_map(|b| {
+            let by = match owner_name(b.tripped_by) {
+                "-" => String::new(),
+                by => format!(" by {by}"),
+            };
+            match b.reason.as_str() {
+                "" if by.is_empty() => None,
+                "" => Some(format!("{} forced open{by}", b.service)),
+                why => Some(format!("{} forced open{by}: {why}", b.service)),
+            }
+        })
         .collect();
     t
 }
@@ -714,11 +746,21 @@ mod tests {
             policy: Some(policy),
             ..Default::default()
         };
-        let out = breaker_changed("tripped", &Some(b));
+        let out = breaker_changed("tripped", &Some(b.clone()));
         assert!(out.starts_with("tripped db\n"), "{out}");
         assert!(out.contains("open (forced)"), "{out}");
         assert!(out.contains("until reset"), "{out}");
         assert!(out.contains("db forced open: maintenance"), "{out}");
+        let fleets = pb::Breaker {
+            tripped_by: pb::Owner::Fleet.into(),
+            policy_owner: pb::Owner::Fleet.into(),
+            ..b.clone()
+        };
+        let out = breaker_changed("tripped", &Some(fleets));
+        assert!(
+            out.contains("db forced open by fleet: maintenance"),
+            "{out}"
+        );
         let line = breaker_event(&pb::BreakerEvent {
             service: "db".into(),
             from: pb::BreakerState::Closed.into(),
@@ -901,12 +943,15 @@ mod tests {
                 inbound: Some(counts(10)),
                 connect_p50_us: 1500,
                 connect_p99_us: 0,
+                owner: pb::Owner::Fleet.into(),
+                shadowed: pb::Owner::Config.into(),
             }],
         });
         assert_eq!(
             rows.header,
             [
                 "SERVICE",
+                "OWNER",
                 "ENDPOINTS",
                 "ACTIVE",
                 "OPENED",
@@ -925,6 +970,7 @@ mod tests {
             cells,
             [
                 "db",
+                "fleet (shadows config)",
                 "10.0.0.1:80",
                 "1",
                 "2",

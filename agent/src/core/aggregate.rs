@@ -16,6 +16,7 @@ use super::{
     advise, counters,
     features::{Feature, FeatureState},
     kernel::Walked,
+    owners::Owner,
     service::{Endpoint, Service},
     timewait::{self, Pressure, TimeWait},
     Core, Histogram, Kernel, MapSummary, ProgramSummary,
@@ -105,6 +106,9 @@ impl PendingSamples {
 #[derive(Clone, Debug)]
 pub struct ServiceSummary {
     pub service: Service,
+    pub owner: Owner,
+    /// The owner of the definition the fleet's hides.
+    pub shadowed: Option<Owner>,
     /// Outbound, inbound.
     pub stats: [ConnStats; 2],
     pub connect: Histogram,
@@ -300,6 +304,8 @@ impl<K: Kernel + ?Sized> Core<K> {
                 self.kernel.service_stats(s.id, direction::OUTBOUND)?,
                 self.kernel.service_stats(s.id, direction::INBOUND)?,
             ],
+            owner: self.owners.service(&s.name).unwrap_or_default(),
+            shadowed: self.owners.shadowed_service(&s.name),
             service: s.clone(),
         })
     }

@@ -7,7 +7,12 @@ use std::time::{Duration, SystemTime};
 use breakwater_common::breaker::{self as brk, cause, policy_flags, state, Counts, Policy, Totals};
 use tracing::{info, warn};
 
-use super::{audit::Subscription, features::Feature, policy, Core, Kernel};
+use super::{
+    audit::Subscription,
+    features::Feature,
+    owners::{Owner, Shadowed, Verdict},
+    policy, Core, Kernel,
+};
 use crate::{
     clock,
     error::{Error, Result},
@@ -24,6 +29,10 @@ pub struct BreakerView {
     /// Why an operator tripped it (while forced).
     pub reason: String,
     pub open_remaining_ms: u64,
+    /// Who set the policy.
+    pub policy_owner: Owner,
+    /// Who forced it open (while forced).
+    pub tripped_by: Option<Owner>,
 }
 
 /// A breaker state change, from the kernel's ring buffer or from an operator's action.
@@ -82,6 +91,12 @@ impl<K: Kernel + ?Sized> Core<K> {
                 String::new()
             },
             open_remaining_ms: counts.open_remaining_ms(now),
+            policy_owner: self.owners.policy(service).unwrap_or_default(),
+            tripped_by: if counts.forced != 0 {
+                Some(self.owners.tripped_by(service).unwrap_or_default())
+            } else {
+                None
+            },
         })
     }
 
@@ -103,33 +118,79 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.view(id, service, policy)
     }
 
-    /// Sets (or replaces) a service's policy: the breaker starts Closed with counts cleared.
-    pub fn set_policy(&mut self, service: &str, policy: Policy) -> Result<BreakerView> {
+    /// Sets (or replaces) a service's policy as `owner`: the breaker starts Closed with counts
+    /// cleared. A change to a fleet-owned policy by the config is kept aside; by the local API
+    /// it is refused.
+    pub fn set_policy(
+        &mut self,
+        owner: Owner,
+        service: &str,
+        policy: Policy,
+    ) -> Result<BreakerView> {
         let id = self.service_id(service)?;
         let policy = Policy {
             flags: policy.flags | policy_flags::ENABLED,
             ..policy
         };
+        if self.owners.check_policy(owner, service)? == Verdict::Shadow {
+            self.owners.shadowed_policies.insert(
+                service.to_owned(),
+                Shadowed {
+                    owner,
+                    value: policy,
+                },
+            );
+            return self.breaker(service);
+        }
         let mut counts = self.kernel.counts(id)?;
-        let had_policy = self.kernel.policy(id)?.flags & policy_flags::ENABLED != 0;
+        let current = self.kernel.policy(id)?;
+        let had_policy = current.flags & policy_flags::ENABLED != 0;
+        if owner == Owner::Fleet && had_policy {
+            if let Some(p @ (Owner::Local | Owner::Config)) = self.owners.policy(service) {
+                self.owners.shadowed_policies.insert(
+                    service.to_owned(),
+                    Shadowed {
+                        owner: p,
+                        value: current,
+                    },
+                );
+            }
+        }
         let t = counts.reset(&policy, cause::POLICY, self.kernel.now_ns());
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_policy(id, &policy)?;
         self.kernel.set_service_meta(id, service, "")?;
+        self.owners.set_policy(service, owner);
+        self.owners.set_tripped_by(service, None);
         if had_policy && (t.from != t.to || t.from == state::OPEN) {
             self.publish(service, &t, "");
         }
-        info!(service, ?policy, "breaker policy set");
+        info!(service, ?policy, owner = owner.name(), "breaker policy set");
         self.view(id, service, policy)
     }
 
-    /// Removes a service's breaker: its connects pass uncounted from now on.
-    pub fn clear_policy(&mut self, service: &str) -> Result<()> {
+    /// Removes a service's breaker as `owner`: its connects pass uncounted from now on. When the
+    /// fleet clears its own, the policy it hid comes back.
+    pub fn clear_policy(&mut self, owner: Owner, service: &str) -> Result<()> {
+        if self.owners.check_policy(owner, service)? == Verdict::Shadow {
+            if self.owners.shadowed_policy(service) == Some(owner) {
+                self.owners.shadowed_policies.remove(service);
+            }
+            return Ok(());
+        }
+        if owner == Owner::Fleet && self.owners.policy(service) == Some(Owner::Fleet) {
+            if let Some(hidden) = self.owners.shadowed_policies.remove(service) {
+                self.owners.set_policy(service, hidden.owner);
+                self.set_policy(hidden.owner, service, hidden.value)?;
+                return Ok(());
+            }
+        }
         let (id, _) = self.breaker_of(service)?;
         self.kernel.set_policy(id, &Policy::default())?;
         self.kernel.set_counts(id, Counts::default())?;
         self.kernel.set_service_meta(id, service, "")?;
-        info!(service, "breaker policy cleared");
+        self.owners.remove_policy(service);
+        info!(service, owner = owner.name(), "breaker policy cleared");
         Ok(())
     }
 
@@ -137,6 +198,7 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// established connections if its policy says so and terminate_on_trip is on.
     pub fn trip(
         &mut self,
+        by: Owner,
         service: &str,
         ttl: Option<Duration>,
         reason: &str,
@@ -149,8 +211,15 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_service_meta(id, service, reason)?;
         self.kernel.set_counts(id, counts)?;
         self.kernel.count_trip(id)?;
+        self.owners.set_tripped_by(service, Some(by));
         self.publish(service, &t, reason);
-        info!(service, ?ttl, reason, "breaker tripped by hand");
+        info!(
+            service,
+            ?ttl,
+            reason,
+            by = by.name(),
+            "breaker tripped by hand"
+        );
         let mut termination = Termination::default();
         if policy.flags & policy_flags::TERMINATE != 0 {
             match self.kernel.features().require(Feature::TerminateOnTrip) {
@@ -178,6 +247,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         let t = counts.reset(&policy, cause::RESET, self.kernel.now_ns());
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_service_meta(id, service, "")?;
+        self.owners.set_tripped_by(service, None);
         self.publish(service, &t, "");
         info!(service, "breaker reset by hand");
         self.view(id, service, policy)

@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod latency;
 #[cfg(test)]
 pub mod memory;
+pub mod owners;
 pub mod policy;
 pub mod reload;
 pub mod service;
@@ -34,6 +35,7 @@ pub use self::kernel::{Histogram, Kernel, MapSummary, ProgramSummary};
 use self::{
     audit::ConnectionEvent,
     breakers::BreakerEvent,
+    owners::{Owner, Owners, Shadowed, Verdict},
     service::{parse_endpoints, Service, ServiceTable},
 };
 use crate::{
@@ -59,6 +61,8 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     config: Config,
     config_path: Option<PathBuf>,
     overrides: Overrides,
+    /// Who made each service and policy.
+    owners: Owners,
     kernel: Box<K>,
 }
 
@@ -87,6 +91,7 @@ impl<K: Kernel> Core<K> {
             config,
             config_path,
             overrides,
+            owners: Owners::default(),
             kernel: Box::new(kernel),
         }
     }
@@ -106,6 +111,7 @@ impl<K: Kernel> Core<K> {
             config: self.config,
             config_path: self.config_path,
             overrides: self.overrides,
+            owners: self.owners,
             kernel: self.kernel,
         }
     }
@@ -124,6 +130,11 @@ impl<K: Kernel + ?Sized> Core<K> {
         &self.services
     }
 
+    /// Who made each service and policy.
+    pub fn owners(&self) -> &Owners {
+        &self.owners
+    }
+
     /// The config last applied.
     pub fn config(&self) -> &Config {
         &self.config
@@ -134,7 +145,7 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// ones (an unchanged policy keeps the breaker's state across the restart).
     pub fn apply_config(&mut self, config: &Config) -> Result<()> {
         for s in &config.services {
-            self.put_service(&s.name, &s.endpoints)?;
+            self.put_service(Owner::Config, &s.name, &s.endpoints)?;
         }
         for (name, policy) in config.policies()? {
             let id = self.services.require(&name)?.id;
@@ -143,23 +154,40 @@ impl<K: Kernel + ?Sized> Core<K> {
                 ..policy
             };
             if self.kernel.policy(id)? != enabled {
-                self.set_policy(&name, enabled)?;
+                self.set_policy(Owner::Config, &name, enabled)?;
+            } else {
+                self.owners.set_policy(&name, Owner::Config);
             }
         }
         Ok(())
     }
 
-    /// Creates or replaces a service; true if it replaced one. On any error the table and the
-    /// kernel stay as they were.
+    /// Creates or replaces a service as `owner`; true if it replaced one. On any error the
+    /// table and the kernel stay as they were. A change to a fleet-owned service by the config
+    /// is kept aside (see [`owners`]); by the local API it is refused.
     pub fn put_service<S: AsRef<str>>(
         &mut self,
+        owner: Owner,
         name: &str,
         endpoints: &[S],
     ) -> Result<(Service, bool)> {
-        let endpoints = parse_endpoints(name, endpoints)?;
+        let parsed = parse_endpoints(name, endpoints)?;
+        let texts: Vec<String> = endpoints.iter().map(|e| e.as_ref().to_owned()).collect();
+        if self.owners.check_service(owner, name)? == Verdict::Shadow {
+            self.owners.shadowed_services.insert(
+                name.to_owned(),
+                Shadowed {
+                    owner,
+                    value: texts,
+                },
+            );
+            let svc = self.services.require(name)?.clone();
+            return Ok((svc, true));
+        }
+        let previous = self.owners.service(name);
         // Validate against a copy: on any error the live table and the kernel stay as they were.
         let mut next = ServiceTable::clone(&self.services);
-        let change = next.put(name, endpoints)?;
+        let change = next.put(name, parsed)?;
         if change.created {
             self.kernel.reset_service_stats(change.id)?;
             self.kernel.clear_breaker(change.id)?;
@@ -167,17 +195,47 @@ impl<K: Kernel + ?Sized> Core<K> {
         }
         self.kernel.put_endpoints(change.id, &change.added)?;
         self.kernel.remove_endpoints(&change.removed)?;
-        self.services = next;
+        let old = std::mem::replace(&mut self.services, next);
+        if owner == Owner::Fleet {
+            if let Some(p @ (Owner::Local | Owner::Config)) = previous {
+                let value = old.require(name)?.endpoints.iter().map(ToString::to_string);
+                self.owners.shadowed_services.insert(
+                    name.to_owned(),
+                    Shadowed {
+                        owner: p,
+                        value: value.collect(),
+                    },
+                );
+            }
+        }
+        self.owners.set_service(name, owner);
         let svc = self.services.get(name).expect("just put").clone();
         Ok((svc, change.replaced))
     }
 
-    pub fn delete_service(&mut self, name: &str) -> Result<()> {
+    /// Deletes a service as `owner`. When the fleet deletes its own, the definition it hid
+    /// comes back in its place.
+    pub fn delete_service(&mut self, owner: Owner, name: &str) -> Result<()> {
+        if self.owners.check_service(owner, name)? == Verdict::Shadow {
+            if self.owners.shadowed_service(name) == Some(owner) {
+                self.owners.shadowed_services.remove(name);
+            }
+            return Ok(());
+        }
+        if owner == Owner::Fleet && self.owners.service(name) == Some(Owner::Fleet) {
+            if let Some(hidden) = self.owners.shadowed_services.remove(name) {
+                // Back to the hidden endpoints; the breaker and its policy stay.
+                self.owners.set_service(name, hidden.owner);
+                self.put_service(hidden.owner, name, &hidden.value)?;
+                return Ok(());
+            }
+        }
         let svc = self.services.require(name)?.clone();
         self.kernel.remove_endpoints(&svc.endpoints)?;
         self.kernel.reset_service_stats(svc.id)?;
         self.kernel.clear_breaker(svc.id)?;
         self.services.delete(name)?;
+        self.owners.remove_service(name);
         Ok(())
     }
 

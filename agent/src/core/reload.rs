@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use breakwater_common::breaker::Policy;
 use tracing::{info, warn};
 
-use super::{service::parse_endpoints, Core, Kernel};
+use super::{owners::Owner, service::parse_endpoints, Core, Kernel};
 use crate::{
     config::{AuthzConfig, Config, ServiceConfig},
     error::{Error, Result},
@@ -147,18 +147,20 @@ impl<K: Kernel + ?Sized> Core<K> {
         // Everything checked: apply.
         for name in &removed {
             if self.services.get(name).is_some() {
-                self.delete_service(name)?;
+                self.delete_service(Owner::Config, name)?;
             }
         }
         for (name, eps) in shrinks.iter().chain(puts.iter()) {
-            self.put_service(name, eps)?;
+            self.put_service(Owner::Config, name, eps)?;
         }
         for name in &policies_changed {
             match new_policies.get(name) {
                 Some(p) => {
-                    self.set_policy(name, *p)?;
+                    self.set_policy(Owner::Config, name, *p)?;
                 }
-                None if old_policies.contains_key(name) => self.clear_policy(name)?,
+                None if old_policies.contains_key(name) => {
+                    self.clear_policy(Owner::Config, name)?
+                }
                 None => {}
             }
         }

@@ -13,6 +13,7 @@ use super::{
     audit::ConnectionEventKind,
     conformance::{self, Step},
     memory::{MemoryKernel, Outcome},
+    owners::Owner,
     policy::PolicySpec,
     Core, Kernel,
 };
@@ -71,9 +72,11 @@ fn the_conformance_table_holds_in_memory() {
     for case in conformance::table() {
         let kernel = MemoryKernel::new();
         let mut core = core(&kernel);
-        core.put_service("svc", &[UP, CLOSED, HANG]).unwrap();
+        core.put_service(Owner::Local, "svc", &[UP, CLOSED, HANG])
+            .unwrap();
         for (r, run) in case.runs.iter().enumerate() {
-            core.set_policy("svc", policy(run.policy.clone())).unwrap();
+            core.set_policy(Owner::Local, "svc", policy(run.policy.clone()))
+                .unwrap();
             for (i, &(step, want)) in run.steps.iter().enumerate() {
                 let at = format!("{} run {r} step {i} ({step:?})", case.name);
                 let rejected =
@@ -125,8 +128,9 @@ fn a_tripped_preset_reports_its_trip_and_open_time() {
     let case = conformance::case("gobreaker");
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("svc", &[UP, CLOSED, HANG]).unwrap();
-    core.set_policy("svc", policy(case.runs[0].policy.clone()))
+    core.put_service(Owner::Local, "svc", &[UP, CLOSED, HANG])
+        .unwrap();
+    core.set_policy(Owner::Local, "svc", policy(case.runs[0].policy.clone()))
         .unwrap();
     for to in [CLOSED, CLOSED, CLOSED] {
         kernel.connect(addr(to), Outcome::Refused).unwrap();
@@ -149,9 +153,11 @@ fn a_tripped_preset_reports_its_trip_and_open_time() {
 fn a_kernel_trip_is_published_and_terminates_the_services_connections() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP, CLOSED]).unwrap();
-    core.put_service("web", &["127.0.0.1:2000"]).unwrap();
-    core.set_policy("db", policy(consecutive(1))).unwrap();
+    core.put_service(Owner::Local, "db", &[UP, CLOSED]).unwrap();
+    core.put_service(Owner::Local, "web", &["127.0.0.1:2000"])
+        .unwrap();
+    core.set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
     let events = core.watch_breakers("db").unwrap().stream();
     let _db = kernel.connect(addr(UP), Outcome::Established).unwrap();
     let _web = kernel
@@ -185,18 +191,18 @@ fn a_kernel_trip_is_published_and_terminates_the_services_connections() {
 fn a_policy_that_keeps_connections_keeps_them() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP, CLOSED]).unwrap();
+    core.put_service(Owner::Local, "db", &[UP, CLOSED]).unwrap();
     let keep = PolicySpec {
         terminate_established: Some(false),
         ..consecutive(1)
     };
-    core.set_policy("db", policy(keep)).unwrap();
+    core.set_policy(Owner::Local, "db", policy(keep)).unwrap();
     kernel.connect(addr(UP), Outcome::Established).unwrap();
     kernel.connect(addr(CLOSED), Outcome::Refused).unwrap();
     deliver(&mut core, &kernel);
     assert_eq!(core.breaker("db").unwrap().counts.state, state::OPEN);
     assert_eq!(kernel.live(), 1);
-    let (_, t) = core.trip("db", None, "").unwrap();
+    let (_, t) = core.trip(Owner::Local, "db", None, "").unwrap();
     assert_eq!((t.terminated, t.not_terminated.as_str()), (0, ""));
     assert_eq!(kernel.live(), 1);
 }
@@ -205,8 +211,9 @@ fn a_policy_that_keeps_connections_keeps_them() {
 fn a_reset_by_the_peer_turns_a_success_into_a_failure() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP]).unwrap();
-    core.set_policy("db", policy(consecutive(1))).unwrap();
+    core.put_service(Owner::Local, "db", &[UP]).unwrap();
+    core.set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
     let c = kernel.connect(addr(UP), Outcome::Established).unwrap();
     deliver(&mut core, &kernel);
     assert_eq!(core.breaker("db").unwrap().counts.successes, 1);
@@ -220,11 +227,17 @@ fn a_reset_by_the_peer_turns_a_success_into_a_failure() {
 fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP]).unwrap();
-    core.set_policy("db", policy(consecutive(5))).unwrap();
+    core.put_service(Owner::Local, "db", &[UP]).unwrap();
+    core.set_policy(Owner::Local, "db", policy(consecutive(5)))
+        .unwrap();
     let mut events = Box::pin(core.watch_breakers("").unwrap().stream());
     let (b, _) = core
-        .trip("db", Some(Duration::from_secs(2)), "maintenance")
+        .trip(
+            Owner::Local,
+            "db",
+            Some(Duration::from_secs(2)),
+            "maintenance",
+        )
         .unwrap();
     assert_eq!(
         (b.counts.state, b.counts.forced, b.totals.trips),
@@ -254,7 +267,7 @@ fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
         (state::OPEN, state::CLOSED, cause::TTL_EXPIRED)
     );
 
-    core.trip("db", None, "").unwrap();
+    core.trip(Owner::Local, "db", None, "").unwrap();
     assert_eq!(core.breaker("db").unwrap().open_remaining_ms, 0);
     let b = core.reset("db").unwrap();
     assert_eq!(
@@ -271,11 +284,17 @@ fn manual_trips_are_forced_for_their_ttl_and_resets_lift_them() {
 fn a_new_core_finds_what_the_kernel_kept() {
     let kernel = MemoryKernel::new();
     let mut first = core(&kernel);
-    first.put_service("db", &[UP, CLOSED]).unwrap();
-    first.put_service("web", &["10.0.0.0/8:80"]).unwrap();
+    first
+        .put_service(Owner::Local, "db", &[UP, CLOSED])
+        .unwrap();
+    first
+        .put_service(Owner::Local, "web", &["10.0.0.0/8:80"])
+        .unwrap();
     let id = first.services().require("db").unwrap().id;
-    first.set_policy("db", policy(consecutive(1))).unwrap();
-    first.trip("db", None, "by hand").unwrap();
+    first
+        .set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
+    first.trip(Owner::Local, "db", None, "by hand").unwrap();
     drop(first);
 
     // The next agent: same ids and endpoints, and the breaker still open with its reason.
@@ -309,10 +328,10 @@ fn a_new_core_finds_what_the_kernel_kept() {
 fn a_refused_service_change_changes_nothing() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP]).unwrap();
+    core.put_service(Owner::Local, "db", &[UP]).unwrap();
     let pinned = kernel.pinned_services();
     let err = core
-        .put_service("web", &["127.0.0.1:2000", UP])
+        .put_service(Owner::Local, "web", &["127.0.0.1:2000", UP])
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -322,7 +341,7 @@ fn a_refused_service_change_changes_nothing() {
     assert_eq!(kernel.pinned_services(), pinned);
     assert!(core.services().get("web").is_none());
     assert!(matches!(
-        core.delete_service("web"),
+        core.delete_service(Owner::Local, "web"),
         Err(Error::NotFound(_))
     ));
 }
@@ -331,15 +350,16 @@ fn a_refused_service_change_changes_nothing() {
 fn a_service_deleted_and_put_again_starts_afresh() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[CLOSED]).unwrap();
-    core.set_policy("db", policy(consecutive(1))).unwrap();
+    core.put_service(Owner::Local, "db", &[CLOSED]).unwrap();
+    core.set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
     kernel.connect(addr(CLOSED), Outcome::Refused).unwrap();
     deliver(&mut core, &kernel);
     assert_eq!(core.breaker("db").unwrap().counts.state, state::OPEN);
-    core.delete_service("db").unwrap();
+    core.delete_service(Owner::Local, "db").unwrap();
     // Its endpoints match nothing now: connects pass, counted only per destination.
     kernel.connect(addr(CLOSED), Outcome::Refused).unwrap();
-    let (svc, replaced) = core.put_service("db", &[CLOSED]).unwrap();
+    let (svc, replaced) = core.put_service(Owner::Local, "db", &[CLOSED]).unwrap();
     assert!(!replaced);
     assert_eq!(svc.id, 2, "ids are not reused at once");
     let err = core.breaker("db").unwrap_err().to_string();
@@ -353,8 +373,9 @@ fn a_service_deleted_and_put_again_starts_afresh() {
 fn connection_events_carry_their_service_and_what_was_lost() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP, CLOSED]).unwrap();
-    core.set_policy("db", policy(consecutive(1))).unwrap();
+    core.put_service(Owner::Local, "db", &[UP, CLOSED]).unwrap();
+    core.set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
     let events = core.watch_connections("db").unwrap().stream();
     assert!(kernel.audit_on());
     kernel.set_counter(counter::AUDIT_LOST, 3);
@@ -411,7 +432,7 @@ fn the_audit_stream_runs_only_while_watched() {
 fn latency_adds_up_by_service_and_destination() {
     let kernel = MemoryKernel::new();
     let mut core = core(&kernel);
-    core.put_service("db", &[UP, CLOSED]).unwrap();
+    core.put_service(Owner::Local, "db", &[UP, CLOSED]).unwrap();
     kernel.add_samples(addr(UP), hist_kind::CONNECT, 40, 3);
     kernel.add_samples(addr(CLOSED), hist_kind::CONNECT, 1000, 1);
     let of = super::aggregate::LatencyOf::parse("db", "", 0).unwrap();
@@ -425,4 +446,68 @@ fn latency_adds_up_by_service_and_destination() {
         .unwrap();
     assert_eq!(super::latency::summarize(&s.connect).count, 4);
     assert_eq!(s.stats[usize::from(direction::INBOUND)].opened, 0);
+}
+
+#[test]
+fn the_fleets_objects_hide_local_ones_and_give_them_back() {
+    let kernel = MemoryKernel::new();
+    let mut core = core(&kernel);
+    core.put_service(Owner::Config, "db", &[UP]).unwrap();
+    core.set_policy(Owner::Config, "db", policy(consecutive(5)))
+        .unwrap();
+
+    // The fleet's definition wins; the config's is kept aside.
+    core.put_service(Owner::Fleet, "db", &[UP, CLOSED]).unwrap();
+    core.set_policy(Owner::Fleet, "db", policy(consecutive(1)))
+        .unwrap();
+    let s = core.service_summaries().unwrap();
+    assert_eq!(
+        (s[0].owner, s[0].shadowed),
+        (Owner::Fleet, Some(Owner::Config))
+    );
+    assert_eq!(s[0].service.endpoints.len(), 2);
+    let b = core.breaker("db").unwrap();
+    assert_eq!(
+        (b.policy_owner, b.policy.consecutive_failures),
+        (Owner::Fleet, 1)
+    );
+
+    // The local API may not change it; the config may, aside.
+    for refused in [
+        core.put_service(Owner::Local, "db", &[UP]).map(|_| ()),
+        core.delete_service(Owner::Local, "db"),
+        core.set_policy(Owner::Local, "db", policy(consecutive(2)))
+            .map(|_| ()),
+        core.clear_policy(Owner::Local, "db"),
+    ] {
+        let e = refused.unwrap_err();
+        assert!(matches!(e, crate::error::Error::Owned(_)), "{e}");
+    }
+    core.put_service(Owner::Config, "db", &[CLOSED]).unwrap();
+    assert_eq!(core.services().get("db").unwrap().endpoints.len(), 2);
+
+    // A trip on a fleet-owned service may still be made on the node, and says so.
+    let (b, _) = core.trip(Owner::Local, "db", None, "incident").unwrap();
+    assert_eq!(b.tripped_by, Some(Owner::Local));
+
+    // The fleet lets go: the config's latest definition and policy come back.
+    core.clear_policy(Owner::Fleet, "db").unwrap();
+    let b = core.breaker("db").unwrap();
+    assert_eq!(
+        (b.policy_owner, b.policy.consecutive_failures),
+        (Owner::Config, 5)
+    );
+    core.delete_service(Owner::Fleet, "db").unwrap();
+    let s = core.service_summaries().unwrap();
+    assert_eq!((s[0].owner, s[0].shadowed), (Owner::Config, None));
+    assert_eq!(
+        s[0].service
+            .endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [CLOSED]
+    );
+    // The policy stayed with the service.
+    assert_eq!(core.breaker("db").unwrap().policy_owner, Owner::Config);
 }

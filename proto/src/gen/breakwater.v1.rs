@@ -49,6 +49,11 @@ pub struct Service {
     pub connect_p50_us: u64,
     #[prost(uint64, tag = "6")]
     pub connect_p99_us: u64,
+    #[prost(enumeration = "Owner", tag = "7")]
+    pub owner: i32,
+    /// The owner of a definition of the same name that the fleet's hides; unspecified if none.
+    #[prost(enumeration = "Owner", tag = "8")]
+    pub shadowed: i32,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -583,6 +588,12 @@ pub struct Breaker {
     /// Events the kernel's ring buffer had no room for.
     #[prost(uint64, tag = "15")]
     pub events_lost: u64,
+    /// Who set the policy.
+    #[prost(enumeration = "Owner", tag = "16")]
+    pub policy_owner: i32,
+    /// Who forced it open (while forced): the fleet, or an operator on this node (local).
+    #[prost(enumeration = "Owner", tag = "17")]
+    pub tripped_by: i32,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -977,6 +988,45 @@ impl Severity {
             "SEVERITY_INFO" => Some(Self::Info),
             "SEVERITY_WARN" => Some(Self::Warn),
             "SEVERITY_CRITICAL" => Some(Self::Critical),
+            _ => None,
+        }
+    }
+}
+/// Who made a service or a breaker policy, or forced a breaker open. Only the owner changes an
+/// object; the fleet's wins over a local or configured one of the same name (which is kept,
+/// shadowed, and comes back when the fleet's goes).
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Owner {
+    Unspecified = 0,
+    /// The local API (and state a previous agent left that nobody has claimed).
+    Local = 1,
+    /// The config file.
+    Config = 2,
+    /// The fleet's desired state in etcd.
+    Fleet = 3,
+}
+impl Owner {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "OWNER_UNSPECIFIED",
+            Self::Local => "OWNER_LOCAL",
+            Self::Config => "OWNER_CONFIG",
+            Self::Fleet => "OWNER_FLEET",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "OWNER_UNSPECIFIED" => Some(Self::Unspecified),
+            "OWNER_LOCAL" => Some(Self::Local),
+            "OWNER_CONFIG" => Some(Self::Config),
+            "OWNER_FLEET" => Some(Self::Fleet),
             _ => None,
         }
     }

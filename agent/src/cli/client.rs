@@ -516,10 +516,6 @@ mod tests {
                 "failure_ratio 2 is outside 0..=1",
             ),
             (
-                &["policy", "set", "db", "--errno", "EIO"],
-                "unknown errno \"EIO\"",
-            ),
-            (
                 &[
                     "policy",
                     "set",

@@ -28,8 +28,55 @@ pub struct Config {
     pub breaker: BreakerScope,
     pub metrics: MetricsConfig,
     pub features: FeaturesConfig,
+    pub fleet: FleetConfig,
     #[serde(rename = "service")]
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[fleet]`: services, policies and trips shared with other nodes through etcd, and this
+/// node's breakers published there. Off without `etcd`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// etcd endpoints, e.g. `["https://10.0.0.5:2379"]`.
+    pub etcd: Vec<String>,
+    /// Where the fleet's keys live [default: /breakwater/v1].
+    pub prefix: Option<String>,
+    /// This node's name in the fleet [default: the hostname].
+    pub node_name: Option<String>,
+    /// This node's labels, which records select nodes by.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// CA certificate(s) etcd's certificate must chain to.
+    pub etcd_ca: Option<PathBuf>,
+    /// The agent's client certificate and key for etcd.
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl FleetConfig {
+    pub fn enabled(&self) -> bool {
+        !self.etcd.is_empty()
+    }
+
+    fn validate(&self) -> Result<()> {
+        for url in &self.etcd {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::invalid(format!(
+                    "[fleet] etcd {url:?}: expected http://HOST:PORT or https://HOST:PORT"
+                )));
+            }
+        }
+        if self.etcd_cert.is_some() != self.etcd_key.is_some() {
+            return Err(Error::invalid("[fleet] etcd_cert and etcd_key go together"));
+        }
+        if let Some(prefix) = &self.prefix {
+            crate::fleet::schema::Keys::new(prefix)?;
+        }
+        if let Some(node) = &self.node_name {
+            crate::fleet::schema::check_node_name(node)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -215,6 +262,12 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     /// --disable-feature: added to the file's `[features] disable`.
     pub disable_features: Vec<Feature>,
+    /// --etcd, --node-name, --etcd-ca, --etcd-cert, --etcd-key.
+    pub etcd: Vec<String>,
+    pub node_name: Option<String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -233,6 +286,21 @@ impl Overrides {
             config.metrics.listen.clone_from(&self.metrics_listen);
         }
         config.features.add(&self.disable_features);
+        if !self.etcd.is_empty() {
+            config.fleet.etcd = self.etcd.clone();
+        }
+        for (to, from) in [
+            (&mut config.fleet.etcd_ca, &self.etcd_ca),
+            (&mut config.fleet.etcd_cert, &self.etcd_cert),
+            (&mut config.fleet.etcd_key, &self.etcd_key),
+        ] {
+            if from.is_some() {
+                to.clone_from(from);
+            }
+        }
+        if self.node_name.is_some() {
+            config.fleet.node_name.clone_from(&self.node_name);
+        }
         config.validate()
     }
 }
@@ -499,6 +567,7 @@ impl Config {
         self.agent.validate()?;
         self.metrics.validate()?;
         self.breaker.validate()?;
+        self.fleet.validate()?;
         self.features.disabled()?;
         self.service_table()?;
         self.policies().map(drop)

@@ -44,6 +44,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         health_listen: args.health_listen.clone(),
         metrics_listen: args.metrics_listen.clone(),
         disable_features: args.disable_features.clone(),
+        etcd: args.etcd.clone(),
+        node_name: args.node_name.clone(),
+        etcd_ca: args.etcd_ca.clone(),
+        etcd_cert: args.etcd_cert.clone(),
+        etcd_key: args.etcd_key.clone(),
     };
     overrides.apply(&mut config)?;
     let socket = args

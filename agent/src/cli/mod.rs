@@ -294,6 +294,27 @@ pub struct AgentArgs {
     /// [default: metrics.listen].
     #[arg(long, env = "BREAKWATER_METRICS_LISTEN", value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
+    /// etcd endpoint (http:// or https://) of the fleet's shared state; repeat for more. Without
+    /// one the agent is on its own [default: fleet.etcd].
+    #[arg(
+        long = "etcd",
+        env = "BREAKWATER_ETCD",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub etcd: Vec<String>,
+    /// This node's name in the fleet [default: fleet.node_name, else the hostname].
+    #[arg(long, env = "BREAKWATER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// CA certificates (PEM) etcd's certificate must chain to [default: fleet.etcd_ca].
+    #[arg(long, env = "BREAKWATER_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd [default: fleet.etcd_cert].
+    #[arg(long, env = "BREAKWATER_ETCD_CERT", value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Its key (PEM) [default: fleet.etcd_key].
+    #[arg(long, env = "BREAKWATER_ETCD_KEY", value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
     /// CA certificates (PEM) that client certificates must chain to, for --listen
     /// [default: agent.tls_client_ca].
     #[arg(long, env = "BREAKWATER_TLS_CLIENT_CA", value_name = "FILE")]

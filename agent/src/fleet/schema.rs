@@ -25,6 +25,23 @@ use crate::{
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/breakwater/v1";
 
+/// A node's name: what `--node-name` takes and the keys hold (a DNS label or name, as
+/// Kubernetes node names are).
+pub fn check_node_name(node: &str) -> Result<()> {
+    let ok = !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "node name {node:?}: expected 1 to 253 letters, digits, '-', '.' or '_'"
+        )))
+    }
+}
+
 /// The kinds of desired state, by the key segment they live under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {

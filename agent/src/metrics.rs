@@ -96,6 +96,7 @@ struct Snapshot {
     programs: Vec<ProgramSummary>,
     /// Every feature and whether it runs (on or degraded).
     features: Vec<(Feature, bool)>,
+    fleet: Option<crate::core::FleetLink>,
 }
 
 impl Snapshot {
@@ -288,6 +289,7 @@ impl Metrics {
                 .iter()
                 .map(|s| (s.feature, s.status != Status::Off))
                 .collect(),
+            fleet: state.fleet,
         })
     }
 
@@ -699,6 +701,48 @@ impl Collector for Snapshot {
             )?;
         }
 
+        // The link to the fleet, when there is one.
+        if let Some(f) = &self.fleet {
+            let node = || labels([("node", f.node.as_str())]);
+            gauge(
+                enc,
+                "breakwater_fleet_connected",
+                "1 while the agent is in sync with the fleet's etcd, 0 while it is not (it then \
+                 enforces what it last applied)",
+                [(node(), u64::from(f.connected))],
+            )?;
+            gauge(
+                enc,
+                "breakwater_fleet_link_changed_timestamp_seconds",
+                "When the link to etcd last came up or went down (Unix time)",
+                [(
+                    node(),
+                    f.since
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                )],
+            )?;
+            gauge(
+                enc,
+                "breakwater_fleet_applied_revision",
+                "The etcd revision of the fleet's desired state last applied on this node",
+                [(node(), f.applied_revision)],
+            )?;
+            counter(
+                enc,
+                "breakwater_fleet_invalid_records",
+                "Records in etcd that were invalid and so not applied",
+                [(node(), f.invalid_records)],
+            )?;
+            counter(
+                enc,
+                "breakwater_fleet_records_not_applied",
+                "Valid records of the fleet that could not be applied on this node",
+                [(node(), f.not_applied)],
+            )?;
+        }
+
         // The agent's own health.
         gauge(
             enc,
@@ -883,6 +927,13 @@ mod tests {
                 .into_iter()
                 .map(|f| (f, f != Feature::FirstResponseLatency))
                 .collect(),
+            fleet: Some(crate::core::FleetLink {
+                node: "n1".into(),
+                connected: true,
+                applied_revision: 42,
+                invalid_records: 1,
+                ..Default::default()
+            }),
         }
     }
 
@@ -910,6 +961,9 @@ mod tests {
             "# TYPE breakwater_feature_enabled gauge",
             "breakwater_feature_enabled{feature=\"connect_latency\"} 1",
             "breakwater_feature_enabled{feature=\"first_response_latency\"} 0",
+            "breakwater_fleet_connected{node=\"n1\"} 1",
+            "breakwater_fleet_applied_revision{node=\"n1\"} 42",
+            "breakwater_fleet_invalid_records_total{node=\"n1\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

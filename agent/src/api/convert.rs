@@ -441,6 +441,19 @@ pub fn agent_info(s: AgentState, base: pb::GetAgentInfoResponse) -> pb::GetAgent
             })
             .collect(),
         features: s.features.iter().map(feature_message).collect(),
+        fleet: s.fleet.map(|f| pb::FleetLink {
+            node: f.node,
+            etcd: f.endpoints,
+            connected: f.connected,
+            since_unix_ms: f
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            applied_revision: f.applied_revision,
+            invalid_records: f.invalid_records,
+            not_applied: f.not_applied,
+            last_error: f.last_error,
+        }),
         ..base
     }
 }

@@ -62,6 +62,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     // Validates the config's services before anything is loaded.
     config.service_table()?;
+    // The fleet's settings too (its TLS files are read now).
+    let fleet = crate::fleet::Settings::from_config(&config.fleet)?;
     serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
     // Certificates are read and TCP ports bound before anything is loaded: a bad file or a
     // taken port stops the start cleanly.
@@ -103,7 +105,23 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     )
     .map_err(serve_error)?;
     let host_netns = netns::current().unwrap_or_default();
+    let node = crate::fleet::NodeInfo {
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        features: core
+            .kernel()
+            .features()
+            .iter()
+            .filter(|f| f.status != crate::core::features::Status::Off)
+            .map(|f| f.feature.name().to_owned())
+            .collect(),
+        started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
     let core = Arc::new(Mutex::new(core.into_dyn()));
+    if let Some(fleet) = fleet {
+        tokio::spawn(crate::fleet::run(fleet, node, core.clone()));
+    }
     if let Some(ring) = conn_events {
         let core = core.clone();
         tokio::spawn(async move {

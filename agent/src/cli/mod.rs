@@ -64,7 +64,7 @@ pub enum Output {
 pub enum Command {
     /// Run the agent (as root): load the eBPF programs and serve the API.
     #[command(after_help = AGENT_EXIT_CODES)]
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Services with their connection counts.
     Services,
     /// Destinations (outbound) and local endpoints (inbound) with their counts.
@@ -512,7 +512,7 @@ pub fn main() -> ExitCode {
             Command::Agent(mut args) => {
                 args.tls_cert = tls_cert;
                 args.tls_key = tls_key;
-                agent::run(args).await
+                agent::run(*args).await
             }
             Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir),
             command => {
@@ -547,7 +547,7 @@ mod tests {
     fn agent_args(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         let cli = Cli::try_parse_from(["breakwater", "agent"].iter().chain(args))?;
         match cli.command {
-            Command::Agent(a) => Ok(a),
+            Command::Agent(a) => Ok(*a),
             other => panic!("not the agent: {other:?}"),
         }
     }

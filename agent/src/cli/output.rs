@@ -391,6 +391,9 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
     if !r.config_path.is_empty() {
         out += &format!("config {}\n", r.config_path);
     }
+    if let Some(f) = &r.fleet {
+        out += &fleet_link(f);
+    }
     let mut f = table(&["FEATURE", "STATUS", "HOOK", "REASON"]);
     for x in &r.features {
         f.add_row(vec![
@@ -426,6 +429,27 @@ pub fn info(r: &pb::GetAgentInfoResponse) -> String {
         c.add_row(vec![Cell::new(&x.name), num(x.value)]);
     }
     format!("{out}\n{f}\n\n{p}\n\n{m}\n\n{c}")
+}
+
+/// The link to the fleet, on one line: "fleet node n1 via etcd http://... : in sync since ...
+/// (revision 42)" or "... : down since ...: why".
+fn fleet_link(f: &pb::FleetLink) -> String {
+    let since = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.since_unix_ms),
+    );
+    let mut line = format!("fleet node {} via etcd {}: ", f.node, f.etcd.join(","));
+    if f.connected {
+        line += &format!("in sync since {since} (revision {})", f.applied_revision);
+    } else {
+        line += &format!("DOWN since {since}: {}", f.last_error);
+    }
+    if f.invalid_records + f.not_applied > 0 {
+        line += &format!(
+            "; {} invalid record(s), {} not applied here",
+            f.invalid_records, f.not_applied
+        );
+    }
+    line + "\n"
 }
 
 fn owner_name(owner: i32) -> &'static str {

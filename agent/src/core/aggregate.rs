@@ -270,6 +270,7 @@ pub struct AgentState {
     pub maps: Vec<MapSummary>,
     pub counters: Vec<(&'static str, u64)>,
     pub features: Vec<FeatureState>,
+    pub fleet: Option<super::FleetLink>,
 }
 
 /// The first `limit` items; 0 means all.
@@ -602,6 +603,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             maps: k.maps(),
             counters: k.counters(),
             features: k.features().iter().cloned().collect(),
+            fleet: self.fleet.clone(),
         }
     }
 }

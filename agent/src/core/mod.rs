@@ -63,7 +63,42 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     overrides: Overrides,
     /// Who made each service and policy.
     owners: Owners,
+    /// The link to the fleet's etcd, when the agent has one.
+    fleet: Option<FleetLink>,
     kernel: Box<K>,
+}
+
+/// The state of the agent's link to the fleet (etcd), for `info` and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetLink {
+    pub node: String,
+    pub endpoints: Vec<String>,
+    pub connected: bool,
+    /// Since when it is connected, or not.
+    pub since: std::time::SystemTime,
+    /// The etcd revision of the desired state last applied.
+    pub applied_revision: i64,
+    /// Records read from etcd that were invalid (not applied).
+    pub invalid_records: u64,
+    /// Valid records that could not be applied on this node.
+    pub not_applied: u64,
+    /// Why the link is down.
+    pub last_error: String,
+}
+
+impl Default for FleetLink {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            endpoints: Vec::new(),
+            connected: false,
+            since: std::time::SystemTime::now(),
+            applied_revision: 0,
+            invalid_records: 0,
+            not_applied: 0,
+            last_error: "not connected yet".into(),
+        }
+    }
 }
 
 impl<K: Kernel> Core<K> {
@@ -92,6 +127,7 @@ impl<K: Kernel> Core<K> {
             config_path,
             overrides,
             owners: Owners::default(),
+            fleet: None,
             kernel: Box::new(kernel),
         }
     }
@@ -112,6 +148,7 @@ impl<K: Kernel> Core<K> {
             config_path: self.config_path,
             overrides: self.overrides,
             owners: self.owners,
+            fleet: self.fleet,
             kernel: self.kernel,
         }
     }
@@ -133,6 +170,16 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// Who made each service and policy.
     pub fn owners(&self) -> &Owners {
         &self.owners
+    }
+
+    /// The link to the fleet, if the agent has one.
+    pub fn fleet_link(&self) -> Option<&FleetLink> {
+        self.fleet.as_ref()
+    }
+
+    /// The link to the fleet, made on first use.
+    pub fn fleet_link_mut(&mut self) -> &mut FleetLink {
+        self.fleet.get_or_insert_with(FleetLink::default)
     }
 
     /// The config last applied.

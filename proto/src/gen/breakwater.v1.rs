@@ -289,6 +289,36 @@ pub struct GetAgentInfoResponse {
     /// Every feature, always all of them and in the same order, with its state on this node.
     #[prost(message, repeated, tag = "9")]
     pub features: ::prost::alloc::vec::Vec<Feature>,
+    /// The link to the fleet's etcd; unset when the agent runs without one.
+    #[prost(message, optional, tag = "10")]
+    pub fleet: ::core::option::Option<FleetLink>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FleetLink {
+    /// This node's name in the fleet.
+    #[prost(string, tag = "1")]
+    pub node: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "2")]
+    pub etcd: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "3")]
+    pub connected: bool,
+    /// Since when it is connected, or not (Unix time, ms).
+    #[prost(uint64, tag = "4")]
+    pub since_unix_ms: u64,
+    /// The etcd revision of the desired state last applied.
+    #[prost(int64, tag = "5")]
+    pub applied_revision: i64,
+    /// Records in etcd that were invalid, and so not applied.
+    #[prost(uint64, tag = "6")]
+    pub invalid_records: u64,
+    /// Valid records that could not be applied on this node (an endpoint another service has, a
+    /// trip of a service without a policy here).
+    #[prost(uint64, tag = "7")]
+    pub not_applied: u64,
+    /// Why it is not connected.
+    #[prost(string, tag = "8")]
+    pub last_error: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

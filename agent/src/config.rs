@@ -507,6 +507,12 @@ pub struct BreakerConfig {
     pub slow_connect: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub terminate_established: Option<bool>,
+    /// Fleet quorum: "3" nodes, or "50%" of the live ones (needs `[fleet] etcd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_quorum: Option<String>,
+    /// How recent the nodes' own trips must be to count [default: 60s].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_quorum_window: Option<String>,
 }
 
 impl BreakerConfig {
@@ -526,11 +532,16 @@ impl BreakerConfig {
             errno: self.errno.clone(),
             slow_connect: duration("slow_connect", &self.slow_connect)?,
             terminate_established: self.terminate_established,
+            fleet_quorum: self.fleet_quorum.clone(),
+            fleet_quorum_window: duration("fleet_quorum_window", &self.fleet_quorum_window)?,
         })
     }
 
+    /// The kernel's policy; the quorum rule is checked too.
     pub fn policy(&self) -> Result<Policy> {
-        self.spec()?.resolve()
+        let spec = self.spec()?;
+        spec.quorum()?;
+        spec.resolve()
     }
 }
 
@@ -568,6 +579,18 @@ impl Config {
         self.metrics.validate()?;
         self.breaker.validate()?;
         self.fleet.validate()?;
+        if !self.fleet.enabled() {
+            let quorum = self
+                .services
+                .iter()
+                .find(|s| s.breaker.as_ref().is_some_and(|b| b.fleet_quorum.is_some()));
+            if let Some(s) = quorum {
+                return Err(Error::invalid(format!(
+                    "service {:?}: breaker: fleet_quorum needs [fleet] etcd (or --etcd)",
+                    s.name
+                )));
+            }
+        }
         self.features.disabled()?;
         self.service_table()?;
         self.policies().map(drop)
@@ -583,6 +606,15 @@ impl Config {
                     .map(|p| (s.name.clone(), p))
                     .map_err(|e| Error::invalid(format!("service {:?}: breaker: {e}", s.name)))
             })
+            .collect()
+    }
+
+    /// The fleet quorum rules of the configured policies, by service.
+    pub fn quorums(&self) -> Result<Vec<(String, Option<crate::core::policy::Quorum>)>> {
+        self.services
+            .iter()
+            .filter_map(|s| s.breaker.as_ref().map(|b| (s, b)))
+            .map(|(s, b)| Ok((s.name.clone(), b.spec()?.quorum()?)))
             .collect()
     }
 

@@ -22,7 +22,7 @@ use crate::{
         features::{FeatureState, Status as FeatureStatus},
         latency,
         owners::Owner,
-        policy::{errno_name, PolicySpec},
+        policy::{errno_name, PolicySpec, Quorum, QuorumSize},
         reload::Reloaded,
         service::display_addr,
         timewait::Level,
@@ -47,6 +47,8 @@ impl PolicySpec {
             errno: r.errno.clone(),
             slow_connect: ms(r.slow_connect_ms),
             terminate_established: r.terminate_established,
+            fleet_quorum: r.fleet_quorum.clone(),
+            fleet_quorum_window: ms(r.fleet_quorum_window_ms),
         }
     }
 
@@ -67,6 +69,8 @@ impl PolicySpec {
             errno: self.errno.clone(),
             slow_connect_ms: ms(self.slow_connect),
             terminate_established: self.terminate_established,
+            fleet_quorum: self.fleet_quorum.clone(),
+            fleet_quorum_window_ms: ms(self.fleet_quorum_window),
         }
     }
 }
@@ -75,8 +79,13 @@ fn ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
 
-pub fn policy_message(p: &Policy) -> pb::BreakerPolicy {
+pub fn policy_message(p: &Policy, quorum: Option<&Quorum>) -> pb::BreakerPolicy {
     pb::BreakerPolicy {
+        fleet_quorum: quorum.map_or_else(String::new, |q| match q.size {
+            QuorumSize::Nodes(n) => n.to_string(),
+            QuorumSize::Percent(p) => format!("{p}%"),
+        }),
+        fleet_quorum_window_ms: quorum.map_or(0, |q| q.window.as_millis() as u64),
         min_requests: p.min_requests,
         failure_ratio: f64::from(p.failure_ratio_ppm) / f64::from(RATIO_ONE),
         consecutive_failures: p.consecutive_failures,
@@ -123,7 +132,7 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
         trips: b.totals.trips,
         probes: b.totals.probes,
         open_remaining_ms: b.open_remaining_ms,
-        policy: Some(policy_message(&b.policy)),
+        policy: Some(policy_message(&b.policy, b.quorum.as_ref())),
         events_lost: b.totals.events_lost,
         policy_owner: owner_message(Some(b.policy_owner)).into(),
         tripped_by: owner_message(b.tripped_by).into(),
@@ -535,7 +544,7 @@ mod tests {
     #[test]
     fn policies_map_back_to_messages() {
         let p = PolicySpec::preset("gobreaker").resolve().unwrap();
-        let m = policy_message(&p);
+        let m = policy_message(&p, None);
         assert_eq!(m.failure_ratio, 0.6);
         assert_eq!(
             (m.min_requests, m.interval_ms, m.open_timeout_ms),
@@ -601,6 +610,7 @@ mod tests {
             open_remaining_ms: 2500,
             policy_owner: Owner::Fleet,
             tripped_by: Some(Owner::Local),
+            quorum: None,
         };
         let json = serde_json::to_value(breaker_message(&view)).unwrap();
         for (k, v) in [

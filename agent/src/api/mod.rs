@@ -174,10 +174,19 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::SetPolicyResponse>, Status> {
         let req = request.into_inner();
         // A bad policy is refused before anything is touched.
-        let policy = PolicySpec::from_request(&req).resolve()?;
+        let spec = PolicySpec::from_request(&req);
+        let policy = spec.resolve()?;
+        let quorum = spec.quorum()?;
         // The core logs every change it makes.
         let b = self
-            .with_core(move |core| core.set_policy(Owner::Local, &req.service, policy))
+            .with_core(move |core| {
+                if quorum.is_some() {
+                    core.require_fleet()?;
+                }
+                core.set_policy(Owner::Local, &req.service, policy)?;
+                core.set_quorum(Owner::Local, &req.service, quorum)?;
+                core.breaker(&req.service)
+            })
             .await?;
         Ok(Response::new(pb::SetPolicyResponse {
             breaker: Some(convert::breaker_message(&b)),

@@ -282,6 +282,10 @@ fn start_kernel_in(
     let events = kernel.take_events();
     let conn_events = kernel.take_conn_events();
     let mut core = Core::new(kernel, config.clone(), args.config.clone(), overrides);
+    if config.fleet.enabled() {
+        // In a fleet from the start: the config's quorum rules need it.
+        core.fleet_link_mut();
+    }
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_config(config)?;
     let disabled = config.features.disabled()?;

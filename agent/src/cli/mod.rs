@@ -204,6 +204,13 @@ pub enum PolicyCommand {
         /// Keep established connections when the breaker trips (default: destroy them).
         #[arg(long)]
         no_terminate: bool,
+        /// Open it on every node of the fleet when N nodes ("3"), or N% of the live ones
+        /// ("50%"), have tripped it by themselves within the window (needs an agent in a fleet).
+        #[arg(long, value_name = "N|N%")]
+        fleet_quorum: Option<String>,
+        /// How recent those trips must be (whole seconds) [default: 60s].
+        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+        fleet_quorum_window: Option<Duration>,
     },
     /// Remove a service's policy: its connects pass uncounted again.
     Clear {

@@ -180,6 +180,8 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
         errno,
         slow_connect,
         no_terminate,
+        fleet_quorum,
+        fleet_quorum_window,
     } = command
     else {
         return None;
@@ -198,6 +200,8 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
         errno,
         slow_connect_ms: ms(slow_connect),
         terminate_established: no_terminate.then_some(false),
+        fleet_quorum,
+        fleet_quorum_window_ms: ms(fleet_quorum_window),
     })
 }
 

@@ -33,6 +33,8 @@ pub struct BreakerView {
     pub policy_owner: Owner,
     /// Who forced it open (while forced).
     pub tripped_by: Option<Owner>,
+    /// The fleet quorum rule, kept by the agent beside the kernel's policy.
+    pub quorum: Option<policy::Quorum>,
 }
 
 /// A breaker state change, from the kernel's ring buffer or from an operator's action.
@@ -97,6 +99,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             } else {
                 None
             },
+            quorum: self.quorums.get(service).copied(),
         })
     }
 
@@ -169,6 +172,48 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.view(id, service, policy)
     }
 
+    /// Sets or removes the fleet quorum rule of a service's policy, as `owner` (the policy's
+    /// owner rules it). Refused on an agent without a fleet: no other node would count.
+    pub fn set_quorum(
+        &mut self,
+        owner: Owner,
+        service: &str,
+        quorum: Option<policy::Quorum>,
+    ) -> Result<()> {
+        if quorum.is_some() {
+            self.require_fleet()?;
+        }
+        if self.owners.check_policy(owner, service)? == Verdict::Shadow {
+            return Ok(());
+        }
+        match quorum {
+            Some(q) => {
+                self.breaker_of(service)?;
+                self.quorums.insert(service.to_owned(), q);
+            }
+            None => {
+                self.quorums.remove(service);
+            }
+        }
+        Ok(())
+    }
+
+    /// InvalidArgument unless the agent is in a fleet (quorum rules need other nodes).
+    pub fn require_fleet(&self) -> Result<()> {
+        if self.fleet.is_none() {
+            return Err(Error::invalid(
+                "fleet_quorum needs an agent in a fleet (started with --etcd, or [fleet] etcd \
+                 in its config)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The fleet quorum rules, by service.
+    pub fn quorums(&self) -> &std::collections::BTreeMap<String, policy::Quorum> {
+        &self.quorums
+    }
+
     /// Removes a service's breaker as `owner`: its connects pass uncounted from now on. When the
     /// fleet clears its own, the policy it hid comes back.
     pub fn clear_policy(&mut self, owner: Owner, service: &str) -> Result<()> {
@@ -190,6 +235,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_counts(id, Counts::default())?;
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.remove_policy(service);
+        self.quorums.remove(service);
         info!(service, owner = owner.name(), "breaker policy cleared");
         Ok(())
     }

@@ -65,6 +65,8 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     owners: Owners,
     /// The link to the fleet's etcd, when the agent has one.
     fleet: Option<FleetLink>,
+    /// Fleet quorum rules of breaker policies, by service.
+    quorums: std::collections::BTreeMap<String, policy::Quorum>,
     kernel: Box<K>,
 }
 
@@ -128,6 +130,7 @@ impl<K: Kernel> Core<K> {
             overrides,
             owners: Owners::default(),
             fleet: None,
+            quorums: Default::default(),
             kernel: Box::new(kernel),
         }
     }
@@ -149,6 +152,7 @@ impl<K: Kernel> Core<K> {
             overrides: self.overrides,
             owners: self.owners,
             fleet: self.fleet,
+            quorums: self.quorums,
             kernel: self.kernel,
         }
     }
@@ -205,6 +209,9 @@ impl<K: Kernel + ?Sized> Core<K> {
             } else {
                 self.owners.set_policy(&name, Owner::Config);
             }
+        }
+        for (name, quorum) in config.quorums()? {
+            self.set_quorum(Owner::Config, &name, quorum)?;
         }
         Ok(())
     }
@@ -283,6 +290,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.clear_breaker(svc.id)?;
         self.services.delete(name)?;
         self.owners.remove_service(name);
+        self.quorums.remove(name);
         Ok(())
     }
 

@@ -50,6 +50,51 @@ pub struct PolicySpec {
     pub errno: Option<String>,
     pub slow_connect: Option<Duration>,
     pub terminate_established: Option<bool>,
+    /// The fleet quorum rule (see [`Quorum`]): a count of nodes ("3") or a share of the live
+    /// ones ("50%"). Kept by the agent, not the kernel.
+    pub fleet_quorum: Option<String>,
+    pub fleet_quorum_window: Option<Duration>,
+}
+
+/// How many nodes make a fleet quorum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuorumSize {
+    Nodes(u32),
+    /// Percent of the live nodes, rounded up.
+    Percent(u32),
+}
+
+/// The fleet quorum rule: when `size` nodes have tripped the service by themselves within
+/// `window`, every node opens it for `open_timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quorum {
+    pub size: QuorumSize,
+    pub window: Duration,
+}
+
+/// The quorum window when none is given.
+pub const DEFAULT_QUORUM_WINDOW: Duration = Duration::from_secs(60);
+
+impl Quorum {
+    /// Nodes needed out of `live`: at least 1.
+    pub fn needed(&self, live: usize) -> usize {
+        match self.size {
+            QuorumSize::Nodes(n) => n as usize,
+            QuorumSize::Percent(p) => (live * p as usize).div_ceil(100),
+        }
+        .max(1)
+    }
+
+    pub fn describe(&self) -> String {
+        let size = match self.size {
+            QuorumSize::Nodes(n) => n.to_string(),
+            QuorumSize::Percent(p) => format!("{p}%"),
+        };
+        format!(
+            "{size} nodes within {}",
+            humantime::format_duration(self.window)
+        )
+    }
 }
 
 /// A policy with every field explicit, in the units people use.
@@ -252,6 +297,45 @@ impl PolicySpec {
     }
 }
 
+impl PolicySpec {
+    /// The fleet quorum rule, if the policy has one; the first thing wrong with it otherwise.
+    pub fn quorum(&self) -> Result<Option<Quorum>> {
+        let Some(text) = self.fleet_quorum.as_deref().map(str::trim) else {
+            if self.fleet_quorum_window.is_some() {
+                return Err(Error::invalid(
+                    "fleet_quorum_window needs fleet_quorum (how many nodes)",
+                ));
+            }
+            return Ok(None);
+        };
+        let bad = || {
+            Error::invalid(format!(
+                "fleet_quorum {text:?}: expected a number of nodes (\"3\") or a percentage of the \
+                 live nodes (\"50%\")"
+            ))
+        };
+        let size = match text.strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u32>() {
+                Ok(p @ 1..=100) => QuorumSize::Percent(p),
+                _ => return Err(bad()),
+            },
+            None => match text.parse::<u32>() {
+                Ok(n @ 1..) => QuorumSize::Nodes(n),
+                _ => return Err(bad()),
+            },
+        };
+        let window = self.fleet_quorum_window.unwrap_or(DEFAULT_QUORUM_WINDOW);
+        check_duration("fleet_quorum_window", window)?;
+        if window < Duration::from_secs(1) || window.subsec_nanos() != 0 {
+            return Err(Error::invalid(format!(
+                "fleet_quorum_window {} must be whole seconds, at least 1s (it is an etcd lease)",
+                humantime::format_duration(window)
+            )));
+        }
+        Ok(Some(Quorum { size, window }))
+    }
+}
+
 /// A trip's time to live from the API (`None`: until reset).
 pub fn trip_ttl(ttl_ms: Option<u64>) -> Result<Option<Duration>> {
     match ttl_ms {
@@ -340,6 +424,37 @@ mod tests {
                 assert_eq!(actual, value, "{name}: {field}");
             }
         }
+    }
+
+    #[test]
+    fn quorums_are_counts_or_shares_of_live_nodes() {
+        let q = |text: &str, window: Option<u64>| {
+            PolicySpec {
+                fleet_quorum: Some(text.into()),
+                fleet_quorum_window: window.map(Duration::from_secs),
+                ..Default::default()
+            }
+            .quorum()
+        };
+        let three = q("3", None).unwrap().unwrap();
+        assert_eq!((three.needed(5), three.window), (3, DEFAULT_QUORUM_WINDOW));
+        let half = q("50%", Some(30)).unwrap().unwrap();
+        assert_eq!((half.needed(5), half.needed(4), half.needed(0)), (3, 2, 1));
+        assert_eq!(half.describe(), "50% nodes within 30s");
+        for bad in ["0", "0%", "101%", "x", "-1", ""] {
+            let e = q(bad, None).unwrap_err().to_string();
+            assert!(e.starts_with("fleet_quorum "), "{bad}: {e}");
+        }
+        let e = PolicySpec {
+            fleet_quorum_window: Some(Duration::from_millis(1500)),
+            fleet_quorum: Some("2".into()),
+            ..Default::default()
+        }
+        .quorum()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("whole seconds"), "{e}");
+        assert_eq!(PolicySpec::default().quorum().unwrap(), None);
     }
 
     #[test]

@@ -164,6 +164,11 @@ impl<K: Kernel + ?Sized> Core<K> {
                 None => {}
             }
         }
+        for (name, quorum) in next.quorums()? {
+            if self.services.get(&name).is_some() {
+                self.set_quorum(Owner::Config, &name, quorum)?;
+            }
+        }
         for rel in &scope_added {
             self.kernel.attach_scope(rel)?;
         }

@@ -11,7 +11,7 @@
 pub mod schema;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -124,6 +124,39 @@ struct Applied {
     trips: BTreeMap<String, i64>,
     /// Invalid records seen, by key and revision: each is counted once.
     invalid: std::collections::BTreeSet<(String, i64)>,
+}
+
+/// What the fleet's nodes say, for the quorum rule: who is alive, who tripped what by itself.
+#[derive(Debug, Default)]
+struct Peers {
+    nodes: BTreeSet<String>,
+    /// Nodes whose breaker tripped by itself within the quorum window, by service.
+    autotrips: BTreeMap<String, BTreeSet<String>>,
+    /// Services this node opened because the quorum was reached, until it is no longer.
+    quorum_open: BTreeSet<String>,
+}
+
+impl Peers {
+    /// Notes a change of `P/nodes/` or `P/autotrips/`; false for any other key.
+    fn note(&mut self, keys: &Keys, key: &str, put: bool) -> bool {
+        if let Some(node) = keys.parse_node(key) {
+            if put {
+                self.nodes.insert(node.to_owned());
+            } else {
+                self.nodes.remove(node);
+            }
+        } else if let Some((service, node)) = keys.parse_autotrip(key) {
+            let nodes = self.autotrips.entry(service.to_owned()).or_default();
+            if put {
+                nodes.insert(node.to_owned());
+            } else {
+                nodes.remove(node);
+            }
+        } else {
+            return false;
+        }
+        true
+    }
 }
 
 /// A desired record with what etcd says of it.
@@ -251,6 +284,26 @@ async fn session_inner(
     }
     let leases = trip_remainders(&mut client, &desired).await;
     reconcile(settings, core, &desired, applied, &leases);
+    let mut peers = Peers::default();
+    for prefix in [keys.nodes(), keys.all_autotrips()] {
+        let list = client
+            .get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_revision(revision),
+                ),
+            )
+            .await
+            .map_err(etcd_err("list peers"))?;
+        for kv in list.kvs() {
+            if let Ok(key) = kv.key_str() {
+                peers.note(keys, key, true);
+            }
+        }
+    }
 
     // Register the node, on its own lease.
     let lease = client
@@ -338,11 +391,16 @@ async fn session_inner(
                     ));
                 }
                 let mut changed = false;
+                let mut peers_changed = false;
                 let mut revision = node_record.applied_revision;
                 for event in message.events() {
                     let Some(kv) = event.kv() else { continue };
                     revision = revision.max(kv.mod_revision());
                     let Ok(key) = kv.key_str() else { continue };
+                    if peers.note(keys, key, event.event_type() == EventType::Put) {
+                        peers_changed = true;
+                        continue;
+                    }
                     let Some((kind, name)) = keys.parse(key) else { continue };
                     changed = true;
                     let slot = (kind, name.to_owned());
@@ -373,10 +431,37 @@ async fn session_inner(
                         .map_err(etcd_err("node record"))?;
                     set_link(core, |l| l.applied_revision = revision);
                 }
+                if peers_changed || changed {
+                    quorum(settings, core, &mut peers);
+                }
             }
             event = events.next() => {
-                if event.is_none() {
+                let Some((event, _)) = event else {
                     return Err("breaker events ended".into());
+                };
+                let t = event.transition;
+                let window = {
+                    let core = core.lock().map_err(|_| "core lock poisoned".to_owned())?;
+                    core.quorums().get(&event.service).map(|q| q.window)
+                };
+                if let (Some(window), true) = (window, tripped_by_itself(&t)) {
+                    // Counted by every node for the quorum window: the key goes with its lease.
+                    let lease = client
+                        .lease_grant(window.as_secs() as i64, None)
+                        .await
+                        .map_err(etcd_err("autotrip lease"))?
+                        .id();
+                    let record = schema::AutoTripRecord {
+                        cause: crate::core::policy::cause_name(t.cause).to_owned(),
+                    };
+                    client
+                        .put(
+                            keys.autotrip(&event.service, &settings.node),
+                            json(&record),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                        .map_err(etcd_err("autotrip"))?;
                 }
                 // A state change is published at once, with the counts it came with.
                 publish_breakers(&mut client, settings, core, &mut published, lease, false).await?;
@@ -393,6 +478,59 @@ async fn session_inner(
                     _ => return Err("the node's lease expired".into()),
                 }
             }
+        }
+    }
+}
+
+/// A trip the breaker made from its own counts (not an operator's, not a quorum's).
+fn tripped_by_itself(t: &breakwater_common::breaker::Transition) -> bool {
+    use breakwater_common::breaker::{cause, state};
+    t.from == state::CLOSED
+        && t.to == state::OPEN
+        && matches!(
+            t.cause,
+            cause::FAILURE_RATIO | cause::CONSECUTIVE_FAILURES | cause::MAX_FAILURES
+        )
+}
+
+/// The fleet quorum rule, as every node computes it from the same etcd state (no leader): a
+/// service whose quorum of nodes tripped it by themselves within the window is opened here for
+/// its `open_timeout`, forced, once until the count falls below the quorum again.
+fn quorum(settings: &Settings, core: &Shared, peers: &mut Peers) {
+    let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+    let live = peers.nodes.len();
+    let quorums: Vec<_> = core
+        .quorums()
+        .iter()
+        .map(|(s, q)| (s.clone(), *q))
+        .collect();
+    for (service, q) in quorums {
+        let tripped = peers
+            .autotrips
+            .get(&service)
+            .map_or(0, |n| n.intersection(&peers.nodes).count());
+        let needed = q.needed(live);
+        if tripped < needed {
+            peers.quorum_open.remove(&service);
+            continue;
+        }
+        if !peers.quorum_open.insert(service.clone()) {
+            continue;
+        }
+        let reason = format!("fleet quorum: {tripped} of {live} nodes");
+        let open_timeout = core
+            .breaker(&service)
+            .map(|b| Duration::from_nanos(b.policy.open_timeout_ns));
+        let result =
+            open_timeout.and_then(|ttl| core.trip(Owner::Fleet, &service, Some(ttl), &reason));
+        match result {
+            Ok(_) => info!(
+                service,
+                reason,
+                node = settings.node,
+                "fleet: quorum reached, breaker opened"
+            ),
+            Err(e) => warn!(service, error = %e, "fleet: quorum reached, breaker not opened"),
         }
     }
 }
@@ -547,10 +685,12 @@ fn reconcile(
         if current && applied.policies.get(*name) == Some(*config) {
             continue;
         }
-        match config
-            .policy()
-            .and_then(|p| core.set_policy(Owner::Fleet, name, p))
-        {
+        let set = config.spec().and_then(|spec| {
+            let quorum = spec.quorum()?;
+            core.set_policy(Owner::Fleet, name, spec.resolve()?)?;
+            core.set_quorum(Owner::Fleet, name, quorum)
+        });
+        match set {
             Ok(_) => {
                 info!(service = name, "fleet: policy set");
                 applied.policies.insert(name.to_string(), (*config).clone());

@@ -142,6 +142,15 @@ impl Keys {
         key.strip_prefix(&self.breakers())?.split_once('/')
     }
 
+    pub fn all_autotrips(&self) -> String {
+        format!("{}/autotrips/", self.prefix)
+    }
+
+    /// The service and node of a `P/autotrips/NAME/NODE` key.
+    pub fn parse_autotrip<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        key.strip_prefix(&self.all_autotrips())?.split_once('/')
+    }
+
     /// The node of a `P/nodes/NODE` key.
     pub fn parse_node<'k>(&self, key: &'k str) -> Option<&'k str> {
         key.strip_prefix(&self.nodes())
@@ -323,6 +332,10 @@ mod tests {
         assert_eq!(k.parse("/breakwater/v10/services/db"), None);
         assert_eq!(k.parse_breaker(&k.breaker("n1", "db")), Some(("n1", "db")));
         assert_eq!(k.parse_node(&k.node("n1")), Some("n1"));
+        assert_eq!(
+            k.parse_autotrip(&k.autotrip("db", "n1")),
+            Some(("db", "n1"))
+        );
         assert!(Keys::new("breakwater").is_err());
     }
 

@@ -573,6 +573,11 @@ pub struct BreakerPolicy {
     /// Destroy established connections to the service when the breaker trips.
     #[prost(bool, tag = "10")]
     pub terminate_established: bool,
+    /// Fleet quorum: "3" (nodes) or "50%" (of the live nodes); empty = none.
+    #[prost(string, tag = "11")]
+    pub fleet_quorum: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "12")]
+    pub fleet_quorum_window_ms: u64,
 }
 /// A service's circuit breaker. Counts are those of the current period (since the last state
 /// change or interval rollover); rejected, trips and probes are totals since the policy was set.
@@ -677,6 +682,13 @@ pub struct SetPolicyRequest {
     pub slow_connect_ms: ::core::option::Option<u64>,
     #[prost(bool, optional, tag = "12")]
     pub terminate_established: ::core::option::Option<bool>,
+    /// Open on every node when this many nodes ("3", or "50%" of the live ones) have tripped it by
+    /// themselves within fleet_quorum_window_ms (default 60 s, whole seconds). Needs the agent to
+    /// run with --etcd: refused (INVALID_ARGUMENT) otherwise.
+    #[prost(string, optional, tag = "13")]
+    pub fleet_quorum: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(uint64, optional, tag = "14")]
+    pub fleet_quorum_window_ms: ::core::option::Option<u64>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]

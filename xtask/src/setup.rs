@@ -41,12 +41,14 @@ pub fn run() -> Result<()> {
     check_cgroup2()?;
     check_python_venv(root)?;
     check_promtool(root)?;
+    check_etcd(root)?;
     check_vm_tools(root)?;
     Ok(())
 }
 
 /// What building and linting need (the part of `run` that `cargo xtask lint` runs): nightly
-/// with rust-src and clippy, clippy and rustfmt on the toolchain that runs xtask, bpf-linker.
+/// with rust-src and clippy, clippy and rustfmt on the toolchain that runs xtask, bpf-linker,
+/// protoc.
 pub fn toolchain() -> Result<()> {
     check_nightly()?;
     check_component("nightly", "rust-src")?;
@@ -59,6 +61,7 @@ pub fn toolchain() -> Result<()> {
     check_component(active, "clippy")?;
     check_component(active, "rustfmt")?;
     check_bpf_linker()?;
+    check_protoc(is_root())?;
     Ok(())
 }
 
@@ -344,18 +347,10 @@ fn check_vm_tools(root: bool) -> Result<()> {
 /// Debian's promtool, which tests/tests/observability.rs runs on the agent's `/metrics`.
 const PROMTOOL: &str = "/usr/bin/promtool";
 
-/// promtool comes in Debian's `prometheus` package, with the Prometheus server, its systemd unit
-/// and its init script; installed here, it must not leave a server running, or starting at boot.
-/// Its postinst enables `prometheus.service` (even without systemd running: it links the unit
-/// into multi-user.target.wants), starts it with systemd running, and otherwise runs
-/// `update-rc.d prometheus defaults` and `invoke-rc.d prometheus start`, which starts it only
-/// where the runlevel is known and /usr/sbin/policy-rc.d does not forbid it (in a container
-/// `runlevel` fails, and Docker's images forbid every start). So with systemd the unit is masked
-/// for the install (a runtime mask, gone at the next boot whatever happens), then unmasked,
-/// disabled and stopped; without, `update-rc.d prometheus disable` turns the rc links into K
-/// links and removes the unit's link, and the server is stopped if it runs.
-/// `--no-install-recommends` also leaves out prometheus-node-exporter, another server.
-/// A prometheus package that was already installed is left as it is.
+/// promtool comes in Debian's `prometheus` package, with the Prometheus server (installed by
+/// [`apt_install_stopped`], so not left running). `--no-install-recommends` also leaves out
+/// prometheus-node-exporter, another server. A prometheus package that was already installed is
+/// left as it is.
 fn check_promtool(root: bool) -> Result<()> {
     let present = || is_installed("prometheus") && Path::new(PROMTOOL).is_file();
     if !present() {
@@ -371,33 +366,7 @@ fn check_promtool(root: bool) -> Result<()> {
             "installing: prometheus for promtool (apt-get install -y --no-install-recommends; \
              its server is not left running)"
         );
-        let systemd = Path::new("/run/systemd/system").is_dir();
-        let systemctl = |args: &[&str]| run_cmd(Command::new("systemctl").args(args));
-        if systemd {
-            systemctl(&["mask", "--runtime", "prometheus.service"])?;
-        }
-        let installed = apt_install(&["prometheus"], &["--no-install-recommends"]);
-        if systemd {
-            systemctl(&["unmask", "--runtime", "prometheus.service"])?;
-        }
-        installed?;
-        if systemd {
-            systemctl(&["disable", "--now", "prometheus.service"])?;
-        } else {
-            let init = Path::new("/etc/init.d/prometheus");
-            if init.is_file() {
-                run_cmd(Command::new("update-rc.d").args(["prometheus", "disable"]))?;
-                let running = Command::new(init)
-                    .arg("status")
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if running {
-                    run_cmd(Command::new(init).arg("stop"))?;
-                }
-            }
-        }
+        apt_install_stopped(&["prometheus"], "prometheus")?;
         if !present() {
             bail!("the prometheus package was installed but {PROMTOOL} is still missing");
         }
@@ -405,6 +374,138 @@ fn check_promtool(root: bool) -> Result<()> {
     let version = output(Command::new(PROMTOOL).arg("--version"))?;
     let version = version.lines().next().unwrap_or_default();
     println!("ok: promtool ({PROMTOOL}: {version})");
+    Ok(())
+}
+
+/// Debian's etcd 3.4, each package with the file that shows it is there.
+const ETCD_PACKAGES: &[(&str, &str)] = &[
+    // The server tests/src/etcd.rs starts, one throwaway instance per test.
+    ("etcd-server", "/usr/bin/etcd"),
+    // etcdctl, to look into such a server by hand.
+    ("etcd-client", "/usr/bin/etcdctl"),
+];
+
+/// etcd-server's postinst enables and starts `etcd.service` (or its init script): it is
+/// installed by [`apt_install_stopped`], so no system etcd is left running or starting at boot.
+/// Packages that were already installed are left as they are.
+fn check_etcd(root: bool) -> Result<()> {
+    let missing = missing_packages(ETCD_PACKAGES);
+    if !missing.is_empty() {
+        let list = missing.join(" ");
+        if !root {
+            println!(
+                "warning: {list} missing for tests/tests/etcd.rs (not root, so not installing; as \
+                 root: apt-get install -y --no-install-recommends {list}, then stop and disable \
+                 etcd.service)"
+            );
+            return Ok(());
+        }
+        println!(
+            "installing: {list} (apt-get install -y --no-install-recommends; the etcd server is \
+             not left running)"
+        );
+        if missing.contains(&"etcd-server") {
+            apt_install_stopped(&missing, "etcd")?;
+        } else {
+            apt_install(&missing, &["--no-install-recommends"])?;
+        }
+        if let Some((package, file)) = ETCD_PACKAGES.iter().find(|p| !package_present(p)) {
+            bail!("the {package} package was installed but {file} is still missing");
+        }
+    }
+    // `etcd Version: 3.4.23`, then the API, Go and platform lines.
+    let version = output(Command::new("/usr/bin/etcd").arg("--version"))?;
+    let version = version.lines().next().unwrap_or_default();
+    println!("ok: etcd, etcdctl (/usr/bin/etcd: {version})");
+    Ok(())
+}
+
+/// protoc and the well-known types' .proto files: the etcd-client crate's build script compiles
+/// etcd's API with prost-build, which runs protoc, and they import
+/// google/protobuf/descriptor.proto, which protoc finds only in /usr/include (libprotobuf-dev,
+/// a recommend of protobuf-compiler).
+const PROTOC_PACKAGES: &[(&str, &str)] = &[
+    ("protobuf-compiler", "/usr/bin/protoc"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
+];
+
+/// Building the workspace needs protoc: without root there is nothing to do but say so.
+fn check_protoc(root: bool) -> Result<()> {
+    let missing = missing_packages(PROTOC_PACKAGES);
+    if !missing.is_empty() {
+        let list = missing.join(" ");
+        if !root {
+            bail!(
+                "{list} missing: the etcd-client crate's build script needs protoc and the \
+                 protobuf well-known types; as root: apt-get install -y --no-install-recommends \
+                 {list}, or run `cargo xtask setup` as root"
+            );
+        }
+        println!("installing: {list} for protoc (apt-get install -y --no-install-recommends)");
+        apt_install(&missing, &["--no-install-recommends"])?;
+        if let Some((package, file)) = PROTOC_PACKAGES.iter().find(|p| !package_present(p)) {
+            bail!("the {package} package was installed but {file} is still missing");
+        }
+    }
+    let version = output(Command::new("/usr/bin/protoc").arg("--version"))?;
+    println!("ok: protoc (/usr/bin/protoc: {})", version.trim());
+    Ok(())
+}
+
+fn package_present((package, file): &(&str, &str)) -> bool {
+    is_installed(package) && Path::new(file).exists()
+}
+
+fn missing_packages(packages: &[(&'static str, &str)]) -> Vec<&'static str> {
+    packages
+        .iter()
+        .filter(|p| !package_present(p))
+        .map(|(package, _)| *package)
+        .collect()
+}
+
+/// `apt_install` (without recommends) of `packages`, one of which ships the server `service`,
+/// without leaving that server running or starting at boot.
+///
+/// Debian's postinst of such a package enables `SERVICE.service` (even without systemd running:
+/// it links the unit into multi-user.target.wants), starts it with systemd running, and
+/// otherwise runs `update-rc.d SERVICE defaults` and `invoke-rc.d SERVICE start`, which starts
+/// it only where the runlevel is known and /usr/sbin/policy-rc.d does not forbid it (in a
+/// container `runlevel` fails, and Docker's images forbid every start). So with systemd the unit
+/// is masked for the install (a runtime mask, gone at the next boot whatever happens), then
+/// unmasked, disabled and stopped; without, `update-rc.d SERVICE disable` turns the rc links
+/// into K links and removes the unit's link, and the server is stopped if it runs.
+fn apt_install_stopped(packages: &[&str], service: &str) -> Result<()> {
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    let unit = format!("{service}.service");
+    let systemctl = |args: &[&str]| run_cmd(Command::new("systemctl").args(args).arg(&unit));
+    if systemd {
+        systemctl(&["mask", "--runtime"])?;
+    }
+    let installed = apt_install(packages, &["--no-install-recommends"]);
+    if systemd {
+        systemctl(&["unmask", "--runtime"])?;
+    }
+    installed?;
+    if systemd {
+        return systemctl(&["disable", "--now"]);
+    }
+    let init = Path::new("/etc/init.d").join(service);
+    if init.is_file() {
+        run_cmd(Command::new("update-rc.d").args([service, "disable"]))?;
+        let running = Command::new(&init)
+            .arg("status")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if running {
+            run_cmd(Command::new(&init).arg("stop"))?;
+        }
+    }
     Ok(())
 }
 

@@ -25,8 +25,8 @@ use rcgen::{
 /// Debian's etcd-server puts it there.
 pub const ETCD_BIN: &str = "/usr/bin/etcd";
 
-const HOW_TO_INSTALL: &str = "run `cargo xtask setup` as root (it installs Debian's etcd-server \
-                              and etcd-client without leaving a system etcd running)";
+const HOW_TO_INSTALL: &str = "run `cargo xtask setup` as root: it installs Debian's etcd-server \
+                              and etcd-client, and leaves no system etcd running";
 
 /// How long etcd may take to answer after a start (a single member elects itself in ~1 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod cgroup;
+pub mod etcd;
 pub mod netns;
 pub mod prom;
 

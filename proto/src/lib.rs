@@ -17,7 +17,7 @@ pub mod json {
 
     use crate::v1::{
         BreakerCause, BreakerState, ConnectionEventKind, DestinationSort, Direction, FeatureStatus,
-        PressureLevel, Severity,
+        Owner, PressureLevel, Severity,
     };
 
     fn short(full: &str, prefix: &str) -> String {
@@ -71,6 +71,14 @@ pub mod json {
     pub fn feature_status<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         match FeatureStatus::try_from(*v) {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "FEATURE_STATUS_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    /// "local", "config", "fleet"; "unspecified" for none.
+    pub fn owner<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match Owner::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "OWNER_")),
             Err(_) => s.serialize_i32(*v),
         }
     }

@@ -54,6 +54,10 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
         ),
         ("breakwater.v1.ConnectionEvent.direction", "direction"),
         ("breakwater.v1.Feature.status", "feature_status"),
+        ("breakwater.v1.Service.owner", "owner"),
+        ("breakwater.v1.Service.shadowed", "owner"),
+        ("breakwater.v1.Breaker.policy_owner", "owner"),
+        ("breakwater.v1.Breaker.tripped_by", "owner"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

@@ -50,9 +50,11 @@ pub struct Service {
     #[prost(uint64, tag = "6")]
     pub connect_p99_us: u64,
     #[prost(enumeration = "Owner", tag = "7")]
+    #[serde(serialize_with = "crate::json::owner")]
     pub owner: i32,
     /// The owner of a definition of the same name that the fleet's hides; unspecified if none.
     #[prost(enumeration = "Owner", tag = "8")]
+    #[serde(serialize_with = "crate::json::owner")]
     pub shadowed: i32,
 }
 #[derive(serde::Serialize)]
@@ -625,9 +627,11 @@ pub struct Breaker {
     pub events_lost: u64,
     /// Who set the policy.
     #[prost(enumeration = "Owner", tag = "16")]
+    #[serde(serialize_with = "crate::json::owner")]
     pub policy_owner: i32,
     /// Who forced it open (while forced): the fleet, or an operator on this node (local).
     #[prost(enumeration = "Owner", tag = "17")]
+    #[serde(serialize_with = "crate::json::owner")]
     pub tripped_by: i32,
 }
 #[derive(serde::Serialize)]

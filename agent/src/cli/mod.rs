@@ -57,7 +57,8 @@ pub struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
-    /// The API's response message as JSON, with the proto's field names.
+    /// The API's response message as JSON, with the proto's field names (for `fleet`, the
+    /// records in etcd).
     Json,
 }
 

@@ -2,12 +2,13 @@
 
 mod agent;
 mod client;
+mod fleet;
 mod output;
 mod verbs;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
 use crate::config::DEFAULT_PIN_DIR;
 
@@ -56,7 +57,8 @@ pub struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
-    /// The API's response message as JSON, with the proto's field names.
+    /// The API's response message as JSON, with the proto's field names (for `fleet`, the
+    /// records in etcd).
     Json,
 }
 
@@ -151,7 +153,19 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// The fleet's shared state in etcd: its nodes and their breakers, and the services,
+    /// policies and trips every selected node applies.
+    #[command(after_help = FLEET_EXIT_CODES)]
+    Fleet(fleet::FleetArgs),
 }
+
+/// `breakwater fleet --help`'s exit codes.
+const FLEET_EXIT_CODES: &str = "\
+Exit codes:
+  0   done (a delete, clear or reset that found nothing to remove says so, and is done)
+  1   etcd unreachable (the endpoints are named) or failed
+  2   bad flags or input (the reason is printed), or etcd refused the caller;
+      nothing was written";
 
 /// A duration flag: "30s", "500ms", "2m"; whole milliseconds (what the API carries).
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -172,51 +186,58 @@ pub enum PolicyCommand {
     Set {
         /// Service name.
         name: String,
-        #[arg(long, value_parser = preset_arg())]
-        preset: Option<String>,
-        /// The ratio rule needs at least N requests in the interval.
-        #[arg(long, value_name = "N")]
-        min_requests: Option<u32>,
-        /// Trip when failures / requests >= F (0..=1; 0 = off).
-        #[arg(long, value_name = "F")]
-        failure_ratio: Option<f64>,
-        /// Trip after N failures in a row (0 = off).
-        #[arg(long, value_name = "N")]
-        consecutive_failures: Option<u32>,
-        /// Trip when N failures fall in one interval (0 = off).
-        #[arg(long, value_name = "N")]
-        max_failures: Option<u32>,
-        /// Counting window in closed; counts are cleared when it ends (0s = never).
-        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
-        interval: Option<Duration>,
-        /// How long open lasts before half-open.
-        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
-        open_timeout: Option<Duration>,
-        /// Probes admitted in half-open; that many successes close the breaker.
-        #[arg(long, value_name = "N")]
-        half_open_max: Option<u32>,
-        /// What refused connects return (default ECONNREFUSED; any case).
-        #[arg(long, value_name = "NAME", value_parser = errno_arg)]
-        errno: Option<String>,
-        /// A connect slower than this counts as a failure (0s = off).
-        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
-        slow_connect: Option<Duration>,
-        /// Keep established connections when the breaker trips (default: destroy them).
-        #[arg(long)]
-        no_terminate: bool,
-        /// Open it on every node of the fleet when N nodes ("3"), or N% of the live ones
-        /// ("50%"), have tripped it by themselves within the window (needs an agent in a fleet).
-        #[arg(long, value_name = "N|N%")]
-        fleet_quorum: Option<String>,
-        /// How recent those trips must be (whole seconds) [default: 60s].
-        #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
-        fleet_quorum_window: Option<Duration>,
+        #[command(flatten)]
+        policy: PolicyFlags,
     },
     /// Remove a service's policy: its connects pass uncounted again.
     Clear {
         /// Service name.
         name: String,
     },
+}
+
+/// A breaker policy's fields as flags: `breakwater policy set` and `breakwater fleet policy set`.
+#[derive(Clone, Debug, Default, PartialEq, clap::Args)]
+pub struct PolicyFlags {
+    #[arg(long, value_parser = preset_arg())]
+    pub preset: Option<String>,
+    /// The ratio rule needs at least N requests in the interval.
+    #[arg(long, value_name = "N")]
+    pub min_requests: Option<u32>,
+    /// Trip when failures / requests >= F (0..=1; 0 = off).
+    #[arg(long, value_name = "F")]
+    pub failure_ratio: Option<f64>,
+    /// Trip after N failures in a row (0 = off).
+    #[arg(long, value_name = "N")]
+    pub consecutive_failures: Option<u32>,
+    /// Trip when N failures fall in one interval (0 = off).
+    #[arg(long, value_name = "N")]
+    pub max_failures: Option<u32>,
+    /// Counting window in closed; counts are cleared when it ends (0s = never).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub interval: Option<Duration>,
+    /// How long open lasts before half-open.
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub open_timeout: Option<Duration>,
+    /// Probes admitted in half-open; that many successes close the breaker.
+    #[arg(long, value_name = "N")]
+    pub half_open_max: Option<u32>,
+    /// What refused connects return (default ECONNREFUSED; any case).
+    #[arg(long, value_name = "NAME", value_parser = errno_arg)]
+    pub errno: Option<String>,
+    /// A connect slower than this counts as a failure (0s = off).
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub slow_connect: Option<Duration>,
+    /// Keep established connections when the breaker trips (default: destroy them).
+    #[arg(long)]
+    pub no_terminate: bool,
+    /// Open it on every node of the fleet when N nodes ("3"), or N% of the live ones ("50%"),
+    /// have tripped it by themselves within the window (needs agents in a fleet).
+    #[arg(long, value_name = "N|N%")]
+    pub fleet_quorum: Option<String>,
+    /// How recent those trips must be (whole seconds) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub fleet_quorum_window: Option<Duration>,
 }
 
 /// A latency histogram, as `GetLatency` names it.
@@ -370,12 +391,7 @@ fn refused_client_flags() -> [clap::Arg; 4] {
         let why = format!(
             "{flag} is a flag of the client commands; `breakwater agent` does not take it{instead}"
         );
-        clap::Arg::new(id)
-            .long(flag.trim_start_matches("--"))
-            .value_name(value)
-            .action(clap::ArgAction::Append)
-            .hide(true)
-            .value_parser(move |_: &str| Err::<String, _>(why.clone()))
+        refused_flag(id, flag, value, why)
     };
     [
         refuse("agents", "--agent", "ADDRESS", ""),
@@ -388,6 +404,21 @@ fn refused_client_flags() -> [clap::Arg; 4] {
         ),
         refuse("output", "--output", "FORMAT", "").short('o'),
     ]
+}
+
+/// A flag a command refuses (exit 2, `why` printed) rather than take: hidden, with no `env`.
+fn refused_flag(
+    id: &'static str,
+    flag: &'static str,
+    value: &'static str,
+    why: String,
+) -> clap::Arg {
+    clap::Arg::new(id)
+        .long(flag.trim_start_matches("--"))
+        .value_name(value)
+        .action(clap::ArgAction::Append)
+        .hide(true)
+        .value_parser(move |_: &str| Err::<String, _>(why.clone()))
 }
 
 /// `--preset`: one of the core's presets, each listed in the help with what it sets.
@@ -494,7 +525,8 @@ impl From<crate::error::Error> for CliError {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -522,6 +554,10 @@ pub fn main() -> ExitCode {
                 agent::run(*args).await
             }
             Command::Uninstall { pin_dir } => agent::uninstall(&pin_dir),
+            Command::Fleet(args) => {
+                fleet::refuse_node_flags_before(&matches)?;
+                fleet::run(args, output).await
+            }
             command => {
                 let target = client::Target {
                     agents,
@@ -549,7 +585,6 @@ pub fn main() -> ExitCode {
 mod tests {
     use super::*;
     use crate::core::features::Feature;
-    use clap::CommandFactory as _;
 
     fn agent_args(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         let cli = Cli::try_parse_from(["breakwater", "agent"].iter().chain(args))?;

@@ -8,7 +8,7 @@ use crate::{
     core::counters::COUNTERS,
 };
 
-fn table(header: &[&str]) -> Table {
+pub(super) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
     t.set_header(header.iter().map(Cell::new));
@@ -67,7 +67,7 @@ pub fn merged(nodes: Vec<(String, Rows)>) -> String {
     }
 }
 
-fn num(v: u64) -> Cell {
+pub(super) fn num(v: u64) -> Cell {
     Cell::new(v).set_alignment(CellAlignment::Right)
 }
 
@@ -87,7 +87,7 @@ fn direction(d: i32) -> &'static str {
     }
 }
 
-fn or_dash(s: &str) -> &str {
+pub(super) fn or_dash(s: &str) -> &str {
     if s.is_empty() {
         "-"
     } else {
@@ -498,7 +498,7 @@ fn breaker_cause(cause: i32) -> String {
 }
 
 /// "30s", "1m30s", "500ms": the durations people typed.
-fn millis(ms: u64) -> String {
+pub(super) fn millis(ms: u64) -> String {
     humantime::format_duration(std::time::Duration::from_millis(ms))
         .to_string()
         .replace(' ', "")
@@ -532,6 +532,13 @@ pub fn policy_summary(p: &pb::BreakerPolicy) -> String {
     }
     if !p.terminate_established {
         out += ", keep established";
+    }
+    if !p.fleet_quorum.is_empty() {
+        out += &format!(
+            ", fleet quorum {} in {}",
+            p.fleet_quorum,
+            millis(p.fleet_quorum_window_ms)
+        );
     }
     out
 }

@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 
 use super::{
     client::{follow, reply, reply_rows, Answered, Client, Titled},
-    output, CliError, Command, DirectionArg, Output, PolicyCommand, ServiceCommand, Sort,
-    WatchCommand,
+    output, CliError, Command, DirectionArg, Output, PolicyCommand, PolicyFlags, ServiceCommand,
+    Sort, WatchCommand,
 };
 use crate::core::{
     policy::{self as breaker, PolicySpec},
@@ -60,7 +60,7 @@ where
 /// here is refused here, with exit code 2 even when no agent runs.
 pub fn verb(command: Command) -> Result<Verb, CliError> {
     Ok(match command {
-        Command::Agent(_) | Command::Uninstall { .. } => {
+        Command::Agent(_) | Command::Uninstall { .. } | Command::Fleet(_) => {
             unreachable!("not a client command: main runs it")
         }
         Command::Services => ask(pb::ListServicesRequest {}, services),
@@ -167,8 +167,10 @@ fn destinations_request(
 
 /// `SetPolicy` from `breakwater policy set`'s flags.
 fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
-    let PolicyCommand::Set {
-        name,
+    let PolicyCommand::Set { name, policy } = command else {
+        return None;
+    };
+    let PolicyFlags {
         preset,
         min_requests,
         failure_ratio,
@@ -182,10 +184,7 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
         no_terminate,
         fleet_quorum,
         fleet_quorum_window,
-    } = command
-    else {
-        return None;
-    };
+    } = policy;
     let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
     Some(pb::SetPolicyRequest {
         service: name,

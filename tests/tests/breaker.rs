@@ -238,7 +238,10 @@ fn gobreaker_preset_conformance() {
         ),
         (3, 0.6, 60_000, 30_000, 1)
     );
-    assert_eq!(p, policy_message(&case.runs[0].policy.resolve().unwrap()));
+    assert_eq!(
+        p,
+        policy_message(&case.runs[0].policy.resolve().unwrap(), None)
+    );
     rig.run_steps(&case.runs[0]);
     let b = rig.breaker();
     assert_eq!((b.trips, b.forced), (1, false));

@@ -78,9 +78,10 @@ const MODULES: &[&str] = &["inet_diag", "tcp_diag", "veth"];
 
 /// Test binaries that cannot run in the guest: deploy.rs runs `systemd-analyze` and the Python
 /// venv's `kubernetes-validate` (host tools, ~/.cache/breakwater/venv), and checks files, not the
-/// kernel; etcd.rs runs the host's /usr/bin/etcd and tests the harness, not the kernel. The host
-/// suite runs them.
-const HOST_ONLY_BINARIES: &[&str] = &["deploy", "etcd"];
+/// kernel; etcd.rs runs the host's /usr/bin/etcd and tests the harness, not the kernel; fleet.rs
+/// needs that etcd too (its agents' programs are the ones every other suite checks in the guest).
+/// The host suite runs them.
+const HOST_ONLY_BINARIES: &[&str] = &["deploy", "etcd", "fleet"];
 
 /// Single tests that need the host's Python venv (the grpcio client) or Debian's promtool,
 /// skipped in the guest.

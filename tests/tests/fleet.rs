@@ -1,0 +1,466 @@
+//! The fleet through a real etcd (Debian's, started by the harness on loopback): agents on this
+//! machine act as nodes, each with its own socket, pin directory and scope cgroup. Desired state
+//! is written with `breakwater fleet` (the real CLI) or, for what the CLI refuses to write,
+//! straight into etcd; the ground truth is each node's API, the errno a client in each node's
+//! cgroup gets, and etcd's own keys.
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use breakwater_tests::{
+    agent_bin,
+    cgroup::connect_from_cgroup,
+    etcd::{self, Etcd},
+    eventually, require_root, serial, Agent,
+};
+
+const PREFIX: &str = "/breakwater/v1";
+
+fn node(etcd: &Etcd, name: &str) -> Agent {
+    node_with(etcd, name, &[])
+}
+
+fn node_with(etcd: &Etcd, name: &str, extra: &[&str]) -> Agent {
+    let url = etcd.url();
+    let mut args = vec!["--etcd", url.as_str(), "--node-name", name];
+    args.extend(extra);
+    Agent::start_with(None, &args)
+}
+
+/// `breakwater fleet --etcd URL ARGS...`.
+fn fleet(etcd: &Etcd, args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .arg("fleet")
+        .arg("--etcd")
+        .arg(etcd.url())
+        .args(args)
+        .output()
+        .expect("run breakwater fleet")
+}
+
+fn fleet_ok(etcd: &Etcd, args: &[&str]) -> String {
+    let out = fleet(etcd, args);
+    assert!(
+        out.status.success(),
+        "breakwater fleet {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A port nothing listens on.
+fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn breaker(agent: &Agent, service: &str) -> Option<serde_json::Value> {
+    let v = agent.cli_json(&["breakers"]);
+    v["breakers"]
+        .as_array()?
+        .iter()
+        .find(|b| b["service"] == service)
+        .cloned()
+}
+
+fn service(agent: &Agent, name: &str) -> Option<serde_json::Value> {
+    let v = agent.cli_json(&["services"]);
+    v["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+}
+
+fn wait<T>(what: &str, agent: &Agent, f: impl FnMut() -> Option<T>) -> T {
+    eventually(Duration::from_secs(15), f)
+        .unwrap_or_else(|| panic!("{what}: not within 15 s\nagent log:\n{}", agent.log()))
+}
+
+fn fleet_link(agent: &Agent) -> serde_json::Value {
+    agent.cli_json(&["info"])["fleet"].clone()
+}
+
+#[test]
+fn services_policies_and_trips_reach_every_node_and_a_late_one() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let mut nodes: Vec<Agent> = ["n1", "n2", "n3"].iter().map(|n| node(&etcd, n)).collect();
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = server.local_addr().unwrap();
+    let endpoint = addr.to_string();
+
+    fleet_ok(&etcd, &["service", "put", "db", "--endpoint", &endpoint]);
+    fleet_ok(
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "db",
+            "--consecutive-failures",
+            "5",
+            "--errno",
+            "EHOSTUNREACH",
+        ],
+    );
+    for n in &nodes {
+        let b = wait("the fleet's policy", n, || {
+            breaker(n, "db").filter(|b| b["policy_owner"] == "fleet")
+        });
+        assert_eq!(b["state"], "closed");
+        let s = service(n, "db").unwrap();
+        assert_eq!(s["owner"], "fleet");
+        assert_eq!(s["endpoints"][0], endpoint.as_str());
+    }
+    // Every node registered itself, on its lease.
+    let registered = etcd.get_prefix(&format!("{PREFIX}/nodes/"));
+    let names: Vec<&str> = registered
+        .iter()
+        .map(|(k, _)| k.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(names, ["n1", "n2", "n3"]);
+
+    // The local API may not change what the fleet owns: exit 2, saying who owns it.
+    let out = nodes[0].cli(&["service", "put", "db", "--endpoint", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("owned by the fleet"), "{err}");
+    assert_eq!(
+        service(&nodes[0], "db").unwrap()["endpoints"][0],
+        endpoint.as_str()
+    );
+
+    // A trip for 30 s: every node refuses connects with the policy's errno, and says why.
+    let tripped = Instant::now();
+    fleet_ok(
+        &etcd,
+        &["trip", "db", "--for", "30s", "--reason", "bad deploy"],
+    );
+    for n in &nodes {
+        let b = wait("the fleet's trip", n, || {
+            breaker(n, "db").filter(|b| b["forced"] == true)
+        });
+        assert_eq!(b["state"], "open");
+        assert_eq!(b["tripped_by"], "fleet");
+        assert_eq!(b["reason"], "bad deploy");
+        let left = b["open_remaining_ms"].as_u64().unwrap();
+        assert!(left > 25_000 && left <= 30_000, "{left} ms left");
+        let scope = n.scope().to_owned();
+        let e = connect_from_cgroup(&scope, addr).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EHOSTUNREACH), "{e}");
+    }
+    // Each node published its breaker's new state.
+    for name in ["n1", "n2", "n3"] {
+        let key = format!("{PREFIX}/breakers/{name}/db");
+        let record = eventually(Duration::from_secs(5), || {
+            etcd.get(&key).filter(|v| v.contains("\"forced\":true"))
+        })
+        .unwrap_or_else(|| panic!("{key}: {:?}", etcd.get(&key)));
+        assert!(record.contains("\"tripped_by\":\"fleet\""), "{record}");
+    }
+
+    // A node that joins later gets the trip with what is left of it, by etcd's lease.
+    std::thread::sleep(Duration::from_secs(3));
+    let late = node(&etcd, "n4");
+    let b = wait("the trip on a late node", &late, || {
+        breaker(&late, "db").filter(|b| b["forced"] == true)
+    });
+    let left = b["open_remaining_ms"].as_u64().unwrap();
+    let elapsed = tripped.elapsed().as_millis() as u64;
+    assert!(
+        left <= 30_000 - elapsed + 1_000 && left + elapsed >= 27_000,
+        "{left} ms left after {elapsed} ms"
+    );
+    nodes.push(late);
+
+    // Reset: every node closes, and connects pass again.
+    fleet_ok(&etcd, &["reset", "db"]);
+    for n in &nodes {
+        wait("the reset", n, || {
+            breaker(n, "db").filter(|b| b["state"] == "closed" && b["forced"] == false)
+        });
+        connect_from_cgroup(n.scope(), addr).expect("connect after the reset");
+    }
+
+    // The fleet deletes the service: it is gone from every node.
+    fleet_ok(&etcd, &["service", "delete", "db"]);
+    for n in &nodes {
+        wait("the delete", n, || service(n, "db").is_none().then_some(()));
+    }
+    drop(server);
+}
+
+#[test]
+fn fleet_objects_shadow_local_ones_and_give_them_back() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let config = format!(
+        "[fleet]\netcd = [\"{url}\"]\nnode_name = \"n1\"\n\n[[service]]\nname = \"db\"\nendpoints = [\"127.0.0.1:7001\"]\n"
+    );
+    let n1 = Agent::start_with_config(Some(&config));
+    assert_eq!(service(&n1, "db").unwrap()["owner"], "config");
+
+    fleet_ok(
+        &etcd,
+        &["service", "put", "db", "--endpoint", "127.0.0.1:7002"],
+    );
+    let s = wait("the fleet's service", &n1, || {
+        service(&n1, "db").filter(|s| s["owner"] == "fleet")
+    });
+    assert_eq!(s["shadowed"], "config");
+    assert_eq!(s["endpoints"][0], "127.0.0.1:7002");
+    let table = String::from_utf8_lossy(&n1.cli(&["services"]).stdout).into_owned();
+    assert!(table.contains("fleet (shadows config)"), "{table}");
+
+    fleet_ok(&etcd, &["service", "delete", "db"]);
+    let s = wait("the config's service back", &n1, || {
+        service(&n1, "db").filter(|s| s["owner"] == "config")
+    });
+    assert_eq!(s["endpoints"][0], "127.0.0.1:7001");
+    assert_eq!(s["shadowed"], "unspecified");
+}
+
+#[test]
+fn nodes_keep_enforcing_without_etcd_and_resync_when_it_is_back() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let mut n1 = node(&etcd, "n1");
+    let addr = closed_port();
+    let endpoint = addr.to_string();
+    fleet_ok(&etcd, &["service", "put", "db", "--endpoint", &endpoint]);
+    fleet_ok(
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "db",
+            "--consecutive-failures",
+            "5",
+            "--errno",
+            "EPERM",
+        ],
+    );
+    fleet_ok(&etcd, &["trip", "db", "--reason", "incident"]);
+    wait("the trip", &n1, || {
+        breaker(&n1, "db").filter(|b| b["forced"] == true)
+    });
+    assert_eq!(fleet_link(&n1)["connected"], true);
+
+    // etcd dies: the link is reported down, and the trip holds.
+    etcd.kill();
+    let link = wait("the link down", &n1, || {
+        Some(fleet_link(&n1)).filter(|l| l["connected"] == false)
+    });
+    assert!(!link["last_error"].as_str().unwrap().is_empty(), "{link}");
+    let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    let metrics = String::from_utf8_lossy(&n1.cli(&["info"]).stdout).into_owned();
+    assert!(metrics.contains("DOWN since"), "{metrics}");
+
+    // The agent is SIGKILLed and restarted while etcd is still down: it starts from what it
+    // pinned, and still refuses.
+    n1.kill();
+    n1.spawn();
+    let b = breaker(&n1, "db").expect("the pinned breaker");
+    assert_eq!(
+        (b["state"].as_str(), b["forced"].as_bool()),
+        (Some("open"), Some(true))
+    );
+    let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+
+    // etcd is back: the node resyncs (the fleet owns the service again) and follows changes.
+    etcd.restart();
+    wait("the link up", &n1, || {
+        Some(fleet_link(&n1)).filter(|l| l["connected"] == true)
+    });
+    wait("the fleet's service again", &n1, || {
+        service(&n1, "db").filter(|s| s["owner"] == "fleet")
+    });
+    fleet_ok(&etcd, &["reset", "db"]);
+    wait("the reset after the resync", &n1, || {
+        breaker(&n1, "db").filter(|b| b["forced"] == false)
+    });
+    let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::ConnectionRefused,
+        "the port's own refusal: {e}"
+    );
+}
+
+#[test]
+fn invalid_records_are_counted_and_never_applied() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let n1 = node(&etcd, "n1");
+    // What the CLI refuses to write, written by something else.
+    etcd.put(
+        &format!("{PREFIX}/services/db"),
+        r#"{"endpoints":["127.0.0.1"]}"#,
+    );
+    etcd.put(&format!("{PREFIX}/policies/db"), "not json");
+    let link = wait("the invalid records counted", &n1, || {
+        Some(fleet_link(&n1)).filter(|l| l["invalid_records"] == 2)
+    });
+    assert_eq!(link["connected"], true);
+    assert!(service(&n1, "db").is_none());
+    assert!(n1.log().contains("invalid record ignored"), "{}", n1.log());
+
+    // A valid record after it is applied: the agent kept going.
+    etcd.put(
+        &format!("{PREFIX}/services/db"),
+        r#"{"endpoints":["127.0.0.1:7003"]}"#,
+    );
+    wait("the valid record", &n1, || service(&n1, "db"));
+    let metrics = n1.cli(&["info"]);
+    assert!(metrics.status.success());
+}
+
+#[test]
+fn a_fleet_quorum_opens_the_service_on_every_node() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let nodes: Vec<Agent> = ["n1", "n2", "n3"].iter().map(|n| node(&etcd, n)).collect();
+    let addr = closed_port();
+    let endpoint = addr.to_string();
+    fleet_ok(&etcd, &["service", "put", "db", "--endpoint", &endpoint]);
+    fleet_ok(
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "db",
+            "--consecutive-failures",
+            "1",
+            "--open-timeout",
+            "30s",
+            "--errno",
+            "EHOSTUNREACH",
+            "--fleet-quorum",
+            "2",
+        ],
+    );
+    for n in &nodes {
+        let b = wait("the quorum policy", n, || {
+            breaker(n, "db").filter(|b| b["policy_owner"] == "fleet")
+        });
+        assert_eq!(b["policy"]["fleet_quorum"], "2");
+        assert_eq!(b["policy"]["fleet_quorum_window_ms"], 60_000);
+    }
+    // One node's failure trips its own breaker only: no quorum yet.
+    let e = connect_from_cgroup(nodes[0].scope(), addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    wait("n1's own trip", &nodes[0], || {
+        breaker(&nodes[0], "db").filter(|b| b["state"] == "open")
+    });
+    eventually(Duration::from_secs(5), || {
+        etcd.get(&format!("{PREFIX}/autotrips/db/n1"))
+    })
+    .expect("n1's trip in etcd");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(breaker(&nodes[2], "db").unwrap()["state"], "closed");
+
+    // A second node's: the quorum (2 of 3) opens it on the third, which saw no failure.
+    let e = connect_from_cgroup(nodes[1].scope(), addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    let b = wait("the quorum trip", &nodes[2], || {
+        breaker(&nodes[2], "db").filter(|b| b["forced"] == true)
+    });
+    assert_eq!(b["reason"], "fleet quorum: 2 of 3 nodes");
+    assert_eq!(b["tripped_by"], "fleet");
+    assert!(b["open_remaining_ms"].as_u64().unwrap() > 25_000, "{b}");
+    let e = connect_from_cgroup(nodes[2].scope(), addr).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EHOSTUNREACH),
+        "refused by the breaker: {e}"
+    );
+}
+
+#[test]
+fn quorum_rules_and_fleet_flags_are_refused_without_a_fleet() {
+    let _serial = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let out = agent.cli(&["service", "put", "db", "--endpoint", "127.0.0.1:7004"]);
+    assert!(out.status.success());
+    let out = agent.cli(&[
+        "policy",
+        "set",
+        "db",
+        "--consecutive-failures",
+        "1",
+        "--fleet-quorum",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fleet_quorum needs an agent in a fleet"),
+        "{err}"
+    );
+    assert!(breaker(&agent, "db").is_none(), "nothing was set");
+    assert!(agent
+        .cli_json(&["info"])
+        .get("fleet")
+        .is_none_or(|f| f.is_null()));
+}
+
+#[test]
+fn agents_reach_etcd_over_mutual_tls() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start_tls();
+    let (ca, cert, key) = (
+        etcd.ca_path().display().to_string(),
+        etcd.client_cert_path().display().to_string(),
+        etcd.client_key_path().display().to_string(),
+    );
+    let n1 = node_with(
+        &etcd,
+        "n1",
+        &["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key],
+    );
+    let tls = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
+    let mut args: Vec<&str> = tls.to_vec();
+    args.extend(["service", "put", "db", "--endpoint", "127.0.0.1:7005"]);
+    fleet_ok(&etcd, &args);
+    wait("the service over TLS", &n1, || {
+        service(&n1, "db").filter(|s| s["owner"] == "fleet")
+    });
+    assert_eq!(fleet_link(&n1)["connected"], true);
+
+    // Without a client certificate the agent does not get in, and says so.
+    let n2 = node_with(&etcd, "n2", &["--etcd-ca", &ca]);
+    let link = wait("n2 refused", &n2, || {
+        Some(fleet_link(&n2)).filter(|l| !l["last_error"].as_str().unwrap_or("").is_empty())
+    });
+    assert_eq!(link["connected"], false, "{link}");
+    assert!(service(&n2, "db").is_none());
+}

@@ -247,6 +247,8 @@ impl Record {
             Kind::Trip => {
                 let r: TripRecord = serde_json::from_slice(value).map_err(bad)?;
                 crate::core::policy::check_reason(&r.reason)?;
+                crate::core::policy::trip_ttl(r.ttl_ms)
+                    .map_err(|e| Error::invalid(format!("trips {name:?}: {e}")))?;
                 Record::Trip(r)
             }
         };
@@ -363,6 +365,10 @@ mod tests {
             .to_string();
         assert!(e.starts_with("policy \"db\": "), "{e}");
         assert!(Record::parse(Kind::Trip, "db", b"{}").is_ok());
+        let e = Record::parse(Kind::Trip, "db", br#"{"ttl_ms":0}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("trips \"db\": ttl_ms must be more than 0"), "{e}");
         assert!(Record::parse(Kind::Trip, "bad name!", b"{}").is_err());
         let p = Record::Policy(PolicyRecord {
             policy: BreakerConfig {

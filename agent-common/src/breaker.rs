@@ -190,8 +190,15 @@ pub struct Event {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SvcMeta {
-    pub name_len: u32,
-    pub reason_len: u32,
+    pub name_len: u16,
+    /// Who made the service and its policy ([`owner`]); in layout 1 these bytes were the
+    /// upper half of a `u32` `name_len`, so zero: local.
+    pub owner: u8,
+    pub policy_owner: u8,
+    pub reason_len: u16,
+    /// Who forced it open, while forced ([`owner`]).
+    pub tripped_by: u8,
+    pub _pad: u8,
     pub name: [u8; 64],
     /// Why an operator tripped it, while forced.
     pub reason: [u8; 128],
@@ -201,11 +208,23 @@ impl Default for SvcMeta {
     fn default() -> Self {
         Self {
             name_len: 0,
+            owner: owner::LOCAL,
+            policy_owner: owner::LOCAL,
             reason_len: 0,
+            tripped_by: owner::LOCAL,
+            _pad: 0,
             name: [0; 64],
             reason: [0; 128],
         }
     }
+}
+
+/// Who made a service or a policy, or forced a breaker open, as `SvcMeta` keeps it.
+pub mod owner {
+    /// The local API (and anything from before owners were kept).
+    pub const LOCAL: u8 = 0;
+    pub const CONFIG: u8 = 1;
+    pub const FLEET: u8 = 2;
 }
 
 /// A transition the state machine made: from, to, cause, and the counts before clearing.

@@ -160,7 +160,11 @@ pub mod layout {
     /// Bump on any change to the key or value layout, or the meaning, of a map in
     /// `names::PINNED_MAPS`, and teach the agent to migrate the older layout or say it cannot.
     /// 1: the layout of every agent before stamps (what an unstamped pin directory holds).
-    pub const VERSION: u32 = 1;
+    /// 2: `SvcMeta`'s lengths became `u16`, with owners in their upper halves; layout 1 reads
+    /// as layout 2 with every owner local, so it is migrated by stamping it.
+    pub const VERSION: u32 = 2;
+    /// The oldest layout this agent migrates (by stamping it: see [`VERSION`]).
+    pub const MIGRATES_FROM: u32 = 1;
     /// Entries of the stamp map: `[MAGIC, VERSION]`.
     pub const ENTRIES: u32 = 2;
 }

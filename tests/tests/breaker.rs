@@ -870,6 +870,20 @@ fn pinned_state_of_another_layout_is_refused_and_unstamped_state_adopted() {
     a.set(1, layout::VERSION, 0).unwrap();
     agent.spawn();
     assert_eq!(get_breaker(&agent, SERVICE).unwrap().state(), Open);
+    agent.stop();
+
+    // An older layout this agent migrates: stamped with this one, the trip kept.
+    stamp().set(1, layout::MIGRATES_FROM, 0).unwrap();
+    agent.spawn();
+    assert_eq!(read(&stamp()), (layout::MAGIC, layout::VERSION));
+    assert_eq!(get_breaker(&agent, SERVICE).unwrap().state(), Open);
+    assert!(
+        agent
+            .log()
+            .contains("pinned state of an older layout: migrated"),
+        "{}",
+        agent.log()
+    );
 }
 
 #[test]

@@ -281,6 +281,19 @@ fn nodes_keep_enforcing_without_etcd_and_resync_when_it_is_back() {
         (b["state"].as_str(), b["forced"].as_bool()),
         (Some("open"), Some(true))
     );
+    // Who owns what is kept in the kernel too: still the fleet's, still refused locally.
+    assert_eq!(
+        (b["policy_owner"].as_str(), b["tripped_by"].as_str()),
+        (Some("fleet"), Some("fleet"))
+    );
+    assert_eq!(service(&n1, "db").unwrap()["owner"], "fleet");
+    let out = n1.cli(&["service", "delete", "db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
 
@@ -302,6 +315,13 @@ fn nodes_keep_enforcing_without_etcd_and_resync_when_it_is_back() {
         ErrorKind::ConnectionRefused,
         "the port's own refusal: {e}"
     );
+    // What the fleet deletes while a node is down is gone from it when it is back.
+    n1.kill();
+    fleet_ok(&etcd, &["service", "delete", "db"]);
+    n1.spawn();
+    wait("the delete made while the node was down", &n1, || {
+        service(&n1, "db").is_none().then_some(())
+    });
 }
 
 #[test]

@@ -165,6 +165,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.set_policy(service, owner);
         self.owners.set_tripped_by(service, None);
+        self.save_owners(service)?;
         if had_policy && (t.from != t.to || t.from == state::OPEN) {
             self.publish(service, &t, "");
         }
@@ -236,6 +237,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.remove_policy(service);
         self.quorums.remove(service);
+        self.save_owners(service)?;
         info!(service, owner = owner.name(), "breaker policy cleared");
         Ok(())
     }
@@ -258,6 +260,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_counts(id, counts)?;
         self.kernel.count_trip(id)?;
         self.owners.set_tripped_by(service, Some(by));
+        self.save_owners(service)?;
         self.publish(service, &t, reason);
         info!(
             service,
@@ -294,6 +297,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.set_tripped_by(service, None);
+        self.save_owners(service)?;
         self.publish(service, &t, "");
         info!(service, "breaker reset by hand");
         self.view(id, service, policy)

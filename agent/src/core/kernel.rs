@@ -82,6 +82,11 @@ pub trait Kernel: Send {
     fn set_service_meta(&mut self, id: u32, name: &str, reason: &str) -> Result<()>;
     /// The reason an operator gave for the service's current trip.
     fn trip_reason(&self, id: u32) -> String;
+    /// Who made the service, its policy and its forced trip (`breakwater_common::breaker::owner`
+    /// codes), kept beside its name so that they survive a restart; `set_service_meta` keeps
+    /// them.
+    fn owners(&self, id: u32) -> [u8; 3];
+    fn set_owners(&mut self, id: u32, owners: [u8; 3]) -> Result<()>;
     fn service_stats(&self, id: u32, direction: u8) -> Result<ConnStats>;
     /// A service's histogram of one kind.
     fn service_histogram(&self, id: u32, kind: u32) -> Result<Histogram>;

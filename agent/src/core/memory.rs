@@ -68,6 +68,7 @@ struct State {
     now_ns: u64,
     endpoints: BTreeMap<Endpoint, u32>,
     meta: HashMap<u32, (String, String)>,
+    owners: HashMap<u32, [u8; 3]>,
     svc_stats: HashMap<(u32, u8), ConnStats>,
     svc_hist: HashMap<(u32, u32), Histogram>,
     /// In the order they were first counted, as a map walk would find them.
@@ -493,6 +494,15 @@ impl Kernel for MemoryKernel {
             .unwrap_or_default()
     }
 
+    fn owners(&self, id: u32) -> [u8; 3] {
+        self.state().owners.get(&id).copied().unwrap_or_default()
+    }
+
+    fn set_owners(&mut self, id: u32, owners: [u8; 3]) -> Result<()> {
+        self.state().owners.insert(id, owners);
+        Ok(())
+    }
+
     fn service_stats(&self, id: u32, direction: u8) -> Result<ConnStats> {
         Ok(self
             .state()
@@ -573,6 +583,7 @@ impl Kernel for MemoryKernel {
         s.counts.remove(&id);
         s.totals.remove(&id);
         s.meta.remove(&id);
+        s.owners.remove(&id);
         Ok(())
     }
 

@@ -114,9 +114,14 @@ impl<K: Kernel> Core<K> {
     ) -> Self {
         let mut services =
             ServiceTable::new(config.maps.max_services, config.maps.max_service_endpoints);
+        let mut owners = Owners::default();
         for (id, name, endpoints) in kernel.pinned_services() {
             info!(service = name, id, "service kept from the previous agent");
             services.restore(id, &name, endpoints);
+            let has_policy = kernel
+                .policy(id)
+                .is_ok_and(|p| p.flags & policy_flags::ENABLED != 0);
+            owners.restore(&name, kernel.owners(id), has_policy);
         }
         Self {
             services,
@@ -128,7 +133,7 @@ impl<K: Kernel> Core<K> {
             config,
             config_path,
             overrides,
-            owners: Owners::default(),
+            owners,
             fleet: None,
             quorums: Default::default(),
             kernel: Box::new(kernel),
@@ -208,6 +213,7 @@ impl<K: Kernel + ?Sized> Core<K> {
                 self.set_policy(Owner::Config, &name, enabled)?;
             } else {
                 self.owners.set_policy(&name, Owner::Config);
+                self.save_owners(&name)?;
             }
         }
         for (name, quorum) in config.quorums()? {
@@ -263,6 +269,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             }
         }
         self.owners.set_service(name, owner);
+        self.save_owners(name)?;
         let svc = self.services.get(name).expect("just put").clone();
         Ok((svc, change.replaced))
     }
@@ -292,6 +299,16 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.owners.remove_service(name);
         self.quorums.remove(name);
         Ok(())
+    }
+
+    /// Writes `name`'s owners where the kernel keeps them, so that a restarted agent knows
+    /// them even before the config or the fleet claims them again.
+    fn save_owners(&mut self, name: &str) -> Result<()> {
+        let Some(id) = self.services.get(name).map(|s| s.id) else {
+            return Ok(());
+        };
+        let codes = self.owners.codes(name);
+        self.kernel.set_owners(id, codes)
     }
 
     /// NotFound for a name that is neither empty (no filter) nor a service's.

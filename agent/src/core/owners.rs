@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use breakwater_common::breaker::Policy;
+use breakwater_common::breaker::{owner as code, Policy};
 
 use crate::error::{Error, Result};
 
@@ -21,6 +21,23 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// As the kernel keeps it (`SvcMeta`).
+    pub fn code(self) -> u8 {
+        match self {
+            Owner::Local => code::LOCAL,
+            Owner::Config => code::CONFIG,
+            Owner::Fleet => code::FLEET,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Self {
+        match c {
+            code::CONFIG => Owner::Config,
+            code::FLEET => Owner::Fleet,
+            _ => Owner::Local,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Owner::Local => "local",
@@ -116,6 +133,26 @@ impl Owners {
     pub(super) fn remove_policy(&mut self, name: &str) {
         self.policies.remove(name);
         self.tripped_by.remove(name);
+    }
+
+    /// What the kernel keeps of `name`'s owners: service, policy, trip.
+    pub(super) fn codes(&self, name: &str) -> [u8; 3] {
+        [self.service(name), self.policy(name), self.tripped_by(name)]
+            .map(|o| o.unwrap_or_default().code())
+    }
+
+    /// Owners a previous agent kept in the kernel; `policy` if the service has one.
+    pub(super) fn restore(
+        &mut self,
+        name: &str,
+        [service, policy, trip]: [u8; 3],
+        has_policy: bool,
+    ) {
+        self.set_service(name, Owner::from_code(service));
+        if has_policy {
+            self.set_policy(name, Owner::from_code(policy));
+            self.set_tripped_by(name, Some(Owner::from_code(trip)));
+        }
     }
 
     pub(super) fn set_tripped_by(&mut self, name: &str, by: Option<Owner>) {

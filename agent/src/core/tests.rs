@@ -511,3 +511,25 @@ fn the_fleets_objects_hide_local_ones_and_give_them_back() {
     // The policy stayed with the service.
     assert_eq!(core.breaker("db").unwrap().policy_owner, Owner::Config);
 }
+
+#[test]
+fn owners_survive_a_restart_in_the_kernel() {
+    let kernel = MemoryKernel::new();
+    let mut first = core(&kernel);
+    first.put_service(Owner::Fleet, "db", &[UP]).unwrap();
+    first
+        .set_policy(Owner::Fleet, "db", policy(consecutive(5)))
+        .unwrap();
+    first.trip(Owner::Fleet, "db", None, "deploy").unwrap();
+    first.put_service(Owner::Config, "web", &[CLOSED]).unwrap();
+    drop(first);
+
+    let second = core(&kernel);
+    assert_eq!(second.owners().service("db"), Some(Owner::Fleet));
+    assert_eq!(second.owners().service("web"), Some(Owner::Config));
+    let b = second.breaker("db").unwrap();
+    assert_eq!(
+        (b.policy_owner, b.tripped_by, b.reason.as_str()),
+        (Owner::Fleet, Some(Owner::Fleet), "deploy")
+    );
+}

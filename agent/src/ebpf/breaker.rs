@@ -110,15 +110,17 @@ pub type PinLock = nix::fcntl::Flock<std::fs::File>;
 pub enum Layout {
     /// Nothing pinned yet.
     Fresh,
-    /// Maps pinned by an agent from before stamps: layout 1, this one's; stamped on load.
+    /// Maps pinned by an agent from before stamps: layout 1; migrated (stamped) on load.
     Unstamped,
+    /// An older layout this agent reads as its own: migrated (stamped) on load.
+    Older(u32),
     /// Stamped with this agent's layout.
     Current,
 }
 
 /// Reads the layout stamp of the state pinned in `dir`, and refuses state of another layout:
-/// reading it as this one's would misread every breaker. Layouts this agent can migrate are
-/// migrated on load (none yet but the unstamped one, which is this layout).
+/// reading it as this one's would misread every breaker. Layouts this agent can migrate
+/// (`layout::MIGRATES_FROM` and up, and unstamped state, which is layout 1) are migrated on load.
 pub fn check_layout(dir: &Path) -> Result<Layout, LoadError> {
     use breakwater_common::layout;
     let stamp = dir.join(names::MAP_LAYOUT);
@@ -153,6 +155,9 @@ pub fn check_layout(dir: &Path) -> Result<Layout, LoadError> {
     };
     if version == layout::VERSION {
         return Ok(Layout::Current);
+    }
+    if (layout::MIGRATES_FROM..layout::VERSION).contains(&version) {
+        return Ok(Layout::Older(version));
     }
     let made_by = if version > layout::VERSION {
         "a newer agent"
@@ -457,7 +462,7 @@ impl Kernel {
     }
 }
 
-pub(super) fn meta_text(bytes: &[u8], len: u32) -> Option<String> {
+pub(super) fn meta_text(bytes: &[u8], len: u16) -> Option<String> {
     let len = (len as usize).min(bytes.len());
     if len == 0 {
         return None;

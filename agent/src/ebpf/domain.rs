@@ -166,13 +166,45 @@ impl crate::core::Kernel for Kernel {
     }
 
     fn set_service_meta(&mut self, id: u32, name: &str, reason: &str) -> Result<()> {
-        let mut meta = SvcMeta::default();
+        let [owner, policy_owner, tripped_by] = self.owners(id);
+        let mut meta = SvcMeta {
+            owner,
+            policy_owner,
+            tripped_by,
+            ..SvcMeta::default()
+        };
         let n = name.len().min(meta.name.len());
         meta.name[..n].copy_from_slice(&name.as_bytes()[..n]);
-        meta.name_len = n as u32;
+        meta.name_len = n as u16;
         let r = reason.len().min(meta.reason.len());
         meta.reason[..r].copy_from_slice(&reason.as_bytes()[..r]);
-        meta.reason_len = r as u32;
+        meta.reason_len = r as u16;
+        self.brk
+            .meta
+            .set(id, meta, 0)
+            .map_err(Error::map(names::MAP_SVC_META))
+    }
+
+    fn owners(&self, id: u32) -> [u8; 3] {
+        self.brk
+            .meta
+            .get(&id, 0)
+            .map(|m| [m.owner, m.policy_owner, m.tripped_by])
+            .unwrap_or_default()
+    }
+
+    fn set_owners(&mut self, id: u32, [owner, policy_owner, tripped_by]: [u8; 3]) -> Result<()> {
+        let meta = self
+            .brk
+            .meta
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_SVC_META))?;
+        let meta = SvcMeta {
+            owner,
+            policy_owner,
+            tripped_by,
+            ..meta
+        };
         self.brk
             .meta
             .set(id, meta, 0)

@@ -265,8 +265,14 @@ impl Kernel {
             }
         }
         breaker::stamp_layout(&mut ebpf)?;
-        if layout == breaker::Layout::Unstamped {
-            info!(pin_dir = %pin_dir.display(), "pinned state from before layout stamps: stamped");
+        match layout {
+            breaker::Layout::Unstamped => {
+                info!(pin_dir = %pin_dir.display(), "pinned state from before layout stamps: stamped");
+            }
+            breaker::Layout::Older(from) => {
+                info!(pin_dir = %pin_dir.display(), from, to = breakwater_common::layout::VERSION, "pinned state of an older layout: migrated");
+            }
+            breaker::Layout::Fresh | breaker::Layout::Current => {}
         }
         Ok(Self {
             dests: take(&mut ebpf, names::MAP_DESTS)?,

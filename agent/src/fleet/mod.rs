@@ -181,7 +181,7 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
         l.node.clone_from(&settings.node);
         l.endpoints.clone_from(&settings.endpoints);
     });
-    let mut applied = Applied::default();
+    let mut applied = seed(&core);
     let mut backoff = BACKOFF_MIN;
     loop {
         let error = session(&settings, &node, &core, &mut applied, &mut backoff).await;
@@ -685,6 +685,11 @@ fn reconcile(
         if current && applied.policies.get(*name) == Some(*config) {
             continue;
         }
+        if current && in_kernel_already(&core, name, config) {
+            // A restarted agent's pinned breaker: kept as it is, state and all.
+            applied.policies.insert(name.to_string(), (*config).clone());
+            continue;
+        }
         let set = config.spec().and_then(|spec| {
             let quorum = spec.quorum()?;
             core.set_policy(Owner::Fleet, name, spec.resolve()?)?;
@@ -734,6 +739,16 @@ fn reconcile(
             let given = Duration::from_millis(ms);
             leases.get(&d.lease).map_or(given, |left| given.min(*left))
         });
+        let held = core.breaker(name).is_ok_and(|b| {
+            b.tripped_by == Some(Owner::Fleet)
+                && b.open_remaining_ms == 0
+                && b.reason == trip.reason
+        });
+        if trip.ttl_ms.is_none() && held {
+            // Already forced open by the fleet until reset (a restarted agent's pinned trip).
+            applied.trips.insert(name.to_owned(), d.mod_revision);
+            continue;
+        }
         if ttl == Some(Duration::ZERO) {
             // The lease has ended; its delete is on the way.
             continue;
@@ -751,6 +766,51 @@ fn reconcile(
             Err(e) => failed(&mut core, "trip", name, e),
         }
     }
+}
+
+/// True if the kernel holds `config`'s policy (and the core its quorum rule) for `service`.
+fn in_kernel_already(core: &Core, service: &str, config: &crate::config::BreakerConfig) -> bool {
+    let Ok(spec) = config.spec() else {
+        return false;
+    };
+    let (Ok(policy), Ok(quorum), Ok(b)) = (spec.resolve(), spec.quorum(), core.breaker(service))
+    else {
+        return false;
+    };
+    let enabled = breakwater_common::breaker::policy_flags::ENABLED;
+    b.policy.flags & enabled != 0
+        && b.policy
+            == breakwater_common::breaker::Policy {
+                flags: policy.flags | enabled,
+                ..policy
+            }
+        && b.quorum == quorum
+}
+
+/// What a previous agent applied for the fleet, as the kernel kept it: so that the first
+/// session after a restart removes what the fleet deleted meanwhile, and keeps the rest as it
+/// is. A fleet trip until reset is kept as applied; one with a TTL ends by itself.
+fn seed(core: &Shared) -> Applied {
+    let core = core.lock().unwrap_or_else(|e| e.into_inner());
+    let mut applied = Applied::default();
+    for s in core.services().iter() {
+        if core.owners().service(&s.name) == Some(Owner::Fleet) {
+            let endpoints = s.endpoints.iter().map(ToString::to_string).collect();
+            applied.services.insert(s.name.clone(), endpoints);
+        }
+    }
+    for b in core.breakers().unwrap_or_default() {
+        if b.policy_owner == Owner::Fleet {
+            // Not the record (the kernel has the resolved policy): see in_kernel_already.
+            applied
+                .policies
+                .insert(b.service.clone(), crate::config::BreakerConfig::default());
+        }
+        if b.tripped_by == Some(Owner::Fleet) && b.open_remaining_ms == 0 {
+            applied.trips.insert(b.service.clone(), 0);
+        }
+    }
+    applied
 }
 
 /// The record of one breaker as this node publishes it.

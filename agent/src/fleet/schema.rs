@@ -368,7 +368,10 @@ mod tests {
         let e = Record::parse(Kind::Trip, "db", br#"{"ttl_ms":0}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("trips \"db\": ttl_ms must be more than 0"), "{e}");
+        assert!(
+            e.starts_with("trips \"db\": ttl_ms must be more than 0"),
+            "{e}"
+        );
         assert!(Record::parse(Kind::Trip, "bad name!", b"{}").is_err());
         let p = Record::Policy(PolicyRecord {
             policy: BreakerConfig {

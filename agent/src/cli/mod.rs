@@ -240,6 +240,27 @@ pub struct PolicyFlags {
     pub fleet_quorum_window: Option<Duration>,
 }
 
+impl From<PolicyFlags> for crate::core::policy::PolicySpec {
+    /// The flags as the policy they write: the one conversion both `policy set` commands use.
+    fn from(f: PolicyFlags) -> Self {
+        Self {
+            preset: f.preset,
+            min_requests: f.min_requests,
+            failure_ratio: f.failure_ratio,
+            consecutive_failures: f.consecutive_failures,
+            max_failures: f.max_failures,
+            interval: f.interval,
+            open_timeout: f.open_timeout,
+            half_open_max: f.half_open_max,
+            errno: f.errno,
+            slow_connect: f.slow_connect,
+            terminate_established: f.no_terminate.then_some(false),
+            fleet_quorum: f.fleet_quorum,
+            fleet_quorum_window: f.fleet_quorum_window,
+        }
+    }
+}
+
 /// A latency histogram, as `GetLatency` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LatencyKind {

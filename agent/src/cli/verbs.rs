@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 
 use super::{
     client::{follow, reply, reply_rows, Answered, Client, Titled},
-    output, CliError, Command, DirectionArg, Output, PolicyCommand, PolicyFlags, ServiceCommand,
-    Sort, WatchCommand,
+    output, CliError, Command, DirectionArg, Output, PolicyCommand, ServiceCommand, Sort,
+    WatchCommand,
 };
 use crate::core::{
     policy::{self as breaker, PolicySpec},
@@ -170,38 +170,7 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
     let PolicyCommand::Set { name, policy } = command else {
         return None;
     };
-    let PolicyFlags {
-        preset,
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval,
-        open_timeout,
-        half_open_max,
-        errno,
-        slow_connect,
-        no_terminate,
-        fleet_quorum,
-        fleet_quorum_window,
-    } = policy;
-    let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
-    Some(pb::SetPolicyRequest {
-        service: name,
-        preset: preset.unwrap_or_default(),
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval_ms: ms(interval),
-        open_timeout_ms: ms(open_timeout),
-        half_open_max,
-        errno,
-        slow_connect_ms: ms(slow_connect),
-        terminate_established: no_terminate.then_some(false),
-        fleet_quorum,
-        fleet_quorum_window_ms: ms(fleet_quorum_window),
-    })
+    Some(PolicySpec::from(policy).to_request(&name))
 }
 
 // The handlers: one request to one agent, the answer as a table (or line) and as rows to merge

@@ -158,35 +158,22 @@ fn write(
 
 /// The policy flags as the config file's `[service.breaker]` (durations as "30s").
 pub fn breaker_config(flags: PolicyFlags) -> BreakerConfig {
-    let PolicyFlags {
-        preset,
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval,
-        open_timeout,
-        half_open_max,
-        errno,
-        slow_connect,
-        no_terminate,
-        fleet_quorum,
-        fleet_quorum_window,
-    } = flags;
+    let spec = crate::core::policy::PolicySpec::from(flags);
+    let text = |d: Option<Duration>| d.map(duration_text);
     BreakerConfig {
-        preset,
-        min_requests,
-        failure_ratio,
-        consecutive_failures,
-        max_failures,
-        interval: interval.map(duration_text),
-        open_timeout: open_timeout.map(duration_text),
-        half_open_max,
-        errno,
-        slow_connect: slow_connect.map(duration_text),
-        terminate_established: no_terminate.then_some(false),
-        fleet_quorum,
-        fleet_quorum_window: fleet_quorum_window.map(duration_text),
+        interval: text(spec.interval),
+        open_timeout: text(spec.open_timeout),
+        slow_connect: text(spec.slow_connect),
+        fleet_quorum_window: text(spec.fleet_quorum_window),
+        preset: spec.preset,
+        min_requests: spec.min_requests,
+        failure_ratio: spec.failure_ratio,
+        consecutive_failures: spec.consecutive_failures,
+        max_failures: spec.max_failures,
+        half_open_max: spec.half_open_max,
+        errno: spec.errno,
+        terminate_established: spec.terminate_established,
+        fleet_quorum: spec.fleet_quorum,
     }
 }
 

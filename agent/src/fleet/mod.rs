@@ -345,16 +345,20 @@ async fn session_inner(
     }
     publish_breakers(&mut client, settings, core, &mut published, lease, true).await?;
 
-    let mut watch = client
-        .watch(
-            keys.all(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1)
-                    .with_prev_key(),
-            ),
+    let [(start, end), (start2, end2)] = keys.watched();
+    let from = |end: String| {
+        Some(
+            WatchOptions::new()
+                .with_range(end)
+                .with_start_revision(revision + 1),
         )
+    };
+    let mut watch = client
+        .watch(start, from(end))
+        .await
+        .map_err(etcd_err("watch"))?;
+    watch
+        .watch(start2, from(end2))
         .await
         .map_err(etcd_err("watch"))?;
     let events = core

@@ -146,6 +146,17 @@ impl Keys {
         format!("{}/autotrips/", self.prefix)
     }
 
+    /// The key ranges an agent watches, `[start, end)`: everything but `P/breakers/`, which
+    /// other nodes write as their breakers change and no agent needs (so a node's watch carries
+    /// the fleet's changes, not every node's traffic). The segments sort as `autotrips`,
+    /// `breakers`, `nodes`, `policies`, `services`, `trips`.
+    pub fn watched(&self) -> [(String, String); 2] {
+        [
+            (self.all_autotrips(), self.breakers()),
+            (self.nodes(), format!("{}/trips0", self.prefix)),
+        ]
+    }
+
     /// The service and node of a `P/autotrips/NAME/NODE` key.
     pub fn parse_autotrip<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
         key.strip_prefix(&self.all_autotrips())?.split_once('/')
@@ -339,6 +350,32 @@ mod tests {
             Some(("db", "n1"))
         );
         assert!(Keys::new("breakwater").is_err());
+    }
+
+    #[test]
+    fn the_watched_ranges_hold_all_but_the_breakers() {
+        let k = Keys::new(DEFAULT_PREFIX).unwrap();
+        let watched = |key: &str| {
+            k.watched()
+                .iter()
+                .any(|(start, end)| key >= start.as_str() && key < end.as_str())
+        };
+        for key in [
+            k.object(Kind::Service, "db"),
+            k.object(Kind::Policy, "db"),
+            k.object(Kind::Trip, "zzz"),
+            k.node("n1"),
+            k.autotrip("db", "n1"),
+        ] {
+            assert!(watched(&key), "{key}");
+        }
+        for key in [
+            k.breaker("n1", "db"),
+            format!("{DEFAULT_PREFIX}/tripsx"),
+            "/other".into(),
+        ] {
+            assert!(!watched(&key), "{key}");
+        }
     }
 
     #[test]

@@ -229,8 +229,8 @@ fn deploy_flags() -> Vec<(String, String)> {
     found
 }
 
-#[test]
-fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
+/// `breakwater agent --help`.
+fn agent_help() -> String {
     let bin = agent_bin();
     let out = run(Command::new(&bin).args(["agent", "--help"]));
     assert!(
@@ -239,7 +239,58 @@ fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
         bin.display(),
         text(&out.stderr)
     );
-    let help = text(&out.stdout);
+    text(&out.stdout)
+}
+
+/// The environment variables `breakwater agent --help` names (`[env: NAME=...]`).
+fn agent_env_vars() -> BTreeSet<String> {
+    let help = agent_help();
+    let vars: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|s| s.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        vars.contains("BREAKWATER_CONFIG"),
+        "no [env: ...] in --help: {help}"
+    );
+    vars
+}
+
+/// The fleet variables the deploy files set, with the agent's checks of their values (URLs,
+/// node name, certificate with key); the files they name are not read.
+const FLEET_VARS: &[&str] = &[
+    "BREAKWATER_ETCD",
+    "BREAKWATER_NODE_NAME",
+    "BREAKWATER_ETCD_CA",
+    "BREAKWATER_ETCD_CERT",
+    "BREAKWATER_ETCD_KEY",
+];
+
+fn check_fleet_values(vars: &BTreeMap<String, String>, what: &str) {
+    let get = |name: &str| vars.get(name).cloned();
+    let overrides = breakwater::config::Overrides {
+        etcd: get("BREAKWATER_ETCD")
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        node_name: get("BREAKWATER_NODE_NAME"),
+        etcd_ca: get("BREAKWATER_ETCD_CA").map(PathBuf::from),
+        etcd_cert: get("BREAKWATER_ETCD_CERT").map(PathBuf::from),
+        etcd_key: get("BREAKWATER_ETCD_KEY").map(PathBuf::from),
+        ..Default::default()
+    };
+    let mut config = breakwater::config::Config::default();
+    overrides
+        .apply(&mut config)
+        .unwrap_or_else(|e| panic!("{what}: the agent refuses {vars:?}: {e}"));
+    assert!(config.fleet.enabled(), "{what}: no etcd endpoint");
+}
+
+#[test]
+fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
+    let bin = agent_bin();
+    let help = agent_help();
     let known: BTreeSet<String> = help
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .filter(|w| w.starts_with("--") && w.len() > 2)
@@ -618,4 +669,57 @@ fn daemonset_gives_the_agent_what_it_needs() {
         host_mounts["/sys/fs/bpf"].1["readOnly"], true,
         "pins are written"
     );
+}
+
+#[test]
+fn systemd_fleet_settings_are_an_optional_environment_file() {
+    let unit = read(&deploy("systemd/breakwater.service"));
+    let service = unit_section(&unit, "Service");
+    // "-": a missing file is no error, and the agent is on its own.
+    let file = unit_value(&service, "EnvironmentFile");
+    assert_eq!(file, "-/etc/breakwater/fleet.env");
+    // Readable in the sandbox: ProtectSystem=strict leaves /etc read-only, ProtectHome hides
+    // /home, /root and /run/user.
+    assert_eq!(unit_value(&service, "ProtectSystem"), "strict");
+
+    // The example: only commented assignments (installed as is it changes nothing), of
+    // variables the agent reads, with values the agent accepts.
+    let example = read(&deploy("systemd/fleet.env.example"));
+    assert!(
+        example.contains("/etc/breakwater/fleet.env"),
+        "fleet.env.example says where it goes"
+    );
+    let known = agent_env_vars();
+    let mut vars = BTreeMap::new();
+    for line in example.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(name) = name.strip_prefix('#') else {
+            panic!("fleet.env.example sets {line:?}: the example must change nothing as is");
+        };
+        if !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            continue; // prose
+        }
+        assert!(
+            known.contains(name),
+            "fleet.env.example: the agent reads no {name}"
+        );
+        vars.insert(name.to_owned(), value.to_owned());
+    }
+    let names: BTreeSet<&str> = vars.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        FLEET_VARS.iter().copied().collect(),
+        "fleet.env.example"
+    );
+    for (name, value) in &vars {
+        if name.starts_with("BREAKWATER_ETCD_") {
+            assert!(
+                value.starts_with("/etc/breakwater/"),
+                "{name}={value}: keep it under /etc"
+            );
+        }
+    }
+    check_fleet_values(&vars, "fleet.env.example");
 }

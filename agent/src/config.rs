@@ -696,6 +696,51 @@ mod tests {
         );
     }
 
+    /// The example's commented `[fleet]` table, uncommented, is valid and sets every key: the
+    /// destructuring fails to compile when `FleetConfig` gains a field the example lacks.
+    #[test]
+    fn example_fleet_table_shows_every_key() {
+        let example = include_str!("../../config/breakwater.example.toml");
+        assert_eq!(
+            Config::from_toml(example).unwrap().fleet,
+            FleetConfig::default()
+        );
+        let block: Vec<&str> = example
+            .lines()
+            .skip_while(|l| *l != "# [fleet]")
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            // The settings, not the prose between them.
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .collect();
+        assert_eq!(
+            block.first(),
+            Some(&"[fleet]"),
+            "no `# [fleet]` in the example"
+        );
+        let FleetConfig {
+            etcd,
+            prefix,
+            node_name,
+            labels,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+        } = Config::from_toml(&block.join("\n"))
+            .unwrap_or_else(|e| panic!("the example's [fleet] table: {e}\n{}", block.join("\n")))
+            .fleet;
+        assert!(!etcd.is_empty());
+        assert_eq!(
+            prefix.as_deref(),
+            Some(crate::fleet::schema::DEFAULT_PREFIX)
+        );
+        assert!(node_name.is_some());
+        assert!(!labels.is_empty());
+        assert!(etcd_ca.is_some() && etcd_cert.is_some() && etcd_key.is_some());
+    }
+
     #[test]
     fn breakers_parse_and_resolve() {
         let c = Config::from_toml(

@@ -229,8 +229,8 @@ fn deploy_flags() -> Vec<(String, String)> {
     found
 }
 
-#[test]
-fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
+/// `breakwater agent --help`.
+fn agent_help() -> String {
     let bin = agent_bin();
     let out = run(Command::new(&bin).args(["agent", "--help"]));
     assert!(
@@ -239,7 +239,58 @@ fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
         bin.display(),
         text(&out.stderr)
     );
-    let help = text(&out.stdout);
+    text(&out.stdout)
+}
+
+/// The environment variables `breakwater agent --help` names (`[env: NAME=...]`).
+fn agent_env_vars() -> BTreeSet<String> {
+    let help = agent_help();
+    let vars: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|s| s.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        vars.contains("BREAKWATER_CONFIG"),
+        "no [env: ...] in --help: {help}"
+    );
+    vars
+}
+
+/// The fleet variables the deploy files set, with the agent's checks of their values (URLs,
+/// node name, certificate with key); the files they name are not read.
+const FLEET_VARS: &[&str] = &[
+    "BREAKWATER_ETCD",
+    "BREAKWATER_NODE_NAME",
+    "BREAKWATER_ETCD_CA",
+    "BREAKWATER_ETCD_CERT",
+    "BREAKWATER_ETCD_KEY",
+];
+
+fn check_fleet_values(vars: &BTreeMap<String, String>, what: &str) {
+    let get = |name: &str| vars.get(name).cloned();
+    let overrides = breakwater::config::Overrides {
+        etcd: get("BREAKWATER_ETCD")
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        node_name: get("BREAKWATER_NODE_NAME"),
+        etcd_ca: get("BREAKWATER_ETCD_CA").map(PathBuf::from),
+        etcd_cert: get("BREAKWATER_ETCD_CERT").map(PathBuf::from),
+        etcd_key: get("BREAKWATER_ETCD_KEY").map(PathBuf::from),
+        ..Default::default()
+    };
+    let mut config = breakwater::config::Config::default();
+    overrides
+        .apply(&mut config)
+        .unwrap_or_else(|e| panic!("{what}: the agent refuses {vars:?}: {e}"));
+    assert!(config.fleet.enabled(), "{what}: no etcd endpoint");
+}
+
+#[test]
+fn every_flag_in_the_deploy_files_is_one_the_agent_accepts() {
+    let bin = agent_bin();
+    let help = agent_help();
     let known: BTreeSet<String> = help
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .filter(|w| w.starts_with("--") && w.len() > 2)
@@ -618,4 +669,190 @@ fn daemonset_gives_the_agent_what_it_needs() {
         host_mounts["/sys/fs/bpf"].1["readOnly"], true,
         "pins are written"
     );
+}
+
+#[test]
+fn systemd_fleet_settings_are_an_optional_environment_file() {
+    let unit = read(&deploy("systemd/breakwater.service"));
+    let service = unit_section(&unit, "Service");
+    // "-": a missing file is no error, and the agent is on its own.
+    let file = unit_value(&service, "EnvironmentFile");
+    assert_eq!(file, "-/etc/breakwater/fleet.env");
+    // Readable in the sandbox: ProtectSystem=strict leaves /etc read-only, ProtectHome hides
+    // /home, /root and /run/user.
+    assert_eq!(unit_value(&service, "ProtectSystem"), "strict");
+
+    // The example: only commented assignments (installed as is it changes nothing), of
+    // variables the agent reads, with values the agent accepts.
+    let example = read(&deploy("systemd/fleet.env.example"));
+    assert!(
+        example.contains("/etc/breakwater/fleet.env"),
+        "fleet.env.example says where it goes"
+    );
+    let known = agent_env_vars();
+    let mut vars = BTreeMap::new();
+    for line in example.lines() {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let Some(name) = name.strip_prefix('#') else {
+            panic!("fleet.env.example sets {line:?}: the example must change nothing as is");
+        };
+        if !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            continue; // prose
+        }
+        assert!(
+            known.contains(name),
+            "fleet.env.example: the agent reads no {name}"
+        );
+        vars.insert(name.to_owned(), value.to_owned());
+    }
+    let names: BTreeSet<&str> = vars.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        FLEET_VARS.iter().copied().collect(),
+        "fleet.env.example"
+    );
+    for (name, value) in &vars {
+        if name.starts_with("BREAKWATER_ETCD_") {
+            assert!(
+                value.starts_with("/etc/breakwater/"),
+                "{name}={value}: keep it under /etc"
+            );
+        }
+    }
+    check_fleet_values(&vars, "fleet.env.example");
+}
+
+#[test]
+fn daemonset_fleet_settings_are_opt_in() {
+    let Some(venv) = venv() else { return };
+    let path = deploy("kubernetes/daemonset.yaml");
+    let ds = yaml_doc(&venv, &path);
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = agent_container(&ds);
+    let env: BTreeMap<&str, &Value> = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e))
+        .collect();
+    let known = agent_env_vars();
+    for name in env.keys() {
+        assert!(known.contains(*name), "the agent reads no {name}");
+    }
+    assert_eq!(
+        env.keys().copied().collect::<BTreeSet<_>>(),
+        FLEET_VARS.iter().copied().collect(),
+        "the container's env"
+    );
+
+    // Always: the node's own name, which the agent only uses in a fleet.
+    assert_eq!(
+        env["BREAKWATER_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    // The rest only from an optional ConfigMap that deploy/kubernetes does not ship: without
+    // it the variables are unset, no etcd and no certificate path the agent would refuse.
+    let mut keys = BTreeMap::new();
+    let mut configmaps = BTreeSet::new();
+    for (name, e) in &env {
+        if *name == "BREAKWATER_NODE_NAME" {
+            continue;
+        }
+        assert!(
+            e.get("value").is_none(),
+            "{name} has a value: fleet mode must be opt-in"
+        );
+        let r = &e["valueFrom"]["configMapKeyRef"];
+        assert_eq!(r["optional"], true, "{name}: an optional ConfigMap key");
+        configmaps.insert(r["name"].as_str().unwrap());
+        keys.insert(r["key"].as_str().unwrap(), *name);
+    }
+    assert_eq!(configmaps.len(), 1, "one ConfigMap: {configmaps:?}");
+    let fleet_cm = configmaps.into_iter().next().unwrap();
+    for file in resource_files() {
+        for doc in yaml_docs(&venv, &file) {
+            assert!(
+                !(doc["kind"] == "ConfigMap" && doc["metadata"]["name"] == fleet_cm),
+                "{} ships {fleet_cm}: fleet mode must be opt-in",
+                file.display()
+            );
+        }
+    }
+
+    // etcd's TLS files from an optional Secret, read-only, on a mount point of its own.
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.get("secret").is_some())
+        .expect("a Secret volume for etcd's TLS files");
+    assert_eq!(volume["secret"]["optional"], true, "the Secret is optional");
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount = mounts
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the Secret's volume is mounted");
+    assert_eq!(mount["readOnly"], true);
+    let tls_dir = Path::new(mount["mountPath"].as_str().unwrap());
+    for m in mounts {
+        let other = Path::new(m["mountPath"].as_str().unwrap());
+        assert!(
+            other == tls_dir || !tls_dir.starts_with(other),
+            "{} is inside the mount at {}",
+            tls_dir.display(),
+            other.display()
+        );
+    }
+
+    // The commands in the comments create what the DaemonSet reads: every ConfigMap key with
+    // a value the agent accepts, certificate paths in the Secret's mount, Secret keys that are
+    // the files named.
+    let ds_text = read(&path);
+    let words: Vec<&str> = ds_text
+        .split_whitespace()
+        .map(|w| w.trim_end_matches('\\'))
+        .collect();
+    let secret = volume["secret"]["secretName"].as_str().unwrap();
+    assert!(
+        ds_text.contains(&format!("create secret generic {secret}")),
+        "no command that creates {secret}"
+    );
+    assert!(
+        ds_text.contains(&format!("create configmap {fleet_cm}")),
+        "no command that creates {fleet_cm}"
+    );
+    let secret_files: BTreeSet<&str> = words
+        .iter()
+        .filter_map(|w| w.strip_prefix("--from-file="))
+        .map(|f| f.split('=').next().unwrap())
+        .collect();
+    let mut vars = BTreeMap::new();
+    for literal in words
+        .iter()
+        .filter_map(|w| w.strip_prefix("--from-literal="))
+    {
+        let (key, value) = literal.split_once('=').expect("--from-literal=KEY=VALUE");
+        let var = keys
+            .get(key)
+            .unwrap_or_else(|| panic!("the DaemonSet reads no key {key} of {fleet_cm}"));
+        if key != "etcd" {
+            let file = Path::new(value);
+            assert_eq!(file.parent(), Some(tls_dir), "{key}={value}");
+            let name = file.file_name().unwrap().to_str().unwrap();
+            assert!(
+                secret_files.contains(name),
+                "{key}={value}: {secret} has no {name}"
+            );
+        }
+        vars.insert((*var).to_owned(), value.to_owned());
+    }
+    assert_eq!(
+        vars.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        keys.values().copied().collect(),
+        "the example ConfigMap sets every key"
+    );
+    vars.insert("BREAKWATER_NODE_NAME".into(), "node-1.example".into());
+    check_fleet_values(&vars, "the DaemonSet's example ConfigMap");
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: loopback TCP connect/accept/close throughput with the agent off and on,
 //! interleaved in one run so that both sides see the same machine state; then the breaker's
 //! figures: what a connect to an open breaker costs next to one refused by a closed port (RST),
-//! and how many connects still reach the network once a breaker's trip condition holds.
+//! and how many connects still reach the network once a breaker's trip condition holds; then
+//! three agents in one etcd ([`fleet`]): how fast a fleet trip is enforced on every node, and
+//! what idle agents write to etcd.
 //!
 //! Every agent the bench starts enforces only in a cgroup of the bench's own
 //! (`<cgroup2>/breakwater-bench-<pid>`, which this process joins for the whole run), pins in
@@ -27,6 +29,10 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::{is_root, Workspace};
+
+mod fleet;
+
+pub use fleet::probe as fleet_probe;
 
 /// Client threads running the connect loop.
 const CLIENTS: usize = 2;
@@ -63,6 +69,12 @@ pub struct Args {
     /// Client threads connecting at once when the breaker trips
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
     burst_threads: u64,
+    /// Fleet trips timed to every node, each way (etcd client, `breakwater fleet trip`)
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    fleet_rounds: u32,
+    /// How long the fleet's agents stay idle while their etcd writes are counted, in seconds
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    fleet_idle_seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,6 +83,8 @@ enum Part {
     Throughput,
     /// Connect to an open breaker versus a closed port, and connects that pass a tripped breaker
     Breaker,
+    /// Three agents in one etcd: a trip's propagation to every node, and idle etcd writes
+    Fleet,
 }
 
 pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
@@ -98,11 +112,15 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         sandbox: &sandbox,
         extra: &agent_args,
     };
-    if args.only != Some(Part::Breaker) {
+    let runs = |part| args.only.is_none_or(|only| only == part);
+    if runs(Part::Throughput) {
         throughput(&env, args)?;
     }
-    if args.only != Some(Part::Throughput) {
+    if runs(Part::Breaker) {
         breaker(&env, args)?;
+    }
+    if runs(Part::Fleet) {
+        fleet::run(&env, args)?;
     }
     Ok(())
 }
@@ -615,6 +633,22 @@ fn median(values: &mut [f64]) -> f64 {
 struct Agent {
     child: Child,
     log: PathBuf,
+    /// Its API: `unix://<socket>`.
+    url: String,
+}
+
+/// How [`Agent::launch`] starts an agent.
+struct Launch<'a> {
+    /// Its socket and log are `<dir>/<name>.sock` and `<dir>/<name>.log`.
+    name: &'a str,
+    config: Option<&'a Path>,
+    /// Where its breakers enforce: a cgroup relative to the cgroup2 mount.
+    scope: &'a str,
+    pin_dir: &'a Path,
+    /// Every hook returning at once.
+    empty_hooks: bool,
+    /// More arguments for `breakwater agent`.
+    args: &'a [String],
 }
 
 impl Agent {
@@ -632,20 +666,36 @@ impl Agent {
         scope: &str,
         empty_hooks: bool,
     ) -> Result<Self> {
+        Self::launch(
+            env,
+            &Launch {
+                name: "agent",
+                config,
+                scope,
+                pin_dir: &env.sandbox.pin_dir,
+                empty_hooks,
+                args: &[],
+            },
+        )
+    }
+
+    /// Starts an agent as `how` says, with `--agent-args` last, and waits until `info` answers.
+    fn launch(env: &Env, how: &Launch) -> Result<Self> {
         let bin = env.bin;
-        let socket = env.dir.join("agent.sock");
-        let log = env.dir.join("agent.log");
+        let socket = env.dir.join(format!("{}.sock", how.name));
+        let log = env.dir.join(format!("{}.log", how.name));
         let _ = fs::remove_file(&socket);
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("agent")
             .arg("--socket")
             .arg(&socket)
-            .args(env.sandbox.agent_args(scope));
-        if let Some(config) = config {
+            .args(Sandbox::agent_args(how.scope, how.pin_dir))
+            .args(how.args);
+        if let Some(config) = how.config {
             cmd.arg("--config").arg(config);
         }
-        if empty_hooks {
+        if how.empty_hooks {
             cmd.arg("--empty-hooks");
         }
         let child = cmd
@@ -655,9 +705,13 @@ impl Agent {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {} agent", bin.display()))?;
-        let mut agent = Self { child, log };
-
         let url = format!("unix://{}", socket.display());
+        let mut agent = Self {
+            child,
+            log,
+            url: url.clone(),
+        };
+
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -687,6 +741,13 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// `breakwater --agent <this agent> ARGS` (stdin closed).
+    fn cli(&self, env: &Env) -> Command {
+        let mut cmd = Command::new(env.bin);
+        cmd.args(["--agent", &self.url]).stdin(Stdio::null());
+        cmd
     }
 
     /// Run count, time and recursion misses of the programs on the connection path, from the
@@ -1229,31 +1290,37 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    fn agent_args(&self, scope: &str) -> [OsString; 5] {
+    /// `--scope SCOPE --pin-dir DIR --release-on-exit`.
+    fn agent_args(scope: &str, pin_dir: &Path) -> [OsString; 5] {
         [
             "--scope".into(),
             scope.into(),
             "--pin-dir".into(),
-            self.pin_dir.clone().into(),
+            pin_dir.into(),
             "--release-on-exit".into(),
         ]
     }
 }
 
+/// Releases what agents left pinned in `pin_dir` (an agent that was killed had no chance to;
+/// `uninstall` does it) and removes the directory.
+fn release_pins(bin: &Path, pin_dir: &Path) {
+    if pin_dir.exists() {
+        let _ = Command::new(bin)
+            .arg("uninstall")
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(pin_dir);
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if self.pin_dir.exists() {
-            // An agent that was killed had no chance to release; `uninstall` does it.
-            let _ = Command::new(&self.bin)
-                .arg("uninstall")
-                .arg("--pin-dir")
-                .arg(&self.pin_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let _ = fs::remove_dir_all(&self.pin_dir);
-        }
+        release_pins(&self.bin, &self.pin_dir);
         let back = self.origin.join("cgroup.procs");
         let _ = fs::write(&back, std::process::id().to_string());
         for _ in 0..50 {

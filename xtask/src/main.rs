@@ -58,11 +58,19 @@ enum Task {
     },
     /// The privileged integration tests inside Debian's stock kernels (6.1, 6.12, 5.10) in QEMU
     VmTest(vm::Args),
-    /// Throughput and memory with the agent off and on, and the breaker's rejection cost (root)
+    /// Throughput and memory with the agent off and on, the breaker's rejection cost, and a
+    /// fleet trip's propagation through etcd (root)
     Bench(bench::Args),
     /// (used by bench) hold PAIRS loopback connections open until stdin closes
     #[command(hide = true)]
     HoldSockets { pairs: usize },
+    /// (used by bench) join CGROUP, then connect to ADDR in a loop and print each change of
+    /// the result
+    #[command(hide = true)]
+    FleetProbe {
+        cgroup: PathBuf,
+        addr: std::net::SocketAddrV4,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +95,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
+        Task::FleetProbe { cgroup, addr } => bench::fleet_probe(&cgroup, addr),
     }
 }
 

@@ -484,3 +484,48 @@ fn agents_reach_etcd_over_mutual_tls() {
     assert_eq!(link["connected"], false, "{link}");
     assert!(service(&n2, "db").is_none());
 }
+
+#[test]
+fn a_fleet_trip_with_a_ttl_ends_on_time_while_etcd_is_down() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let n1 = node(&etcd, "n1");
+    let addr = closed_port();
+    let endpoint = addr.to_string();
+    fleet_ok(&etcd, &["service", "put", "db", "--endpoint", &endpoint]);
+    fleet_ok(
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "db",
+            "--consecutive-failures",
+            "5",
+            "--errno",
+            "EPERM",
+        ],
+    );
+    wait("the policy", &n1, || {
+        breaker(&n1, "db").filter(|b| b["policy_owner"] == "fleet")
+    });
+    let tripped = Instant::now();
+    fleet_ok(&etcd, &["trip", "db", "--for", "3s"]);
+    wait("the trip", &n1, || {
+        breaker(&n1, "db").filter(|b| b["forced"] == true)
+    });
+    etcd.kill();
+    let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "tripped: {e}");
+    // The deadline is in the kernel: the trip ends on time with no etcd to delete its key.
+    std::thread::sleep(Duration::from_millis(3_300).saturating_sub(tripped.elapsed()));
+    let e = connect_from_cgroup(n1.scope(), addr).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::ConnectionRefused,
+        "after the TTL, the port's own refusal: {e}"
+    );
+    assert_eq!(fleet_link(&n1)["connected"], false);
+}

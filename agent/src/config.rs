@@ -107,6 +107,18 @@ pub struct AgentConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// Who may change state through the API.
     pub authz: AuthzConfig,
+    /// `text` (plain, coloured only on a terminal) or `json` (one object a line, for log
+    /// shippers).
+    pub log_format: LogFormat,
+}
+
+/// How the agent writes its log.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for AgentConfig {
@@ -123,6 +135,7 @@ impl Default for AgentConfig {
             tls_key: None,
             tls_client_ca: None,
             authz: AuthzConfig::default(),
+            log_format: LogFormat::Text,
         }
     }
 }

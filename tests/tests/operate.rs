@@ -288,3 +288,55 @@ fn reload_applies_the_difference_and_keeps_counts_and_state() {
     );
     extra.leave();
 }
+
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_on_request() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // The harness sends the agent's stderr to a file, as journald and `kubectl logs` take it.
+    let text = Agent::start();
+    let log = text.log();
+    assert!(log.contains("breakwater agent ready"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a file: {log:?}");
+    drop(text);
+
+    let json = Agent::start_with(None, &["--log-format", "json"]);
+    let log = json.log();
+    let mut ready = false;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{v}");
+        ready |= v["fields"]["message"] == "breakwater agent ready";
+    }
+    assert!(ready, "{log}");
+}
+
+#[test]
+fn a_client_whose_reader_goes_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start();
+    let mut child = std::process::Command::new(breakwater_tests::agent_bin())
+        .args(["--agent", &agent.address(), "info"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    // Closed before the CLI has its answer to print: `breakwater info | head -0`.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait for the CLI");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "ended by SIGPIPE, as `cat` would be: {:?} {stderr}",
+        out.status
+    );
+}

@@ -17,19 +17,40 @@ use crate::{
     netns,
 };
 
-pub async fn run(args: AgentArgs) -> Result<(), CliError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+/// The log format the agent runs with, for [`say`].
+static LOG_FORMAT: std::sync::OnceLock<crate::config::LogFormat> = std::sync::OnceLock::new();
 
+/// A line for people on stderr (where to reach the agent, why it waits), beside the log: left
+/// out when the log is JSON, so that every line of stderr is a JSON object.
+fn say(line: std::fmt::Arguments) {
+    if LOG_FORMAT.get() != Some(&crate::config::LogFormat::Json) {
+        eprintln!("{line}");
+    }
+}
+
+/// The agent's log on stderr: plain text, coloured only when stderr is a terminal (not a file,
+/// journald or `kubectl logs`), or JSON.
+fn init_logging(format: crate::config::LogFormat) {
+    use std::io::IsTerminal as _;
+    let _ = LOG_FORMAT.set(format);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        crate::config::LogFormat::Text => log.with_ansi(std::io::stderr().is_terminal()).init(),
+        crate::config::LogFormat::Json => log.json().with_ansi(false).init(),
+    }
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), CliError> {
+    // The config first, for its log format; its errors are printed by the caller.
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    init_logging(args.log_format.unwrap_or(config.agent.log_format));
     let overrides = Overrides {
         pin_dir: args.pin_dir.clone(),
         scope: args.scope.clone(),
@@ -195,16 +216,18 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     let service = AgentService::new(core, authz.clone(), host_netns, args.config.clone());
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
-    eprintln!(
+    say(format_args!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
         socket.display()
-    );
+    ));
     for (scheme, l) in [
         ("https", tls.as_ref().map(|(l, _)| l)),
         ("http", insecure.as_ref()),
     ] {
         if let Some(addr) = l.and_then(|l| l.local_addr().ok()) {
-            eprintln!("breakwater agent listening on {scheme}://{addr}");
+            say(format_args!(
+                "breakwater agent listening on {scheme}://{addr}"
+            ));
         }
     }
     let listeners = serve::Listeners {
@@ -317,7 +340,9 @@ async fn wait_unsupported(why: String, health: &Health) -> Result<(), CliError> 
         "not running: waiting to be stopped (--on-unsupported-kernel=wait); health \"\" \
          SERVING, breakwater.v1.Agent NOT_SERVING"
     );
-    eprintln!("error: {why}\nbreakwater agent: not running; waiting to be stopped");
+    say(format_args!(
+        "error: {why}\nbreakwater agent: not running; waiting to be stopped"
+    ));
     health.set_unsupported().await;
     shutdown().await;
     Err(CliError::UnsupportedKernel(why))
@@ -348,7 +373,9 @@ async fn observability_listeners(
         let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
         if let Ok(local) = listener.local_addr() {
             info!(health_listen = %local, "serving grpc.health.v1.Health alone over plain TCP");
-            eprintln!("breakwater agent health on http://{local} (grpc.health.v1 only)");
+            say(format_args!(
+                "breakwater agent health on http://{local} (grpc.health.v1 only)"
+            ));
         }
         let health = health.clone();
         tokio::spawn(async move {
@@ -365,7 +392,9 @@ async fn observability_listeners(
             let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
             if let Ok(local) = listener.local_addr() {
                 info!(metrics_listen = %local, "serving Prometheus metrics");
-                eprintln!("breakwater agent metrics on http://{local}/metrics");
+                say(format_args!(
+                    "breakwater agent metrics on http://{local}/metrics"
+                ));
             }
             Ok(Some(listener))
         }

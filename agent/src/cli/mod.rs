@@ -390,6 +390,10 @@ pub struct AgentArgs {
         default_value_t = OnUnsupportedKernel::Exit
     )]
     pub on_unsupported_kernel: OnUnsupportedKernel,
+    /// Log as plain text (coloured only on a terminal) or as JSON, one object a line
+    /// [default: agent.log_format, else text].
+    #[arg(long, env = "BREAKWATER_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
     /// Attach every hook, but have each return at once: nothing is counted or enforced. For
     /// `cargo xtask bench`, to measure what the hooks cost by themselves.
     #[arg(long, hide = true)]
@@ -567,6 +571,15 @@ pub fn main() -> ExitCode {
         output,
         command,
     } = cli;
+    if !matches!(command, Command::Agent(_)) {
+        // A client whose reader goes away (`breakwater info | head`) ends quietly, as other
+        // CLIs do, instead of panicking on EPIPE. Not the agent: it must never die of a peer.
+        // SAFETY: setting a signal's disposition to SIG_DFL has no handler to race with; the
+        // runtime's threads do not touch SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = runtime.block_on(async move {
         match command {
             Command::Agent(mut args) => {

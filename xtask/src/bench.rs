@@ -1190,6 +1190,11 @@ fn tcp_socket() -> Result<OwnedFd> {
 
 /// One blocking `connect()` from a fresh socket; its errno (0 if it connected).
 fn connect_once(addr: SocketAddrV4) -> Result<i32> {
+    connect_socket(addr).map(|(_, errno)| errno)
+}
+
+/// A fresh socket after one blocking `connect()`, and its errno (0 if it connected).
+fn connect_socket(addr: SocketAddrV4) -> Result<(OwnedFd, i32)> {
     let sock = tcp_socket()?;
     let sa = sockaddr(addr);
     // SAFETY: a valid socket and a sockaddr_in of the size given.
@@ -1200,7 +1205,8 @@ fn connect_once(addr: SocketAddrV4) -> Result<i32> {
             socklen::<libc::sockaddr_in>(),
         )
     };
-    Ok(if rc == 0 { 0 } else { last_errno() })
+    let errno = if rc == 0 { 0 } else { last_errno() };
+    Ok((sock, errno))
 }
 
 /// A socket bound to a free port of 127.0.0.1 and never listening: connects to it get an RST.

@@ -184,7 +184,7 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
     let mut applied = seed(&core);
     let mut backoff = BACKOFF_MIN;
     loop {
-        let error = session(&settings, &node, &core, &mut applied, &mut backoff).await;
+        let Err(error) = session(&settings, &node, &core, &mut applied, &mut backoff).await;
         let was_up = set_link(&core, |l| {
             let up = l.connected;
             if up {
@@ -212,28 +212,15 @@ fn set_link<T>(core: &Shared, f: impl FnOnce(&mut FleetLink) -> T) -> T {
     f(guard.fleet_link_mut())
 }
 
-/// One session with etcd: list and apply, register, then follow the watch. Returns why it
-/// ended.
+/// One session with etcd: list and apply, register, then follow the watch. It ends only with
+/// why it ended.
 async fn session(
     settings: &Settings,
     node: &NodeInfo,
     core: &Shared,
     applied: &mut Applied,
     backoff: &mut Duration,
-) -> String {
-    match session_inner(settings, node, core, applied, backoff).await {
-        Ok(()) => "session ended".into(),
-        Err(e) => e,
-    }
-}
-
-async fn session_inner(
-    settings: &Settings,
-    node: &NodeInfo,
-    core: &Shared,
-    applied: &mut Applied,
-    backoff: &mut Duration,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<std::convert::Infallible, String> {
     let etcd_err = |what: &str| {
         let what = what.to_owned();
         move |e: etcd_client::Error| format!("{what}: {e}")

@@ -86,11 +86,6 @@ impl Keys {
         &self.prefix
     }
 
-    /// Everything of the fleet's: `P/`.
-    pub fn all(&self) -> String {
-        format!("{}/", self.prefix)
-    }
-
     /// All records of a kind: `P/services/`.
     pub fn kind(&self, kind: Kind) -> String {
         format!("{}/{}/", self.prefix, kind.segment())

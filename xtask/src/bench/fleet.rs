@@ -31,10 +31,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 
-use super::{
-    cgroup2_mount, median, percentile, release_pins, sockaddr, socklen, tcp_socket, Agent, Args,
-    Env, Launch,
-};
+use super::{cgroup2_mount, median, percentile, release_pins, socklen, Agent, Args, Env, Launch};
 
 /// Debian's etcd-server (`cargo xtask setup` installs it).
 const ETCD_BIN: &str = "/usr/bin/etcd";
@@ -518,18 +515,9 @@ pub fn probe(cgroup: &Path, addr: SocketAddrV4) -> Result<()> {
 
 /// One `connect()` from a fresh socket, closed with an RST; its errno (0 if it connected).
 fn connect_rst(addr: SocketAddrV4) -> Result<i32> {
-    let sock = tcp_socket()?;
-    let sa = sockaddr(addr);
-    // SAFETY: a valid socket and a sockaddr_in of the size given.
-    let rc = unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            std::ptr::from_ref(&sa).cast(),
-            socklen::<libc::sockaddr_in>(),
-        )
-    };
-    if rc != 0 {
-        return Ok(super::last_errno());
+    let (sock, errno) = super::connect_socket(addr)?;
+    if errno != 0 {
+        return Ok(errno);
     }
     let linger = libc::linger {
         l_onoff: 1,

@@ -340,3 +340,46 @@ fn a_client_whose_reader_goes_away_ends_quietly() {
         out.status
     );
 }
+
+#[test]
+fn a_client_whose_agent_hangs_up_fails_with_exit_1_not_a_signal() {
+    use std::{
+        io::{Read as _, Write as _},
+        os::unix::net::UnixListener,
+    };
+    // A peer that stops reading, then sends HTTP/2 frames the client must acknowledge: the
+    // acknowledgement is written to a socket nobody reads (EPIPE), as when an agent drops a
+    // client mid-call (a TLS handshake refused for want of a client certificate).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let peer = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut request = [0u8; 4096];
+        // The client's preface and request, then silence while it waits for the answer.
+        while matches!(conn.read(&mut request), Ok(n) if n > 0) {}
+        conn.shutdown(std::net::Shutdown::Read).unwrap();
+        let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        conn.write_all(&[&settings[..], &ping[..]].concat())
+            .unwrap();
+        // Open until the client has gone: its write fails only because nobody reads.
+        let _ = conn.set_read_timeout(None);
+        let _ = conn.read(&mut request);
+    });
+    let agent = format!("unix://{}", path.display());
+    let out = std::process::Command::new(breakwater_tests::agent_bin())
+        .args(["--agent", &agent, "info"])
+        .output()
+        .expect("run the CLI");
+    peer.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

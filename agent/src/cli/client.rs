@@ -344,8 +344,8 @@ where
 
 fn print(format: Output, answer: &dyn Answer) -> Result<(), CliError> {
     match format {
-        Output::Json => println!("{}", answer.json().map_err(anyhow::Error::from)?),
-        Output::Table => println!("{}", answer.table()),
+        Output::Json => crate::cli::out(answer.json().map_err(anyhow::Error::from)?),
+        Output::Table => crate::cli::out(answer.table()),
     }
     Ok(())
 }
@@ -366,9 +366,9 @@ pub async fn follow<T: serde::Serialize>(
         match format {
             Output::Json => {
                 let json = serde_json::to_string(&message).map_err(anyhow::Error::from)?;
-                println!("{json}");
+                crate::cli::out(json);
             }
-            Output::Table => println!("{}", line(&message)),
+            Output::Table => crate::cli::out(line(&message)),
         }
     }
     Err(CliError::Failed(anyhow::anyhow!(
@@ -425,14 +425,11 @@ async fn fan_out(
                 });
             }
             let all = serde_json::json!({ "nodes": list });
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&all).map_err(anyhow::Error::from)?
-            );
+            crate::cli::out(serde_json::to_string_pretty(&all).map_err(anyhow::Error::from)?);
         }
         Output::Table => {
             if !answers.is_empty() {
-                println!("{}", merged_table(&answers));
+                crate::cli::out(merged_table(&answers));
             }
         }
     }

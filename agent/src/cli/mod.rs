@@ -571,15 +571,6 @@ pub fn main() -> ExitCode {
         output,
         command,
     } = cli;
-    if !matches!(command, Command::Agent(_)) {
-        // A client whose reader goes away (`breakwater info | head`) ends quietly, as other
-        // CLIs do, instead of panicking on EPIPE. Not the agent: it must never die of a peer.
-        // SAFETY: setting a signal's disposition to SIG_DFL has no handler to race with; the
-        // runtime's threads do not touch SIGPIPE.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
     let result = runtime.block_on(async move {
         match command {
             Command::Agent(mut args) => {
@@ -854,5 +845,30 @@ mod tests {
             Command::Latency { kinds, .. }
                 if kinds == [LatencyKind::FirstResponse, LatencyKind::Connect]
         ));
+    }
+}
+
+/// Prints a line of the CLI's answer. When the reader has gone away (`breakwater info | head`)
+/// the CLI ends as `cat` does, by SIGPIPE, instead of panicking. SIGPIPE itself stays ignored
+/// (Rust's default): a socket whose peer hangs up, e.g. an agent refusing the TLS handshake,
+/// must fail the call with EPIPE, not kill the process.
+pub(crate) fn out(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            // SAFETY: SIG_DFL then raise ends this process at once; no handler is involved.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141);
+        }
+        Err(e) => {
+            eprintln!("error: writing the answer: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -354,11 +354,10 @@ fn print(
     json: impl FnOnce() -> Value,
 ) -> Result<(), CliError> {
     match format {
-        Output::Table => println!("{}", table()),
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json()).map_err(anyhow::Error::from)?
-        ),
+        Output::Table => crate::cli::out(table()),
+        Output::Json => {
+            crate::cli::out(serde_json::to_string_pretty(&json()).map_err(anyhow::Error::from)?)
+        }
     }
     Ok(())
 }
@@ -481,8 +480,8 @@ async fn watch(
             }
             let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
             match format {
-                Output::Table => println!("{}", output::change_line(&time, &change)),
-                Output::Json => println!("{}", output::change_json(&time, &change)),
+                Output::Table => crate::cli::out(output::change_line(&time, &change)),
+                Output::Json => crate::cli::out(output::change_json(&time, &change)),
             }
         }
     }

@@ -606,6 +606,31 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Prints a line of the CLI's answer. When the reader has gone away (`breakwater info | head`)
+/// the CLI ends as `cat` does, by SIGPIPE, instead of panicking. SIGPIPE itself stays ignored
+/// (Rust's default): a socket whose peer hangs up, e.g. an agent refusing the TLS handshake,
+/// must fail the call with EPIPE, not kill the process.
+pub(crate) fn out(line: impl std::fmt::Display) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            // SAFETY: SIG_DFL then raise ends this process at once; no handler is involved.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141);
+        }
+        Err(e) => {
+            eprintln!("error: writing the answer: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,30 +870,5 @@ mod tests {
             Command::Latency { kinds, .. }
                 if kinds == [LatencyKind::FirstResponse, LatencyKind::Connect]
         ));
-    }
-}
-
-/// Prints a line of the CLI's answer. When the reader has gone away (`breakwater info | head`)
-/// the CLI ends as `cat` does, by SIGPIPE, instead of panicking. SIGPIPE itself stays ignored
-/// (Rust's default): a socket whose peer hangs up, e.g. an agent refusing the TLS handshake,
-/// must fail the call with EPIPE, not kill the process.
-pub(crate) fn out(line: impl std::fmt::Display) {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
-    match written {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            // SAFETY: SIG_DFL then raise ends this process at once; no handler is involved.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                libc::raise(libc::SIGPIPE);
-            }
-            std::process::exit(141);
-        }
-        Err(e) => {
-            eprintln!("error: writing the answer: {e}");
-            std::process::exit(1);
-        }
     }
 }

@@ -45,8 +45,11 @@ pub mod cause {
     pub const TTL_EXPIRED: u32 = 9;
     /// A policy was set or changed.
     pub const POLICY: u32 = 10;
+    /// A destination's rule was met, but ejecting it would exceed `max_ejection_percent`:
+    /// it stays closed (reported, never a state change).
+    pub const EJECTION_CAPPED: u32 = 11;
 
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const NAMES: [&str; COUNT as usize] = [
         "none",
         "failure_ratio",
@@ -59,6 +62,7 @@ pub mod cause {
         "reset",
         "ttl_expired",
         "policy",
+        "ejection_capped",
     ];
 }
 
@@ -68,6 +72,9 @@ pub mod policy_flags {
     pub const ENABLED: u32 = 1;
     /// Destroy established connections to the service when it trips.
     pub const TERMINATE: u32 = 2;
+    /// Each destination (address:port) of the service has its own breaker (`DestBreaker`),
+    /// under the same rules; the service's own breaker only holds operators' trips.
+    pub const DESTINATION: u32 = 4;
 }
 
 /// `failure_ratio` is kept in parts per million: no floats in the kernel.
@@ -133,7 +140,10 @@ pub struct bpf_spin_lock {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BreakerEntry {
     pub lock: bpf_spin_lock,
-    pub _pad: u32,
+    /// Destination granularity: how many of the service's destinations of this epoch are not
+    /// Closed (ejected). Kept under `lock` by the kernel only; any write by the agent starts a
+    /// new epoch (`counts.changed_ns`) with this at 0.
+    pub ejected: u32,
     pub counts: Counts,
 }
 
@@ -168,6 +178,8 @@ pub mod sock_flags {
     pub const COUNTED: u32 = 2;
     /// Counted as a success: a later reset turns it into a failure.
     pub const SUCCEEDED: u32 = 4;
+    /// Counted in a destination's breaker, whose key is in `BW_DEST_SOCKS`.
+    pub const DEST: u32 = 8;
 }
 
 /// A state change, sent through `BW_BRK_EVENTS`.
@@ -183,6 +195,10 @@ pub struct Event {
     pub requests: u64,
     pub failures: u64,
     pub consecutive_failures: u64,
+    /// The destination whose breaker changed (destination granularity); port 0: the service's.
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// One entry of `BW_SVC_META`, indexed by service id: what the agent needs to rebuild its
@@ -251,6 +267,9 @@ impl Event {
             requests: t.requests,
             failures: t.failures,
             consecutive_failures: t.consecutive_failures,
+            addr: [0; 16],
+            port: 0,
+            _pad: [0; 6],
         }
     }
 
@@ -392,9 +411,24 @@ impl Counts {
         reset: bool,
         now: u64,
     ) -> Option<Transition> {
+        self.outcome(p, generation, failed, reset, now, true).0
+    }
+
+    /// [`Counts::on_outcome`], where a trip from Closed happens only if `may_trip`; the second
+    /// value says a rule was met but the trip was not allowed (the counts go on).
+    #[inline(always)]
+    pub fn outcome(
+        &mut self,
+        p: &Policy,
+        generation: u64,
+        failed: bool,
+        reset: bool,
+        now: u64,
+        may_trip: bool,
+    ) -> (Option<Transition>, bool) {
         self.roll(p, now);
         if generation != self.generation {
-            return None;
+            return (None, false);
         }
         if !failed {
             self.successes += 1;
@@ -403,9 +437,12 @@ impl Counts {
             if self.state == state::HALF_OPEN
                 && self.consecutive_successes >= u64::from(p.half_open_max)
             {
-                return Some(self.enter(state::CLOSED, cause::PROBE_SUCCESS, p, now));
+                return (
+                    Some(self.enter(state::CLOSED, cause::PROBE_SUCCESS, p, now)),
+                    false,
+                );
             }
-            return None;
+            return (None, false);
         }
         if reset {
             self.successes = self.successes.saturating_sub(1);
@@ -414,12 +451,16 @@ impl Counts {
         self.consecutive_failures += 1;
         self.consecutive_successes = 0;
         match self.state {
-            state::HALF_OPEN => Some(self.enter(state::OPEN, cause::PROBE_FAILURE, p, now)),
-            state::CLOSED => {
-                let cause = self.trip_cause(p);
-                (cause != cause::NONE).then(|| self.enter(state::OPEN, cause, p, now))
-            }
-            _ => None,
+            state::HALF_OPEN => (
+                Some(self.enter(state::OPEN, cause::PROBE_FAILURE, p, now)),
+                false,
+            ),
+            state::CLOSED => match self.trip_cause(p) {
+                cause::NONE => (None, false),
+                _ if !may_trip => (None, true),
+                cause => (Some(self.enter(state::OPEN, cause, p, now)), false),
+            },
+            _ => (None, false),
         }
     }
 
@@ -481,13 +522,275 @@ impl Counts {
     }
 }
 
+/// Key of `BW_DEST_BREAKERS`: one destination (address:port) of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestBreakerKey {
+    pub svc: u32,
+    pub port: u16,
+    pub _pad: u16,
+    /// IPv6, or IPv4-mapped IPv6.
+    pub addr: [u8; 16],
+}
+
+/// Value of `BW_DEST_POLICIES`, indexed by service id: what destination granularity adds to
+/// the service's `Policy`. Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestPolicy {
+    /// Cap on the growing open timeout; 0 = the timeout does not grow.
+    pub max_open_timeout_ns: u64,
+    /// The agent forgets destinations not seen for this long (and stops counting them).
+    pub destination_ttl_ns: u64,
+    /// At most this share (percent) of `live` destinations ejected at once; never less than one.
+    pub max_ejection_percent: u32,
+    /// Destinations seen within the destination TTL, as the agent last counted them.
+    pub live: u32,
+}
+
+/// Value of `BW_DEST_TOTALS`, indexed by service id: monotonic, atomic adds by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestTotals {
+    /// Trips refused because `max_ejection_percent` destinations were ejected already.
+    pub capped: u64,
+    /// New destinations not tracked (and let through) because `BW_DEST_BREAKERS` was full.
+    pub full: u64,
+}
+
+/// Value of `BW_DEST_BREAKERS`: one destination's breaker. Changed only by programs, under the
+/// lock of the service's `BreakerEntry` (one lock for the service and all its destinations),
+/// so that the number ejected is exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestBreaker {
+    pub counts: Counts,
+    /// The service's `counts.changed_ns` this breaker belongs to: an older one is stale, and
+    /// starts over Closed (a new policy, a service trip or reset).
+    pub epoch: u64,
+    pub last_seen_ns: u64,
+    /// Trips since the last close after probes: the open timeout grows with them.
+    pub trips: u32,
+    pub flags: u32,
+}
+
+/// Bits of [`DestBreaker::flags`].
+pub mod dest_flags {
+    /// Being removed (reaped): treat as absent.
+    pub const DEAD: u32 = 1;
+}
+
+/// What the agent asks `bw_dest_cmd` to do, passed as its (test-run) packet data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestCommand {
+    pub key: DestBreakerKey,
+    pub op: u32,
+    pub _pad: u32,
+    /// Trip: the time to live in ns (0 = until reset). Reap: the oldest `last_seen_ns` kept.
+    pub arg_ns: u64,
+}
+
+/// [`DestCommand::op`] values, and what `bw_dest_cmd` returns.
+pub mod dest_op {
+    pub const TRIP: u32 = 1;
+    pub const RESET: u32 = 2;
+    /// Remove the breaker if it is Closed and was last seen before `arg_ns`.
+    pub const REAP: u32 = 3;
+
+    /// Done (a state change for trip and reset; removed for reap).
+    pub const DONE: i32 = 0;
+    /// Nothing to do: already in that state, not there, or (reap) kept.
+    pub const UNCHANGED: i32 = 1;
+    /// The breaker could not be made or found (the map is full).
+    pub const FAILED: i32 = 2;
+}
+
+/// How an admitted connect of `generation` ended: `failed`, and `reset` for a success the peer
+/// later reset (see [`Counts::on_outcome`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub generation: u64,
+    pub failed: bool,
+    pub reset: bool,
+}
+
+/// What a destination's connect or outcome did, beside the service's own transition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestStep {
+    pub transition: Option<Transition>,
+    /// A rule was met and the ejection refused (the cap).
+    pub capped: bool,
+}
+
+/// The most destinations of `live` that may be ejected at once: `percent` of them, rounded
+/// down, and at least one (as Envoy's outlier detection does, so that small services eject).
+#[inline(always)]
+pub fn ejection_cap(percent: u32, live: u32) -> u32 {
+    if percent >= 100 {
+        return u32::MAX;
+    }
+    let cap = (u64::from(live) * u64::from(percent) / 100) as u32;
+    if cap == 0 {
+        1
+    } else {
+        cap
+    }
+}
+
+impl DestBreaker {
+    /// Starts this breaker over, Closed, in `epoch`.
+    #[inline(always)]
+    fn renew(&mut self, p: &Policy, epoch: u64, now: u64) {
+        self.counts.enter(state::CLOSED, cause::POLICY, p, now);
+        self.epoch = epoch;
+        self.trips = 0;
+    }
+
+    /// Brings a stale breaker (of an older epoch) into `entry`'s.
+    #[inline(always)]
+    fn current(&mut self, entry: &BreakerEntry, p: &Policy, now: u64) {
+        if self.epoch != entry.counts.changed_ns {
+            self.renew(p, entry.counts.changed_ns, now);
+        }
+    }
+
+    /// Keeps `ejected` equal to the destinations not Closed, and grows the open timeout on
+    /// each automatic trip.
+    #[inline(always)]
+    fn account(&mut self, entry: &mut BreakerEntry, t: &Transition, dp: &DestPolicy) {
+        if t.from == state::CLOSED && t.to != state::CLOSED {
+            entry.ejected += 1;
+        } else if t.from != state::CLOSED && t.to == state::CLOSED {
+            entry.ejected = entry.ejected.saturating_sub(1);
+        }
+        if t.to == state::CLOSED && t.cause != cause::TTL_EXPIRED {
+            self.trips = 0;
+        }
+        if t.to == state::OPEN && t.cause != cause::MANUAL {
+            self.trips += 1;
+            if dp.max_open_timeout_ns > 0 {
+                let base = self.counts.open_until_ns - self.counts.changed_ns;
+                let (n, max) = (u64::from(self.trips), dp.max_open_timeout_ns);
+                // No 128-bit multiply in BPF: compare by division instead of saturating.
+                let grown = if base != 0 && n > max / base {
+                    max
+                } else {
+                    (base * n).min(max)
+                };
+                self.counts.open_until_ns = self.counts.changed_ns + grown;
+            }
+        }
+    }
+
+    /// A connect to this destination, the service's entry locked by the caller (whose own
+    /// gate admitted it).
+    #[inline(always)]
+    pub fn on_connect(
+        &mut self,
+        entry: &mut BreakerEntry,
+        p: &Policy,
+        dp: &DestPolicy,
+        now: u64,
+    ) -> (Admission, Option<Transition>) {
+        self.current(entry, p, now);
+        self.last_seen_ns = now;
+        let (a, t) = self.counts.on_connect(p, now);
+        if let Some(t) = &t {
+            self.account(entry, t, dp);
+        }
+        (a, t)
+    }
+
+    /// The outcome of a connect admitted in `generation`, the service's entry locked by the
+    /// caller: a trip from Closed only while fewer than the cap are ejected.
+    #[inline(always)]
+    pub fn on_outcome(
+        &mut self,
+        entry: &mut BreakerEntry,
+        p: &Policy,
+        dp: &DestPolicy,
+        o: Outcome,
+        now: u64,
+    ) -> DestStep {
+        let Outcome {
+            generation,
+            failed,
+            reset,
+        } = o;
+        if self.epoch != entry.counts.changed_ns {
+            // Counted in an older epoch: nothing of it is left to count in.
+            return DestStep::default();
+        }
+        let may_trip = entry.ejected < ejection_cap(dp.max_ejection_percent, dp.live);
+        let (t, capped) = self
+            .counts
+            .outcome(p, generation, failed, reset, now, may_trip);
+        if let Some(t) = &t {
+            self.account(entry, t, dp);
+        }
+        DestStep {
+            transition: t,
+            capped,
+        }
+    }
+
+    /// An operator's trip of this destination: Open until `ttl_ns` from now (0 = until reset),
+    /// whatever the cap.
+    #[inline(always)]
+    pub fn trip(
+        &mut self,
+        entry: &mut BreakerEntry,
+        p: &Policy,
+        dp: &DestPolicy,
+        ttl_ns: u64,
+        now: u64,
+    ) -> Transition {
+        self.current(entry, p, now);
+        let t = self.counts.trip(p, ttl_ns, now);
+        self.account(entry, &t, dp);
+        t
+    }
+
+    /// An operator's reset of this destination: Closed, its open timeout back to the base.
+    #[inline(always)]
+    pub fn reset(
+        &mut self,
+        entry: &mut BreakerEntry,
+        p: &Policy,
+        dp: &DestPolicy,
+        now: u64,
+    ) -> Option<Transition> {
+        self.current(entry, p, now);
+        self.trips = 0;
+        if self.counts.state == state::CLOSED {
+            return None;
+        }
+        let t = self.counts.reset(p, cause::RESET, now);
+        self.account(entry, &t, dp);
+        Some(t)
+    }
+
+    /// Whether the reaper may remove it: Closed (or stale) and not seen since `oldest_ns`.
+    #[inline(always)]
+    pub fn reapable(&self, entry: &BreakerEntry, oldest_ns: u64) -> bool {
+        (self.counts.state == state::CLOSED || self.epoch != entry.counts.changed_ns)
+            && self.last_seen_ns < oldest_ns
+    }
+}
+
 const _: () = {
     assert!(core::mem::size_of::<Policy>() == 56);
     assert!(core::mem::size_of::<Counts>() == 88);
     assert!(core::mem::size_of::<BreakerEntry>() == 96);
     assert!(core::mem::size_of::<Totals>() == 32);
     assert!(core::mem::size_of::<BreakerSock>() == 24);
-    assert!(core::mem::size_of::<Event>() == 48);
+    assert!(core::mem::size_of::<Event>() == 72);
+    assert!(core::mem::size_of::<DestBreakerKey>() == 24);
+    assert!(core::mem::size_of::<DestPolicy>() == 24);
+    assert!(core::mem::size_of::<DestTotals>() == 16);
+    assert!(core::mem::size_of::<DestBreaker>() == 112);
+    assert!(core::mem::size_of::<DestCommand>() == 40);
     assert!(core::mem::size_of::<SvcMeta>() == 200);
 };
 
@@ -675,5 +978,118 @@ mod tests {
         let t = c.on_outcome(&p, generation, true, true, 2).unwrap();
         assert_eq!(t.cause, cause::CONSECUTIVE_FAILURES);
         assert_eq!((t.requests, t.failures), (1, 1));
+    }
+
+    fn per_destination(consecutive: u32) -> (Policy, DestPolicy) {
+        (
+            Policy {
+                consecutive_failures: consecutive,
+                open_timeout_ns: S,
+                half_open_max: 1,
+                flags: policy_flags::ENABLED | policy_flags::DESTINATION,
+                ..Default::default()
+            },
+            DestPolicy {
+                max_open_timeout_ns: 3 * S,
+                destination_ttl_ns: 600 * S,
+                max_ejection_percent: 50,
+                live: 3,
+            },
+        )
+    }
+
+    /// A connect to `d` and its outcome; the transition and whether the cap refused a trip.
+    fn attempt(
+        d: &mut DestBreaker,
+        e: &mut BreakerEntry,
+        p: &Policy,
+        dp: &DestPolicy,
+        failed: bool,
+        now: u64,
+    ) -> Option<DestStep> {
+        let (Admission::Admit { generation, .. }, _) = d.on_connect(e, p, dp, now) else {
+            return None;
+        };
+        let o = Outcome {
+            generation,
+            failed,
+            reset: false,
+        };
+        Some(d.on_outcome(e, p, dp, o, now))
+    }
+
+    #[test]
+    fn the_cap_is_a_share_of_live_destinations_and_at_least_one() {
+        assert_eq!(ejection_cap(50, 3), 1);
+        assert_eq!(ejection_cap(50, 4), 2);
+        assert_eq!(ejection_cap(10, 3), 1);
+        assert_eq!(ejection_cap(10, 0), 1);
+        assert_eq!(ejection_cap(100, 0), u32::MAX);
+    }
+
+    #[test]
+    fn a_second_ejection_past_the_cap_is_refused_and_counting_goes_on() {
+        let (p, dp) = per_destination(2);
+        let mut e = BreakerEntry::default();
+        e.counts.changed_ns = 7;
+        let (mut a, mut b) = (DestBreaker::default(), DestBreaker::default());
+        attempt(&mut a, &mut e, &p, &dp, true, 10);
+        let step = attempt(&mut a, &mut e, &p, &dp, true, 10).unwrap();
+        assert_eq!(step.transition.map(|t| t.to), Some(state::OPEN));
+        assert_eq!((e.ejected, a.trips), (1, 1));
+        attempt(&mut b, &mut e, &p, &dp, true, 10);
+        let step = attempt(&mut b, &mut e, &p, &dp, true, 10).unwrap();
+        assert_eq!(
+            step,
+            DestStep {
+                transition: None,
+                capped: true
+            }
+        );
+        assert_eq!((b.counts.state, e.ejected), (state::CLOSED, 1));
+        // Room again: the next failure trips it (the rule is still met).
+        assert!(a.reset(&mut e, &p, &dp, 11).is_some());
+        assert_eq!(e.ejected, 0);
+        let step = attempt(&mut b, &mut e, &p, &dp, true, 12).unwrap();
+        assert_eq!(step.transition.map(|t| t.to), Some(state::OPEN));
+        assert_eq!(e.ejected, 1);
+    }
+
+    #[test]
+    fn open_timeout_grows_per_trip_up_to_the_cap_and_resets_after_a_close() {
+        let (p, dp) = per_destination(1);
+        let mut e = BreakerEntry::default();
+        let mut d = DestBreaker::default();
+        let mut now = 100;
+        for (trip, open) in [(1, S), (2, 2 * S), (3, 3 * S), (4, 3 * S)] {
+            attempt(&mut d, &mut e, &p, &dp, true, now);
+            assert_eq!((d.counts.state, d.trips), (state::OPEN, trip));
+            assert_eq!(d.counts.open_until_ns - now, open, "trip {trip}");
+            now = d.counts.open_until_ns;
+        }
+        // The probe succeeds: closed, and the next trip is for the base again.
+        attempt(&mut d, &mut e, &p, &dp, false, now);
+        assert_eq!((d.counts.state, d.trips, e.ejected), (state::CLOSED, 0, 0));
+        attempt(&mut d, &mut e, &p, &dp, true, now + 1);
+        assert_eq!(d.counts.open_until_ns - (now + 1), S);
+    }
+
+    #[test]
+    fn a_new_epoch_starts_every_destination_over() {
+        let (p, dp) = per_destination(1);
+        let mut e = BreakerEntry::default();
+        e.counts.changed_ns = 1;
+        let mut d = DestBreaker::default();
+        attempt(&mut d, &mut e, &p, &dp, true, 10);
+        assert_eq!(d.counts.state, state::OPEN);
+        // The agent sets a policy: a new epoch with none ejected.
+        e = BreakerEntry::default();
+        e.counts.changed_ns = 20;
+        assert!(matches!(
+            d.on_connect(&mut e, &p, &dp, 30).0,
+            Admission::Admit { .. }
+        ));
+        assert_eq!((d.counts.state, d.epoch, d.trips), (state::CLOSED, 20, 0));
+        assert!(!d.reapable(&e, 30) && d.reapable(&e, 31));
     }
 }

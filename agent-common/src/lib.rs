@@ -99,6 +99,17 @@ pub mod names {
     pub const MAP_BREAKER_EVENTS: &str = "BW_BRK_EVENTS";
     /// Service id -> `breaker::SvcMeta` (name, trip reason), to rebuild the table on restart.
     pub const MAP_SVC_META: &str = "BW_SVC_META";
+    /// `breaker::DestBreakerKey` -> `breaker::DestBreaker`: destination granularity's breakers.
+    pub const MAP_DEST_BREAKERS: &str = "BW_DEST_BREAKERS";
+    /// Service id -> `breaker::DestPolicy` (written by the agent).
+    pub const MAP_DEST_POLICIES: &str = "BW_DEST_POLICIES";
+    /// Service id -> `breaker::DestTotals`.
+    pub const MAP_DEST_TOTALS: &str = "BW_DEST_TOTALS";
+    /// Socket-local storage: the `breaker::DestBreakerKey` an admitted connect counts in.
+    pub const MAP_DEST_SOCKS: &str = "BW_DEST_SOCKS";
+    /// `tc` program never attached: the agent test-runs it with a `breaker::DestCommand` as
+    /// packet data, so that destination breakers change only in programs, under the lock.
+    pub const PROG_DEST_CMD: &str = "bw_dest_cmd";
 
     /// Two `u32`s, `[layout::MAGIC, layout::VERSION]`: the layout of the pinned maps beside it.
     /// Written and read by the agent only.
@@ -106,7 +117,7 @@ pub mod names {
 
     /// Maps pinned under the agent's bpffs directory: enforcement state that outlives the
     /// agent process and is picked up again by the next one.
-    pub const PINNED_MAPS: [&str; 8] = [
+    pub const PINNED_MAPS: [&str; 12] = [
         MAP_LAYOUT,
         MAP_SVC_LPM,
         MAP_SVC_META,
@@ -115,6 +126,10 @@ pub mod names {
         MAP_BREAKER_TOTALS,
         MAP_BREAKER_SOCKS,
         MAP_BREAKER_EVENTS,
+        MAP_DEST_BREAKERS,
+        MAP_DEST_POLICIES,
+        MAP_DEST_TOTALS,
+        MAP_DEST_SOCKS,
     ];
 
     /// Ring buffer of `ConnEvent`s for `WatchConnections` (written only while `BW_AUDIT` is on).
@@ -129,8 +144,12 @@ pub mod names {
     pub const GLOBAL_EMPTY: &str = "BW_EMPTY";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 19] = [
+    pub const ALL_MAPS: [&str; 23] = [
         MAP_LAYOUT,
+        MAP_DEST_BREAKERS,
+        MAP_DEST_POLICIES,
+        MAP_DEST_TOTALS,
+        MAP_DEST_SOCKS,
         MAP_CONN_EVENTS,
         MAP_AUDIT,
         MAP_POLICIES,
@@ -162,7 +181,10 @@ pub mod layout {
     /// 1: the layout of every agent before stamps (what an unstamped pin directory holds).
     /// 2: `SvcMeta`'s lengths became `u16`, with owners in their upper halves; layout 1 reads
     /// as layout 2 with every owner local, so it is migrated by stamping it.
-    pub const VERSION: u32 = 2;
+    /// 3: the destination breakers' maps were added (made empty when absent) and
+    /// `BreakerEntry`'s padding became `ejected` (0 in older layouts, which is right for them):
+    /// layouts 1 and 2 are migrated by stamping too.
+    pub const VERSION: u32 = 3;
     /// The oldest layout this agent migrates (by stamping it: see [`VERSION`]).
     pub const MIGRATES_FROM: u32 = 1;
     /// Entries of the stamp map: `[MAGIC, VERSION]`.
@@ -298,6 +320,8 @@ pub mod defaults {
     pub const MAX_LISTENERS: u32 = 16_384;
     pub const MAX_HIST_BUCKETS: u32 = 262_144;
     pub const MAX_CONNS: u32 = 262_144;
+    /// Destination breakers (destination granularity), across services.
+    pub const MAX_DEST_BREAKERS: u32 = 16_384;
 }
 
 /// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader
@@ -737,6 +761,11 @@ mod pod {
     unsafe impl aya::Pod for super::breaker::BreakerSock {}
     unsafe impl aya::Pod for super::breaker::Event {}
     unsafe impl aya::Pod for super::breaker::SvcMeta {}
+    unsafe impl aya::Pod for super::breaker::DestBreakerKey {}
+    unsafe impl aya::Pod for super::breaker::DestBreaker {}
+    unsafe impl aya::Pod for super::breaker::DestPolicy {}
+    unsafe impl aya::Pod for super::breaker::DestTotals {}
+    unsafe impl aya::Pod for super::breaker::DestCommand {}
 }
 
 #[cfg(test)]

@@ -13,11 +13,15 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
         generated::{bpf_set_retval, bpf_skc_to_tcp_sock, bpf_spin_lock, bpf_spin_unlock},
     },
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, classifier, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use breakwater_common::{
-    breaker::{policy_flags, sock_flags, state, Admission, BreakerEntry, Event, Transition},
+    breaker::{
+        cause, dest_flags, dest_op, policy_flags, sock_flags, state, Admission, BreakerEntry,
+        DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals, Event, Outcome, Policy,
+        Transition,
+    },
     conn_event, direction, tcp_state, v4_mapped,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
@@ -25,7 +29,8 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use crate::{
     maps::{
         audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
-        BW_BRK_SOCKS, BW_BRK_TOTALS, BW_POLICIES,
+        BW_BRK_SOCKS, BW_BRK_TOTALS, BW_DEST_BREAKERS, BW_DEST_POLICIES, BW_DEST_SOCKS,
+        BW_DEST_TOTALS, BW_POLICIES,
     },
     sock::{netns, read, Error, IPPROTO_TCP},
 };
@@ -120,16 +125,41 @@ unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Resu
         return Ok(ALLOW);
     }
     let entry = BW_BREAKERS.get_ptr_mut(svc).ok_or(Error::Map)?;
-    lock(entry);
-    let (admission, transition) = (*entry).counts.on_connect(policy, now);
-    unlock(entry);
-    if let Some(t) = transition {
-        emit(svc, &t, now);
-    }
+    let per_dest = policy.flags & policy_flags::DESTINATION != 0;
+    let admission = if per_dest {
+        let key = DestBreakerKey {
+            svc,
+            port,
+            _pad: 0,
+            addr: *addr,
+        };
+        let Some(admission) = dest_connect(entry, policy, &key, now) else {
+            return Ok(ALLOW);
+        };
+        if let Admission::Admit { .. } = admission {
+            let k = BW_DEST_SOCKS
+                .get_or_insert_ptr_mut(ctx, None)
+                .as_mut()
+                .ok_or(Error::Map)?;
+            *k = key;
+        }
+        admission
+    } else {
+        lock(entry);
+        let (admission, transition) = (*entry).counts.on_connect(policy, now);
+        unlock(entry);
+        if let Some(t) = transition {
+            emit(svc, &t, None, now);
+        }
+        admission
+    };
     match admission {
         Admission::Admit { generation, probe } => {
             bs.generation = generation;
             bs.flags = sock_flags::COUNTED;
+            if per_dest {
+                bs.flags |= sock_flags::DEST;
+            }
             if probe {
                 total(svc, |t| &raw mut t.probes);
             }
@@ -238,16 +268,104 @@ fn total(svc: u32, field: impl FnOnce(&mut breakwater_common::breaker::Totals) -
     }
 }
 
-/// Reports a transition to the agent (if it is there to read it) and counts trips.
+/// Reports a transition of the service's breaker or of one of its destinations' to the agent
+/// (if it is there to read it) and counts trips.
 #[inline(always)]
-fn emit(svc: u32, t: &Transition, now: u64) {
+fn emit(svc: u32, t: &Transition, dest: Option<&DestBreakerKey>, now: u64) {
     if t.to == state::OPEN {
         total(svc, |t| &raw mut t.trips);
     }
-    let ev = Event::new(now, svc, t);
+    let mut ev = Event::new(now, svc, t);
+    if let Some(k) = dest {
+        ev.addr = k.addr;
+        ev.port = k.port;
+    }
     if BW_BRK_EVENTS.output::<Event>(&ev, 0).is_err() {
         total(svc, |t| &raw mut t.events_lost);
     }
+}
+
+/// Adds one to a service's destination total, atomically.
+#[inline(always)]
+fn dest_total(svc: u32, field: impl FnOnce(&mut DestTotals) -> *mut u64) {
+    if let Some(t) = BW_DEST_TOTALS.get_ptr_mut(svc) {
+        // SAFETY: a map value; the BPF atomic add keeps concurrent CPUs exact.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(&mut *t), 1) };
+    }
+}
+
+/// A destination's breaker, made Closed if it has none yet; None when the map is full (counted:
+/// the destination is let through uncounted) or the breaker is being reaped.
+#[inline(always)]
+fn dest_breaker(key: &DestBreakerKey) -> Option<*mut DestBreaker> {
+    if let Some(d) = BW_DEST_BREAKERS.get_ptr_mut(key) {
+        return live(d);
+    }
+    // Epoch 0 is stale for any service with a policy: its first use starts it over.
+    if BW_DEST_BREAKERS
+        .insert(
+            key,
+            &DestBreaker::default(),
+            u64::from(aya_ebpf::bindings::BPF_NOEXIST),
+        )
+        .is_err()
+    {
+        // Made meanwhile on another CPU, or the map is full.
+        if let Some(d) = BW_DEST_BREAKERS.get_ptr_mut(key) {
+            return live(d);
+        }
+        dest_total(key.svc, |t| &raw mut t.full);
+        return None;
+    }
+    BW_DEST_BREAKERS.get_ptr_mut(key).and_then(live)
+}
+
+#[inline(always)]
+fn live(d: *mut DestBreaker) -> Option<*mut DestBreaker> {
+    // SAFETY: a map value; a racing reap at worst makes this one connect uncounted.
+    let dead = unsafe { core::ptr::read_volatile(&raw const (*d).flags) } & dest_flags::DEAD;
+    (dead == 0).then_some(d)
+}
+
+/// The gate with destination granularity: the service's breaker (only operators trip it) and
+/// then the destination's, both under the service's lock. None: let it through uncounted.
+///
+/// # Safety
+/// `entry` is the service's `BW_BREAKERS` value, looked up in this program run.
+#[inline(always)]
+unsafe fn dest_connect(
+    entry: *mut BreakerEntry,
+    policy: &Policy,
+    key: &DestBreakerKey,
+    now: u64,
+) -> Option<Admission> {
+    let dp = dest_policy(key.svc);
+    let dest = dest_breaker(key)?;
+    lock(entry);
+    let (mut admission, svc_t) = (*entry).counts.on_connect(policy, now);
+    if svc_t.is_some() {
+        // A new epoch: every destination starts over, none ejected.
+        core::ptr::write_volatile(&raw mut (*entry).ejected, 0);
+    }
+    let mut dest_t = None;
+    if let Admission::Admit { .. } = admission {
+        let (a, t) = (*dest).on_connect(&mut *entry, policy, &dp, now);
+        admission = a;
+        dest_t = t;
+    }
+    unlock(entry);
+    if let Some(t) = svc_t {
+        emit(key.svc, &t, None, now);
+    }
+    if let Some(t) = dest_t {
+        emit(key.svc, &t, Some(key), now);
+    }
+    Some(admission)
+}
+
+#[inline(always)]
+fn dest_policy(svc: u32) -> DestPolicy {
+    BW_DEST_POLICIES.get(svc).copied().unwrap_or_default()
 }
 
 #[sock_ops]
@@ -303,7 +421,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), Error> {
             if !slow {
                 bs.flags |= sock_flags::SUCCEEDED;
             }
-            outcome(bs.svc, bs.generation, slow, false, now)
+            outcome(sk.cast(), bs, slow, false, now)
         }
         _ => {
             let (old, new) = (ctx.arg(0) as u8, ctx.arg(1) as u8);
@@ -313,7 +431,7 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), Error> {
             let now = bpf_ktime_get_ns();
             if old == tcp_state::SYN_SENT && bs.flags & sock_flags::DONE == 0 {
                 bs.flags |= sock_flags::DONE;
-                return outcome(bs.svc, bs.generation, true, false, now);
+                return outcome(sk.cast(), bs, true, false, now);
             }
             if old == tcp_state::ESTABLISHED && bs.flags & sock_flags::SUCCEEDED != 0 {
                 // Only the peer's RST: our own close, or a destroy on trip, is no failure.
@@ -322,26 +440,28 @@ unsafe fn try_sockops(ctx: &SockOpsContext) -> Result<(), Error> {
                     return Ok(());
                 }
                 bs.flags &= !sock_flags::SUCCEEDED;
-                return outcome(bs.svc, bs.generation, true, true, now);
+                return outcome(sk.cast(), bs, true, true, now);
             }
             Ok(())
         }
     }
 }
 
-/// Counts an admitted connect's outcome, possibly changing the breaker's state.
+/// Counts an admitted connect's outcome, possibly changing the breaker's state (the
+/// destination's, with destination granularity).
 ///
 /// # Safety
-/// Nothing for the caller to uphold: `unsafe` for the lock it takes, with [`lock`]'s
-/// requirements met here (the entry is looked up just before, no call while it is held).
+/// `sk` is the `sock_ops` socket `bs` belongs to. `unsafe` for the lock it takes, with
+/// [`lock`]'s requirements met here (the entry is looked up just before, no call while held).
 #[inline(always)]
 unsafe fn outcome(
-    svc: u32,
-    generation: u64,
+    sk: *const u8,
+    bs: &breakwater_common::breaker::BreakerSock,
     failed: bool,
     reset: bool,
     now: u64,
 ) -> Result<(), Error> {
+    let svc = bs.svc;
     let Some(policy) = BW_POLICIES.get(svc) else {
         return Ok(());
     };
@@ -349,13 +469,112 @@ unsafe fn outcome(
         return Ok(());
     }
     let entry = BW_BREAKERS.get_ptr_mut(svc).ok_or(Error::Map)?;
+    if bs.flags & sock_flags::DEST != 0 {
+        if policy.flags & policy_flags::DESTINATION == 0 {
+            return Ok(());
+        }
+        let Some(key) = sk_storage(&BW_DEST_SOCKS, sk, false) else {
+            return Ok(());
+        };
+        let key = *key;
+        let Some(dest) = BW_DEST_BREAKERS.get_ptr_mut(&key).and_then(live) else {
+            return Ok(());
+        };
+        let dp = dest_policy(svc);
+        lock(entry);
+        let o = Outcome {
+            generation: bs.generation,
+            failed,
+            reset,
+        };
+        let step = (*dest).on_outcome(&mut *entry, policy, &dp, o, now);
+        unlock(entry);
+        if let Some(t) = step.transition {
+            emit(svc, &t, Some(&key), now);
+        }
+        if step.capped {
+            dest_total(svc, |t| &raw mut t.capped);
+            let t = Transition {
+                from: state::CLOSED,
+                to: state::CLOSED,
+                cause: cause::EJECTION_CAPPED,
+                requests: 0,
+                failures: 0,
+                consecutive_failures: 0,
+            };
+            emit(svc, &t, Some(&key), now);
+        }
+        return Ok(());
+    }
     lock(entry);
     let transition = (*entry)
         .counts
-        .on_outcome(policy, generation, failed, reset, now);
+        .on_outcome(policy, bs.generation, failed, reset, now);
     unlock(entry);
     if let Some(t) = transition {
-        emit(svc, &t, now);
+        emit(svc, &t, None, now);
     }
     Ok(())
+}
+
+/// Never attached: the agent test-runs it with a `DestCommand` as the packet, so that an
+/// operator's trip or reset of a destination, and the reaping of idle ones, happen under the
+/// service's lock like every other change (the count of ejected destinations stays exact).
+#[classifier]
+pub fn bw_dest_cmd(ctx: TcContext) -> i32 {
+    // SAFETY: `ctx` is this program's own context.
+    unsafe { try_dest_cmd(&ctx) }.unwrap_or(dest_op::FAILED)
+}
+
+/// # Safety
+/// `ctx` is the context of the running `bw_dest_cmd`.
+unsafe fn try_dest_cmd(ctx: &TcContext) -> Result<i32, Error> {
+    let cmd: DestCommand = ctx.load(0).map_err(|_| Error::Map)?;
+    let key = cmd.key;
+    let policy = BW_POLICIES.get(key.svc).ok_or(Error::Map)?;
+    let dp = dest_policy(key.svc);
+    let entry = BW_BREAKERS.get_ptr_mut(key.svc).ok_or(Error::Map)?;
+    let now = bpf_ktime_get_ns();
+    match cmd.op {
+        dest_op::TRIP => {
+            let Some(dest) = dest_breaker(&key) else {
+                return Ok(dest_op::FAILED);
+            };
+            lock(entry);
+            (*dest).trip(&mut *entry, policy, &dp, cmd.arg_ns, now);
+            unlock(entry);
+            total(key.svc, |t| &raw mut t.trips);
+            Ok(dest_op::DONE)
+        }
+        dest_op::RESET => {
+            let Some(dest) = BW_DEST_BREAKERS.get_ptr_mut(&key).and_then(live) else {
+                return Ok(dest_op::UNCHANGED);
+            };
+            lock(entry);
+            let t = (*dest).reset(&mut *entry, policy, &dp, now);
+            unlock(entry);
+            Ok(if t.is_some() {
+                dest_op::DONE
+            } else {
+                dest_op::UNCHANGED
+            })
+        }
+        dest_op::REAP => {
+            let Some(dest) = BW_DEST_BREAKERS.get_ptr_mut(&key).and_then(live) else {
+                return Ok(dest_op::UNCHANGED);
+            };
+            lock(entry);
+            let reap = (*dest).reapable(&*entry, cmd.arg_ns);
+            if reap {
+                (*dest).flags |= dest_flags::DEAD;
+            }
+            unlock(entry);
+            if !reap {
+                return Ok(dest_op::UNCHANGED);
+            }
+            let _ = BW_DEST_BREAKERS.remove(&key);
+            Ok(dest_op::DONE)
+        }
+        _ => Ok(dest_op::FAILED),
+    }
 }

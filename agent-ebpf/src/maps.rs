@@ -8,7 +8,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use breakwater_common::{
-    breaker::{BreakerEntry, BreakerSock, Policy, SvcMeta, Totals},
+    breaker::{
+        BreakerEntry, BreakerSock, DestBreaker, DestBreakerKey, DestPolicy, DestTotals, Policy,
+        SvcMeta, Totals,
+    },
     counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnState, ConnStats, DestKey,
     HistKey, ListenKey, ListenerInfo, Offsets, RequestTiming, SvcLpmData, HIST_BUCKETS,
 };
@@ -72,6 +75,21 @@ pub static BW_BRK_TOTALS: Array<Totals> = Array::with_max_entries(SVC_SLOTS, 0);
 
 #[btf_map]
 pub static BW_BRK_SOCKS: SkStorage<BreakerSock> = SkStorage::new();
+
+/// Not LRU: an ejected destination must never be evicted. The agent reaps closed ones not seen
+/// for the destination TTL (through `bw_dest_cmd`); when full, new destinations pass uncounted.
+#[map]
+pub static BW_DEST_BREAKERS: HashMap<DestBreakerKey, DestBreaker> =
+    HashMap::with_max_entries(defaults::MAX_DEST_BREAKERS, 0);
+
+#[map]
+pub static BW_DEST_POLICIES: Array<DestPolicy> = Array::with_max_entries(SVC_SLOTS, 0);
+
+#[map]
+pub static BW_DEST_TOTALS: Array<DestTotals> = Array::with_max_entries(SVC_SLOTS, 0);
+
+#[btf_map]
+pub static BW_DEST_SOCKS: SkStorage<DestBreakerKey> = SkStorage::new();
 
 #[map]
 pub static BW_BRK_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);

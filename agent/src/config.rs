@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use breakwater_common::{breaker::Policy, defaults};
+use breakwater_common::defaults;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     core::{
         features::Feature,
-        policy::{parse_duration, PolicySpec},
+        policy::{parse_duration, PolicySpec, Rules},
         service::{parse_endpoints, ServiceTable},
     },
     error::{Error, Result},
@@ -470,6 +470,9 @@ pub struct MapSizes {
     /// Connections tracked at once, both directions (hash entries, made at connect and accept);
     /// past this, new connections are left uncounted (`conns_full`).
     pub max_connections: u32,
+    /// Destination breakers over all services with granularity destination (hash entries;
+    /// an ejected destination is never evicted; past this, new destinations pass uncounted).
+    pub max_destination_breakers: u32,
 }
 
 impl Default for MapSizes {
@@ -480,6 +483,7 @@ impl Default for MapSizes {
             max_service_endpoints: defaults::MAX_SERVICE_ENDPOINTS,
             max_histogram_buckets: defaults::MAX_HIST_BUCKETS,
             max_connections: defaults::MAX_CONNS,
+            max_destination_breakers: defaults::MAX_DEST_BREAKERS,
         }
     }
 }
@@ -526,6 +530,19 @@ pub struct BreakerConfig {
     /// How recent the nodes' own trips must be to count [default: 60s].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet_quorum_window: Option<String>,
+    /// "service" (one breaker) or "destination" (one per address:port) [default: service].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<String>,
+    /// Destination granularity: at most this percent ejected at once [default: 50].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// Cap of the open timeout growing with consecutive trips [default: 300s per destination,
+    /// 0 (no growth) per service].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_timeout: Option<String>,
+    /// Destination granularity: idle destinations are forgotten after this [default: 10m].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_ttl: Option<String>,
 }
 
 impl BreakerConfig {
@@ -547,14 +564,18 @@ impl BreakerConfig {
             terminate_established: self.terminate_established,
             fleet_quorum: self.fleet_quorum.clone(),
             fleet_quorum_window: duration("fleet_quorum_window", &self.fleet_quorum_window)?,
+            granularity: self.granularity.clone(),
+            max_ejection_percent: self.max_ejection_percent,
+            max_open_timeout: duration("max_open_timeout", &self.max_open_timeout)?,
+            destination_ttl: duration("destination_ttl", &self.destination_ttl)?,
         })
     }
 
-    /// The kernel's policy; the quorum rule is checked too.
-    pub fn policy(&self) -> Result<Policy> {
+    /// The kernel's policy and its destination rules; the quorum rule is checked too.
+    pub fn policy(&self) -> Result<Rules> {
         let spec = self.spec()?;
         spec.quorum()?;
-        spec.resolve()
+        spec.rules()
     }
 }
 
@@ -580,6 +601,11 @@ impl Config {
             ("maps.max_service_endpoints", m.max_service_endpoints, 1),
             ("maps.max_histogram_buckets", m.max_histogram_buckets, 16),
             ("maps.max_connections", m.max_connections, 16),
+            (
+                "maps.max_destination_breakers",
+                m.max_destination_breakers,
+                16,
+            ),
         ] {
             if v < min || v > 1 << 24 {
                 return Err(Error::invalid(format!(
@@ -610,7 +636,7 @@ impl Config {
     }
 
     /// The resolved breaker policy of every service that has one, in file order.
-    pub fn policies(&self) -> Result<Vec<(String, Policy)>> {
+    pub fn policies(&self) -> Result<Vec<(String, Rules)>> {
         self.services
             .iter()
             .filter_map(|s| s.breaker.as_ref().map(|b| (s, b)))
@@ -703,7 +729,7 @@ mod tests {
                     preset: Some("gobreaker".into()),
                     ..Default::default()
                 }
-                .resolve()
+                .rules()
                 .unwrap()
             )
         );
@@ -792,13 +818,13 @@ mod tests {
             p.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             ["a", "c"]
         );
-        assert_eq!(p[0].1.max_failures, 3);
-        assert_eq!(p[0].1.open_timeout_ns, 90_000_000_000);
-        assert_eq!(p[0].1.errno, 1);
-        assert_eq!(p[1].1.failure_ratio_ppm, 500_000);
-        assert_eq!(p[1].1.slow_connect_ns, 250_000_000);
+        assert_eq!(p[0].1.policy.max_failures, 3);
+        assert_eq!(p[0].1.policy.open_timeout_ns, 90_000_000_000);
+        assert_eq!(p[0].1.policy.errno, 1);
+        assert_eq!(p[1].1.policy.failure_ratio_ppm, 500_000);
+        assert_eq!(p[1].1.policy.slow_connect_ns, 250_000_000);
         assert_eq!(
-            p[1].1.flags,
+            p[1].1.policy.flags,
             breakwater_common::breaker::policy_flags::ENABLED
         );
     }
@@ -940,7 +966,7 @@ mod tests {
         let cases = [
             (
                 "preset = \"hystrix\"",
-                "service \"a\": breaker: unknown preset \"hystrix\" (known: gobreaker, nginx)",
+                "service \"a\": breaker: unknown preset \"hystrix\" (known: gobreaker, nginx, envoy)",
             ),
             ("failure_ratio = 1.5", "failure_ratio 1.5 is outside 0..=1"),
             ("failure_ratio = nan", "failure_ratio NaN is outside 0..=1"),

@@ -17,7 +17,7 @@ pub mod json {
 
     use crate::v1::{
         BreakerCause, BreakerState, ConnectionEventKind, DestinationSort, Direction, FeatureStatus,
-        Owner, PressureLevel, Severity,
+        Granularity, Owner, PressureLevel, Severity,
     };
 
     fn short(full: &str, prefix: &str) -> String {
@@ -71,6 +71,14 @@ pub mod json {
     pub fn feature_status<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
         match FeatureStatus::try_from(*v) {
             Ok(d) => s.serialize_str(&short(d.as_str_name(), "FEATURE_STATUS_")),
+            Err(_) => s.serialize_i32(*v),
+        }
+    }
+
+    /// "service" or "destination".
+    pub fn granularity<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        match Granularity::try_from(*v) {
+            Ok(d) => s.serialize_str(&short(d.as_str_name(), "GRANULARITY_")),
             Err(_) => s.serialize_i32(*v),
         }
     }

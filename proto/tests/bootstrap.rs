@@ -58,6 +58,9 @@ fn breakwater_proto_codegen(out: &std::path::Path, fds: prost_types::FileDescrip
         ("breakwater.v1.Service.shadowed", "owner"),
         ("breakwater.v1.Breaker.policy_owner", "owner"),
         ("breakwater.v1.Breaker.tripped_by", "owner"),
+        ("breakwater.v1.DestinationBreaker.state", "breaker_state"),
+        ("breakwater.v1.DestinationBreaker.tripped_by", "owner"),
+        ("breakwater.v1.BreakerPolicy.granularity", "granularity"),
         (
             "breakwater.v1.ListDestinationsRequest.direction",
             "direction",

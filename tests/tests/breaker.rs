@@ -240,7 +240,7 @@ fn gobreaker_preset_conformance() {
     );
     assert_eq!(
         p,
-        policy_message(&case.runs[0].policy.resolve().unwrap(), None)
+        policy_message(&case.runs[0].policy.rules().unwrap(), None)
     );
     rig.run_steps(&case.runs[0]);
     let b = rig.breaker();
@@ -725,6 +725,7 @@ fn bad_breaker_input_is_refused_and_changes_nothing() {
             rig.agent
                 .block_on(client.reset(pb::ResetRequest {
                     service: "nope".into(),
+                    ..Default::default()
                 }))
                 .expect_err("reset"),
         ),

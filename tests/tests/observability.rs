@@ -502,6 +502,8 @@ fn metrics_parse_and_equal_the_api() {
             service: "shop".into(),
             ttl_ms: None,
             reason: "observability test".into(),
+
+            ..Default::default()
         }))
         .expect("Trip");
     for _ in 0..3 {
@@ -872,6 +874,8 @@ fn a_disabled_feature_is_off_everywhere_and_calls_that_need_it_say_so() {
             service: "shop".into(),
             ttl_ms: Some(60_000),
             reason: "features test".into(),
+
+            ..Default::default()
         }))
         .expect("the trip itself works")
         .into_inner();

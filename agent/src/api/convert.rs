@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use breakwater_common::{
-    breaker::{policy_flags, state, Policy, RATIO_ONE},
+    breaker::{policy_flags, state, RATIO_ONE},
     direction, tcp_state, ConnStats,
 };
 use breakwater_proto::v1 as pb;
@@ -17,12 +17,12 @@ use crate::{
             TimeWaitView,
         },
         audit::{ConnectionEvent, ConnectionEventKind},
-        breakers::{BreakerEvent, BreakerView},
+        breakers::{BreakerEvent, BreakerView, DestinationView},
         counters::conn_counters,
         features::{FeatureState, Status as FeatureStatus},
         latency,
         owners::Owner,
-        policy::{errno_name, PolicySpec, Quorum, QuorumSize},
+        policy::{errno_name, PolicySpec, Quorum, QuorumSize, Rules},
         reload::Reloaded,
         service::display_addr,
         timewait::Level,
@@ -49,6 +49,10 @@ impl PolicySpec {
             terminate_established: r.terminate_established,
             fleet_quorum: r.fleet_quorum.clone(),
             fleet_quorum_window: ms(r.fleet_quorum_window_ms),
+            granularity: r.granularity.clone(),
+            max_ejection_percent: r.max_ejection_percent,
+            max_open_timeout: ms(r.max_open_timeout_ms),
+            destination_ttl: ms(r.destination_ttl_ms),
         }
     }
 
@@ -71,16 +75,41 @@ impl PolicySpec {
             terminate_established: self.terminate_established,
             fleet_quorum: self.fleet_quorum.clone(),
             fleet_quorum_window_ms: ms(self.fleet_quorum_window),
+            granularity: self.granularity.clone(),
+            max_ejection_percent: self.max_ejection_percent,
+            max_open_timeout_ms: ms(self.max_open_timeout),
+            destination_ttl_ms: ms(self.destination_ttl),
         }
     }
+}
+
+/// A request's `destination` ("address:port"; empty = none).
+pub fn destination_field(text: &str) -> Result<Option<std::net::SocketAddr>> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    crate::cli::destination_arg(text)
+        .map(Some)
+        .map_err(|why| Error::invalid(format!("destination: {why}")))
 }
 
 fn ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
 
-pub fn policy_message(p: &Policy, quorum: Option<&Quorum>) -> pb::BreakerPolicy {
+pub fn policy_message(rules: &Rules, quorum: Option<&Quorum>) -> pb::BreakerPolicy {
+    let p = &rules.policy;
+    let per_destination = p.flags & policy_flags::DESTINATION != 0;
     pb::BreakerPolicy {
+        granularity: if per_destination {
+            pb::Granularity::Destination
+        } else {
+            pb::Granularity::Service
+        }
+        .into(),
+        max_ejection_percent: rules.dest.max_ejection_percent,
+        max_open_timeout_ms: ms(rules.dest.max_open_timeout_ns),
+        destination_ttl_ms: ms(rules.dest.destination_ttl_ns),
         fleet_quorum: quorum.map_or_else(String::new, |q| match q.size {
             QuorumSize::Nodes(n) => n.to_string(),
             QuorumSize::Percent(p) => format!("{p}%"),
@@ -132,10 +161,42 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
         trips: b.totals.trips,
         probes: b.totals.probes,
         open_remaining_ms: b.open_remaining_ms,
-        policy: Some(policy_message(&b.policy, b.quorum.as_ref())),
+        policy: Some(policy_message(
+            &Rules {
+                policy: b.policy,
+                dest: b.dest,
+            },
+            b.quorum.as_ref(),
+        )),
         events_lost: b.totals.events_lost,
         policy_owner: owner_message(Some(b.policy_owner)).into(),
         tripped_by: owner_message(b.tripped_by).into(),
+        destinations: b.destinations.iter().map(destination_breaker).collect(),
+        live_destinations: b.dest.live,
+        ejected: b
+            .destinations
+            .iter()
+            .filter(|d| d.counts.state != state::CLOSED)
+            .count() as u32,
+        ejections_capped: b.dest_totals.capped,
+        destinations_untracked: b.dest_totals.full,
+    }
+}
+
+fn destination_breaker(d: &DestinationView) -> pb::DestinationBreaker {
+    let c = &d.counts;
+    pb::DestinationBreaker {
+        destination: d.destination.to_string(),
+        state: state_message(c.state).into(),
+        forced: c.forced != 0,
+        reason: d.reason.clone(),
+        requests: c.requests,
+        failures: c.failures,
+        consecutive_failures: c.consecutive_failures,
+        open_remaining_ms: d.open_remaining_ms,
+        trips: d.trips,
+        idle_ms: ms(d.idle_ns),
+        tripped_by: owner_message(d.tripped_by).into(),
     }
 }
 
@@ -165,6 +226,7 @@ pub fn event_message(e: &BreakerEvent, lost: u64) -> pb::BreakerEvent {
             .map_or(0, |d| d.as_millis() as u64),
         reason: e.reason.clone(),
         lost,
+        destination: e.destination.map(|d| d.to_string()).unwrap_or_default(),
     }
 }
 
@@ -544,7 +606,7 @@ mod tests {
     #[test]
     fn policies_map_back_to_messages() {
         let p = PolicySpec::preset("gobreaker").resolve().unwrap();
-        let m = policy_message(&p, None);
+        let m = policy_message(&p.into(), None);
         assert_eq!(m.failure_ratio, 0.6);
         assert_eq!(
             (m.min_requests, m.interval_ms, m.open_timeout_ms),
@@ -611,6 +673,9 @@ mod tests {
             policy_owner: Owner::Fleet,
             tripped_by: Some(Owner::Local),
             quorum: None,
+            dest: Default::default(),
+            dest_totals: Default::default(),
+            destinations: Vec::new(),
         };
         let json = serde_json::to_value(breaker_message(&view)).unwrap();
         for (k, v) in [
@@ -641,6 +706,7 @@ mod tests {
             },
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1234),
             reason: String::new(),
+            destination: None,
         };
         let json = serde_json::to_value(event_message(&event, 4)).unwrap();
         assert_eq!(json["from"], "half_open");

@@ -175,7 +175,7 @@ impl Agent for AgentService {
         let req = request.into_inner();
         // A bad policy is refused before anything is touched.
         let spec = PolicySpec::from_request(&req);
-        let policy = spec.resolve()?;
+        let policy = spec.rules()?;
         let quorum = spec.quorum()?;
         // The core logs every change it makes.
         let b = self
@@ -209,8 +209,12 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::TripResponse>, Status> {
         let req = request.into_inner();
         let ttl = policy::trip_ttl(req.ttl_ms)?;
+        let destination = convert::destination_field(&req.destination)?;
         let (b, termination) = self
-            .with_core(move |core| core.trip(Owner::Local, &req.service, ttl, &req.reason))
+            .with_core(move |core| match destination {
+                Some(d) => core.trip_destination(Owner::Local, &req.service, d, ttl, &req.reason),
+                None => core.trip(Owner::Local, &req.service, ttl, &req.reason),
+            })
             .await?;
         Ok(Response::new(pb::TripResponse {
             breaker: Some(convert::breaker_message(&b)),
@@ -223,8 +227,14 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::ResetRequest>,
     ) -> Result<Response<pb::ResetResponse>, Status> {
-        let service = request.into_inner().service;
-        let b = self.with_core(move |core| core.reset(&service)).await?;
+        let req = request.into_inner();
+        let destination = convert::destination_field(&req.destination)?;
+        let b = self
+            .with_core(move |core| match destination {
+                Some(d) => core.reset_destination(&req.service, d),
+                None => core.reset(&req.service),
+            })
+            .await?;
         Ok(Response::new(pb::ResetResponse {
             breaker: Some(convert::breaker_message(&b)),
         }))

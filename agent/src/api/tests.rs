@@ -651,6 +651,7 @@ async fn trips_and_resets() {
             service: "db".into(),
             ttl_ms,
             reason: reason.into(),
+            ..Default::default()
         }))
     };
     assert_eq!(
@@ -685,6 +686,7 @@ async fn trips_and_resets() {
     let reset = |service: &str| {
         rig.api.reset(Request::new(pb::ResetRequest {
             service: service.into(),
+            ..Default::default()
         }))
     };
     let b = reset("db").await.unwrap().into_inner().breaker.unwrap();

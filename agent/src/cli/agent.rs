@@ -151,7 +151,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             }
         });
     }
-    // The audit programs write only while someone watches: check once a second.
+    // Once a second: the audit programs write only while someone watches; idle destinations
+    // are reaped and the live ones counted (the ejection cap is a share of them).
     let watched = Arc::downgrade(&core);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -160,6 +161,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             let Some(core) = watched.upgrade() else { break };
             let Ok(mut guard) = core.lock() else { break };
             guard.update_audit();
+            if let Err(e) = guard.reap_destinations() {
+                warn!(error = %e, "destination breakers: not reaped");
+            }
         }
     });
     // SIGHUP reloads the config file, like ReloadConfig.

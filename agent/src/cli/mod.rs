@@ -121,12 +121,20 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Circuit breakers: every service with a policy, its state and counts.
-    Breakers,
+    /// Circuit breakers: every service with a policy, its state and counts, and with
+    /// granularity destination each tracked destination's breaker under its service.
+    Breakers {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// Force a service's breaker open: its connects are refused until reset (or --for ends).
     Trip {
         /// Service name.
         name: String,
+        /// Only this destination of a service with granularity destination (eject it).
+        #[arg(long, value_name = "IP:PORT", value_parser = destination_arg)]
+        destination: Option<std::net::SocketAddr>,
         /// Open for this long, then closed again (e.g. 30s, 5m); default until reset.
         #[arg(long = "for", value_name = "DURATION", value_parser = duration_arg)]
         ttl: Option<Duration>,
@@ -140,6 +148,9 @@ pub enum Command {
     Reset {
         /// Service name.
         name: String,
+        /// Only this destination of a service with granularity destination.
+        #[arg(long, value_name = "IP:PORT", value_parser = destination_arg)]
+        destination: Option<std::net::SocketAddr>,
     },
     /// Set or clear a service's circuit-breaker policy.
     #[command(subcommand)]
@@ -167,6 +178,17 @@ Exit codes:
   2   bad flags or input (the reason is printed), or etcd refused the caller;
       nothing was written";
 
+/// A destination flag: one address and port ("10.0.0.5:8080", "[fd00::5]:8080").
+pub fn destination_arg(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        if text.contains('/') {
+            format!("{text:?} is a CIDR: a destination is one address and port (IP:PORT)")
+        } else {
+            format!("{text:?} is not an address and port (IP:PORT, or [IPv6]:PORT)")
+        }
+    })
+}
+
 /// A duration flag: "30s", "500ms", "2m"; whole milliseconds (what the API carries).
 fn duration_arg(text: &str) -> Result<Duration, String> {
     let d = crate::core::policy::parse_duration("duration", text)
@@ -187,7 +209,7 @@ pub enum PolicyCommand {
         /// Service name.
         name: String,
         #[command(flatten)]
-        policy: PolicyFlags,
+        policy: Box<PolicyFlags>,
     },
     /// Remove a service's policy: its connects pass uncounted again.
     Clear {
@@ -238,6 +260,20 @@ pub struct PolicyFlags {
     /// How recent those trips must be (whole seconds) [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     pub fleet_quorum_window: Option<Duration>,
+    /// One breaker for the service, or one per destination (address:port) [default: service].
+    #[arg(long, value_name = "service|destination", value_parser = ["service", "destination"])]
+    pub granularity: Option<String>,
+    /// Per destination: at most this percent of the destinations ejected at once (at least one
+    /// always may be) [default: 50].
+    #[arg(long, value_name = "PERCENT")]
+    pub max_ejection_percent: Option<u32>,
+    /// The open timeout grows with consecutive trips (open_timeout x trips) up to this (0s =
+    /// no growth) [default: 300s per destination, 0s per service].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub max_open_timeout: Option<Duration>,
+    /// Per destination: forget destinations idle this long [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
+    pub destination_ttl: Option<Duration>,
 }
 
 impl From<PolicyFlags> for crate::core::policy::PolicySpec {
@@ -257,6 +293,10 @@ impl From<PolicyFlags> for crate::core::policy::PolicySpec {
             terminate_established: f.no_terminate.then_some(false),
             fleet_quorum: f.fleet_quorum,
             fleet_quorum_window: f.fleet_quorum_window,
+            granularity: f.granularity,
+            max_ejection_percent: f.max_ejection_percent,
+            max_open_timeout: f.max_open_timeout,
+            destination_ttl: f.destination_ttl,
         }
     }
 }

@@ -533,6 +533,16 @@ pub fn policy_summary(p: &pb::BreakerPolicy) -> String {
     if !p.terminate_established {
         out += ", keep established";
     }
+    if p.granularity == pb::Granularity::Destination as i32 {
+        out += &format!(
+            ", per destination (eject at most {}%",
+            p.max_ejection_percent
+        );
+        if p.max_open_timeout_ms > 0 {
+            out += &format!(", open up to {}", millis(p.max_open_timeout_ms));
+        }
+        out += ")";
+    }
     if !p.fleet_quorum.is_empty() {
         out += &format!(
             ", fleet quorum {} in {}",
@@ -592,6 +602,37 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
             Cell::new(b.policy.as_ref().map(policy_summary).unwrap_or_default()),
             Cell::new(owner_cell(b.policy_owner, 0)),
         ]);
+        for d in &b.destinations {
+            let mut state = breaker_state(d.state).to_owned();
+            if d.forced {
+                state += " (forced)";
+            }
+            t.rows.push(vec![
+                Cell::new(format!("  {}", d.destination)),
+                Cell::new(state),
+                num(d.requests),
+                num(d.failures),
+                num(d.consecutive_failures),
+                Cell::new("-"),
+                num(u64::from(d.trips)),
+                Cell::new(
+                    match (
+                        d.open_remaining_ms,
+                        d.state == pb::BreakerState::Open as i32,
+                    ) {
+                        (0, true) if d.forced => "until reset".to_owned(),
+                        (0, _) => "-".to_owned(),
+                        (ms, _) => millis(ms),
+                    },
+                ),
+                Cell::new(""),
+                Cell::new(if d.forced {
+                    owner_name(d.tripped_by).to_owned()
+                } else {
+                    String::new()
+                }),
+            ]);
+        }
     }
     t.notes = r
         .breakers
@@ -803,6 +844,7 @@ mod tests {
             time_unix_ms: 1_000,
             reason: String::new(),
             lost: 2,
+            ..Default::default()
         });
         assert_eq!(
             line,

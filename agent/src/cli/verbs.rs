@@ -104,19 +104,34 @@ pub fn verb(command: Command) -> Result<Verb, CliError> {
         ),
         Command::Advise => ask(pb::AdviseRequest {}, advise),
         Command::Timewait { limit } => ask(pb::GetTimeWaitRequest { limit }, timewait),
-        Command::Breakers => ask(pb::ListBreakersRequest {}, breakers),
-        Command::Trip { name, ttl, reason } => {
+        Command::Breakers { service: None } => ask(pb::ListBreakersRequest {}, breakers),
+        Command::Breakers {
+            service: Some(service),
+        } => ask(pb::GetBreakerRequest { service }, breaker),
+        Command::Trip {
+            name,
+            destination,
+            ttl,
+            reason,
+        } => {
             let reason = reason.unwrap_or_default();
             breaker::check_reason(&reason)?;
             let request = pb::TripRequest {
                 service: name,
                 ttl_ms: ttl.map(|d| d.as_millis() as u64),
                 reason,
+                destination: destination.map(|d| d.to_string()).unwrap_or_default(),
             };
             ask(request, trip)
         }
         Command::Reload => ask(pb::ReloadConfigRequest {}, reload),
-        Command::Reset { name } => ask(pb::ResetRequest { service: name }, reset),
+        Command::Reset { name, destination } => ask(
+            pb::ResetRequest {
+                service: name,
+                destination: destination.map(|d| d.to_string()).unwrap_or_default(),
+            },
+            reset,
+        ),
         Command::Policy(p @ PolicyCommand::Set { .. }) => {
             let request = set_policy_request(p).expect("a set command");
             PolicySpec::from_request(&request).resolve()?;
@@ -170,7 +185,7 @@ fn set_policy_request(command: PolicyCommand) -> Option<pb::SetPolicyRequest> {
     let PolicyCommand::Set { name, policy } = command else {
         return None;
     };
-    Some(PolicySpec::from(policy).to_request(&name))
+    Some(PolicySpec::from(*policy).to_request(&name))
 }
 
 // The handlers: one request to one agent, the answer as a table (or line) and as rows to merge
@@ -231,6 +246,17 @@ async fn timewait(mut agent: Client, request: pb::GetTimeWaitRequest) -> Answere
 async fn breakers(mut agent: Client, request: pb::ListBreakersRequest) -> Answered {
     let r = agent.list_breakers(request).await?.into_inner();
     Ok(reply_rows(r, output::breakers, |r| {
+        (None, output::breakers_rows(r))
+    }))
+}
+
+/// One service's breaker, answered as a list of one (the same table and JSON as `breakers`).
+async fn breaker(mut agent: Client, request: pb::GetBreakerRequest) -> Answered {
+    let r = agent.get_breaker(request).await?.into_inner();
+    let list = pb::ListBreakersResponse {
+        breakers: r.breaker.into_iter().collect(),
+    };
+    Ok(reply_rows(list, output::breakers, |r| {
         (None, output::breakers_rows(r))
     }))
 }
@@ -374,8 +400,11 @@ mod tests {
             e.contains("unknown errno \"EAGAIN\" (allowed: ECONNREFUSED, EHOSTUNREACH, EPERM)"),
             "{e}"
         );
-        let e = refused(&["--preset", "envoy"]);
-        assert!(e.contains("[possible values: gobreaker, nginx]"), "{e}");
+        let e = refused(&["--preset", "hystrix"]);
+        assert!(
+            e.contains("[possible values: gobreaker, nginx, envoy]"),
+            "{e}"
+        );
         let help = refused(&["--help"]);
         for (name, sets) in breaker::PRESETS {
             assert!(help.contains(name) && help.contains(sets), "{help}");

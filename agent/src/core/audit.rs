@@ -213,6 +213,7 @@ mod tests {
                 consecutive_failures: 0,
             },
             time: std::time::SystemTime::now(),
+            destination: None,
             reason: String::new(),
         };
         let (tx, rx) = broadcast::channel(2);

@@ -4,14 +4,21 @@
 
 use std::time::{Duration, SystemTime};
 
-use breakwater_common::breaker::{self as brk, cause, policy_flags, state, Counts, Policy, Totals};
+use std::net::SocketAddr;
+
+use breakwater_common::breaker::{
+    self as brk, cause, dest_op, policy_flags, state, Counts, DestBreakerKey, DestCommand,
+    DestPolicy, DestTotals, Policy, Totals,
+};
 use tracing::{info, warn};
 
 use super::{
     audit::Subscription,
     features::Feature,
     owners::{Owner, Shadowed, Verdict},
-    policy, Core, Kernel,
+    policy::{self, Rules},
+    service::display_addr,
+    Core, Kernel,
 };
 use crate::{
     clock,
@@ -35,6 +42,28 @@ pub struct BreakerView {
     pub tripped_by: Option<Owner>,
     /// The fleet quorum rule, kept by the agent beside the kernel's policy.
     pub quorum: Option<policy::Quorum>,
+    /// Destination granularity: its rules (with `live`, the destinations seen within the
+    /// TTL), totals, and each destination's breaker.
+    pub dest: DestPolicy,
+    pub dest_totals: DestTotals,
+    pub destinations: Vec<DestinationView>,
+}
+
+/// One destination's breaker (destination granularity).
+#[derive(Clone, Debug)]
+pub struct DestinationView {
+    pub destination: SocketAddr,
+    /// As the next connect will find them.
+    pub counts: Counts,
+    pub open_remaining_ms: u64,
+    /// Trips since it last closed after probes: its open timeout is `open_timeout` × this,
+    /// capped.
+    pub trips: u32,
+    /// Nanoseconds since its last connect.
+    pub idle_ns: u64,
+    /// Why an operator tripped it, and who (while forced).
+    pub reason: String,
+    pub tripped_by: Option<Owner>,
 }
 
 /// A breaker state change, from the kernel's ring buffer or from an operator's action.
@@ -47,6 +76,8 @@ pub struct BreakerEvent {
     pub time: SystemTime,
     /// An operator's reason, for a trip by hand.
     pub reason: String,
+    /// The destination whose breaker changed (destination granularity); None: the service's.
+    pub destination: Option<SocketAddr>,
 }
 
 /// What a trip did to the service's established connections.
@@ -79,6 +110,51 @@ impl<K: Kernel + ?Sized> Core<K> {
             .ok_or_else(|| Error::invalid(format!("no service named {service:?}")))
     }
 
+    /// A service's policy as the core keeps it (the kernel's `live` count left out).
+    pub(super) fn rules(&self, id: u32) -> Result<Rules> {
+        let mut dest = self.kernel.dest_policy(id)?;
+        dest.live = 0;
+        Ok(Rules {
+            policy: self.kernel.policy(id)?,
+            dest,
+        })
+    }
+
+    fn destination_views(&self, id: u32, policy: &Policy) -> Result<Vec<DestinationView>> {
+        if policy.flags & policy_flags::DESTINATION == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.kernel.now_ns();
+        let epoch = self.kernel.counts(id)?.changed_ns;
+        let mut out: Vec<DestinationView> = self
+            .kernel
+            .dest_breakers()
+            .into_iter()
+            // A breaker of an older epoch starts over at its next connect: not shown till then.
+            .filter(|(k, d)| k.svc == id && d.epoch == epoch)
+            .map(|(k, d)| {
+                let counts = d.counts.effective(policy, now);
+                let destination = SocketAddr::new(display_addr(&k.addr), k.port);
+                let forced = self
+                    .dest_trips
+                    .get(&(id, destination))
+                    .filter(|_| counts.forced != 0);
+                DestinationView {
+                    destination,
+                    counts,
+                    open_remaining_ms: counts.open_remaining_ms(now),
+                    trips: d.trips,
+                    idle_ns: now.saturating_sub(d.last_seen_ns),
+                    reason: forced.map(|(r, _)| r.clone()).unwrap_or_default(),
+                    tripped_by: (counts.forced != 0)
+                        .then(|| forced.map(|(_, by)| *by).unwrap_or_default()),
+                }
+            })
+            .collect();
+        out.sort_by_key(|d| d.destination);
+        Ok(out)
+    }
+
     fn view(&self, id: u32, service: &str, policy: Policy) -> Result<BreakerView> {
         let now = self.kernel.now_ns();
         let counts = self.kernel.counts(id)?.effective(&policy, now);
@@ -100,6 +176,9 @@ impl<K: Kernel + ?Sized> Core<K> {
                 None
             },
             quorum: self.quorums.get(service).copied(),
+            dest: self.kernel.dest_policy(id)?,
+            dest_totals: self.kernel.dest_totals(id)?,
+            destinations: self.destination_views(id, &policy)?,
         })
     }
 
@@ -128,26 +207,26 @@ impl<K: Kernel + ?Sized> Core<K> {
         &mut self,
         owner: Owner,
         service: &str,
-        policy: Policy,
+        rules: impl Into<Rules>,
     ) -> Result<BreakerView> {
         let id = self.service_id(service)?;
-        let policy = Policy {
-            flags: policy.flags | policy_flags::ENABLED,
-            ..policy
-        };
+        let mut rules: Rules = rules.into();
+        rules.policy.flags |= policy_flags::ENABLED;
+        rules.dest.live = 0;
+        let policy = rules.policy;
         if self.owners.check_policy(owner, service)? == Verdict::Shadow {
             self.owners.shadowed_policies.insert(
                 service.to_owned(),
                 Shadowed {
                     owner,
-                    value: policy,
+                    value: rules,
                 },
             );
             return self.breaker(service);
         }
         let mut counts = self.kernel.counts(id)?;
-        let current = self.kernel.policy(id)?;
-        let had_policy = current.flags & policy_flags::ENABLED != 0;
+        let current = self.rules(id)?;
+        let had_policy = current.policy.flags & policy_flags::ENABLED != 0;
         if owner == Owner::Fleet && had_policy {
             if let Some(p @ (Owner::Local | Owner::Config)) = self.owners.policy(service) {
                 self.owners.shadowed_policies.insert(
@@ -159,9 +238,14 @@ impl<K: Kernel + ?Sized> Core<K> {
                 );
             }
         }
+        // A new epoch: every destination breaker of the service starts over.
         let t = counts.reset(&policy, cause::POLICY, self.kernel.now_ns());
         self.kernel.set_counts(id, counts)?;
         self.kernel.set_policy(id, &policy)?;
+        let live = self.kernel.dest_policy(id)?.live;
+        self.kernel
+            .set_dest_policy(id, &DestPolicy { live, ..rules.dest })?;
+        self.dest_trips.retain(|(svc, _), _| *svc != id);
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.set_policy(service, owner);
         self.owners.set_tripped_by(service, None);
@@ -169,7 +253,7 @@ impl<K: Kernel + ?Sized> Core<K> {
         if had_policy && (t.from != t.to || t.from == state::OPEN) {
             self.publish(service, &t, "");
         }
-        info!(service, ?policy, owner = owner.name(), "breaker policy set");
+        info!(service, ?policy, dest = ?rules.dest, owner = owner.name(), "breaker policy set");
         self.view(id, service, policy)
     }
 
@@ -233,7 +317,9 @@ impl<K: Kernel + ?Sized> Core<K> {
         }
         let (id, _) = self.breaker_of(service)?;
         self.kernel.set_policy(id, &Policy::default())?;
+        self.kernel.set_dest_policy(id, &DestPolicy::default())?;
         self.kernel.set_counts(id, Counts::default())?;
+        self.dest_trips.retain(|(svc, _), _| *svc != id);
         self.kernel.set_service_meta(id, service, "")?;
         self.owners.remove_policy(service);
         self.quorums.remove(service);
@@ -269,23 +355,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             by = by.name(),
             "breaker tripped by hand"
         );
-        let mut termination = Termination::default();
-        if policy.flags & policy_flags::TERMINATE != 0 {
-            match self.kernel.features().require(Feature::TerminateOnTrip) {
-                Ok(()) => {
-                    termination.terminated = self.kernel.terminate(id)?;
-                    info!(
-                        service,
-                        destroyed = termination.terminated,
-                        "connections terminated"
-                    );
-                }
-                Err(off) => {
-                    warn!(service, reason = %off, "established connections not terminated");
-                    termination.not_terminated = off.to_string();
-                }
-            }
-        }
+        let termination = self.terminate_on_trip(id, service, None);
         Ok((self.view(id, service, policy)?, termination))
     }
 
@@ -321,6 +391,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             transition: *t,
             time,
             reason: reason.to_owned(),
+            destination: None,
         });
     }
 
@@ -331,39 +402,261 @@ impl<K: Kernel + ?Sized> Core<K> {
         }
     }
 
-    /// A transition the kernel made: published, and on a trip the service's connections are
-    /// terminated if its policy says so.
+    /// A transition the kernel made: published, and on a trip the service's connections (the
+    /// destination's, for a destination's breaker) are terminated if its policy says so.
     fn on_kernel_event(&mut self, ev: &brk::Event) {
         let Some(service) = self.services.name_of(ev.svc).map(str::to_owned) else {
             return;
         };
         let t = ev.transition();
-        info!(
-            service,
-            from = state::name(t.from),
-            to = state::name(t.to),
-            cause = policy::cause_name(t.cause),
-            requests = t.requests,
-            failures = t.failures,
-            "breaker changed state"
-        );
+        let destination = (ev.port != 0).then(|| SocketAddr::new(display_addr(&ev.addr), ev.port));
+        if t.cause == cause::EJECTION_CAPPED {
+            warn!(
+                service,
+                destination = ?destination,
+                "destination not ejected: max_ejection_percent of the service's destinations are ejected already"
+            );
+        } else {
+            info!(
+                service,
+                destination = ?destination,
+                from = state::name(t.from),
+                to = state::name(t.to),
+                cause = policy::cause_name(t.cause),
+                requests = t.requests,
+                failures = t.failures,
+                "breaker changed state"
+            );
+        }
         let time = self.wall_time(ev.time_ns);
-        self.publish_at(&service, &t, "", time);
+        let _ = self.events.send(BreakerEvent {
+            service: service.clone(),
+            transition: t,
+            time,
+            reason: String::new(),
+            destination,
+        });
         if t.to == state::OPEN && t.from != state::OPEN {
-            let terminate = self
-                .kernel
-                .policy(ev.svc)
-                .is_ok_and(|p| p.flags & policy_flags::TERMINATE != 0);
-            let off = self.kernel.features().require(Feature::TerminateOnTrip);
-            if let (true, Err(off)) = (terminate, &off) {
-                warn!(service, reason = %off, "established connections not terminated");
-            } else if terminate {
-                match self.kernel.terminate(ev.svc) {
-                    Ok(destroyed) => info!(service, destroyed, "connections terminated"),
-                    Err(e) => warn!(service, error = %e, "cannot terminate connections"),
+            let dest = destination.map(|_| (ev.addr, ev.port));
+            self.terminate_on_trip(ev.svc, &service, dest);
+        }
+    }
+
+    /// Destroys the connections a trip leaves behind if the policy says so; what it did.
+    fn terminate_on_trip(
+        &mut self,
+        id: u32,
+        service: &str,
+        dest: Option<([u8; 16], u16)>,
+    ) -> Termination {
+        let mut termination = Termination::default();
+        let terminate = self
+            .kernel
+            .policy(id)
+            .is_ok_and(|p| p.flags & policy_flags::TERMINATE != 0);
+        if !terminate {
+            return termination;
+        }
+        match self.kernel.features().require(Feature::TerminateOnTrip) {
+            Ok(()) => match self.kernel.terminate(id, dest) {
+                Ok(destroyed) => {
+                    termination.terminated = destroyed;
+                    info!(service, destroyed, "connections terminated");
                 }
+                Err(e) => warn!(service, error = %e, "cannot terminate connections"),
+            },
+            Err(off) => {
+                warn!(service, reason = %off, "established connections not terminated");
+                termination.not_terminated = off.to_string();
             }
         }
+        termination
+    }
+
+    /// The service's policy, which must be of destination granularity, and the key of one of
+    /// its destinations.
+    fn destination_of(
+        &self,
+        service: &str,
+        destination: SocketAddr,
+    ) -> Result<(u32, Policy, DestBreakerKey)> {
+        let (id, policy) = self.breaker_of(service)?;
+        if policy.flags & policy_flags::DESTINATION == 0 {
+            return Err(Error::invalid(format!(
+                "service {service:?} has one breaker for all its destinations: trip or reset it \
+                 without a destination, or set its policy's granularity to destination"
+            )));
+        }
+        let addr = match destination.ip() {
+            std::net::IpAddr::V4(v4) => breakwater_common::v4_mapped(v4.octets()),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        if self.services.get(service).is_some_and(|s| {
+            !s.endpoints
+                .iter()
+                .any(|e| e.port == destination.port() && e.net.contains(&destination.ip()))
+        }) {
+            return Err(Error::invalid(format!(
+                "{destination} is not a destination of service {service:?}"
+            )));
+        }
+        Ok((
+            id,
+            policy,
+            DestBreakerKey {
+                svc: id,
+                port: destination.port(),
+                _pad: 0,
+                addr,
+            },
+        ))
+    }
+
+    /// Forces one destination's breaker open (destination granularity), for `ttl` (None: until
+    /// reset), whatever the ejection cap; its established connections are terminated if the
+    /// policy says so.
+    pub fn trip_destination(
+        &mut self,
+        by: Owner,
+        service: &str,
+        destination: SocketAddr,
+        ttl: Option<Duration>,
+        reason: &str,
+    ) -> Result<(BreakerView, Termination)> {
+        policy::check_reason(reason)?;
+        let (id, policy, key) = self.destination_of(service, destination)?;
+        let ttl_ns = ttl.map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
+        let before = self.dest_state(&key);
+        let done = self.kernel.dest_command(&DestCommand {
+            key,
+            op: dest_op::TRIP,
+            _pad: 0,
+            arg_ns: ttl_ns,
+        })?;
+        if done != dest_op::DONE {
+            return Err(Error::ResourceExhausted(format!(
+                "cannot trip {destination} of {service:?}: no room for its breaker \
+                 (maps.max_destination_breakers is reached)"
+            )));
+        }
+        self.dest_trips
+            .insert((id, destination), (reason.to_owned(), by));
+        let t = brk::Transition {
+            from: before,
+            to: state::OPEN,
+            cause: cause::MANUAL,
+            requests: 0,
+            failures: 0,
+            consecutive_failures: 0,
+        };
+        self.publish_destination(service, destination, &t, reason);
+        info!(service, %destination, ?ttl, reason, by = by.name(), "destination tripped by hand");
+        let termination = self.terminate_on_trip(id, service, Some((key.addr, key.port)));
+        Ok((self.view(id, service, policy)?, termination))
+    }
+
+    /// One destination's breaker back to Closed, its open timeout back to the base.
+    pub fn reset_destination(
+        &mut self,
+        service: &str,
+        destination: SocketAddr,
+    ) -> Result<BreakerView> {
+        let (id, policy, key) = self.destination_of(service, destination)?;
+        let before = self.dest_state(&key);
+        let done = self.kernel.dest_command(&DestCommand {
+            key,
+            op: dest_op::RESET,
+            _pad: 0,
+            arg_ns: 0,
+        })?;
+        self.dest_trips.remove(&(id, destination));
+        if done == dest_op::DONE {
+            let t = brk::Transition {
+                from: before,
+                to: state::CLOSED,
+                cause: cause::RESET,
+                requests: 0,
+                failures: 0,
+                consecutive_failures: 0,
+            };
+            self.publish_destination(service, destination, &t, "");
+            info!(service, %destination, "destination reset by hand");
+        }
+        self.view(id, service, policy)
+    }
+
+    fn dest_state(&self, key: &DestBreakerKey) -> u32 {
+        let epoch = self
+            .kernel
+            .counts(key.svc)
+            .map(|c| c.changed_ns)
+            .unwrap_or(0);
+        self.kernel
+            .dest_breakers()
+            .into_iter()
+            .find(|(k, d)| k == key && d.epoch == epoch)
+            .map_or(state::CLOSED, |(_, d)| d.counts.state)
+    }
+
+    fn publish_destination(
+        &self,
+        service: &str,
+        destination: SocketAddr,
+        t: &brk::Transition,
+        reason: &str,
+    ) {
+        let _ = self.events.send(BreakerEvent {
+            service: service.to_owned(),
+            transition: *t,
+            time: SystemTime::now(),
+            reason: reason.to_owned(),
+            destination: Some(destination),
+        });
+    }
+
+    /// Forgets destinations idle for their service's `destination_ttl` (unless ejected), and
+    /// counts the live ones of each service, which the ejection cap is a share of.
+    pub fn reap_destinations(&mut self) -> Result<()> {
+        let now = self.kernel.now_ns();
+        let mut live: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let mut policies: std::collections::HashMap<u32, (Policy, DestPolicy, u64)> =
+            std::collections::HashMap::new();
+        for (key, d) in self.kernel.dest_breakers() {
+            let (policy, dest, epoch) = match policies.entry(key.svc) {
+                std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+                std::collections::hash_map::Entry::Vacant(e) => *e.insert((
+                    self.kernel.policy(key.svc)?,
+                    self.kernel.dest_policy(key.svc)?,
+                    self.kernel.counts(key.svc)?.changed_ns,
+                )),
+            };
+            let oldest = now.saturating_sub(dest.destination_ttl_ns);
+            let current = d.epoch == epoch && policy.flags & policy_flags::DESTINATION != 0;
+            if current && d.last_seen_ns >= oldest {
+                *live.entry(key.svc).or_default() += 1;
+                continue;
+            }
+            let cmd = DestCommand {
+                key,
+                op: dest_op::REAP,
+                _pad: 0,
+                // A destination of a service no longer per destination goes at once.
+                arg_ns: if current { oldest } else { u64::MAX },
+            };
+            if self.kernel.dest_command(&cmd)? == dest_op::DONE {
+                let destination = SocketAddr::new(display_addr(&key.addr), key.port);
+                self.dest_trips.remove(&(key.svc, destination));
+            }
+        }
+        for s in self.services.iter() {
+            let mut dest = self.kernel.dest_policy(s.id)?;
+            let n = live.get(&s.id).copied().unwrap_or(0);
+            if dest.live != n && (dest.destination_ttl_ns != 0 || dest.live != 0) {
+                dest.live = n;
+                self.kernel.set_dest_policy(s.id, &dest)?;
+            }
+        }
+        Ok(())
     }
 }
 

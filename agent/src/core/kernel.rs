@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 
 use breakwater_common::{
-    breaker::{Counts, Policy, Totals},
+    breaker::{
+        Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals, Policy, Totals,
+    },
     counter, ConnRecord, ConnStats, DestKey, SockRecord, HIST_BUCKETS,
 };
 
@@ -112,9 +114,20 @@ pub trait Kernel: Send {
     fn count_trip(&mut self, id: u32) -> Result<()>;
     /// Forgets everything about a service's breaker (the service is gone or its id reused).
     fn clear_breaker(&mut self, id: u32) -> Result<()>;
-    /// Destroys the established connections the gate admitted to service `id`, in every
-    /// network namespace; returns how many.
-    fn terminate(&mut self, id: u32) -> Result<usize>;
+    /// Destroys the established connections the gate admitted to service `id` (only those to
+    /// `dest`, an address and port, if given), in every network namespace; returns how many.
+    fn terminate(&mut self, id: u32, dest: Option<([u8; 16], u16)>) -> Result<usize>;
+
+    /// What destination granularity adds to a service's policy, with the agent's count of its
+    /// live destinations.
+    fn dest_policy(&self, id: u32) -> Result<DestPolicy>;
+    fn set_dest_policy(&mut self, id: u32, dest: &DestPolicy) -> Result<()>;
+    fn dest_totals(&self, id: u32) -> Result<DestTotals>;
+    /// Every destination breaker, of every service.
+    fn dest_breakers(&self) -> Vec<(DestBreakerKey, DestBreaker)>;
+    /// Has the kernel run `cmd` on a destination's breaker, under its service's lock as for
+    /// every change; returns a `breakwater_common::breaker::dest_op` code.
+    fn dest_command(&mut self, cmd: &DestCommand) -> Result<i32>;
 
     /// Whether the breakers could be enforced on a cgroup (a path relative to the cgroup2
     /// mount): InvalidArgument naming it if there is no such cgroup.

@@ -77,6 +77,13 @@ struct State {
     policies: HashMap<u32, Policy>,
     counts: HashMap<u32, Counts>,
     totals: HashMap<u32, Totals>,
+    /// Destination granularity: the rules, the number ejected (`BreakerEntry::ejected`), totals
+    /// and breakers. Connects here count at service granularity only; commands run as the
+    /// kernel's `bw_dest_cmd` does.
+    dest_policies: HashMap<u32, brk::DestPolicy>,
+    ejected: HashMap<u32, u32>,
+    dest_totals: HashMap<u32, brk::DestTotals>,
+    dest_breakers: BTreeMap<(u32, u16, [u8; 16]), brk::DestBreaker>,
     events: Vec<brk::Event>,
     conn_events: Vec<ConnEvent>,
     conns: Vec<Conn>,
@@ -564,7 +571,10 @@ impl Kernel for MemoryKernel {
     }
 
     fn set_counts(&mut self, id: u32, counts: Counts) -> Result<()> {
-        self.state().counts.insert(id, counts);
+        let mut s = self.state();
+        s.counts.insert(id, counts);
+        // As the kernel's entry is written whole: a new epoch, none ejected.
+        s.ejected.remove(&id);
         Ok(())
     }
 
@@ -582,17 +592,108 @@ impl Kernel for MemoryKernel {
         s.policies.remove(&id);
         s.counts.remove(&id);
         s.totals.remove(&id);
+        s.dest_policies.remove(&id);
+        s.dest_totals.remove(&id);
+        s.ejected.remove(&id);
         s.meta.remove(&id);
         s.owners.remove(&id);
         Ok(())
     }
 
-    fn terminate(&mut self, id: u32) -> Result<usize> {
+    fn dest_policy(&self, id: u32) -> Result<brk::DestPolicy> {
+        Ok(self
+            .state()
+            .dest_policies
+            .get(&id)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn set_dest_policy(&mut self, id: u32, dest: &brk::DestPolicy) -> Result<()> {
+        self.state().dest_policies.insert(id, *dest);
+        Ok(())
+    }
+
+    fn dest_totals(&self, id: u32) -> Result<brk::DestTotals> {
+        Ok(self
+            .state()
+            .dest_totals
+            .get(&id)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn dest_breakers(&self) -> Vec<(brk::DestBreakerKey, brk::DestBreaker)> {
+        self.state()
+            .dest_breakers
+            .iter()
+            .map(|(&(svc, port, addr), d)| {
+                (
+                    brk::DestBreakerKey {
+                        svc,
+                        port,
+                        _pad: 0,
+                        addr,
+                    },
+                    *d,
+                )
+            })
+            .collect()
+    }
+
+    fn dest_command(&mut self, cmd: &brk::DestCommand) -> Result<i32> {
+        use brk::dest_op;
+        let mut s = self.state();
+        let s = &mut *s;
+        let k = cmd.key;
+        let id = (k.svc, k.port, k.addr);
+        let now = s.now_ns;
+        let policy = s.policies.get(&k.svc).copied().unwrap_or_default();
+        let dp = s.dest_policies.get(&k.svc).copied().unwrap_or_default();
+        let mut entry = brk::BreakerEntry {
+            counts: s.counts.get(&k.svc).copied().unwrap_or_default(),
+            ejected: s.ejected.get(&k.svc).copied().unwrap_or_default(),
+            ..Default::default()
+        };
+        let done = match cmd.op {
+            dest_op::TRIP => {
+                let d = s.dest_breakers.entry(id).or_default();
+                d.trip(&mut entry, &policy, &dp, cmd.arg_ns, now);
+                dest_op::DONE
+            }
+            dest_op::RESET => {
+                let reset = s
+                    .dest_breakers
+                    .get_mut(&id)
+                    .and_then(|d| d.reset(&mut entry, &policy, &dp, now));
+                if reset.is_some() {
+                    dest_op::DONE
+                } else {
+                    dest_op::UNCHANGED
+                }
+            }
+            dest_op::REAP => match s.dest_breakers.get(&id) {
+                Some(d) if d.reapable(&entry, cmd.arg_ns) => {
+                    s.dest_breakers.remove(&id);
+                    dest_op::DONE
+                }
+                _ => dest_op::UNCHANGED,
+            },
+            _ => dest_op::FAILED,
+        };
+        s.ejected.insert(k.svc, entry.ejected);
+        Ok(done)
+    }
+
+    fn terminate(&mut self, id: u32, dest: Option<([u8; 16], u16)>) -> Result<usize> {
         let doomed: Vec<u64> = self
             .state()
             .conns
             .iter()
             .filter(|c| c.admitted.is_some_and(|(svc, _)| svc == id))
+            .filter(|c| {
+                dest.is_none_or(|(addr, port)| c.info.daddr == addr && c.info.dport == port)
+            })
             .map(|c| c.cookie)
             .collect();
         // Destroyed by the agent: closed, and no failure for the breaker.

@@ -67,6 +67,9 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     fleet: Option<FleetLink>,
     /// Fleet quorum rules of breaker policies, by service.
     quorums: std::collections::BTreeMap<String, policy::Quorum>,
+    /// Operators' trips of destinations: reason and who, by service id and destination (the
+    /// kernel keeps the state; this is lost on restart).
+    dest_trips: std::collections::HashMap<(u32, std::net::SocketAddr), (String, Owner)>,
     kernel: Box<K>,
 }
 
@@ -136,6 +139,7 @@ impl<K: Kernel> Core<K> {
             owners,
             fleet: None,
             quorums: Default::default(),
+            dest_trips: Default::default(),
             kernel: Box::new(kernel),
         }
     }
@@ -158,6 +162,7 @@ impl<K: Kernel> Core<K> {
             owners: self.owners,
             fleet: self.fleet,
             quorums: self.quorums,
+            dest_trips: self.dest_trips,
             kernel: self.kernel,
         }
     }
@@ -205,11 +210,9 @@ impl<K: Kernel + ?Sized> Core<K> {
         }
         for (name, policy) in config.policies()? {
             let id = self.services.require(&name)?.id;
-            let enabled = breakwater_common::breaker::Policy {
-                flags: policy.flags | policy_flags::ENABLED,
-                ..policy
-            };
-            if self.kernel.policy(id)? != enabled {
+            let mut enabled = policy;
+            enabled.policy.flags |= policy_flags::ENABLED;
+            if self.rules(id)? != enabled {
                 self.set_policy(Owner::Config, &name, enabled)?;
             } else {
                 self.owners.set_policy(&name, Owner::Config);

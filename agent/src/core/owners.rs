@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use breakwater_common::breaker::{owner as code, Policy};
+use breakwater_common::breaker::owner as code;
+
+use super::policy::Rules;
 
 use crate::error::{Error, Result};
 
@@ -69,7 +71,7 @@ pub struct Owners {
     services: BTreeMap<String, Owner>,
     policies: BTreeMap<String, Owner>,
     pub(super) shadowed_services: BTreeMap<String, Shadowed<Vec<String>>>,
-    pub(super) shadowed_policies: BTreeMap<String, Shadowed<Policy>>,
+    pub(super) shadowed_policies: BTreeMap<String, Shadowed<Rules>>,
     /// Who forced each forced-open breaker.
     tripped_by: BTreeMap<String, Owner>,
 }

@@ -3,23 +3,70 @@
 
 use std::time::Duration;
 
-use breakwater_common::breaker::{cause, policy_flags, Policy, RATIO_ONE};
+use breakwater_common::breaker::{cause, policy_flags, DestPolicy, Policy, RATIO_ONE};
 
 use crate::error::{Error, Result};
 
 /// Named starting points for a policy, with what each sets (the CLI's help shows it; a unit test
 /// resolves each one and checks the text against its fields).
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     (
         "gobreaker",
         "min_requests 3, failure_ratio 0.6, interval 60s, open_timeout 30s, half_open_max 1",
     ),
     (
         "nginx",
-        "nginx's max_fails=3 fail_timeout=30s: max_failures 3, interval 30s, open_timeout 30s, \
-         half_open_max 1",
+        "nginx's max_fails=3 fail_timeout=30s on each server: granularity destination, \
+         max_failures 3, interval 30s, open_timeout 30s, half_open_max 1, \
+         max_ejection_percent 100",
+    ),
+    (
+        "envoy",
+        "Envoy's outlier detection defaults: granularity destination, consecutive_failures 5, \
+         open_timeout 30s, max_ejection_percent 10, max_open_timeout 300s, half_open_max 1",
     ),
 ];
+
+/// Values of `granularity`: one breaker for the service, or one per destination (address:port).
+pub const GRANULARITIES: [&str; 2] = ["service", "destination"];
+
+/// Destination granularity's defaults.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
+pub const DEFAULT_DESTINATION_TTL: Duration = Duration::from_secs(600);
+/// The growth cap of the open timeout with destination granularity (Envoy's
+/// `max_ejection_time`); with service granularity the default is 0: no growth (gobreaker).
+pub const DEFAULT_MAX_OPEN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A policy as the core keeps it: the kernel's `Policy` and what destination granularity adds
+/// (`DestPolicy`; its `live` is the agent's count, not part of the policy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    pub policy: Policy,
+    pub dest: DestPolicy,
+}
+
+impl From<Policy> for Rules {
+    fn from(policy: Policy) -> Self {
+        let dest = if policy.flags & policy_flags::DESTINATION != 0 {
+            DestPolicy {
+                max_open_timeout_ns: ns(DEFAULT_MAX_OPEN_TIMEOUT),
+                destination_ttl_ns: ns(DEFAULT_DESTINATION_TTL),
+                max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+                live: 0,
+            }
+        } else {
+            DestPolicy::default()
+        };
+        Self { policy, dest }
+    }
+}
+
+impl Rules {
+    /// Whether each destination has its own breaker.
+    pub fn per_destination(&self) -> bool {
+        self.policy.flags & policy_flags::DESTINATION != 0
+    }
+}
 
 /// Errnos a refused `connect()` may return, by name.
 pub const ERRNOS: [(&str, u32); 3] = [
@@ -54,6 +101,15 @@ pub struct PolicySpec {
     /// ones ("50%"). Kept by the agent, not the kernel.
     pub fleet_quorum: Option<String>,
     pub fleet_quorum_window: Option<Duration>,
+    /// "service" (one breaker) or "destination" (one per address:port of the service).
+    pub granularity: Option<String>,
+    /// Destination granularity: at most this share of the destinations ejected at once.
+    pub max_ejection_percent: Option<u32>,
+    /// Cap of the open timeout that grows with each consecutive trip; 0: it does not grow.
+    pub max_open_timeout: Option<Duration>,
+    /// Destination granularity: destinations not seen for this long are forgotten (and no
+    /// longer count as the service's).
+    pub destination_ttl: Option<Duration>,
 }
 
 /// How many nodes make a fleet quorum.
@@ -110,6 +166,9 @@ struct Fields {
     errno: u32,
     slow_connect: Duration,
     terminate_established: bool,
+    per_destination: bool,
+    max_ejection_percent: u32,
+    max_open_timeout: Option<Duration>,
 }
 
 /// The policy without a preset: gobreaker's library defaults (trip after 5 failures in a row,
@@ -126,6 +185,9 @@ fn base() -> Fields {
         errno: libc::ECONNREFUSED as u32,
         slow_connect: Duration::ZERO,
         terminate_established: true,
+        per_destination: false,
+        max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+        max_open_timeout: None,
     }
 }
 
@@ -144,12 +206,27 @@ fn preset(name: &str) -> Result<Fields> {
         }),
         // nginx `max_fails=3 fail_timeout=30s`: 3 failures within 30 s open it for 30 s, then
         // one trial connection.
+        // ... on each `server` line of an upstream: per destination, and nginx marks every
+        // server down if all fail.
         "nginx" => Ok(Fields {
             consecutive_failures: 0,
             max_failures: 3,
             interval: secs(30),
             open_timeout: secs(30),
             half_open_max: 1,
+            per_destination: true,
+            max_ejection_percent: 100,
+            ..base()
+        }),
+        // Envoy's outlier detection: consecutive_5xx 5 (here failed connects), base_ejection_time
+        // 30s, max_ejection_percent 10, max_ejection_time 300s.
+        "envoy" => Ok(Fields {
+            consecutive_failures: 5,
+            open_timeout: secs(30),
+            half_open_max: 1,
+            per_destination: true,
+            max_ejection_percent: 10,
+            max_open_timeout: Some(secs(300)),
             ..base()
         }),
         _ => Err(Error::invalid(format!(
@@ -240,6 +317,24 @@ impl PolicySpec {
         if let Some(e) = &self.errno {
             f.errno = parse_errno(e)?;
         }
+        if let Some(g) = &self.granularity {
+            f.per_destination = match g.trim().to_ascii_lowercase().as_str() {
+                "service" => false,
+                "destination" => true,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "granularity {g:?}: expected {}",
+                        GRANULARITIES.join(" or ")
+                    )))
+                }
+            };
+        }
+        if let Some(p) = self.max_ejection_percent {
+            f.max_ejection_percent = p;
+        }
+        if let Some(d) = self.max_open_timeout {
+            f.max_open_timeout = Some(d);
+        }
 
         if !(0.0..=1.0).contains(&f.failure_ratio) {
             return Err(Error::invalid(format!(
@@ -281,6 +376,9 @@ impl PolicySpec {
         if f.terminate_established {
             flags |= policy_flags::TERMINATE;
         }
+        if f.per_destination {
+            flags |= policy_flags::DESTINATION;
+        }
         Ok(Policy {
             min_requests: f.min_requests,
             failure_ratio_ppm: ratio_ppm,
@@ -298,6 +396,73 @@ impl PolicySpec {
 }
 
 impl PolicySpec {
+    /// The kernel's policy and destination granularity's rules, or the first thing wrong.
+    pub fn rules(&self) -> Result<Rules> {
+        let policy = self.resolve()?;
+        let mut rules = Rules::from(policy);
+        let per_destination = rules.per_destination();
+        let percent = match (self.max_ejection_percent, self.preset_fields()?) {
+            (Some(p), _) => p,
+            (None, f) => f.max_ejection_percent,
+        };
+        if !(1..=100).contains(&percent) {
+            return Err(Error::invalid(format!(
+                "max_ejection_percent {percent} is outside 1..=100"
+            )));
+        }
+        let max_open = match self.max_open_timeout {
+            Some(d) => d,
+            None => self
+                .preset_fields()?
+                .max_open_timeout
+                .unwrap_or(if per_destination {
+                    DEFAULT_MAX_OPEN_TIMEOUT
+                } else {
+                    Duration::ZERO
+                }),
+        };
+        check_duration("max_open_timeout", max_open)?;
+        if !max_open.is_zero() && ns(max_open) < policy.open_timeout_ns {
+            return Err(Error::invalid(format!(
+                "max_open_timeout {} is shorter than open_timeout {} (0 turns the growth off)",
+                humantime::format_duration(max_open),
+                humantime::format_duration(Duration::from_nanos(policy.open_timeout_ns))
+            )));
+        }
+        let ttl = self.destination_ttl.unwrap_or(DEFAULT_DESTINATION_TTL);
+        check_duration("destination_ttl", ttl)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(Error::invalid(
+                "destination_ttl must be at least 1s (how long an idle destination is kept)",
+            ));
+        }
+        if !per_destination
+            && (self.max_ejection_percent.is_some()
+                || self.destination_ttl.is_some()
+                || !max_open.is_zero())
+        {
+            return Err(Error::invalid(
+                "max_ejection_percent, max_open_timeout and destination_ttl need granularity \
+                 destination",
+            ));
+        }
+        rules.dest.max_ejection_percent = percent;
+        rules.dest.max_open_timeout_ns = ns(max_open);
+        rules.dest.destination_ttl_ns = ns(ttl);
+        if !per_destination {
+            rules.dest.max_ejection_percent = 0;
+            rules.dest.destination_ttl_ns = 0;
+        }
+        Ok(rules)
+    }
+
+    fn preset_fields(&self) -> Result<Fields> {
+        match self.preset.as_deref().map(str::trim) {
+            None | Some("") => Ok(base()),
+            Some(name) => preset(&name.to_ascii_lowercase()),
+        }
+    }
+
     /// The fleet quorum rule, if the policy has one; the first thing wrong with it otherwise.
     pub fn quorum(&self) -> Result<Option<Quorum>> {
         let Some(text) = self.fleet_quorum.as_deref().map(str::trim) else {
@@ -419,6 +584,9 @@ mod tests {
                     "interval" => secs(f.interval),
                     "open_timeout" => secs(f.open_timeout),
                     "half_open_max" => f.half_open_max.to_string(),
+                    "granularity" => GRANULARITIES[usize::from(f.per_destination)].to_owned(),
+                    "max_ejection_percent" => f.max_ejection_percent.to_string(),
+                    "max_open_timeout" => secs(f.max_open_timeout.unwrap_or_default()),
                     other => panic!("{name}: unknown field {other:?} in its help"),
                 };
                 assert_eq!(actual, value, "{name}: {field}");
@@ -527,7 +695,7 @@ mod tests {
         let cases = [
             (
                 PolicySpec::preset("hystrix"),
-                "unknown preset \"hystrix\" (known: gobreaker, nginx)",
+                "unknown preset \"hystrix\" (known: gobreaker, nginx, envoy)",
             ),
             (
                 PolicySpec {

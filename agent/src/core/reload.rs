@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use breakwater_common::breaker::Policy;
+use super::policy::Rules;
 use tracing::{info, warn};
 
 use super::{owners::Owner, service::parse_endpoints, Core, Kernel};
@@ -30,7 +30,7 @@ pub struct Reloaded {
     pub authz: Option<AuthzConfig>,
 }
 
-fn policies(config: &Config) -> Result<BTreeMap<String, Policy>> {
+fn policies(config: &Config) -> Result<BTreeMap<String, Rules>> {
     Ok(config.policies()?.into_iter().collect())
 }
 

@@ -16,7 +16,9 @@ use aya::{
     Ebpf,
 };
 use breakwater_common::{
-    breaker::{BreakerEntry, Policy, SvcMeta, Totals},
+    breaker::{
+        BreakerEntry, DestBreaker, DestBreakerKey, DestPolicy, DestTotals, Policy, SvcMeta, Totals,
+    },
     names, SvcLpmData,
 };
 use tracing::{info, warn};
@@ -40,6 +42,9 @@ pub struct BreakerMaps {
     pub(super) breakers: Array<MapData, BreakerEntry>,
     pub(super) totals: Array<MapData, Totals>,
     pub(super) meta: Array<MapData, SvcMeta>,
+    pub(super) dest_breakers: aya::maps::HashMap<MapData, DestBreakerKey, DestBreaker>,
+    pub(super) dest_policies: Array<MapData, DestPolicy>,
+    pub(super) dest_totals: Array<MapData, DestTotals>,
 }
 
 impl BreakerMaps {
@@ -49,6 +54,9 @@ impl BreakerMaps {
             breakers: super::take(ebpf, names::MAP_BREAKERS)?,
             totals: super::take(ebpf, names::MAP_BREAKER_TOTALS)?,
             meta: super::take(ebpf, names::MAP_SVC_META)?,
+            dest_breakers: super::take(ebpf, names::MAP_DEST_BREAKERS)?,
+            dest_policies: super::take(ebpf, names::MAP_DEST_POLICIES)?,
+            dest_totals: super::take(ebpf, names::MAP_DEST_TOTALS)?,
         })
     }
 }
@@ -226,6 +234,24 @@ pub fn check_pins(dir: &Path, sizes: &crate::config::MapSizes) -> Result<(), Loa
             size_of::<Totals>(),
             "maps.max_services",
         ),
+        (
+            names::MAP_DEST_POLICIES,
+            slots,
+            size_of::<DestPolicy>(),
+            "maps.max_services",
+        ),
+        (
+            names::MAP_DEST_TOTALS,
+            slots,
+            size_of::<DestTotals>(),
+            "maps.max_services",
+        ),
+        (
+            names::MAP_DEST_BREAKERS,
+            sizes.max_destination_breakers,
+            size_of::<DestBreaker>(),
+            "maps.max_destination_breakers",
+        ),
     ];
     for (name, entries, value_size, key) in expected {
         let path = dir.join(name);
@@ -321,6 +347,16 @@ impl Kernel {
                 ),
             ),
         }
+        program::<aya::programs::SchedClassifier>(&mut self.ebpf, names::PROG_DEST_CMD, "tc")?
+            .load()
+            .map_err(|e| {
+                LoadError::Unsupported(format!(
+                    "destination breakers' commands ({}, a tc program run with \
+                     BPF_PROG_TEST_RUN) do not load: {}",
+                    names::PROG_DEST_CMD,
+                    refused(&e)
+                ))
+            })?;
         for (name, _) in SCOPE_PROGRAMS {
             if !self.loaded(name) {
                 continue;

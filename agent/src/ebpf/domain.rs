@@ -4,7 +4,10 @@ use std::collections::HashMap;
 
 use aya::maps::lpm_trie::Key;
 use breakwater_common::{
-    breaker::{BreakerEntry, Counts, Policy, SvcMeta, Totals},
+    breaker::{
+        BreakerEntry, Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals,
+        Policy, SvcMeta, Totals,
+    },
     counter, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord, ConnRecord,
     ConnStats, DestKey, HIST_BUCKETS,
 };
@@ -358,13 +361,75 @@ impl crate::core::Kernel for Kernel {
             .totals
             .set(id, Totals::default(), 0)
             .map_err(Error::map(names::MAP_BREAKER_TOTALS))?;
+        self.set_dest_policy(id, &DestPolicy::default())?;
+        self.brk
+            .dest_totals
+            .set(id, DestTotals::default(), 0)
+            .map_err(Error::map(names::MAP_DEST_TOTALS))?;
         self.brk
             .meta
             .set(id, SvcMeta::default(), 0)
             .map_err(Error::map(names::MAP_SVC_META))
     }
 
-    fn terminate(&mut self, id: u32) -> Result<usize> {
+    fn dest_policy(&self, id: u32) -> Result<DestPolicy> {
+        self.brk
+            .dest_policies
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_DEST_POLICIES))
+    }
+
+    fn set_dest_policy(&mut self, id: u32, dest: &DestPolicy) -> Result<()> {
+        self.brk
+            .dest_policies
+            .set(id, dest, 0)
+            .map_err(Error::map(names::MAP_DEST_POLICIES))
+    }
+
+    fn dest_totals(&self, id: u32) -> Result<DestTotals> {
+        self.brk
+            .dest_totals
+            .get(&id, 0)
+            .map_err(Error::map(names::MAP_DEST_TOTALS))
+    }
+
+    fn dest_breakers(&self) -> Vec<(DestBreakerKey, DestBreaker)> {
+        // Entries removed while they are walked are left out.
+        self.brk
+            .dest_breakers
+            .iter()
+            .filter_map(|r| r.ok())
+            .collect()
+    }
+
+    fn dest_command(&mut self, cmd: &DestCommand) -> Result<i32> {
+        use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+        // The packet: the command, padded to an Ethernet header's length at least.
+        let mut packet = [0u8; 64];
+        // SAFETY: `DestCommand` is plain old data of 40 bytes, copied into a 64-byte buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                std::ptr::from_ref(cmd).cast::<u8>(),
+                packet.as_mut_ptr(),
+                std::mem::size_of::<DestCommand>(),
+            );
+        }
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(names::PROG_DEST_CMD)
+            .ok_or_else(|| Error::Internal(format!("{} is not loaded", names::PROG_DEST_CMD)))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Internal(e.to_string()))?;
+        let run = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&packet),
+                ..Default::default()
+            })
+            .map_err(|e| Error::Internal(format!("{}: {e}", names::PROG_DEST_CMD)))?;
+        Ok(run.return_value as i32)
+    }
+
+    fn terminate(&mut self, id: u32, dest: Option<([u8; 16], u16)>) -> Result<usize> {
         let namespaces = netns::all();
         let prog = self
             .iter(names::PROG_BREAKER_TCP)
@@ -373,6 +438,9 @@ impl crate::core::Kernel for Kernel {
             let conns: Vec<_> = records::<BreakerSockRecord>(bytes)
                 .into_iter()
                 .filter(|r| r.svc == id)
+                .filter(|r| {
+                    dest.is_none_or(|(addr, port)| r.sock.daddr == addr && r.sock.dport == port)
+                })
                 .map(|r| {
                     let s = &r.sock;
                     (

@@ -242,9 +242,12 @@ impl Kernel {
             names::MAP_BREAKERS,
             names::MAP_BREAKER_TOTALS,
             names::MAP_SVC_META,
+            names::MAP_DEST_POLICIES,
+            names::MAP_DEST_TOTALS,
         ] {
             loader.map_max_entries(name, sizes.max_services + 1);
         }
+        loader.map_max_entries(names::MAP_DEST_BREAKERS, sizes.max_destination_breakers);
         let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_EMPTY, &u32::from(hooks == Hooks::Empty), true)

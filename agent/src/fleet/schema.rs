@@ -225,7 +225,7 @@ pub struct TripRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
     Service(ServiceRecord),
-    Policy(PolicyRecord),
+    Policy(Box<PolicyRecord>),
     Trip(TripRecord),
 }
 
@@ -248,7 +248,7 @@ impl Record {
                 r.policy
                     .policy()
                     .map_err(|e| Error::invalid(format!("policy {name:?}: {e}")))?;
-                Record::Policy(r)
+                Record::Policy(Box::new(r))
             }
             Kind::Trip => {
                 let r: TripRecord = serde_json::from_slice(value).map_err(bad)?;
@@ -405,13 +405,13 @@ mod tests {
             "{e}"
         );
         assert!(Record::parse(Kind::Trip, "bad name!", b"{}").is_err());
-        let p = Record::Policy(PolicyRecord {
+        let p = Record::Policy(Box::new(PolicyRecord {
             policy: BreakerConfig {
                 preset: Some("nginx".into()),
                 ..Default::default()
             },
             selector: Selector::default(),
-        });
+        }));
         assert_eq!(p.to_json(), r#"{"policy":{"preset":"nginx"}}"#);
         assert_eq!(
             Record::parse(Kind::Policy, "db", p.to_json().as_bytes()).unwrap(),

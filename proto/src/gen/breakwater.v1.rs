@@ -580,6 +580,53 @@ pub struct BreakerPolicy {
     pub fleet_quorum: ::prost::alloc::string::String,
     #[prost(uint64, tag = "12")]
     pub fleet_quorum_window_ms: u64,
+    #[prost(enumeration = "Granularity", tag = "13")]
+    #[serde(serialize_with = "crate::json::granularity")]
+    pub granularity: i32,
+    /// Destination granularity: at most this percent of the destinations ejected at once (at
+    /// least one may always be).
+    #[prost(uint32, tag = "14")]
+    pub max_ejection_percent: u32,
+    /// The open timeout grows with consecutive trips (open_timeout x trips) up to this; 0 = it
+    /// does not grow.
+    #[prost(uint64, tag = "15")]
+    pub max_open_timeout_ms: u64,
+    /// Destination granularity: destinations idle this long are forgotten.
+    #[prost(uint64, tag = "16")]
+    pub destination_ttl_ms: u64,
+}
+/// One destination's breaker (destination granularity).
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DestinationBreaker {
+    /// "address:port" ("\[v6\]:port").
+    #[prost(string, tag = "1")]
+    pub destination: ::prost::alloc::string::String,
+    #[prost(enumeration = "BreakerState", tag = "2")]
+    #[serde(serialize_with = "crate::json::breaker_state")]
+    pub state: i32,
+    #[prost(bool, tag = "3")]
+    pub forced: bool,
+    #[prost(string, tag = "4")]
+    pub reason: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub requests: u64,
+    #[prost(uint64, tag = "6")]
+    pub failures: u64,
+    #[prost(uint64, tag = "7")]
+    pub consecutive_failures: u64,
+    #[prost(uint64, tag = "8")]
+    pub open_remaining_ms: u64,
+    /// Trips since it last closed after probes: its open timeout is open_timeout x trips, capped
+    /// by max_open_timeout.
+    #[prost(uint32, tag = "9")]
+    pub trips: u32,
+    /// Milliseconds since its last connect.
+    #[prost(uint64, tag = "10")]
+    pub idle_ms: u64,
+    #[prost(enumeration = "Owner", tag = "11")]
+    #[serde(serialize_with = "crate::json::owner")]
+    pub tripped_by: i32,
 }
 /// A service's circuit breaker. Counts are those of the current period (since the last state
 /// change or interval rollover); rejected, trips and probes are totals since the policy was set.
@@ -633,6 +680,19 @@ pub struct Breaker {
     #[prost(enumeration = "Owner", tag = "17")]
     #[serde(serialize_with = "crate::json::owner")]
     pub tripped_by: i32,
+    /// Destination granularity: the destinations tracked (seen within destination_ttl, or
+    /// ejected), those ejected now, the trips refused by max_ejection_percent, and the new
+    /// destinations let through untracked because maps.max_destination_breakers was full.
+    #[prost(message, repeated, tag = "18")]
+    pub destinations: ::prost::alloc::vec::Vec<DestinationBreaker>,
+    #[prost(uint32, tag = "19")]
+    pub live_destinations: u32,
+    #[prost(uint32, tag = "20")]
+    pub ejected: u32,
+    #[prost(uint64, tag = "21")]
+    pub ejections_capped: u64,
+    #[prost(uint64, tag = "22")]
+    pub destinations_untracked: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -663,7 +723,7 @@ pub struct GetBreakerResponse {
 pub struct SetPolicyRequest {
     #[prost(string, tag = "1")]
     pub service: ::prost::alloc::string::String,
-    /// "gobreaker", "nginx", or "" for none.
+    /// "gobreaker", "nginx", "envoy", or "" for none.
     #[prost(string, tag = "2")]
     pub preset: ::prost::alloc::string::String,
     #[prost(uint32, optional, tag = "3")]
@@ -693,6 +753,15 @@ pub struct SetPolicyRequest {
     pub fleet_quorum: ::core::option::Option<::prost::alloc::string::String>,
     #[prost(uint64, optional, tag = "14")]
     pub fleet_quorum_window_ms: ::core::option::Option<u64>,
+    /// "service" (default) or "destination": one breaker per address:port of the service.
+    #[prost(string, optional, tag = "15")]
+    pub granularity: ::core::option::Option<::prost::alloc::string::String>,
+    #[prost(uint32, optional, tag = "16")]
+    pub max_ejection_percent: ::core::option::Option<u32>,
+    #[prost(uint64, optional, tag = "17")]
+    pub max_open_timeout_ms: ::core::option::Option<u64>,
+    #[prost(uint64, optional, tag = "18")]
+    pub destination_ttl_ms: ::core::option::Option<u64>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -720,6 +789,9 @@ pub struct TripRequest {
     /// Shown with the breaker while it is forced open.
     #[prost(string, tag = "3")]
     pub reason: ::prost::alloc::string::String,
+    /// Only this destination ("address:port") of a service with destination granularity.
+    #[prost(string, tag = "4")]
+    pub destination: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -739,6 +811,9 @@ pub struct TripResponse {
 pub struct ResetRequest {
     #[prost(string, tag = "1")]
     pub service: ::prost::alloc::string::String,
+    /// Only this destination ("address:port") of a service with destination granularity.
+    #[prost(string, tag = "2")]
+    pub destination: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -783,6 +858,9 @@ pub struct BreakerEvent {
     /// Events this subscriber lost, because it fell behind, just before this one.
     #[prost(uint64, tag = "10")]
     pub lost: u64,
+    /// The destination ("address:port") whose breaker changed; empty for the service's.
+    #[prost(string, tag = "11")]
+    pub destination: ::prost::alloc::string::String,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1139,6 +1217,9 @@ pub enum BreakerCause {
     TtlExpired = 9,
     /// A policy was set or changed: Closed.
     Policy = 10,
+    /// A destination met a rule but was not ejected: max_ejection_percent of the service's
+    /// destinations are ejected already (from and to are Closed).
+    EjectionCapped = 11,
 }
 impl BreakerCause {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -1158,6 +1239,7 @@ impl BreakerCause {
             Self::Reset => "BREAKER_CAUSE_RESET",
             Self::TtlExpired => "BREAKER_CAUSE_TTL_EXPIRED",
             Self::Policy => "BREAKER_CAUSE_POLICY",
+            Self::EjectionCapped => "BREAKER_CAUSE_EJECTION_CAPPED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -1174,6 +1256,40 @@ impl BreakerCause {
             "BREAKER_CAUSE_RESET" => Some(Self::Reset),
             "BREAKER_CAUSE_TTL_EXPIRED" => Some(Self::TtlExpired),
             "BREAKER_CAUSE_POLICY" => Some(Self::Policy),
+            "BREAKER_CAUSE_EJECTION_CAPPED" => Some(Self::EjectionCapped),
+            _ => None,
+        }
+    }
+}
+/// How many breakers a service has.
+#[derive(serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Granularity {
+    Unspecified = 0,
+    /// One for the whole service.
+    Service = 1,
+    /// One per destination (address:port) the service's endpoints match.
+    Destination = 2,
+}
+impl Granularity {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "GRANULARITY_UNSPECIFIED",
+            Self::Service => "GRANULARITY_SERVICE",
+            Self::Destination => "GRANULARITY_DESTINATION",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "GRANULARITY_UNSPECIFIED" => Some(Self::Unspecified),
+            "GRANULARITY_SERVICE" => Some(Self::Service),
+            "GRANULARITY_DESTINATION" => Some(Self::Destination),
             _ => None,
         }
     }

@@ -429,7 +429,7 @@ async fn read_desired(etcd: &Etcd, keys: &Keys) -> Result<Vec<Desired>, CliError
         let parsed = Record::parse(kind, name, &kv.value).map_err(|e| e.to_string());
         match (kind, parsed) {
             (Kind::Service, Ok(Record::Service(r))) => entry.service = Some(Ok(r)),
-            (Kind::Policy, Ok(Record::Policy(r))) => entry.policy = Some(Ok(r)),
+            (Kind::Policy, Ok(Record::Policy(r))) => entry.policy = Some(Ok(*r)),
             (Kind::Trip, Ok(Record::Trip(record))) => {
                 let remaining_s = if kv.lease == 0 {
                     None

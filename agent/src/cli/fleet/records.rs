@@ -89,10 +89,10 @@ pub fn policy(
     flags: PolicyFlags,
     selector: Selector,
 ) -> Result<Write, CliError> {
-    let record = Record::Policy(PolicyRecord {
+    let record = Record::Policy(Box::new(PolicyRecord {
         policy: breaker_config(flags),
         selector,
-    });
+    }));
     write(keys, Kind::Policy, name, &record, None)
 }
 
@@ -165,6 +165,10 @@ pub fn breaker_config(flags: PolicyFlags) -> BreakerConfig {
         open_timeout: text(spec.open_timeout),
         slow_connect: text(spec.slow_connect),
         fleet_quorum_window: text(spec.fleet_quorum_window),
+        max_open_timeout: text(spec.max_open_timeout),
+        destination_ttl: text(spec.destination_ttl),
+        granularity: spec.granularity,
+        max_ejection_percent: spec.max_ejection_percent,
         preset: spec.preset,
         min_requests: spec.min_requests,
         failure_ratio: spec.failure_ratio,

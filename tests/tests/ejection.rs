@@ -1,0 +1,245 @@
+//! Per-destination ejection (granularity destination), against the real kernel: one service
+//! of three loopback backends, real connects from a cgroup the test makes and enters, the errno
+//! each client sees, and `ss` for the connections a trip terminates.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use breakwater_tests::{closed_port, require_root, serial, ss_established_to, Agent, Server};
+use serde_json::Value;
+
+const SERVICE: &str = "pool";
+/// The errno of a connect the breaker refuses: not what a closed port answers (ECONNREFUSED),
+/// so that a refusal by the kernel's breaker is told apart from the backend's own.
+const EJECTED: i32 = libc::EHOSTUNREACH;
+
+/// An agent enforcing on a cgroup this test has entered, with a service of `backends` and a
+/// destination-granularity policy of `policy` (a `[service.breaker]` body).
+fn agent(backends: &[SocketAddr], policy: &str) -> Agent {
+    let endpoints: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let config = format!(
+        "[[service]]\nname = \"{SERVICE}\"\nendpoints = [{}]\n[service.breaker]\n\
+         granularity = \"destination\"\nerrno = \"EHOSTUNREACH\"\n{policy}\n",
+        endpoints.join(", ")
+    );
+    let mut agent = Agent::start_with_config(Some(&config));
+    agent.cgroup().enter();
+    agent
+}
+
+fn closed() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], closed_port()))
+}
+
+/// The errno of a connect (0: it connected).
+fn connect(to: SocketAddr) -> i32 {
+    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn breaker(agent: &Agent) -> Value {
+    let v = agent.cli_json(&["breakers", "--service", SERVICE]);
+    v["breakers"][0].clone()
+}
+
+/// A destination's row under the service in `breakers -o json`.
+fn destination(agent: &Agent, to: SocketAddr) -> Value {
+    let b = breaker(agent);
+    b["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["destination"] == to.to_string())
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {to} in {b:#}"))
+}
+
+fn state(agent: &Agent, to: SocketAddr) -> String {
+    destination(agent, to)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_dead_backend_is_refused_in_the_kernel_while_the_others_keep_serving() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
+    let dead = closed();
+    let agent = agent(&[a.addr, b.addr, dead], "consecutive_failures = 3");
+    assert_eq!((connect(a.addr), connect(b.addr)), (0, 0));
+    for i in 0..3 {
+        assert_eq!(
+            connect(dead),
+            libc::ECONNREFUSED,
+            "failure {i}: the port's own refusal"
+        );
+    }
+    assert_eq!(state(&agent, dead), "open");
+    // Ejected: refused by the gate with the policy's errno, at once.
+    let start = Instant::now();
+    assert_eq!(connect(dead), EJECTED);
+    assert!(start.elapsed() < Duration::from_millis(50));
+    // The rest of the service keeps serving.
+    for _ in 0..5 {
+        assert_eq!((connect(a.addr), connect(b.addr)), (0, 0));
+    }
+    let svc = breaker(&agent);
+    assert_eq!(svc["state"], "closed", "the service is not tripped");
+    assert_eq!(svc["ejected"], 1, "{svc:#}");
+    assert_eq!(svc["rejected"], 1, "{svc:#}");
+    assert_eq!(state(&agent, a.addr), "closed");
+    assert_eq!(state(&agent, b.addr), "closed");
+    assert_eq!(destination(&agent, dead)["trips"], 1);
+    // Destinations outside the service are not its own.
+    let out = agent.cli(&["trip", SERVICE, "--destination", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a destination of service"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn never_more_than_max_ejection_percent_are_ejected() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let (first, second) = (closed(), closed());
+    // 50% of three destinations: one ejected at most.
+    let agent = agent(
+        &[up.addr, first, second],
+        "consecutive_failures = 2\nmax_ejection_percent = 50",
+    );
+    assert_eq!(connect(up.addr), 0);
+    for _ in 0..2 {
+        assert_eq!(connect(first), libc::ECONNREFUSED);
+    }
+    assert_eq!(connect(first), EJECTED);
+    // The second meets the rule too, but the cap holds: it stays closed, its connects go on.
+    for _ in 0..4 {
+        assert_eq!(connect(second), libc::ECONNREFUSED);
+    }
+    assert_eq!(state(&agent, second), "closed");
+    let svc = breaker(&agent);
+    assert_eq!(svc["ejected"], 1, "{svc:#}");
+    assert!(
+        svc["ejections_capped"].as_u64().unwrap_or(0) >= 3,
+        "each refused ejection is counted: {svc:#}"
+    );
+    // An operator's reset of the first makes room: the second's next failure ejects it.
+    let out = agent.cli(&["reset", SERVICE, "--destination", &first.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state(&agent, first), "closed");
+    assert_eq!(connect(second), libc::ECONNREFUSED);
+    assert_eq!(connect(second), EJECTED);
+    assert_eq!(breaker(&agent)["ejected"], 1);
+}
+
+#[test]
+fn ejection_time_grows_with_each_trip_up_to_the_cap_and_starts_over_after_recovery() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let up = Server::start("127.0.0.1:0");
+    let flaky = closed();
+    let agent = agent(
+        &[up.addr, flaky],
+        "consecutive_failures = 1\nopen_timeout = \"1s\"\nmax_open_timeout = \"3s\"\n\
+         max_ejection_percent = 100",
+    );
+    // Trip n opens it for min(1s x n, 3s): the probe after each timeout fails and trips again.
+    for (trip, want_ms) in [(1, 1000), (2, 2000), (3, 3000), (4, 3000)] {
+        assert_eq!(connect(flaky), libc::ECONNREFUSED, "trip {trip}");
+        let d = destination(&agent, flaky);
+        assert_eq!(d["state"], "open", "trip {trip}: {d:#}");
+        assert_eq!(d["trips"], trip, "{d:#}");
+        let left = d["open_remaining_ms"].as_u64().unwrap();
+        assert!(
+            left <= want_ms && left > want_ms - 500,
+            "trip {trip}: open for {left} ms, want {want_ms}"
+        );
+        assert_eq!(connect(flaky), EJECTED, "trip {trip}: ejected");
+        thread::sleep(Duration::from_millis(left + 50));
+    }
+    // The backend comes back: the probe succeeds, and the next trip is back to the base.
+    let listener = TcpListener::bind(flaky).expect("bind the backend's port");
+    assert_eq!(connect(flaky), 0);
+    assert_eq!(state(&agent, flaky), "closed");
+    drop(listener);
+    assert_eq!(connect(flaky), libc::ECONNREFUSED);
+    let d = destination(&agent, flaky);
+    assert_eq!(d["trips"], 1, "{d:#}");
+    assert!(d["open_remaining_ms"].as_u64().unwrap() <= 1000, "{d:#}");
+}
+
+#[test]
+fn an_operator_ejects_one_destination_and_only_its_connections_are_terminated() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (Server::start("127.0.0.1:0"), Server::start("127.0.0.1:0"));
+    let agent = agent(&[a.addr, b.addr], "consecutive_failures = 5");
+    let held: Vec<TcpStream> = (0..2)
+        .flat_map(|_| [a.addr, b.addr])
+        .map(|to| TcpStream::connect(to).expect("connect"))
+        .collect();
+    assert_eq!(
+        (
+            ss_established_to(a.addr, None),
+            ss_established_to(b.addr, None)
+        ),
+        (2, 2)
+    );
+    // A CIDR is not a destination: bad input, nothing changed.
+    let out = agent.cli(&["trip", SERVICE, "--destination", "127.0.0.0/8:80"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CIDR"));
+    let out = agent.cli(&[
+        "trip",
+        SERVICE,
+        "--destination",
+        &a.addr.to_string(),
+        "--reason",
+        "draining a",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = destination(&agent, a.addr);
+    assert_eq!(d["state"], "open");
+    assert_eq!(d["forced"], true);
+    assert_eq!(d["reason"], "draining a");
+    // Only a's connections were destroyed (ss is the ground truth), and only a is refused.
+    assert_eq!(ss_established_to(a.addr, None), 0);
+    assert_eq!(ss_established_to(b.addr, None), 2);
+    assert_eq!((connect(a.addr), connect(b.addr)), (EJECTED, 0));
+    assert_eq!(breaker(&agent)["state"], "closed");
+    let out = agent.cli(&["reset", SERVICE, "--destination", &a.addr.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(connect(a.addr), 0);
+    drop(held);
+}

@@ -712,9 +712,32 @@ mod tests {
     /// The example in the repository stays a valid config that says what the defaults are.
     #[test]
     fn example_config_is_valid_and_shows_the_defaults() {
-        let c = Config::from_toml(include_str!("../../config/breakwater.example.toml")).unwrap();
+        let example = include_str!("../../config/breakwater.example.toml");
+        let c = Config::from_toml(example).unwrap();
         assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(c.maps, MapSizes::default());
+        // Every map size is written out (the destructuring fails to compile on a new one).
+        let MapSizes {
+            max_destinations: _,
+            max_services: _,
+            max_service_endpoints: _,
+            max_histogram_buckets: _,
+            max_connections: _,
+            max_destination_breakers: _,
+        } = c.maps;
+        for key in [
+            "max_destinations",
+            "max_services",
+            "max_service_endpoints",
+            "max_histogram_buckets",
+            "max_connections",
+            "max_destination_breakers",
+        ] {
+            assert!(
+                example.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "the example's [maps] lacks {key}"
+            );
+        }
         assert_eq!(c.breaker, BreakerScope::default());
         assert_eq!(c.metrics, MetricsConfig::default());
         assert_eq!(c.features, FeaturesConfig::default());

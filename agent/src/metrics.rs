@@ -115,7 +115,24 @@ struct ServiceRow {
     connect: Histogram,
     first_response: Histogram,
     breaker: Option<(u32, Totals)>,
+    /// Destination granularity only.
+    ejection: Option<Ejection>,
 }
+
+/// A per-destination breaker policy's figures, and the states of its destinations (at most
+/// [`MAX_DESTINATION_SERIES`], those not closed first).
+#[derive(Debug, Default)]
+struct Ejection {
+    live: u32,
+    ejected: u32,
+    capped: u64,
+    untracked: u64,
+    states: Vec<(String, u32)>,
+}
+
+/// Destinations of one service with a `breakwater_breaker_destination_state` series: the label
+/// stays bounded however many addresses a CIDR endpoint matches.
+pub const MAX_DESTINATION_SERIES: usize = 32;
 
 #[derive(Debug)]
 struct DestinationRow {
@@ -195,10 +212,33 @@ impl Metrics {
                 .and_then(|t| t.time_wait.get(&(*addr, port, dir)).copied())
                 .unwrap_or(0)
         };
+        let mut ejections: HashMap<String, Ejection> = HashMap::new();
         let breakers: HashMap<String, (u32, Totals)> = core
             .breakers()?
             .into_iter()
-            .map(|b| (b.service, (b.counts.state, b.totals)))
+            .map(|b| {
+                if b.policy.flags & breakwater_common::breaker::policy_flags::DESTINATION != 0 {
+                    let mut states: Vec<(String, u32)> = b
+                        .destinations
+                        .iter()
+                        .map(|d| (d.destination.to_string(), d.counts.state))
+                        .collect();
+                    states.sort_by_key(|(_, st)| *st == state::CLOSED);
+                    let ejected = states.iter().filter(|(_, st)| *st != state::CLOSED).count();
+                    states.truncate(MAX_DESTINATION_SERIES);
+                    ejections.insert(
+                        b.service.clone(),
+                        Ejection {
+                            live: b.dest.live,
+                            ejected: ejected as u32,
+                            capped: b.dest_totals.capped,
+                            untracked: b.dest_totals.full,
+                            states,
+                        },
+                    );
+                }
+                (b.service, (b.counts.state, b.totals))
+            })
             .collect();
         let services_table = core.services();
         let time_wait_by_service: HashMap<String, [u64; 2]> = tw
@@ -235,6 +275,7 @@ impl Metrics {
                     .remove(&s.service.id)
                     .unwrap_or([0; HIST_BUCKETS as usize]),
                 breaker: breakers.get(&s.service.name).copied(),
+                ejection: ejections.remove(&s.service.name),
                 stats: s.stats,
                 connect: s.connect,
                 name: s.service.name,
@@ -648,6 +689,67 @@ impl Collector for Snapshot {
             )?;
         }
 
+        // Destination granularity: each destination's state (bounded), and the service's
+        // figures.
+        let ejections: Vec<(&str, &Ejection)> = self
+            .services
+            .iter()
+            .filter_map(|s| s.ejection.as_ref().map(|e| (s.name.as_str(), e)))
+            .collect();
+        gauge(
+            enc,
+            "breakwater_breaker_destination_state",
+            "Per-destination breaker state: 1 for the state it is in (at most 32 destinations \
+             per service, those not closed first)",
+            ejections.iter().flat_map(|(service, e)| {
+                e.states.iter().flat_map(move |(dest, st)| {
+                    [state::CLOSED, state::OPEN, state::HALF_OPEN].map(|s| {
+                        (
+                            labels([
+                                ("service", *service),
+                                ("destination", dest.as_str()),
+                                ("state", state::name(s)),
+                            ]),
+                            u64::from(s == *st),
+                        )
+                    })
+                })
+            }),
+        )?;
+        gauge(
+            enc,
+            "breakwater_breaker_destinations_ejected",
+            "Destinations of the service not closed now",
+            ejections
+                .iter()
+                .map(|(service, e)| (labels([("service", service)]), u64::from(e.ejected))),
+        )?;
+        gauge(
+            enc,
+            "breakwater_breaker_destinations_live",
+            "Destinations of the service seen within its destination_ttl (the ejection cap is a \
+             share of them)",
+            ejections
+                .iter()
+                .map(|(service, e)| (labels([("service", service)]), u64::from(e.live))),
+        )?;
+        counter(
+            enc,
+            "breakwater_breaker_ejections_capped",
+            "Destination trips refused because max_ejection_percent were ejected already",
+            ejections
+                .iter()
+                .map(|(service, e)| (labels([("service", service)]), e.capped)),
+        )?;
+        counter(
+            enc,
+            "breakwater_breaker_destinations_untracked",
+            "New destinations let through untracked: maps.max_destination_breakers was full",
+            ejections
+                .iter()
+                .map(|(service, e)| (labels([("service", service)]), e.untracked)),
+        )?;
+
         // The top destinations.
         connection_families(
             enc,
@@ -898,6 +1000,7 @@ mod tests {
                         ..Default::default()
                     },
                 )),
+                ejection: None,
             }],
             destinations: vec![DestinationRow {
                 destination: "[::1]:5432".into(),

@@ -19,13 +19,17 @@ const EJECTED: i32 = libc::EHOSTUNREACH;
 /// An agent enforcing on a cgroup this test has entered, with a service of `backends` and a
 /// destination-granularity policy of `policy` (a `[service.breaker]` body).
 fn agent(backends: &[SocketAddr], policy: &str) -> Agent {
+    agent_with(backends, policy, &[])
+}
+
+fn agent_with(backends: &[SocketAddr], policy: &str, args: &[&str]) -> Agent {
     let endpoints: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     let config = format!(
         "[[service]]\nname = \"{SERVICE}\"\nendpoints = [{}]\n[service.breaker]\n\
          granularity = \"destination\"\nerrno = \"EHOSTUNREACH\"\n{policy}\n",
         endpoints.join(", ")
     );
-    let mut agent = Agent::start_with_config(Some(&config));
+    let mut agent = Agent::start_with(Some(&config), args);
     agent.cgroup().enter();
     agent
 }
@@ -118,9 +122,10 @@ fn never_more_than_max_ejection_percent_are_ejected() {
     let up = Server::start("127.0.0.1:0");
     let (first, second) = (closed(), closed());
     // 50% of three destinations: one ejected at most.
-    let agent = agent(
+    let agent = agent_with(
         &[up.addr, first, second],
         "consecutive_failures = 2\nmax_ejection_percent = 50",
+        &["--metrics-listen", "127.0.0.1:0"],
     );
     assert_eq!(connect(up.addr), 0);
     for _ in 0..2 {
@@ -134,9 +139,30 @@ fn never_more_than_max_ejection_percent_are_ejected() {
     assert_eq!(state(&agent, second), "closed");
     let svc = breaker(&agent);
     assert_eq!(svc["ejected"], 1, "{svc:#}");
-    assert!(
-        svc["ejections_capped"].as_u64().unwrap_or(0) >= 3,
-        "each refused ejection is counted: {svc:#}"
+    let capped = svc["ejections_capped"].as_u64().unwrap_or(0);
+    assert!(capped >= 3, "each refused ejection is counted: {svc:#}");
+    // The same on /metrics, with each destination's state under its service.
+    let m = scrape(&agent);
+    let first_label = first.to_string();
+    let open = [
+        ("service", SERVICE),
+        ("destination", first_label.as_str()),
+        ("state", "open"),
+    ];
+    assert_eq!(m.value("breakwater_breaker_destination_state", &open), 1.0);
+    assert_eq!(
+        m.value(
+            "breakwater_breaker_destinations_ejected",
+            &[("service", SERVICE)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "breakwater_breaker_ejections_capped_total",
+            &[("service", SERVICE)]
+        ),
+        capped as f64
     );
     // An operator's reset of the first makes room: the second's next failure ejects it.
     let out = agent.cli(&["reset", SERVICE, "--destination", &first.to_string()]);
@@ -242,4 +268,27 @@ fn an_operator_ejects_one_destination_and_only_its_connections_are_terminated() 
     );
     assert_eq!(connect(a.addr), 0);
     drop(held);
+}
+
+/// `/metrics` of an agent started with `--metrics-listen`, strictly parsed.
+fn scrape(agent: &Agent) -> breakwater_tests::prom::Exposition {
+    use std::io::{Read as _, Write as _};
+    let marker = "breakwater agent metrics on http://";
+    let log = agent.log();
+    let addr: SocketAddr = log
+        .lines()
+        .find_map(|l| l.split_once(marker).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {marker:?} in the log:\n{log}"));
+    let mut s = TcpStream::connect(addr).expect("connect to /metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read /metrics");
+    let (_, body) = raw.split_once("\r\n\r\n").expect("a response");
+    breakwater_tests::prom::parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
 }

@@ -98,6 +98,7 @@ const HOST_ONLY_TESTS: &[(&str, &str)] = &[
 const VM_DEFAULT: &[(&str, &[&str])] = &[
     ("api", &[]),
     ("breaker", &[]),
+    ("ejection", &[]),
     ("latency", &[]),
     ("observability", &[]),
     ("operate", &[]),

@@ -702,7 +702,11 @@ pub fn breaker_event(e: &pb::BreakerEvent) -> String {
     let mut out = format!(
         "{} {} {} -> {} ({}) requests={} failures={} consecutive_failures={}",
         humantime::format_rfc3339_millis(time),
-        e.service,
+        if e.destination.is_empty() {
+            e.service.clone()
+        } else {
+            format!("{} {}", e.service, e.destination)
+        },
         breaker_state(e.from),
         breaker_state(e.to),
         breaker_cause(e.cause),

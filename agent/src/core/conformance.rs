@@ -91,9 +91,10 @@ pub fn table() -> Vec<Case> {
         Case {
             name: "nginx",
             runs: vec![
-                // max_fails=3 within fail_timeout: successes in between do not matter.
+                // max_fails=3 within fail_timeout: successes in between do not matter. At
+                // service granularity: the table's steps count on the service's one breaker.
                 Run {
-                    policy: PolicySpec::preset("nginx"),
+                    policy: nginx_per_service(),
                     steps: vec![
                         (Refused, CLOSED),
                         (Up, CLOSED),
@@ -107,7 +108,7 @@ pub fn table() -> Vec<Case> {
                 Run {
                     policy: PolicySpec {
                         open_timeout: one_second,
-                        ..PolicySpec::preset("nginx")
+                        ..nginx_per_service()
                     },
                     steps: vec![
                         (Refused, CLOSED),
@@ -168,4 +169,12 @@ pub fn case(name: &str) -> Case {
         .into_iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no conformance case {name:?}"))
+}
+
+/// The nginx preset's rule on the service's one breaker (the preset itself is per destination).
+fn nginx_per_service() -> PolicySpec {
+    PolicySpec {
+        granularity: Some("service".into()),
+        ..PolicySpec::preset("nginx")
+    }
 }

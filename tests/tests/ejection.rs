@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use breakwater_tests::{closed_port, require_root, serial, ss_established_to, Agent, Server};
+use breakwater_tests::{
+    closed_port, full_queue, require_root, serial, ss_established_to, Agent, Server,
+};
 use serde_json::Value;
 
 const SERVICE: &str = "pool";
@@ -291,4 +293,178 @@ fn scrape(agent: &Agent) -> breakwater_tests::prom::Exposition {
     s.read_to_string(&mut raw).expect("read /metrics");
     let (_, body) = raw.split_once("\r\n\r\n").expect("a response");
     breakwater_tests::prom::parse(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}
+
+/// A plain HTTP backend on loopback answering every request with `body`, on threads of its own.
+fn http_backend(body: &'static str) -> SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { break };
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// nginx (the distribution's, from `cargo xtask setup`) proxying `listen` to an upstream of
+/// `servers`, nginx's own failure accounting off (`max_fails=0`), a 1 s connect timeout and the
+/// next server tried on error or timeout; stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(listen: SocketAddr, servers: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let upstream: String = servers
+            .iter()
+            .map(|s| format!("server {s} max_fails=0;\n"))
+            .collect();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nuser root;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             upstream pool {{\n{upstream}}}\n\
+             server {{\n listen {listen};\n location / {{\n proxy_pass http://pool;\n\
+             proxy_connect_timeout 1s;\n proxy_next_upstream error timeout;\n }}\n }}\n}}\n"
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir.path())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nginx (installed by `cargo xtask setup`)");
+        let up = Instant::now();
+        while TcpStream::connect(listen).is_err() {
+            assert!(
+                up.elapsed() < Duration::from_secs(10),
+                "nginx does not listen on {listen}: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request through the proxy: its status line's code, its body, and how long it took.
+fn get(proxy: SocketAddr) -> (u16, String, Duration) {
+    use std::io::{Read as _, Write as _};
+    let start = Instant::now();
+    let mut s = TcpStream::connect(proxy).expect("connect to nginx");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: pool\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("nginx answers");
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body, start.elapsed())
+}
+
+#[test]
+fn nginx_serves_every_request_through_the_live_servers_and_stops_waiting_on_the_dead_one() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let (a, b) = (http_backend("a"), http_backend("b"));
+    // The dead server drops SYNs (its accept queue is full): a connect to it waits for
+    // nginx's 1 s connect timeout.
+    let (_dead_listener, dead, _filler) = full_queue();
+    let agent = agent(
+        &[a, b, dead],
+        "consecutive_failures = 2\nmax_ejection_percent = 50",
+    );
+    let proxy = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    // nginx runs in the test's cgroup, where the agent enforces: its connects pass the gate.
+    let _nginx = Nginx::start(proxy, &[a, b, dead]);
+    let mut waited = 0;
+    let mut requests = 0;
+    while state_of(&agent, dead).as_deref() != Some("open") {
+        let (code, body, took) = get(proxy);
+        assert_eq!(
+            code, 200,
+            "request {requests}: every one is served ({body:?})"
+        );
+        assert!(body == "a" || body == "b", "{body:?}");
+        if took >= Duration::from_millis(900) {
+            waited += 1;
+        }
+        requests += 1;
+        assert!(requests < 30, "never ejected after {requests} requests");
+    }
+    assert!(
+        waited >= 2,
+        "before the trip, nginx waited on the dead server ({waited} times)"
+    );
+    // Ejected: nginx's connects to it are refused at once and it moves to the next server.
+    let rejected_before = breaker(&agent)["rejected"].as_u64().unwrap();
+    for i in 0..12 {
+        let (code, body, took) = get(proxy);
+        assert_eq!(code, 200, "request {i} after the trip ({body:?})");
+        assert!(body == "a" || body == "b", "{body:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "request {i} after the trip took {took:?}: it waited on the dead server"
+        );
+    }
+    let svc = breaker(&agent);
+    assert!(
+        svc["rejected"].as_u64().unwrap() > rejected_before,
+        "nginx did try the dead server, and the kernel refused it: {svc:#}"
+    );
+    assert_eq!(state(&agent, a), "closed");
+    assert_eq!(state(&agent, b), "closed");
+}
+
+/// A destination's state, if it has a row yet.
+fn state_of(agent: &Agent, to: SocketAddr) -> Option<String> {
+    breaker(agent)["destinations"]
+        .as_array()?
+        .iter()
+        .find(|d| d["destination"] == to.to_string())
+        .and_then(|d| d["state"].as_str().map(str::to_owned))
 }

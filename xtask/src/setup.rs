@@ -42,6 +42,7 @@ pub fn run() -> Result<()> {
     check_python_venv(root)?;
     check_promtool(root)?;
     check_etcd(root)?;
+    check_nginx(root)?;
     check_vm_tools(root)?;
     Ok(())
 }
@@ -417,6 +418,44 @@ fn check_etcd(root: bool) -> Result<()> {
     let version = output(Command::new("/usr/bin/etcd").arg("--version"))?;
     let version = version.lines().next().unwrap_or_default();
     println!("ok: etcd, etcdctl (/usr/bin/etcd: {version})");
+    Ok(())
+}
+
+/// nginx, the real proxy of tests/tests/ejection.rs (an upstream of three servers).
+const NGINX_PACKAGES: &[(&str, &str)] = &[("nginx", "/usr/sbin/nginx")];
+
+/// nginx's postinst starts `nginx.service` on port 80: it is installed by
+/// [`apt_install_stopped`], so no system nginx is left running or starting at boot. The test
+/// runs its own instance, on loopback, from a config in a temporary directory.
+fn check_nginx(root: bool) -> Result<()> {
+    let missing = missing_packages(NGINX_PACKAGES);
+    if !missing.is_empty() {
+        if !root {
+            println!(
+                "warning: nginx missing for tests/tests/ejection.rs (not root, so not \
+                 installing; as root: apt-get install -y --no-install-recommends nginx, then \
+                 stop and disable nginx.service)"
+            );
+            return Ok(());
+        }
+        println!(
+            "installing: nginx (apt-get install -y --no-install-recommends; its server is not \
+             left running)"
+        );
+        apt_install_stopped(&missing, "nginx")?;
+        if let Some((package, file)) = NGINX_PACKAGES.iter().find(|p| !package_present(p)) {
+            bail!("the {package} package was installed but {file} is still missing");
+        }
+    }
+    // `nginx -v` prints its version on stderr.
+    let version = Command::new("/usr/sbin/nginx")
+        .arg("-v")
+        .output()
+        .context("could not start /usr/sbin/nginx")?;
+    println!(
+        "ok: nginx ({})",
+        String::from_utf8_lossy(&version.stderr).trim()
+    );
     Ok(())
 }
 

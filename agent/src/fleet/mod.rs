@@ -764,17 +764,19 @@ fn in_kernel_already(core: &Core, service: &str, config: &crate::config::Breaker
     let Ok(spec) = config.spec() else {
         return false;
     };
-    let (Ok(policy), Ok(quorum), Ok(b)) = (spec.resolve(), spec.quorum(), core.breaker(service))
+    let (Ok(rules), Ok(quorum), Ok(b)) = (spec.rules(), spec.quorum(), core.breaker(service))
     else {
         return false;
     };
     let enabled = breakwater_common::breaker::policy_flags::ENABLED;
+    let kept = breakwater_common::breaker::DestPolicy { live: 0, ..b.dest };
     b.policy.flags & enabled != 0
         && b.policy
             == breakwater_common::breaker::Policy {
-                flags: policy.flags | enabled,
-                ..policy
+                flags: rules.policy.flags | enabled,
+                ..rules.policy
             }
+        && kept == rules.dest
         && b.quorum == quorum
 }
 

@@ -356,6 +356,9 @@ impl Nginx {
             .arg(&path)
             .arg("-p")
             .arg(dir.path())
+            // Its log from the start, not the distribution's /var/log/nginx.
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("run nginx (installed by `cargo xtask setup`)");

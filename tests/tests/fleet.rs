@@ -529,3 +529,86 @@ fn a_fleet_trip_with_a_ttl_ends_on_time_while_etcd_is_down() {
     );
     assert_eq!(fleet_link(&n1)["connected"], false);
 }
+
+#[test]
+fn the_fleet_ejects_one_destination_on_every_node() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let etcd = Etcd::start();
+    let nodes: Vec<Agent> = ["n1", "n2"].iter().map(|n| node(&etcd, n)).collect();
+    let (a, b) = (
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let (a, b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    fleet_ok(
+        &etcd,
+        &[
+            "service",
+            "put",
+            "pool",
+            "--endpoint",
+            &a.to_string(),
+            "--endpoint",
+            &b.to_string(),
+        ],
+    );
+    fleet_ok(
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "pool",
+            "--granularity",
+            "destination",
+            "--errno",
+            "EHOSTUNREACH",
+        ],
+    );
+    for n in &nodes {
+        wait("the fleet's per-destination policy", n, || {
+            breaker(n, "pool")
+                .filter(|b| b["policy"]["granularity"] == "destination")
+                .map(drop)
+        });
+    }
+    // One destination ejected on every node: the other keeps serving.
+    fleet_ok(
+        &etcd,
+        &[
+            "trip",
+            "pool",
+            "--destination",
+            &a.to_string(),
+            "--reason",
+            "drain a",
+        ],
+    );
+    assert!(etcd.get(&format!("{PREFIX}/trips/pool/{a}")).is_some());
+    for n in &nodes {
+        let d = wait("the fleet's destination trip", n, || {
+            breaker(n, "pool")?["destinations"]
+                .as_array()?
+                .iter()
+                .find(|d| d["destination"] == a.to_string() && d["forced"] == true)
+                .cloned()
+        });
+        assert_eq!(d["tripped_by"], "fleet");
+        assert_eq!(d["reason"], "drain a");
+        let e = connect_from_cgroup(n.scope(), a).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EHOSTUNREACH), "{e}");
+        connect_from_cgroup(n.scope(), b).expect("the other destination serves");
+        assert_eq!(breaker(n, "pool").unwrap()["state"], "closed");
+    }
+    // A CIDR is no destination: refused before etcd is written.
+    let out = fleet(&etcd, &["trip", "pool", "--destination", "127.0.0.0/8:80"]);
+    assert_eq!(out.status.code(), Some(2));
+    fleet_ok(&etcd, &["reset", "pool", "--destination", &a.to_string()]);
+    for n in &nodes {
+        wait("the destination's reset", n, || {
+            connect_from_cgroup(n.scope(), a).ok()
+        });
+    }
+}

@@ -840,6 +840,8 @@ impl Drop for Agent {
 /// The breaker's service whose latency is measured, and the one tripped under a burst.
 const SVC_OPEN: &str = "bench-open";
 const SVC_BURST: &str = "bench-burst";
+/// A service with `granularity = "destination"`: the refusal cost of an ejected destination.
+const SVC_EJECT: &str = "bench-eject";
 /// Connects per burst thread and round.
 const BURST_CONNECTS: u64 = 1_000;
 /// Bursts, each tripping the breaker once (reset in between).
@@ -863,13 +865,16 @@ fn breaker(env: &Env, args: &Args) -> Result<()> {
     let (open_sock, open_addr) = reserve_port()?;
     let (closed_sock, closed_addr) = reserve_port()?;
     let (burst_sock, burst_addr) = reserve_port()?;
+    let (eject_sock, eject_addr) = reserve_port()?;
     let config = env.dir.join("bench-breaker.toml");
     let policy = "[service.breaker]\nconsecutive_failures = 1\nopen_timeout = \"10m\"\n";
     fs::write(
         &config,
         format!(
             "[[service]]\nname = \"{SVC_OPEN}\"\nendpoints = [\"{open_addr}\"]\n{policy}\n\
-             [[service]]\nname = \"{SVC_BURST}\"\nendpoints = [\"{burst_addr}\"]\n{policy}"
+             [[service]]\nname = \"{SVC_BURST}\"\nendpoints = [\"{burst_addr}\"]\n{policy}\n\
+             [[service]]\nname = \"{SVC_EJECT}\"\nendpoints = [\"{eject_addr}\"]\n{policy}\
+             granularity = \"destination\"\n"
         ),
     )
     .with_context(|| format!("writing {}", config.display()))?;
@@ -908,9 +913,31 @@ fn breaker(env: &Env, args: &Args) -> Result<()> {
         if met { "met" } else { "not met" }
     );
 
+    // The same refusal by a destination's breaker (destination granularity), interleaved with
+    // the service-level one.
+    let errno = connect_once(eject_addr)?;
+    if errno != libc::ECONNREFUSED {
+        bail!(
+            "the connect that should eject {eject_addr} got {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+    }
+    wait_ejected(env, eject_addr)?;
+    let (ejected, service) = connect_latency(eject_addr, open_addr, args.connects)?;
+    let (ejected_p50, ejected_p99) = (median(&mut ejected.clone()), percentile(&ejected, 99.0));
+    let service_p50 = median(&mut service.clone());
+    println!(
+        "connect() refused by an ejected destination (granularity destination): median {:.2} us, p99 {:.2} us; by the service's open breaker, interleaved: median {:.2} us; ratio of medians {:.3} ({} each)",
+        ejected_p50 / 1000.0,
+        ejected_p99 / 1000.0,
+        service_p50 / 1000.0,
+        ejected_p50 / service_p50,
+        ejected.len()
+    );
+
     let burst = burst(env, burst_addr, args.burst_threads)?;
     agent.stop()?;
-    drop((open_sock, closed_sock, burst_sock));
+    drop((open_sock, closed_sock, burst_sock, eject_sock));
     let after = burst.reached_after_trip;
     println!(
         "connects that reached the network after the trip condition held: {after} (goal 0: {}); {BURST_ROUNDS} trips under {} concurrent threads in a fresh namespace, {} connects: {} reached the network (ActiveOpens), {} refused by the breaker, {} admitted before the trips (trip events' requests)",
@@ -1135,6 +1162,26 @@ fn breaker_json(env: &Env, service: &str) -> Result<serde_json::Value> {
         .find(|b| b["service"] == service)
         .cloned()
         .with_context(|| format!("no breaker for {service} in `breakers -o json`: {out}"))
+}
+
+/// Waits until `bench-eject`'s destination `addr` is ejected (open).
+fn wait_ejected(env: &Env, addr: SocketAddrV4) -> Result<()> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let b = breaker_json(env, SVC_EJECT)?;
+        let open = b["destinations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|d| d["destination"] == addr.to_string() && d["state"] == "open");
+        if open {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{addr} of {SVC_EJECT} is not ejected after a refused connect: {b}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn wait_open(env: &Env, service: &str) -> Result<()> {

@@ -901,6 +901,16 @@ fn stage_root(root: &Path, agent: &Path, tests: &[TestBinary], runs: &[&GuestRun
         elves.push(path);
     }
 
+    // The proxy tests/tests/ejection.rs puts in front of its servers (the guest's own copy of
+    // the host's nginx, from `cargo xtask setup`).
+    let nginx = Path::new("/usr/sbin/nginx");
+    if !nginx.exists() {
+        bail!("/usr/sbin/nginx is missing: run `cargo xtask setup` as root (Debian package nginx)");
+    }
+    // /usr/sbin is a link to /usr/bin here.
+    fs::copy(nginx, bin.join("nginx"))?;
+    elves.push(nginx.to_path_buf());
+
     copy_stripped(agent, &bin.join("breakwater"))?;
     elves.push(agent.to_path_buf());
     for run in runs {

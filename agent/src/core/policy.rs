@@ -412,14 +412,14 @@ impl PolicySpec {
         }
         let max_open = match self.max_open_timeout {
             Some(d) => d,
-            None => self
-                .preset_fields()?
-                .max_open_timeout
-                .unwrap_or(if per_destination {
-                    DEFAULT_MAX_OPEN_TIMEOUT
-                } else {
-                    Duration::ZERO
-                }),
+            // The default never conflicts with a long open_timeout: it is at least that.
+            None => match self.preset_fields()?.max_open_timeout {
+                Some(d) => d,
+                None if per_destination => {
+                    DEFAULT_MAX_OPEN_TIMEOUT.max(Duration::from_nanos(policy.open_timeout_ns))
+                }
+                None => Duration::ZERO,
+            },
         };
         check_duration("max_open_timeout", max_open)?;
         if !max_open.is_zero() && ns(max_open) < policy.open_timeout_ns {
@@ -592,6 +592,65 @@ mod tests {
                 assert_eq!(actual, value, "{name}: {field}");
             }
         }
+    }
+
+    #[test]
+    fn destination_rules_have_defaults_and_checks() {
+        let per_dest = |f: fn(&mut PolicySpec)| {
+            let mut spec = PolicySpec {
+                granularity: Some("destination".into()),
+                ..Default::default()
+            };
+            f(&mut spec);
+            spec.rules()
+        };
+        let r = per_dest(|_| {}).unwrap();
+        assert!(r.per_destination());
+        assert_eq!(r.dest.max_ejection_percent, 50);
+        assert_eq!(r.dest.max_open_timeout_ns, 300 * S);
+        assert_eq!(r.dest.destination_ttl_ns, 600 * S);
+        // A default never below open_timeout.
+        let r = per_dest(|s| s.open_timeout = Some(Duration::from_secs(600))).unwrap();
+        assert_eq!(r.dest.max_open_timeout_ns, 600 * S);
+        let e = per_dest(|s| s.max_open_timeout = Some(Duration::from_secs(10)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shorter than open_timeout"), "{e}");
+        for bad in [0, 101] {
+            let e = PolicySpec {
+                granularity: Some("destination".into()),
+                max_ejection_percent: Some(bad),
+                ..Default::default()
+            }
+            .rules()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("outside 1..=100"), "{e}");
+        }
+        let e = per_dest(|s| s.granularity = Some("host".into()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "granularity \"host\": expected service or destination");
+        // Per-destination fields on a service's one breaker say so.
+        let e = PolicySpec {
+            max_ejection_percent: Some(20),
+            ..Default::default()
+        }
+        .rules()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("need granularity destination"), "{e}");
+        let svc = PolicySpec::default().rules().unwrap();
+        assert!(!svc.per_destination());
+        assert_eq!(svc.dest, DestPolicy::default());
+        let envoy = PolicySpec::preset("envoy").rules().unwrap();
+        assert_eq!(
+            (
+                envoy.dest.max_ejection_percent,
+                envoy.dest.max_open_timeout_ns
+            ),
+            (10, 300 * S)
+        );
     }
 
     #[test]

@@ -533,3 +533,57 @@ fn owners_survive_a_restart_in_the_kernel() {
         (Owner::Fleet, Some(Owner::Fleet), "deploy")
     );
 }
+
+#[test]
+fn operators_trip_and_reset_one_destination_and_idle_ones_are_reaped() {
+    let kernel = MemoryKernel::new();
+    let mut core = core(&kernel);
+    core.put_service(Owner::Local, "db", &[UP, CLOSED]).unwrap();
+    let per_destination = PolicySpec {
+        granularity: Some("destination".into()),
+        destination_ttl: Some(Duration::from_secs(60)),
+        ..consecutive(1)
+    };
+    // Destination calls need destination granularity, and a destination of the service.
+    core.set_policy(Owner::Local, "db", policy(consecutive(1)))
+        .unwrap();
+    let e = core
+        .trip_destination(Owner::Local, "db", addr(UP), None, "")
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("set its policy's granularity"),
+        "{e}"
+    );
+    core.set_policy(Owner::Local, "db", per_destination.rules().unwrap())
+        .unwrap();
+    let e = core
+        .trip_destination(Owner::Local, "db", addr(HANG), None, "")
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+
+    let (b, _) = core
+        .trip_destination(Owner::Local, "db", addr(UP), None, "drain")
+        .unwrap();
+    assert_eq!(
+        b.counts.state,
+        state::CLOSED,
+        "the service itself stays closed"
+    );
+    let d = &b.destinations[0];
+    assert_eq!(d.destination, addr(UP));
+    assert_eq!((d.counts.state, d.counts.forced), (state::OPEN, 1));
+    assert_eq!(
+        (d.reason.as_str(), d.tripped_by),
+        ("drain", Some(Owner::Local))
+    );
+    // Ejected destinations are never reaped, however idle.
+    kernel.advance(Duration::from_secs(120));
+    core.reap_destinations().unwrap();
+    assert_eq!(core.breaker("db").unwrap().destinations.len(), 1);
+    let b = core.reset_destination("db", addr(UP)).unwrap();
+    assert_eq!(b.destinations[0].counts.state, state::CLOSED);
+    // Closed and idle past destination_ttl: reaped.
+    kernel.advance(Duration::from_secs(61));
+    core.reap_destinations().unwrap();
+    assert!(core.breaker("db").unwrap().destinations.is_empty());
+}

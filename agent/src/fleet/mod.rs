@@ -712,6 +712,20 @@ fn reconcile(
         .collect();
     for name in gone {
         applied.trips.remove(&name);
+        if let Ok((service, Some(destination))) = schema::trip_target(&name) {
+            let forced_by_fleet = core.breaker(service).is_ok_and(|b| {
+                b.destinations
+                    .iter()
+                    .any(|d| d.destination == destination && d.tripped_by == Some(Owner::Fleet))
+            });
+            if forced_by_fleet {
+                match core.reset_destination(service, destination) {
+                    Ok(_) => info!(service, %destination, "fleet: trip ended, destination reset"),
+                    Err(e) => failed(&mut core, "trip", &name, e),
+                }
+            }
+            continue;
+        }
         let forced_by_fleet = core
             .breaker(&name)
             .is_ok_and(|b| b.tripped_by == Some(Owner::Fleet));
@@ -723,13 +737,29 @@ fn reconcile(
         }
     }
     for (name, (trip, d)) in wanted {
-        if applied.trips.get(name) == Some(&d.mod_revision) || core.breaker(name).is_err() {
+        let Ok((service, destination)) = schema::trip_target(name) else {
+            continue;
+        };
+        if applied.trips.get(name) == Some(&d.mod_revision) || core.breaker(service).is_err() {
             continue;
         }
         let ttl = trip.ttl_ms.map(|ms| {
             let given = Duration::from_millis(ms);
             leases.get(&d.lease).map_or(given, |left| given.min(*left))
         });
+        if let Some(destination) = destination {
+            if ttl == Some(Duration::ZERO) {
+                continue;
+            }
+            match core.trip_destination(Owner::Fleet, service, destination, ttl, &trip.reason) {
+                Ok(_) => {
+                    info!(service, %destination, ?ttl, reason = trip.reason, "fleet: destination tripped");
+                    applied.trips.insert(name.to_owned(), d.mod_revision);
+                }
+                Err(e) => failed(&mut core, "trip", name, e),
+            }
+            continue;
+        }
         let held = core.breaker(name).is_ok_and(|b| {
             b.tripped_by == Some(Owner::Fleet)
                 && b.open_remaining_ms == 0

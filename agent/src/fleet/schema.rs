@@ -205,7 +205,8 @@ pub struct PolicyRecord {
     pub selector: Selector,
 }
 
-/// `P/trips/NAME`: the service NAME is forced open on every selected node. A trip with a TTL
+/// `P/trips/NAME`: the service NAME is forced open on every selected node (`P/trips/NAME/IP:PORT`:
+/// that destination of it, with granularity destination). A trip with a TTL
 /// is written on an etcd lease of that TTL (rounded up to whole seconds), so etcd deletes it
 /// when it ends and a node that joins late reads the remainder from the lease, not from any
 /// node's clock. Deleting the key resets the breakers it tripped.
@@ -233,7 +234,10 @@ impl Record {
     /// Reads and checks the value of `kind`'s object `name`: the same checks as the local API's
     /// (names, endpoints, policy fields, reasons), so a record that passes here can be applied.
     pub fn parse(kind: Kind, name: &str, value: &[u8]) -> Result<Self> {
-        validate_name(name)?;
+        match kind {
+            Kind::Trip => drop(trip_target(name)?),
+            _ => validate_name(name)?,
+        }
         let bad = |e: serde_json::Error| {
             Error::invalid(format!("{} {name:?}: invalid record: {e}", kind.segment()))
         };
@@ -277,6 +281,28 @@ impl Record {
         }
         .expect("records serialize")
     }
+}
+
+/// What a trip's name forces open: `NAME`, the service's breaker, or `NAME/IP:PORT`, one
+/// destination of a service with granularity destination.
+pub fn trip_target(name: &str) -> Result<(&str, Option<std::net::SocketAddr>)> {
+    let (service, destination) = match name.split_once('/') {
+        Some((service, dest)) => (service, Some(dest)),
+        None => (name, None),
+    };
+    validate_name(service)?;
+    let destination = destination
+        .map(|d| {
+            crate::cli::destination_arg(d)
+                .map_err(|why| Error::invalid(format!("trips {name:?}: {why}")))
+        })
+        .transpose()?;
+    Ok((service, destination))
+}
+
+/// The name of a trip of one destination of `service`.
+pub fn destination_trip(service: &str, destination: std::net::SocketAddr) -> String {
+    format!("{service}/{destination}")
 }
 
 /// `P/nodes/NODE`: an agent, while it lives.

@@ -80,6 +80,9 @@ pub enum FleetCommand {
     Trip {
         /// Service name.
         name: String,
+        /// Only this destination of a service with granularity destination (eject it).
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::cli::destination_arg)]
+        destination: Option<std::net::SocketAddr>,
         /// Open for this long (e.g. 30s, 5m): the trip is put on an etcd lease of as many whole
         /// seconds, and goes with it; default until reset.
         #[arg(long = "for", value_name = "DURATION", value_parser = duration_arg)]
@@ -95,6 +98,9 @@ pub enum FleetCommand {
     Reset {
         /// Service name.
         name: String,
+        /// The trip of this destination.
+        #[arg(long, value_name = "IP:PORT", value_parser = crate::cli::destination_arg)]
+        destination: Option<std::net::SocketAddr>,
     },
     /// Follow the nodes' breakers: one line per state change (with -o json, one JSON object
     /// per line).
@@ -270,17 +276,26 @@ fn plan(keys: &Keys, command: FleetCommand) -> Result<Plan, CliError> {
         }
         FleetCommand::Trip {
             name,
+            destination,
             ttl,
             reason,
             selector,
         } => Plan::Put(Box::new(records::trip(
             keys,
             &name,
+            destination,
             ttl,
             reason,
             selector.selector()?,
         )?)),
-        FleetCommand::Reset { name } => Plan::Remove(records::removal(keys, Kind::Trip, &name)?),
+        FleetCommand::Reset { name, destination } => {
+            validate_name(&name)?;
+            let name = match destination {
+                Some(d) => crate::fleet::schema::destination_trip(&name, d),
+                None => name,
+            };
+            Plan::Remove(records::removal(keys, Kind::Trip, &name)?)
+        }
         FleetCommand::Watch { service, all } => {
             check(&service)?;
             Plan::Watch { service, all }

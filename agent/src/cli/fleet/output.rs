@@ -788,6 +788,7 @@ mod tests {
         let w = super::super::records::trip(
             &keys,
             "db",
+            None,
             Some(std::time::Duration::from_secs(300)),
             Some("migration".into()),
             Selector::default(),

@@ -100,6 +100,7 @@ pub fn policy(
 pub fn trip(
     keys: &Keys,
     name: &str,
+    destination: Option<std::net::SocketAddr>,
     ttl: Option<Duration>,
     reason: Option<String>,
     selector: Selector,
@@ -117,7 +118,12 @@ pub fn trip(
         ttl_ms,
         selector,
     });
-    write(keys, Kind::Trip, name, &record, ttl.map(lease_secs))
+    validate_name(name)?;
+    let name = match destination {
+        Some(d) => crate::fleet::schema::destination_trip(name, d),
+        None => name.to_owned(),
+    };
+    write(keys, Kind::Trip, &name, &record, ttl.map(lease_secs))
 }
 
 /// The lease that holds a trip of `ttl`: whole seconds, rounded up, at least 1.
@@ -128,7 +134,10 @@ pub fn lease_secs(ttl: Duration) -> i64 {
 
 /// A record of `kind` to delete.
 pub fn removal(keys: &Keys, kind: Kind, name: &str) -> Result<Removal, CliError> {
-    validate_name(name)?;
+    match kind {
+        Kind::Trip => drop(crate::fleet::schema::trip_target(name)?),
+        _ => validate_name(name)?,
+    }
     Ok(Removal {
         kind,
         name: name.to_owned(),
@@ -308,6 +317,7 @@ mod tests {
         let w = trip(
             &keys(),
             "db",
+            None,
             Some(Duration::from_millis(1_500)),
             Some("db migration".into()),
             Selector::default(),
@@ -316,7 +326,7 @@ mod tests {
         assert_eq!(w.key, "/breakwater/v1/trips/db");
         assert_eq!(w.json, r#"{"reason":"db migration","ttl_ms":1500}"#);
         assert_eq!(w.lease_secs, Some(2));
-        let w = trip(&keys(), "db", None, None, Selector::default()).unwrap();
+        let w = trip(&keys(), "db", None, None, None, Selector::default()).unwrap();
         assert_eq!((w.json.as_str(), w.lease_secs), ("{}", None));
         assert_eq!(lease_secs(Duration::from_millis(1)), 1);
         assert_eq!(lease_secs(Duration::from_secs(300)), 300);
@@ -325,6 +335,7 @@ mod tests {
         let e = usage(trip(
             &keys(),
             "db",
+            None,
             Some(Duration::ZERO),
             None,
             Selector::default(),
@@ -334,10 +345,20 @@ mod tests {
             &keys(),
             "db",
             None,
+            None,
             Some("x".repeat(500)),
             Selector::default(),
         ));
         assert!(e.contains("reason is 500 bytes long"), "{e}");
+        // One destination's trip: its own key under the service's.
+        let dest = "10.0.0.5:8080".parse().unwrap();
+        let w = trip(&keys(), "db", Some(dest), None, None, Selector::default()).unwrap();
+        assert_eq!(w.key, "/breakwater/v1/trips/db/10.0.0.5:8080");
+        assert_eq!(
+            crate::fleet::schema::trip_target("db/10.0.0.5:8080").unwrap(),
+            ("db", Some(dest))
+        );
+        assert!(crate::fleet::schema::trip_target("db/10.0.0.0/8:80").is_err());
     }
 
     #[test]

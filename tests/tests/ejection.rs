@@ -105,6 +105,20 @@ fn a_dead_backend_is_refused_in_the_kernel_while_the_others_keep_serving() {
     assert_eq!(state(&agent, a.addr), "closed");
     assert_eq!(state(&agent, b.addr), "closed");
     assert_eq!(destination(&agent, dead)["trips"], 1);
+    // The ejection lives in the kernel's pinned maps: it holds while the agent is gone, and a
+    // new agent finds it as it was.
+    let mut agent = agent;
+    agent.kill();
+    assert_eq!(connect(dead), EJECTED, "enforced without the agent");
+    assert_eq!(connect(a.addr), 0);
+    agent.spawn();
+    let d = destination(&agent, dead);
+    assert_eq!(
+        (d["state"].as_str(), d["trips"].as_u64()),
+        (Some("open"), Some(1)),
+        "{d:#}"
+    );
+    assert_eq!(breaker(&agent)["ejected"], 1);
     // Destinations outside the service are not its own.
     let out = agent.cli(&["trip", SERVICE, "--destination", "127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2));

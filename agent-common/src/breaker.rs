@@ -75,6 +75,9 @@ pub mod policy_flags {
     /// Each destination (address:port) of the service has its own breaker (`DestBreaker`),
     /// under the same rules; the service's own breaker only holds operators' trips.
     pub const DESTINATION: u32 = 4;
+    /// Audit mode: the breaker counts, trips and reports as ever, and refuses nothing (what
+    /// it would have refused is counted in `MoreTotals::audited`).
+    pub const AUDIT: u32 = 8;
 }
 
 /// `failure_ratio` is kept in parts per million: no floats in the kernel.
@@ -548,14 +551,17 @@ pub struct DestPolicy {
     pub live: u32,
 }
 
-/// Value of `BW_DEST_TOTALS`, indexed by service id: monotonic, atomic adds by the kernel.
+/// Value of `BW_MORE_TOTALS`, indexed by service id: monotonic, atomic adds by the kernel.
+/// Totals that came after `Totals`, whose pinned layout stays as it was.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DestTotals {
+pub struct MoreTotals {
     /// Trips refused because `max_ejection_percent` destinations were ejected already.
     pub capped: u64,
     /// New destinations not tracked (and let through) because `BW_DEST_BREAKERS` was full.
-    pub full: u64,
+    pub untracked: u64,
+    /// Audit mode: connects the breaker would have refused, let through.
+    pub audited: u64,
 }
 
 /// Value of `BW_DEST_BREAKERS`: one destination's breaker. Changed only by programs, under the
@@ -788,7 +794,7 @@ const _: () = {
     assert!(core::mem::size_of::<Event>() == 72);
     assert!(core::mem::size_of::<DestBreakerKey>() == 24);
     assert!(core::mem::size_of::<DestPolicy>() == 24);
-    assert!(core::mem::size_of::<DestTotals>() == 16);
+    assert!(core::mem::size_of::<MoreTotals>() == 24);
     assert!(core::mem::size_of::<DestBreaker>() == 112);
     assert!(core::mem::size_of::<DestCommand>() == 40);
     assert!(core::mem::size_of::<SvcMeta>() == 200);

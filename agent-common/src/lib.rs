@@ -103,8 +103,8 @@ pub mod names {
     pub const MAP_DEST_BREAKERS: &str = "BW_DEST_BREAKERS";
     /// Service id -> `breaker::DestPolicy` (written by the agent).
     pub const MAP_DEST_POLICIES: &str = "BW_DEST_POLICIES";
-    /// Service id -> `breaker::DestTotals`.
-    pub const MAP_DEST_TOTALS: &str = "BW_DEST_TOTALS";
+    /// Service id -> `breaker::MoreTotals`.
+    pub const MAP_MORE_TOTALS: &str = "BW_MORE_TOTALS";
     /// Socket-local storage: the `breaker::DestBreakerKey` an admitted connect counts in.
     pub const MAP_DEST_SOCKS: &str = "BW_DEST_SOCKS";
     /// `tc` program never attached: the agent test-runs it with a `breaker::DestCommand` as
@@ -128,7 +128,7 @@ pub mod names {
         MAP_BREAKER_EVENTS,
         MAP_DEST_BREAKERS,
         MAP_DEST_POLICIES,
-        MAP_DEST_TOTALS,
+        MAP_MORE_TOTALS,
         MAP_DEST_SOCKS,
     ];
 
@@ -148,7 +148,7 @@ pub mod names {
         MAP_LAYOUT,
         MAP_DEST_BREAKERS,
         MAP_DEST_POLICIES,
-        MAP_DEST_TOTALS,
+        MAP_MORE_TOTALS,
         MAP_DEST_SOCKS,
         MAP_CONN_EVENTS,
         MAP_AUDIT,
@@ -764,7 +764,7 @@ mod pod {
     unsafe impl aya::Pod for super::breaker::DestBreakerKey {}
     unsafe impl aya::Pod for super::breaker::DestBreaker {}
     unsafe impl aya::Pod for super::breaker::DestPolicy {}
-    unsafe impl aya::Pod for super::breaker::DestTotals {}
+    unsafe impl aya::Pod for super::breaker::MoreTotals {}
     unsafe impl aya::Pod for super::breaker::DestCommand {}
 }
 

@@ -19,7 +19,7 @@ use aya_ebpf::{
 use breakwater_common::{
     breaker::{
         cause, dest_flags, dest_op, policy_flags, sock_flags, state, Admission, BreakerEntry,
-        DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals, Event, Outcome, Policy,
+        DestBreaker, DestBreakerKey, DestCommand, DestPolicy, Event, MoreTotals, Outcome, Policy,
         Transition,
     },
     conn_event, direction, tcp_state, v4_mapped,
@@ -30,7 +30,7 @@ use crate::{
     maps::{
         audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
         BW_BRK_SOCKS, BW_BRK_TOTALS, BW_DEST_BREAKERS, BW_DEST_POLICIES, BW_DEST_SOCKS,
-        BW_DEST_TOTALS, BW_POLICIES,
+        BW_MORE_TOTALS, BW_POLICIES,
     },
     sock::{netns, read, Error, IPPROTO_TCP},
 };
@@ -165,6 +165,12 @@ unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Resu
             }
             Ok(ALLOW)
         }
+        Admission::Reject if policy.flags & policy_flags::AUDIT != 0 => {
+            // Would have been refused: let through, uncounted (it was not admitted).
+            bs.flags = sock_flags::DONE;
+            more_total(svc, |t| &raw mut t.audited);
+            Ok(ALLOW)
+        }
         Admission::Reject => {
             bs.flags = sock_flags::DONE;
             total(svc, |t| &raw mut t.rejected);
@@ -287,8 +293,8 @@ fn emit(svc: u32, t: &Transition, dest: Option<&DestBreakerKey>, now: u64) {
 
 /// Adds one to a service's destination total, atomically.
 #[inline(always)]
-fn dest_total(svc: u32, field: impl FnOnce(&mut DestTotals) -> *mut u64) {
-    if let Some(t) = BW_DEST_TOTALS.get_ptr_mut(svc) {
+fn more_total(svc: u32, field: impl FnOnce(&mut MoreTotals) -> *mut u64) {
+    if let Some(t) = BW_MORE_TOTALS.get_ptr_mut(svc) {
         // SAFETY: a map value; the BPF atomic add keeps concurrent CPUs exact.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(&mut *t), 1) };
     }
@@ -314,7 +320,7 @@ fn dest_breaker(key: &DestBreakerKey) -> Option<*mut DestBreaker> {
         if let Some(d) = BW_DEST_BREAKERS.get_ptr_mut(key) {
             return live(d);
         }
-        dest_total(key.svc, |t| &raw mut t.full);
+        more_total(key.svc, |t| &raw mut t.untracked);
         return None;
     }
     BW_DEST_BREAKERS.get_ptr_mut(key).and_then(live)
@@ -493,7 +499,7 @@ unsafe fn outcome(
             emit(svc, &t, Some(&key), now);
         }
         if step.capped {
-            dest_total(svc, |t| &raw mut t.capped);
+            more_total(svc, |t| &raw mut t.capped);
             let t = Transition {
                 from: state::CLOSED,
                 to: state::CLOSED,

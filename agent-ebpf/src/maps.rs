@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use breakwater_common::{
     breaker::{
-        BreakerEntry, BreakerSock, DestBreaker, DestBreakerKey, DestPolicy, DestTotals, Policy,
+        BreakerEntry, BreakerSock, DestBreaker, DestBreakerKey, DestPolicy, MoreTotals, Policy,
         SvcMeta, Totals,
     },
     counter, defaults, hist_kind, scratch_slot, ConnEvent, ConnInfo, ConnState, ConnStats, DestKey,
@@ -86,7 +86,7 @@ pub static BW_DEST_BREAKERS: HashMap<DestBreakerKey, DestBreaker> =
 pub static BW_DEST_POLICIES: Array<DestPolicy> = Array::with_max_entries(SVC_SLOTS, 0);
 
 #[map]
-pub static BW_DEST_TOTALS: Array<DestTotals> = Array::with_max_entries(SVC_SLOTS, 0);
+pub static BW_MORE_TOTALS: Array<MoreTotals> = Array::with_max_entries(SVC_SLOTS, 0);
 
 #[btf_map]
 pub static BW_DEST_SOCKS: SkStorage<DestBreakerKey> = SkStorage::new();

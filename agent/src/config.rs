@@ -543,6 +543,10 @@ pub struct BreakerConfig {
     /// Destination granularity: idle destinations are forgotten after this [default: 10m].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_ttl: Option<String>,
+    /// "enforce" or "audit": count and report what would be refused, refuse nothing
+    /// [default: enforce].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 impl BreakerConfig {
@@ -568,6 +572,7 @@ impl BreakerConfig {
             max_ejection_percent: self.max_ejection_percent,
             max_open_timeout: duration("max_open_timeout", &self.max_open_timeout)?,
             destination_ttl: duration("destination_ttl", &self.destination_ttl)?,
+            mode: self.mode.clone(),
         })
     }
 

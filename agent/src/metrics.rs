@@ -115,6 +115,8 @@ struct ServiceRow {
     connect: Histogram,
     first_response: Histogram,
     breaker: Option<(u32, Totals)>,
+    /// Connects the breaker would have refused in audit mode.
+    audited: u64,
     /// Destination granularity only.
     ejection: Option<Ejection>,
 }
@@ -213,6 +215,7 @@ impl Metrics {
                 .unwrap_or(0)
         };
         let mut ejections: HashMap<String, Ejection> = HashMap::new();
+        let mut audited: HashMap<String, u64> = HashMap::new();
         let breakers: HashMap<String, (u32, Totals)> = core
             .breakers()?
             .into_iter()
@@ -224,19 +227,20 @@ impl Metrics {
                         .map(|d| (d.destination.to_string(), d.counts.state))
                         .collect();
                     states.sort_by_key(|(_, st)| *st == state::CLOSED);
-                    let ejected = states.iter().filter(|(_, st)| *st != state::CLOSED).count();
+                    let ejected = b.ejected();
                     states.truncate(MAX_DESTINATION_SERIES);
                     ejections.insert(
                         b.service.clone(),
                         Ejection {
                             live: b.dest.live,
                             ejected: ejected as u32,
-                            capped: b.dest_totals.capped,
-                            untracked: b.dest_totals.full,
+                            capped: b.more_totals.capped,
+                            untracked: b.more_totals.untracked,
                             states,
                         },
                     );
                 }
+                audited.insert(b.service.clone(), b.more_totals.audited);
                 (b.service, (b.counts.state, b.totals))
             })
             .collect();
@@ -275,6 +279,7 @@ impl Metrics {
                     .remove(&s.service.id)
                     .unwrap_or([0; HIST_BUCKETS as usize]),
                 breaker: breakers.get(&s.service.name).copied(),
+                audited: audited.get(&s.service.name).copied().unwrap_or_default(),
                 ejection: ejections.remove(&s.service.name),
                 stats: s.stats,
                 connect: s.connect,
@@ -689,6 +694,17 @@ impl Collector for Snapshot {
             )?;
         }
 
+        counter(
+            enc,
+            "breakwater_breaker_audited",
+            "Connects the breaker would have refused, let through because its policy is in audit \
+             mode",
+            self.services
+                .iter()
+                .filter(|s| s.breaker.is_some())
+                .map(|s| (labels([("service", s.name.as_str())]), s.audited)),
+        )?;
+
         // Destination granularity: each destination's state (bounded), and the service's
         // figures.
         let ejections: Vec<(&str, &Ejection)> = self
@@ -1001,6 +1017,7 @@ mod tests {
                     },
                 )),
                 ejection: None,
+                audited: 0,
             }],
             destinations: vec![DestinationRow {
                 destination: "[::1]:5432".into(),

@@ -1148,3 +1148,62 @@ fn pinned(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
     names.sort();
     names
 }
+
+#[test]
+fn audit_mode_counts_and_trips_but_refuses_nothing_and_enforcing_keeps_the_state() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::with_policy_toml(
+        "consecutive_failures = 1\nerrno = \"EHOSTUNREACH\"\nmode = \"audit\"",
+    );
+    let held = TcpStream::connect(rig.up.addr).expect("connect before the trip");
+    let err = TcpStream::connect(rig.closed).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+    let b = rig.breaker();
+    assert_eq!(b.state(), Open, "it trips as ever");
+    assert_eq!(b.policy.as_ref().unwrap().mode, "audit");
+    // Open, and nothing refused: the closed port answers itself, the live endpoint connects,
+    // and the connection from before the trip is kept.
+    for _ in 0..3 {
+        let err = TcpStream::connect(rig.closed).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
+        TcpStream::connect(rig.up.addr).expect("audit mode refuses nothing");
+    }
+    let b = rig.breaker();
+    assert_eq!((b.rejected, b.audited), (0, 6), "{b:?}");
+    assert_eq!(
+        breakwater_tests::ss_established_to(rig.up.addr, None),
+        1,
+        "the held connection is kept"
+    );
+    let out = rig.agent.cli(&["breakers"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("6 connects would have been refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Enforce, the rules unchanged: still open (same trip), and now refused.
+    let out = rig.agent.cli(&[
+        "policy",
+        "set",
+        SERVICE,
+        "--consecutive-failures",
+        "1",
+        "--errno",
+        "EHOSTUNREACH",
+        "--mode",
+        "enforce",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = rig.breaker();
+    assert_eq!((after.state(), after.trips), (Open, b.trips), "{after:?}");
+    let err = TcpStream::connect(rig.up.addr).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH));
+    drop(held);
+}

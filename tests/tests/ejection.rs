@@ -214,7 +214,8 @@ fn ejection_time_grows_with_each_trip_up_to_the_cap_and_starts_over_after_recove
         assert_eq!(d["trips"], trip, "{d:#}");
         let left = d["open_remaining_ms"].as_u64().unwrap();
         assert!(
-            left <= want_ms && left > want_ms - 500,
+            // Slack for the CLI's own time under QEMU: still 1 s apart from the next.
+            left <= want_ms && left > want_ms - 900,
             "trip {trip}: open for {left} ms, want {want_ms}"
         );
         assert_eq!(connect(flaky), EJECTED, "trip {trip}: ejected");

@@ -690,3 +690,30 @@ fn one_command_fans_out_to_every_agent() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["services"][0]["name"], "svc");
 }
+
+#[test]
+fn a_user_without_access_to_the_socket_is_told_who_may_use_it() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    // The default socket: root's alone (0600).
+    let agent = Agent::start_with_config(Some(&service_config(closed_port())));
+    let sock_dir = agent.socket.parent().unwrap();
+    std::fs::set_permissions(sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = public_bin(bin_dir.path());
+    let out = cli_as(&bin, 65534, 65534, &agent, &["services"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        err.contains("the agent is running") && err.contains("(mode 600) is open to root only"),
+        "{err}"
+    );
+    assert!(err.contains("socket_group"), "{err}");
+    assert!(
+        !err.contains("start it with"),
+        "the agent runs: starting it is no advice: {err}"
+    );
+}

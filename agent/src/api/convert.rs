@@ -53,6 +53,7 @@ impl PolicySpec {
             max_ejection_percent: r.max_ejection_percent,
             max_open_timeout: ms(r.max_open_timeout_ms),
             destination_ttl: ms(r.destination_ttl_ms),
+            mode: r.mode.clone(),
         }
     }
 
@@ -79,6 +80,7 @@ impl PolicySpec {
             max_ejection_percent: self.max_ejection_percent,
             max_open_timeout_ms: ms(self.max_open_timeout),
             destination_ttl_ms: ms(self.destination_ttl),
+            mode: self.mode.clone(),
         }
     }
 }
@@ -105,6 +107,12 @@ pub fn policy_message(rules: &Rules, quorum: Option<&Quorum>) -> pb::BreakerPoli
             pb::Granularity::Destination
         } else {
             pb::Granularity::Service
+        }
+        .into(),
+        mode: if p.flags & policy_flags::AUDIT != 0 {
+            "audit"
+        } else {
+            "enforce"
         }
         .into(),
         max_ejection_percent: rules.dest.max_ejection_percent,
@@ -173,13 +181,10 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
         tripped_by: owner_message(b.tripped_by).into(),
         destinations: b.destinations.iter().map(destination_breaker).collect(),
         live_destinations: b.dest.live,
-        ejected: b
-            .destinations
-            .iter()
-            .filter(|d| d.counts.state != state::CLOSED)
-            .count() as u32,
-        ejections_capped: b.dest_totals.capped,
-        destinations_untracked: b.dest_totals.full,
+        ejected: b.ejected() as u32,
+        ejections_capped: b.more_totals.capped,
+        destinations_untracked: b.more_totals.untracked,
+        audited: b.more_totals.audited,
     }
 }
 
@@ -674,7 +679,7 @@ mod tests {
             tripped_by: Some(Owner::Local),
             quorum: None,
             dest: Default::default(),
-            dest_totals: Default::default(),
+            more_totals: Default::default(),
             destinations: Vec::new(),
         };
         let json = serde_json::to_value(breaker_message(&view)).unwrap();

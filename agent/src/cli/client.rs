@@ -201,12 +201,61 @@ fn client_tls(agent: &str, tls: &ClientTls) -> Result<ClientTlsConfig, CliError>
     }
 }
 
+/// The kind of the I/O error at the root of `e`, if there is one.
+fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// Who may use the agent's socket, for a caller who may not: the agent runs, and starting it
+/// again is no help.
+fn socket_access(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = std::fs::metadata(path) else {
+        let dir = path.parent().unwrap_or(path);
+        return format!(
+            "the directory {} is not open to this user: run the command as root (sudo), or give \
+             the agent a socket where its users can reach it (--socket, [agent] socket)",
+            dir.display()
+        );
+    };
+    let mode = meta.mode() & 0o777;
+    let group = nix::unistd::Group::from_gid(meta.gid().into())
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.gid().to_string(), |g| g.name);
+    let who = if mode & 0o060 != 0 {
+        format!("root and the members of group {group}")
+    } else {
+        "root".to_owned()
+    };
+    format!(
+        "the agent is running; its socket {} (mode {mode:o}) is open to {who} only: run the \
+         command as root (sudo), or have the agent open it to a group of yours ([agent] \
+         socket_mode = \"0660\" with socket_group) and join that group",
+        path.display()
+    )
+}
+
 async fn connect(node: &Node, tls: &ClientTls) -> Result<Client, CliError> {
     let agent = &node.text;
     let channel = match &node.address {
         Address::Unix(path) => {
             let path = path.clone();
-            let unreachable = |e: &dyn std::fmt::Display| {
+            let socket = path.clone();
+            let unreachable = |e: &dyn std::fmt::Display, kind: Option<std::io::ErrorKind>| {
+                if kind == Some(std::io::ErrorKind::PermissionDenied) {
+                    return CliError::Failed(anyhow::anyhow!(
+                        "cannot reach the agent at {agent}: {e}\n{}",
+                        socket_access(&socket)
+                    ));
+                }
                 CliError::Failed(anyhow::anyhow!(
                     "cannot reach the agent at {agent}: {e}\n\
                      start it with `sudo breakwater agent` (or `cargo xtask run` from the \
@@ -226,7 +275,7 @@ async fn connect(node: &Node, tls: &ClientTls) -> Result<Client, CliError> {
                 .await
                 .map_err(|e| {
                     let source = std::error::Error::source(&e).map(ToString::to_string);
-                    unreachable(&source.unwrap_or_else(|| e.to_string()))
+                    unreachable(&source.unwrap_or_else(|| e.to_string()), io_kind(&e))
                 })?
         }
         Address::Https(uri) | Address::Http(uri) => {

@@ -274,6 +274,10 @@ pub struct PolicyFlags {
     /// Per destination: forget destinations idle this long [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = duration_arg)]
     pub destination_ttl: Option<Duration>,
+    /// audit: count, trip and report as ever, refuse nothing (what would have been refused is
+    /// counted); switching back to enforce keeps the state [default: enforce].
+    #[arg(long, value_name = "enforce|audit", value_parser = ["enforce", "audit"])]
+    pub mode: Option<String>,
 }
 
 impl From<PolicyFlags> for crate::core::policy::PolicySpec {
@@ -297,6 +301,7 @@ impl From<PolicyFlags> for crate::core::policy::PolicySpec {
             max_ejection_percent: f.max_ejection_percent,
             max_open_timeout: f.max_open_timeout,
             destination_ttl: f.destination_ttl,
+            mode: f.mode,
         }
     }
 }

@@ -533,6 +533,9 @@ pub fn policy_summary(p: &pb::BreakerPolicy) -> String {
     if !p.terminate_established {
         out += ", keep established";
     }
+    if p.mode == "audit" {
+        out += ", audit: refuses nothing";
+    }
     if p.granularity == pb::Granularity::Destination as i32 {
         out += &format!(
             ", per destination (eject at most {}%",
@@ -553,10 +556,22 @@ pub fn policy_summary(p: &pb::BreakerPolicy) -> String {
     out
 }
 
+/// The OPEN-FOR cell: how long an open breaker stays open.
+fn open_for(remaining_ms: u64, state: i32, forced: bool) -> String {
+    match (remaining_ms, state == pb::BreakerState::Open as i32) {
+        (0, true) if forced => "until reset".to_owned(),
+        (0, _) => "-".to_owned(),
+        (ms, _) => millis(ms),
+    }
+}
+
 fn state_cell(b: &pb::Breaker) -> String {
     let mut state = breaker_state(b.state).to_owned();
     if b.forced {
         state += " (forced)";
+    }
+    if b.policy.as_ref().is_some_and(|p| p.mode == "audit") {
+        state += " (audit)";
     }
     state
 }
@@ -589,16 +604,7 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
             num(b.consecutive_failures),
             num(b.rejected),
             num(b.trips),
-            Cell::new(
-                match (
-                    b.open_remaining_ms,
-                    b.state == pb::BreakerState::Open as i32,
-                ) {
-                    (0, true) if b.forced => "until reset".to_owned(),
-                    (0, _) => "-".to_owned(),
-                    (ms, _) => millis(ms),
-                },
-            ),
+            Cell::new(open_for(b.open_remaining_ms, b.state, b.forced)),
             Cell::new(b.policy.as_ref().map(policy_summary).unwrap_or_default()),
             Cell::new(owner_cell(b.policy_owner, 0)),
         ]);
@@ -615,16 +621,7 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
                 num(d.consecutive_failures),
                 Cell::new("-"),
                 num(u64::from(d.trips)),
-                Cell::new(
-                    match (
-                        d.open_remaining_ms,
-                        d.state == pb::BreakerState::Open as i32,
-                    ) {
-                        (0, true) if d.forced => "until reset".to_owned(),
-                        (0, _) => "-".to_owned(),
-                        (ms, _) => millis(ms),
-                    },
-                ),
+                Cell::new(open_for(d.open_remaining_ms, d.state, d.forced)),
                 Cell::new(""),
                 Cell::new(if d.forced {
                     owner_name(d.tripped_by).to_owned()
@@ -637,8 +634,16 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
     t.notes = r
         .breakers
         .iter()
-        .filter(|b| b.forced)
-        .filter_map(|b| {
+        .filter(|b| b.audited > 0)
+        .map(|b| {
+            format!(
+                "{}: {} connects would have been refused (audit mode)",
+                b.service, b.audited
+            )
+        })
+        .collect();
+    t.notes
+        .extend(r.breakers.iter().filter(|b| b.forced).filter_map(|b| {
             let by = match owner_name(b.tripped_by) {
                 "-" => String::new(),
                 by => format!(" by {by}"),
@@ -648,8 +653,7 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
                 "" => Some(format!("{} forced open{by}", b.service)),
                 why => Some(format!("{} forced open{by}: {why}", b.service)),
             }
-        })
-        .collect();
+        }));
     t
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use breakwater_common::breaker::{
     self as brk, cause, dest_op, policy_flags, state, Counts, DestBreakerKey, DestCommand,
-    DestPolicy, DestTotals, Policy, Totals,
+    DestPolicy, MoreTotals, Policy, Totals,
 };
 use tracing::{info, warn};
 
@@ -45,8 +45,18 @@ pub struct BreakerView {
     /// Destination granularity: its rules (with `live`, the destinations seen within the
     /// TTL), totals, and each destination's breaker.
     pub dest: DestPolicy,
-    pub dest_totals: DestTotals,
+    pub more_totals: MoreTotals,
     pub destinations: Vec<DestinationView>,
+}
+
+impl BreakerView {
+    /// Destinations not Closed now.
+    pub fn ejected(&self) -> usize {
+        self.destinations
+            .iter()
+            .filter(|d| d.counts.state != state::CLOSED)
+            .count()
+    }
 }
 
 /// One destination's breaker (destination granularity).
@@ -177,7 +187,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             },
             quorum: self.quorums.get(service).copied(),
             dest: self.kernel.dest_policy(id)?,
-            dest_totals: self.kernel.dest_totals(id)?,
+            more_totals: self.kernel.more_totals(id)?,
             destinations: self.destination_views(id, &policy)?,
         })
     }
@@ -237,6 +247,27 @@ impl<K: Kernel + ?Sized> Core<K> {
                     },
                 );
             }
+        }
+        // Only the mode changes: the breaker goes on as it is (an audit's trip is enforced).
+        let mode_only = had_policy
+            && Rules {
+                policy: Policy {
+                    flags: current.policy.flags ^ policy_flags::AUDIT,
+                    ..current.policy
+                },
+                dest: current.dest,
+            } == rules;
+        if mode_only {
+            self.kernel.set_policy(id, &policy)?;
+            self.owners.set_policy(service, owner);
+            self.save_owners(service)?;
+            info!(
+                service,
+                audit = policy.flags & policy_flags::AUDIT != 0,
+                owner = owner.name(),
+                "breaker mode set"
+            );
+            return self.view(id, service, policy);
         }
         // A new epoch: every destination breaker of the service starts over.
         let t = counts.reset(&policy, cause::POLICY, self.kernel.now_ns());
@@ -450,11 +481,18 @@ impl<K: Kernel + ?Sized> Core<K> {
         dest: Option<([u8; 16], u16)>,
     ) -> Termination {
         let mut termination = Termination::default();
-        let terminate = self
-            .kernel
-            .policy(id)
-            .is_ok_and(|p| p.flags & policy_flags::TERMINATE != 0);
+        let (terminate, audit) = self.kernel.policy(id).map_or((false, false), |p| {
+            (
+                p.flags & policy_flags::TERMINATE != 0,
+                p.flags & policy_flags::AUDIT != 0,
+            )
+        });
         if !terminate {
+            return termination;
+        }
+        if audit {
+            info!(service, "audit mode: established connections kept");
+            termination.not_terminated = "audit mode: the breaker refuses nothing".into();
             return termination;
         }
         match self.kernel.features().require(Feature::TerminateOnTrip) {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use breakwater_common::{
     breaker::{
-        Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals, Policy, Totals,
+        Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, MoreTotals, Policy, Totals,
     },
     counter, ConnRecord, ConnStats, DestKey, SockRecord, HIST_BUCKETS,
 };
@@ -122,7 +122,7 @@ pub trait Kernel: Send {
     /// live destinations.
     fn dest_policy(&self, id: u32) -> Result<DestPolicy>;
     fn set_dest_policy(&mut self, id: u32, dest: &DestPolicy) -> Result<()>;
-    fn dest_totals(&self, id: u32) -> Result<DestTotals>;
+    fn more_totals(&self, id: u32) -> Result<MoreTotals>;
     /// Every destination breaker, of every service.
     fn dest_breakers(&self) -> Vec<(DestBreakerKey, DestBreaker)>;
     /// Has the kernel run `cmd` on a destination's breaker, under its service's lock as for

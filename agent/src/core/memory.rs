@@ -82,7 +82,7 @@ struct State {
     /// kernel's `bw_dest_cmd` does.
     dest_policies: HashMap<u32, brk::DestPolicy>,
     ejected: HashMap<u32, u32>,
-    dest_totals: HashMap<u32, brk::DestTotals>,
+    more_totals: HashMap<u32, brk::MoreTotals>,
     dest_breakers: BTreeMap<(u32, u16, [u8; 16]), brk::DestBreaker>,
     events: Vec<brk::Event>,
     conn_events: Vec<ConnEvent>,
@@ -593,7 +593,7 @@ impl Kernel for MemoryKernel {
         s.counts.remove(&id);
         s.totals.remove(&id);
         s.dest_policies.remove(&id);
-        s.dest_totals.remove(&id);
+        s.more_totals.remove(&id);
         s.ejected.remove(&id);
         s.meta.remove(&id);
         s.owners.remove(&id);
@@ -614,10 +614,10 @@ impl Kernel for MemoryKernel {
         Ok(())
     }
 
-    fn dest_totals(&self, id: u32) -> Result<brk::DestTotals> {
+    fn more_totals(&self, id: u32) -> Result<brk::MoreTotals> {
         Ok(self
             .state()
-            .dest_totals
+            .more_totals
             .get(&id)
             .copied()
             .unwrap_or_default())

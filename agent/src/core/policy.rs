@@ -27,6 +27,9 @@ pub const PRESETS: [(&str, &str); 3] = [
     ),
 ];
 
+/// Values of `mode`: refuse connects while open, or only count and report what would be.
+pub const MODES: [&str; 2] = ["enforce", "audit"];
+
 /// Values of `granularity`: one breaker for the service, or one per destination (address:port).
 pub const GRANULARITIES: [&str; 2] = ["service", "destination"];
 
@@ -110,6 +113,8 @@ pub struct PolicySpec {
     /// Destination granularity: destinations not seen for this long are forgotten (and no
     /// longer count as the service's).
     pub destination_ttl: Option<Duration>,
+    /// "enforce" (refuse while open) or "audit" (count and report what would be refused).
+    pub mode: Option<String>,
 }
 
 /// How many nodes make a fleet quorum.
@@ -169,6 +174,7 @@ struct Fields {
     per_destination: bool,
     max_ejection_percent: u32,
     max_open_timeout: Option<Duration>,
+    audit: bool,
 }
 
 /// The policy without a preset: gobreaker's library defaults (trip after 5 failures in a row,
@@ -188,6 +194,7 @@ fn base() -> Fields {
         per_destination: false,
         max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
         max_open_timeout: None,
+        audit: false,
     }
 }
 
@@ -329,6 +336,18 @@ impl PolicySpec {
                 }
             };
         }
+        if let Some(m) = &self.mode {
+            f.audit = match m.trim().to_ascii_lowercase().as_str() {
+                "enforce" => false,
+                "audit" => true,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "mode {m:?}: expected {}",
+                        MODES.join(" or ")
+                    )))
+                }
+            };
+        }
         if let Some(p) = self.max_ejection_percent {
             f.max_ejection_percent = p;
         }
@@ -378,6 +397,9 @@ impl PolicySpec {
         }
         if f.per_destination {
             flags |= policy_flags::DESTINATION;
+        }
+        if f.audit {
+            flags |= policy_flags::AUDIT;
         }
         Ok(Policy {
             min_requests: f.min_requests,
@@ -592,6 +614,23 @@ mod tests {
                 assert_eq!(actual, value, "{name}: {field}");
             }
         }
+    }
+
+    #[test]
+    fn audit_mode_is_a_flag_of_the_policy() {
+        let mode = |m: &str| {
+            PolicySpec {
+                mode: Some(m.into()),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_ne!(mode("AUDIT").unwrap().flags & policy_flags::AUDIT, 0);
+        assert_eq!(mode("enforce").unwrap().flags & policy_flags::AUDIT, 0);
+        assert_eq!(
+            mode("dry-run").unwrap_err().to_string(),
+            "mode \"dry-run\": expected enforce or audit"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use aya::{
 };
 use breakwater_common::{
     breaker::{
-        BreakerEntry, DestBreaker, DestBreakerKey, DestPolicy, DestTotals, Policy, SvcMeta, Totals,
+        BreakerEntry, DestBreaker, DestBreakerKey, DestPolicy, MoreTotals, Policy, SvcMeta, Totals,
     },
     names, SvcLpmData,
 };
@@ -44,7 +44,7 @@ pub struct BreakerMaps {
     pub(super) meta: Array<MapData, SvcMeta>,
     pub(super) dest_breakers: aya::maps::HashMap<MapData, DestBreakerKey, DestBreaker>,
     pub(super) dest_policies: Array<MapData, DestPolicy>,
-    pub(super) dest_totals: Array<MapData, DestTotals>,
+    pub(super) more_totals: Array<MapData, MoreTotals>,
 }
 
 impl BreakerMaps {
@@ -56,7 +56,7 @@ impl BreakerMaps {
             meta: super::take(ebpf, names::MAP_SVC_META)?,
             dest_breakers: super::take(ebpf, names::MAP_DEST_BREAKERS)?,
             dest_policies: super::take(ebpf, names::MAP_DEST_POLICIES)?,
-            dest_totals: super::take(ebpf, names::MAP_DEST_TOTALS)?,
+            more_totals: super::take(ebpf, names::MAP_MORE_TOTALS)?,
         })
     }
 }
@@ -241,9 +241,9 @@ pub fn check_pins(dir: &Path, sizes: &crate::config::MapSizes) -> Result<(), Loa
             "maps.max_services",
         ),
         (
-            names::MAP_DEST_TOTALS,
+            names::MAP_MORE_TOTALS,
             slots,
-            size_of::<DestTotals>(),
+            size_of::<MoreTotals>(),
             "maps.max_services",
         ),
         (

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use aya::maps::lpm_trie::Key;
 use breakwater_common::{
     breaker::{
-        BreakerEntry, Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, DestTotals,
+        BreakerEntry, Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, MoreTotals,
         Policy, SvcMeta, Totals,
     },
     counter, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord, ConnRecord,
@@ -363,9 +363,9 @@ impl crate::core::Kernel for Kernel {
             .map_err(Error::map(names::MAP_BREAKER_TOTALS))?;
         self.set_dest_policy(id, &DestPolicy::default())?;
         self.brk
-            .dest_totals
-            .set(id, DestTotals::default(), 0)
-            .map_err(Error::map(names::MAP_DEST_TOTALS))?;
+            .more_totals
+            .set(id, MoreTotals::default(), 0)
+            .map_err(Error::map(names::MAP_MORE_TOTALS))?;
         self.brk
             .meta
             .set(id, SvcMeta::default(), 0)
@@ -386,11 +386,11 @@ impl crate::core::Kernel for Kernel {
             .map_err(Error::map(names::MAP_DEST_POLICIES))
     }
 
-    fn dest_totals(&self, id: u32) -> Result<DestTotals> {
+    fn more_totals(&self, id: u32) -> Result<MoreTotals> {
         self.brk
-            .dest_totals
+            .more_totals
             .get(&id, 0)
-            .map_err(Error::map(names::MAP_DEST_TOTALS))
+            .map_err(Error::map(names::MAP_MORE_TOTALS))
     }
 
     fn dest_breakers(&self) -> Vec<(DestBreakerKey, DestBreaker)> {

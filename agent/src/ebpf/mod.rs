@@ -243,7 +243,7 @@ impl Kernel {
             names::MAP_BREAKER_TOTALS,
             names::MAP_SVC_META,
             names::MAP_DEST_POLICIES,
-            names::MAP_DEST_TOTALS,
+            names::MAP_MORE_TOTALS,
         ] {
             loader.map_max_entries(name, sizes.max_services + 1);
         }

@@ -594,6 +594,10 @@ pub struct BreakerPolicy {
     /// Destination granularity: destinations idle this long are forgotten.
     #[prost(uint64, tag = "16")]
     pub destination_ttl_ms: u64,
+    /// "enforce": connects are refused while open; "audit": nothing is refused, and what would
+    /// have been is counted (Breaker.audited).
+    #[prost(string, tag = "17")]
+    pub mode: ::prost::alloc::string::String,
 }
 /// One destination's breaker (destination granularity).
 #[derive(serde::Serialize)]
@@ -693,6 +697,9 @@ pub struct Breaker {
     pub ejections_capped: u64,
     #[prost(uint64, tag = "22")]
     pub destinations_untracked: u64,
+    /// Audit mode: connects the breaker would have refused, let through.
+    #[prost(uint64, tag = "23")]
+    pub audited: u64,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -762,6 +769,9 @@ pub struct SetPolicyRequest {
     pub max_open_timeout_ms: ::core::option::Option<u64>,
     #[prost(uint64, optional, tag = "18")]
     pub destination_ttl_ms: ::core::option::Option<u64>,
+    /// "enforce" (default) or "audit". Switching between them keeps the breaker's state.
+    #[prost(string, optional, tag = "19")]
+    pub mode: ::core::option::Option<::prost::alloc::string::String>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]

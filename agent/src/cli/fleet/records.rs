@@ -177,6 +177,7 @@ pub fn breaker_config(flags: PolicyFlags) -> BreakerConfig {
         max_open_timeout: text(spec.max_open_timeout),
         destination_ttl: text(spec.destination_ttl),
         granularity: spec.granularity,
+        mode: spec.mode,
         max_ejection_percent: spec.max_ejection_percent,
         preset: spec.preset,
         min_requests: spec.min_requests,

@@ -447,12 +447,12 @@ fn manual_trip_with_ttl_expires_in_the_kernel_with_the_agent_killed() {
 }
 
 impl Rig {
-    /// As `assert_rejected`, by the client's errno and timing only (no agent to ask).
+    /// As `assert_rejected`, by the client's errno only (no agent to ask): the endpoint
+    /// listens, so ECONNREFUSED can only come from the breaker. (No bound on the time: one
+    /// connect's time under QEMU says nothing; `assert_rejected` checks a median.)
     fn assert_rejected_without_agent(&self) {
-        let started = Instant::now();
         let err = TcpStream::connect(self.up.addr).expect_err("rejected");
         assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
-        assert!(started.elapsed() < Duration::from_millis(5));
     }
 }
 
@@ -772,10 +772,9 @@ fn ipv6_connects_are_gated_too() {
     assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
     let b = get_breaker(&agent, SERVICE).unwrap();
     assert_eq!((b.state(), b.requests, b.rejected), (Open, 0, 0), "{b:?}");
-    let started = Instant::now();
+    // The endpoint listens: ECONNREFUSED can only be the breaker's.
     let err = TcpStream::connect(up.addr).expect_err("open: rejected");
     assert_eq!(err.raw_os_error(), Some(ECONNREFUSED));
-    assert!(started.elapsed() < Duration::from_millis(5));
     assert_eq!(get_breaker(&agent, SERVICE).unwrap().rejected, 1);
 }
 

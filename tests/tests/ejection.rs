@@ -90,10 +90,8 @@ fn a_dead_backend_is_refused_in_the_kernel_while_the_others_keep_serving() {
         );
     }
     assert_eq!(state(&agent, dead), "open");
-    // Ejected: refused by the gate with the policy's errno, at once.
-    let start = Instant::now();
+    // Ejected: refused by the gate with the policy's errno (no closed port answers that).
     assert_eq!(connect(dead), EJECTED);
-    assert!(start.elapsed() < Duration::from_millis(50));
     // The rest of the service keeps serving.
     for _ in 0..5 {
         assert_eq!((connect(a.addr), connect(b.addr)), (0, 0));
@@ -464,8 +462,9 @@ fn nginx_serves_every_request_through_the_live_servers_and_stops_waiting_on_the_
         let (code, body, took) = get(proxy);
         assert_eq!(code, 200, "request {i} after the trip ({body:?})");
         assert!(body == "a" || body == "b", "{body:?}");
+        // Waiting on the dead server is nginx's 1 s connect timeout at least.
         assert!(
-            took < Duration::from_millis(500),
+            took < Duration::from_millis(900),
             "request {i} after the trip took {took:?}: it waited on the dead server"
         );
     }

@@ -107,6 +107,10 @@ pub mod names {
     pub const MAP_MORE_TOTALS: &str = "BW_MORE_TOTALS";
     /// Socket-local storage: the `breaker::DestBreakerKey` an admitted connect counts in.
     pub const MAP_DEST_SOCKS: &str = "BW_DEST_SOCKS";
+    /// Protected destinations: LPM key (`SvcLpmData`) -> 1. The gate never refuses them,
+    /// whatever service they belong to (the agent's own control paths and `[breaker]
+    /// protected`). Rebuilt by each agent at start: not pinned.
+    pub const MAP_PROTECTED: &str = "BW_PROTECTED";
     /// `tc` program never attached: the agent test-runs it with a `breaker::DestCommand` as
     /// packet data, so that destination breakers change only in programs, under the lock.
     pub const PROG_DEST_CMD: &str = "bw_dest_cmd";
@@ -144,8 +148,9 @@ pub mod names {
     pub const GLOBAL_EMPTY: &str = "BW_EMPTY";
 
     /// Every map the loader expects, for its presence check.
-    pub const ALL_MAPS: [&str; 23] = [
+    pub const ALL_MAPS: [&str; 24] = [
         MAP_LAYOUT,
+        MAP_PROTECTED,
         MAP_DEST_BREAKERS,
         MAP_DEST_POLICIES,
         MAP_MORE_TOTALS,
@@ -322,6 +327,8 @@ pub mod defaults {
     pub const MAX_CONNS: u32 = 262_144;
     /// Destination breakers (destination granularity), across services.
     pub const MAX_DEST_BREAKERS: u32 = 16_384;
+    /// Protected destinations (`[breaker] protected` and the agent's own addresses).
+    pub const MAX_PROTECTED: u32 = 1_024;
 }
 
 /// Byte offsets into kernel structs, resolved from `/sys/kernel/btf/vmlinux` by the loader

@@ -28,7 +28,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::{
     maps::{
-        audit_entry, empty, offsets, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
+        audit_entry, empty, offsets, protected, service_of, sk_storage, BW_BREAKERS, BW_BRK_EVENTS,
         BW_BRK_SOCKS, BW_BRK_TOTALS, BW_DEST_BREAKERS, BW_DEST_POLICIES, BW_DEST_SOCKS,
         BW_MORE_TOTALS, BW_POLICIES,
     },
@@ -104,7 +104,8 @@ fn gate(ctx: &SockAddrContext, addr: &[u8; 16], port_be: u32) -> i32 {
 #[inline(always)]
 unsafe fn try_connect(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) -> Result<i32, Error> {
     let svc = service_of(addr, port);
-    if svc == 0 {
+    // Protected: never refused, nor marked for termination, whatever service it is in.
+    if svc == 0 || protected(addr, port) {
         return Ok(ALLOW);
     }
     let now = bpf_ktime_get_ns();

@@ -39,6 +39,10 @@ pub fn conn_key(sk: *const u8) -> u64 {
 pub static BW_SVC_LPM: LpmTrie<SvcLpmData, u32> =
     LpmTrie::with_max_entries(defaults::MAX_SERVICE_ENDPOINTS, 0);
 
+#[map]
+pub static BW_PROTECTED: LpmTrie<SvcLpmData, u32> =
+    LpmTrie::with_max_entries(defaults::MAX_PROTECTED, 0);
+
 /// Service ids run 1..=max_services (slot 0 is "no service"), two directions each; the loader
 /// sizes it from the config the same way.
 #[map]
@@ -182,6 +186,19 @@ pub fn service_of(addr: &[u8; 16], port: u16) -> u32 {
         },
     );
     BW_SVC_LPM.get(&key).copied().unwrap_or(0)
+}
+
+/// Whether a destination is protected: the gate never refuses it.
+#[inline(always)]
+pub fn protected(addr: &[u8; 16], port: u16) -> bool {
+    let key = Key::new(
+        breakwater_common::SVC_LPM_PORT_BITS + 128,
+        SvcLpmData {
+            port_be: port.to_be_bytes(),
+            addr: *addr,
+        },
+    );
+    BW_PROTECTED.get(&key).is_some()
 }
 
 /// An inbound connection's process: the one that listens on its port.

@@ -420,13 +420,31 @@ impl FeaturesConfig {
 pub struct BreakerScope {
     /// Cgroup paths relative to the cgroup2 mount ("/" = every process on the node).
     pub scope: Vec<String>,
+    /// Destinations (`IP|CIDR:port`) no breaker ever refuses, whatever service covers them
+    /// (the kube-apiserver, DNS, SSH): beside the agent's own control paths, which always are.
+    pub protected: Vec<String>,
 }
 
 impl Default for BreakerScope {
     fn default() -> Self {
         Self {
             scope: vec!["/".into()],
+            protected: Vec::new(),
         }
+    }
+}
+
+impl BreakerScope {
+    /// `protected`, parsed.
+    pub fn protected(&self) -> Result<Vec<crate::core::service::Endpoint>> {
+        self.protected
+            .iter()
+            .map(|e| {
+                e.trim()
+                    .parse()
+                    .map_err(|e| Error::invalid(format!("breaker.protected: {e}")))
+            })
+            .collect()
     }
 }
 
@@ -449,6 +467,13 @@ impl BreakerScope {
                     "breaker.scope {path:?} must not contain \"..\""
                 )));
             }
+        }
+        let protected = self.protected()?;
+        if protected.len() > 512 {
+            return Err(Error::invalid(format!(
+                "breaker.protected has {} entries (at most 512)",
+                protected.len()
+            )));
         }
         Ok(())
     }

@@ -1206,3 +1206,91 @@ fn audit_mode_counts_and_trips_but_refuses_nothing_and_enforcing_keeps_the_state
     assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH));
     drop(held);
 }
+
+#[test]
+fn protected_destinations_are_never_refused_whatever_the_service_covers() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let rig = Rig::with_policy_toml("consecutive_failures = 1\nerrno = \"EHOSTUNREACH\"");
+    // `[breaker] protected`, added by a reload.
+    let path = rig.agent.config_path().unwrap().to_owned();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let scope_line = text.lines().find(|l| l.starts_with("scope = ")).unwrap();
+    let text = text.replacen(
+        scope_line,
+        &format!("{scope_line}\nprotected = [\"{}\"]", rig.up.addr),
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = rig.agent.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rig.agent.cli(&["trip", SERVICE]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "covers protected destinations, never refused: {}/32:{} (breaker.protected)",
+            rig.up.addr.ip(),
+            rig.up.addr.port()
+        )),
+        "{said}"
+    );
+    // Open: the protected endpoint connects, the others are refused.
+    for _ in 0..3 {
+        TcpStream::connect(rig.up.addr).expect("a protected destination is never refused");
+        let err = TcpStream::connect(rig.closed).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH));
+    }
+    assert_eq!(rig.breaker().rejected, 3);
+}
+
+#[test]
+fn the_agents_own_listeners_are_protected() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let mut agent = Agent::start_with(None, &["--metrics-listen", "127.0.0.1:0"]);
+    agent.cgroup().enter();
+    let marker = "breakwater agent metrics on http://";
+    let log = agent.log();
+    let metrics: SocketAddr = log
+        .lines()
+        .find_map(|l| l.split_once(marker).map(|(_, rest)| rest))
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    // A service over all of loopback on the metrics port, tripped by hand.
+    let endpoint = format!("127.0.0.0/8:{}", metrics.port());
+    let out = agent.cli(&["service", "put", "everything", "--endpoint", &endpoint]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("(the agent's metrics)"), "{said}");
+    let out = agent.cli(&[
+        "policy",
+        "set",
+        "everything",
+        "--preset",
+        "gobreaker",
+        "--errno",
+        "EHOSTUNREACH",
+    ]);
+    assert!(out.status.success());
+    let out = agent.cli(&["trip", "everything"]);
+    assert!(out.status.success());
+    TcpStream::connect(metrics).expect("the agent's metrics are never refused");
+    // Only the address it listens on: the rest of the service is refused.
+    let other = SocketAddr::from(([127, 0, 0, 2], metrics.port()));
+    let err = TcpStream::connect(other).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH));
+}

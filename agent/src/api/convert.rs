@@ -185,6 +185,7 @@ pub fn breaker_message(b: &BreakerView) -> pb::Breaker {
         ejections_capped: b.more_totals.capped,
         destinations_untracked: b.more_totals.untracked,
         audited: b.more_totals.audited,
+        protected: b.protected.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -294,6 +295,7 @@ pub fn service_message(s: &ServiceSummary) -> pb::Service {
         inbound: Some(conn_counts(&s.stats[1])),
         owner: owner_message(Some(s.owner)).into(),
         shadowed: owner_message(s.shadowed).into(),
+        protected: s.protected.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -681,6 +683,7 @@ mod tests {
             dest: Default::default(),
             more_totals: Default::default(),
             destinations: Vec::new(),
+            protected: Vec::new(),
         };
         let json = serde_json::to_value(breaker_message(&view)).unwrap();
         for (k, v) in [

@@ -11,7 +11,7 @@ use crate::{
     config::{Config, Overrides, RemoteOverrides},
     core::{
         features::{Features, Status},
-        Core, Kernel as _,
+        protected, Core, Kernel as _,
     },
     ebpf::{breaker, events, Hooks, Kernel, LoadError},
     netns,
@@ -90,7 +90,23 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     // taken port stops the start cleanly.
     let (tls, insecure) = remote_listeners(&config).await?;
     let health = Health::new().await;
-    let metrics_listener = observability_listeners(&config, &health).await?;
+    let (metrics_listener, health_addr) = observability_listeners(&config, &health).await?;
+    // The agent's own control paths: never refused by a breaker, from before the first one.
+    let mut own = Vec::new();
+    let local = |l: Option<&tokio::net::TcpListener>| l.and_then(|l| l.local_addr().ok());
+    for (addr, why) in [
+        (local(tls.as_ref().map(|(l, _)| l)), "the agent's API (TLS)"),
+        (local(insecure.as_ref()), "the agent's API"),
+        (local(metrics_listener.as_ref()), "the agent's metrics"),
+        (health_addr, "the agent's health"),
+    ] {
+        if let Some(addr) = addr {
+            own.extend(protected::of_address(addr, why));
+        }
+    }
+    if let Some(fleet) = &fleet {
+        own.extend(fleet.protected());
+    }
 
     let pin_dir = config.agent.pin_dir.clone();
     let hooks = if args.empty_hooks {
@@ -100,7 +116,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         Hooks::Work
     };
     let authz = Authz::new(&config.agent.authz);
-    let started = start_kernel(&config, &args, overrides, hooks);
+    let started = start_kernel(&config, &args, overrides, hooks, own);
     let (core, events, conn_events) = match started {
         Ok(started) => started,
         Err(CliError::UnsupportedKernel(why))
@@ -285,10 +301,11 @@ fn start_kernel(
     args: &AgentArgs,
     overrides: Overrides,
     hooks: Hooks,
+    own: Vec<protected::Protected>,
 ) -> Result<Started, CliError> {
     let pin_dir = &config.agent.pin_dir;
     let fresh = matches!(breaker::check_layout(pin_dir), Ok(breaker::Layout::Fresh));
-    let started = start_kernel_in(config, args, overrides, hooks);
+    let started = start_kernel_in(config, args, overrides, hooks, own);
     if fresh && matches!(started, Err(CliError::UnsupportedKernel(_))) {
         // Nothing will ever use what this start pinned on a kernel that cannot run it.
         if let Err(e) = breaker::release(pin_dir) {
@@ -303,12 +320,14 @@ fn start_kernel_in(
     args: &AgentArgs,
     overrides: Overrides,
     hooks: Hooks,
+    own: Vec<protected::Protected>,
 ) -> Result<Started, CliError> {
     let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
         .map_err(|e| load_error("loading eBPF programs", e))?;
     let events = kernel.take_events();
     let conn_events = kernel.take_conn_events();
     let mut core = Core::new(kernel, config.clone(), args.config.clone(), overrides);
+    core.set_own_protected(own);
     if config.fleet.enabled() {
         // In a fleet from the start: the config's quorum rules need it.
         core.fleet_link_mut();
@@ -372,9 +391,17 @@ fn log_features(features: &Features) {
 async fn observability_listeners(
     config: &Config,
     health: &Health,
-) -> Result<Option<tokio::net::TcpListener>, CliError> {
+) -> Result<
+    (
+        Option<tokio::net::TcpListener>,
+        Option<std::net::SocketAddr>,
+    ),
+    CliError,
+> {
+    let mut health_addr = None;
     if let Some(addr) = &config.agent.health_listen {
         let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
+        health_addr = listener.local_addr().ok();
         if let Ok(local) = listener.local_addr() {
             info!(health_listen = %local, "serving grpc.health.v1.Health alone over plain TCP");
             say(format_args!(
@@ -400,9 +427,9 @@ async fn observability_listeners(
                     "breakwater agent metrics on http://{local}/metrics"
                 ));
             }
-            Ok(Some(listener))
+            Ok((Some(listener), health_addr))
         }
-        None => Ok(None),
+        None => Ok((None, health_addr)),
     }
 }
 

@@ -372,12 +372,26 @@ pub fn time_wait(r: &pb::GetTimeWaitResponse) -> String {
 
 pub fn put_service(r: &pb::PutServiceResponse) -> String {
     let s = r.service.clone().unwrap_or_default();
-    format!(
+    let mut out = format!(
         "{} service {}: {}",
         if r.replaced { "replaced" } else { "created" },
         s.name,
         s.endpoints.join(", ")
-    )
+    );
+    if let Some(note) = protected_note(&s.name, &s.protected) {
+        out += &format!("\n{note}");
+    }
+    out
+}
+
+/// What a service covers that its breaker never refuses, if anything.
+pub fn protected_note(service: &str, protected: &[String]) -> Option<String> {
+    (!protected.is_empty()).then(|| {
+        format!(
+            "note: {service} covers protected destinations, never refused: {}",
+            protected.join(", ")
+        )
+    })
 }
 
 pub fn info(r: &pb::GetAgentInfoResponse) -> String {
@@ -642,6 +656,11 @@ pub fn breakers_rows(r: &pb::ListBreakersResponse) -> Rows {
             )
         })
         .collect();
+    t.notes.extend(
+        r.breakers
+            .iter()
+            .filter_map(|b| protected_note(&b.service, &b.protected)),
+    );
     t.notes
         .extend(r.breakers.iter().filter(|b| b.forced).filter_map(|b| {
             let by = match owner_name(b.tripped_by) {
@@ -1026,6 +1045,7 @@ mod tests {
                 connect_p99_us: 0,
                 owner: pb::Owner::Fleet.into(),
                 shadowed: pb::Owner::Config.into(),
+                protected: Vec::new(),
             }],
         });
         assert_eq!(

@@ -112,6 +112,8 @@ pub struct ServiceSummary {
     /// Outbound, inbound.
     pub stats: [ConnStats; 2],
     pub connect: Histogram,
+    /// Protected destinations its endpoints cover.
+    pub protected: Vec<super::protected::Protected>,
 }
 
 /// How `destinations` orders its answer (descending).
@@ -307,6 +309,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             ],
             owner: self.owners.service(&s.name).unwrap_or_default(),
             shadowed: self.owners.shadowed_service(&s.name),
+            protected: self.protected_in(&s.endpoints),
             service: s.clone(),
         })
     }

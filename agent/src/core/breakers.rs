@@ -47,6 +47,8 @@ pub struct BreakerView {
     pub dest: DestPolicy,
     pub more_totals: MoreTotals,
     pub destinations: Vec<DestinationView>,
+    /// Protected destinations the service's endpoints cover: never refused.
+    pub protected: Vec<super::protected::Protected>,
 }
 
 impl BreakerView {
@@ -189,6 +191,11 @@ impl<K: Kernel + ?Sized> Core<K> {
             dest: self.kernel.dest_policy(id)?,
             more_totals: self.kernel.more_totals(id)?,
             destinations: self.destination_views(id, &policy)?,
+            protected: self
+                .services
+                .get(service)
+                .map(|s| self.protected_in(&s.endpoints))
+                .unwrap_or_default(),
         })
     }
 

@@ -137,6 +137,9 @@ pub trait Kernel: Send {
     /// Stops enforcing on a cgroup.
     fn detach_scope(&mut self, cgroup: &str) -> Result<()>;
 
+    /// The destinations the gate never refuses, replacing the previous set.
+    fn set_protected(&mut self, endpoints: &[Endpoint]) -> Result<()>;
+
     /// Switches the programs' connection events (the audit stream) on or off.
     fn set_audit(&mut self, on: bool) -> Result<()>;
 }

@@ -84,6 +84,7 @@ struct State {
     ejected: HashMap<u32, u32>,
     more_totals: HashMap<u32, brk::MoreTotals>,
     dest_breakers: BTreeMap<(u32, u16, [u8; 16]), brk::DestBreaker>,
+    protected: Vec<Endpoint>,
     events: Vec<brk::Event>,
     conn_events: Vec<ConnEvent>,
     conns: Vec<Conn>,
@@ -182,13 +183,17 @@ impl MemoryKernel {
         };
         info.comm[..4].copy_from_slice(b"test");
 
-        // The gate (cgroup/connect4|6).
+        // The gate (cgroup/connect4|6), which passes protected destinations untouched.
         let mut generation = None;
+        let guarded = !s
+            .protected
+            .iter()
+            .any(|e| e.matches(&std::net::Ipv6Addr::from(daddr), to.port()));
         if let Some(policy) = s
             .policies
             .get(&svc)
             .copied()
-            .filter(|p| p.flags & policy_flags::ENABLED != 0)
+            .filter(|p| guarded && p.flags & policy_flags::ENABLED != 0)
         {
             let counts = s.counts.entry(svc).or_default();
             let (admission, t) = counts.on_connect(&policy, now);
@@ -204,6 +209,9 @@ impl MemoryKernel {
                     if probe {
                         s.totals.entry(svc).or_default().probes += 1;
                     }
+                }
+                Admission::Reject if policy.flags & policy_flags::AUDIT != 0 => {
+                    s.more_totals.entry(svc).or_default().audited += 1;
                 }
                 Admission::Reject => {
                     s.totals.entry(svc).or_default().rejected += 1;
@@ -726,6 +734,11 @@ impl Kernel for MemoryKernel {
 
     fn set_audit(&mut self, on: bool) -> Result<()> {
         self.state().audit = on;
+        Ok(())
+    }
+
+    fn set_protected(&mut self, endpoints: &[Endpoint]) -> Result<()> {
+        self.state().protected = endpoints.to_vec();
         Ok(())
     }
 }

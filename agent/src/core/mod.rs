@@ -20,6 +20,7 @@ pub mod latency;
 pub mod memory;
 pub mod owners;
 pub mod policy;
+pub mod protected;
 pub mod reload;
 pub mod service;
 #[cfg(test)]
@@ -70,6 +71,8 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     /// Operators' trips of destinations: reason and who, by service id and destination (the
     /// kernel keeps the state; this is lost on restart).
     dest_trips: std::collections::HashMap<(u32, std::net::SocketAddr), (String, Owner)>,
+    /// The agent's own control paths, never refused (see `protected`).
+    own_protected: Vec<protected::Protected>,
     kernel: Box<K>,
 }
 
@@ -140,6 +143,7 @@ impl<K: Kernel> Core<K> {
             fleet: None,
             quorums: Default::default(),
             dest_trips: Default::default(),
+            own_protected: Vec::new(),
             kernel: Box::new(kernel),
         }
     }
@@ -163,6 +167,7 @@ impl<K: Kernel> Core<K> {
             fleet: self.fleet,
             quorums: self.quorums,
             dest_trips: self.dest_trips,
+            own_protected: self.own_protected,
             kernel: self.kernel,
         }
     }
@@ -205,6 +210,7 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// its services are put, and its breaker policies set where they differ from the pinned
     /// ones (an unchanged policy keeps the breaker's state across the restart).
     pub fn apply_config(&mut self, config: &Config) -> Result<()> {
+        self.apply_protected(config)?;
         for s in &config.services {
             self.put_service(Owner::Config, &s.name, &s.endpoints)?;
         }

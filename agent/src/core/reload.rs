@@ -144,7 +144,8 @@ impl<K: Kernel + ?Sized> Core<K> {
             })?;
         }
 
-        // Everything checked: apply.
+        // Everything checked: apply, protection first.
+        self.apply_protected(&next)?;
         for name in &removed {
             if self.services.get(name).is_some() {
                 self.delete_service(Owner::Config, name)?;

@@ -498,4 +498,25 @@ impl crate::core::Kernel for Kernel {
             .set(0, u32::from(on), 0)
             .map_err(Error::map(names::MAP_AUDIT))
     }
+
+    fn set_protected(&mut self, endpoints: &[Endpoint]) -> Result<()> {
+        let old: Vec<_> = self.protected.keys().filter_map(|k| k.ok()).collect();
+        for e in endpoints {
+            let (len, data) = e.lpm_key();
+            self.protected
+                .insert(&Key::new(len, data), 1, 0)
+                .map_err(Error::map(names::MAP_PROTECTED))?;
+        }
+        // Then what is no longer protected: never a moment with less protection than asked.
+        for k in old {
+            let kept = endpoints.iter().any(|e| {
+                let (len, data) = e.lpm_key();
+                len == k.prefix_len() && data == k.data()
+            });
+            if !kept {
+                let _ = self.protected.remove(&k);
+            }
+        }
+        Ok(())
+    }
 }

@@ -51,6 +51,30 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The etcd endpoints as destinations no breaker may refuse (each host name resolved now;
+    /// one that does not resolve is left out with a warning).
+    pub fn protected(&self) -> Vec<crate::core::protected::Protected> {
+        use std::net::ToSocketAddrs as _;
+        let mut out = Vec::new();
+        for url in &self.endpoints {
+            let hostport = url
+                .split_once("://")
+                .map_or(url.as_str(), |(_, rest)| rest)
+                .trim_end_matches('/');
+            match hostport.to_socket_addrs() {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        out.extend(crate::core::protected::of_address(addr, "the fleet's etcd"));
+                    }
+                }
+                Err(e) => {
+                    warn!(endpoint = url, error = %e, "etcd endpoint not resolved: not protected")
+                }
+            }
+        }
+        out
+    }
+
     /// From `[fleet]` (flags applied); None when no etcd is configured. Reads the TLS files.
     pub fn from_config(config: &FleetConfig) -> Result<Option<Self>> {
         if !config.enabled() {

@@ -56,6 +56,10 @@ pub struct Service {
     #[prost(enumeration = "Owner", tag = "8")]
     #[serde(serialize_with = "crate::json::owner")]
     pub shadowed: i32,
+    /// Protected destinations the endpoints cover, which its breaker never refuses:
+    /// "endpoint (why)", e.g. "10.96.0.1/32:443 (breaker.protected)".
+    #[prost(string, repeated, tag = "9")]
+    pub protected: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -700,6 +704,9 @@ pub struct Breaker {
     /// Audit mode: connects the breaker would have refused, let through.
     #[prost(uint64, tag = "23")]
     pub audited: u64,
+    /// Protected destinations the service's endpoints cover: never refused (as in Service).
+    #[prost(string, repeated, tag = "24")]
+    pub protected: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]

@@ -110,6 +110,8 @@ pub fn steps(target_dir: &Path, host_arch: &str, big_endian: bool) -> Vec<Step> 
                 "--quiet",
                 "--workspace",
                 "--all-targets",
+                // xtask's `etcd` (the fleet bench) too.
+                "--all-features",
                 "--",
                 "-D",
                 "warnings",

@@ -66,6 +66,7 @@ enum Task {
     HoldSockets { pairs: usize },
     /// (used by bench) join CGROUP, then connect to ADDR in a loop and print each change of
     /// the result
+    #[cfg(feature = "etcd")]
     #[command(hide = true)]
     FleetProbe {
         cgroup: PathBuf,
@@ -95,6 +96,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
+        #[cfg(feature = "etcd")]
         Task::FleetProbe { cgroup, addr } => bench::fleet_probe(&cgroup, addr),
     }
 }

@@ -74,11 +74,9 @@ def main():
         sys.exit(__doc__)
     target = args[0]
     health_only = "--health-only" in args[1:]
-    # Over a unix socket grpcio sends the socket's path, percent-encoded, as :authority, which
-    # is no valid authority and which the agent's HTTP/2 layer (h2) refuses with PROTOCOL_ERROR:
-    # name the host, as grpc-go and Kubernetes do for unix sockets.
-    options = [("grpc.default_authority", "localhost")] if target.startswith("unix:") else []
-    with grpc.insecure_channel(target, options=options) as channel:
+    # grpcio's defaults: over a unix socket it sends the socket's percent-encoded path as
+    # :authority, which the agent must take.
+    with grpc.insecure_channel(target) as channel:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT)
         out = {"health": health(channel)}
         if health_only:

@@ -23,6 +23,9 @@ pub mod names {
     pub const PROG_LIST_TCP: &str = "bw_list_tcp";
     /// `iter/tcp`: writes a `SockRecord` for every TCP socket, TIME_WAIT included (GetTimeWait).
     pub const PROG_SOCKS_TCP: &str = "bw_socks_tcp";
+    /// `iter/tcp`: stamps the `BW_CONNS` entry of every live tracked socket with the time, so
+    /// that the agent can reap the entries of sockets that are gone.
+    pub const PROG_STAMP_TCP: &str = "bw_stamp_tcp";
 
     /// `tp_btf/tcp_sendmsg_locked`: a send on a client connection starts a request's clock.
     pub const PROG_SOCK_SEND: &str = "bw_sock_send";
@@ -288,8 +291,12 @@ pub mod counter {
     pub const AUDIT_LOST: u32 = 11;
     /// Connections left uncounted because `BW_CONNS` was full.
     pub const CONNS_FULL: u32 = 12;
+    /// `BW_CONNS` entries of sockets that were gone, which the agent's sweep removed: a
+    /// program that did not run to the end (a recursion miss, an error) left them. Only the
+    /// agent adds to it (no program does, so its read-add-write races with none).
+    pub const CONNS_REAPED: u32 = 13;
 
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Names as reported by the API, index for index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -306,6 +313,7 @@ pub mod counter {
         "hist_inserts",
         "audit_lost",
         "conns_full",
+        "conns_reaped",
     ];
 }
 
@@ -524,7 +532,9 @@ pub struct ConnState {
     pub direction: u8,
     /// `conn_flags`.
     pub flags: u8,
-    pub _pad: u32,
+    /// When the agent's sweep (`bw_stamp_tcp`) last found the socket alive, in seconds of
+    /// `bpf_ktime_get_ns()`; 0 = not yet.
+    pub seen_s: u32,
 }
 
 /// Value of `BW_SOCKS`: request -> first-response timing of a client connection, the only

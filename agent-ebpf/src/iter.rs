@@ -173,6 +173,36 @@ unsafe fn try_list_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
+pub fn bw_stamp_tcp(ctx: *const IterTcpCtx) -> i32 {
+    // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
+    if let Err(e) = unsafe { try_stamp_tcp(ctx) } {
+        e.count();
+    }
+    0
+}
+
+/// Stamps the `BW_CONNS` entry of each tracked socket with the time: an entry the agent's
+/// sweeps of every namespace stop stamping belongs to a socket that is gone.
+///
+/// # Safety
+/// `ctx` is the `bpf_iter__tcp` context the kernel passed to the running `iter/tcp` program.
+unsafe fn try_stamp_tcp(ctx: *const IterTcpCtx) -> Result<(), Error> {
+    let sk = (*ctx).sk_common;
+    if sk.is_null() {
+        return Ok(());
+    }
+    let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
+    if tp.is_null() {
+        return Ok(());
+    }
+    if let Some(st) = BW_CONNS.get_ptr_mut(&conn_key(tp)) {
+        (*st).seen_s = (bpf_ktime_get_ns() / 1_000_000_000) as u32;
+    }
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
 pub fn bw_socks_tcp(ctx: *const IterTcpCtx) -> i32 {
     // SAFETY: the kernel calls this program with its `bpf_iter__tcp` context.
     if let Err(e) = unsafe { try_socks_tcp(ctx) } {

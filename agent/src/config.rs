@@ -1,7 +1,10 @@
 //! The agent's configuration: a TOML file, or the embedded defaults (observe everything, no
 //! services) when none is given.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use breakwater_common::defaults;
 use serde::{Deserialize, Serialize};
@@ -110,6 +113,10 @@ pub struct AgentConfig {
     /// `text` (plain, coloured only on a terminal) or `json` (one object a line, for log
     /// shippers).
     pub log_format: LogFormat,
+    /// How often the agent looks for what the kernel still keeps of connections whose socket
+    /// is gone, and frees it (`conns_reaped`): a walk of every namespace's sockets, so not too
+    /// often on a node with very many (e.g. "60s", at least "1s").
+    pub connection_sweep: String,
 }
 
 /// How the agent writes its log.
@@ -136,6 +143,7 @@ impl Default for AgentConfig {
             tls_client_ca: None,
             authz: AuthzConfig::default(),
             log_format: LogFormat::Text,
+            connection_sweep: "60s".into(),
         }
     }
 }
@@ -184,8 +192,21 @@ impl AgentConfig {
             })
     }
 
+    /// `connection_sweep` as a duration.
+    pub fn connection_sweep(&self) -> Result<Duration> {
+        let d = parse_duration("agent.connection_sweep", &self.connection_sweep)?;
+        if d < Duration::from_secs(1) {
+            return Err(Error::invalid(format!(
+                "agent.connection_sweep {:?} is shorter than 1s",
+                self.connection_sweep
+            )));
+        }
+        Ok(d)
+    }
+
     fn validate(&self) -> Result<()> {
         self.socket_mode()?;
+        self.connection_sweep()?;
         for (key, addr) in [
             ("listen", &self.listen),
             ("insecure_listen", &self.insecure_listen),

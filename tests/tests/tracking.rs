@@ -528,3 +528,113 @@ fn connections_are_forgotten_when_they_close() {
     assert_eq!(agent.counter("underflows"), 0);
     assert_eq!(agent.counter("conns_full"), 0);
 }
+
+/// What the kernel keeps of a connection whose close no program saw (a run the kernel skipped,
+/// or one that failed mid-way) is reaped by the agent's sweep and counted; live connections, on
+/// the host and in another namespace, keep theirs: their closes are still counted.
+#[test]
+fn entries_of_connections_whose_socket_is_gone_are_reaped() {
+    use aya::maps::{HashMap, Map, MapData};
+    use breakwater_common::{conn_flags, direction, names, ConnState};
+
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start_with_config(Some("[agent]\nconnection_sweep = \"1s\"\n"));
+    let host_server = Server::start("127.0.0.1:0");
+    let port = host_server.addr.port();
+    let ns = NetNs::new("sweep");
+    let (ns_server, ns_clients) = ns.run(move || {
+        let server = Server::start(&format!("127.0.0.1:{port}"));
+        let clients = connect_many(server.addr, 5);
+        (server, clients)
+    });
+    let host_clients = connect_many(host_server.addr, 3);
+    let host_ns = agent.info().host_netns;
+    for (netns, n) in [(host_ns, 3), (ns.inode(), 5)] {
+        wait_for(
+            &agent,
+            "127.0.0.1",
+            port,
+            "outbound",
+            Some(netns),
+            "open",
+            |d| field(d, "active") == n,
+        );
+    }
+
+    // The agent's BW_CONNS (not pinned): the newest map of that name, made by this agent.
+    let id = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some(names::MAP_CONNS))
+        .map(|m| m.id())
+        .max()
+        .expect("BW_CONNS loaded");
+    let data = MapData::from_id(id).expect("BW_CONNS by id");
+    let mut conns: HashMap<MapData, u64, ConnState> =
+        HashMap::try_from(Map::HashMap(data)).expect("BW_CONNS is a hash of ConnState");
+    // As a close no program saw leaves them: entries of socket addresses no socket has.
+    let gone = [
+        0xdead_0000_0000_0010_u64,
+        0xdead_0000_0000_0020,
+        0xdead_0000_0000_0030,
+    ];
+    for key in gone {
+        let st = ConnState {
+            start_ns: 1,
+            direction: direction::OUTBOUND,
+            flags: conn_flags::COUNTED,
+            ..Default::default()
+        };
+        conns.insert(key, st, 0).expect("insert a stale entry");
+    }
+    let misses_before = state_misses(&agent);
+    let reaped = eventually(SETTLE, || {
+        let n = agent.counter("conns_reaped");
+        (n >= 3).then_some(n)
+    });
+    assert!(
+        reaped.is_some(),
+        "conns_reaped {} after {SETTLE:?} of 1 s sweeps",
+        agent.counter("conns_reaped")
+    );
+    for key in gone {
+        assert!(conns.get(&key, 0).is_err(), "{key:#x} is still in BW_CONNS");
+    }
+    // More sweeps take nothing that lives (unless the kernel skipped a close meanwhile).
+    thread::sleep(Duration::from_secs(3));
+    let reaped = agent.counter("conns_reaped");
+    let missed = state_misses(&agent) - misses_before;
+    assert!(
+        reaped >= 3 && reaped <= 3 + missed,
+        "conns_reaped {reaped}, {missed} state changes skipped"
+    );
+
+    // The live connections kept their entries: each close is counted where it belongs.
+    drop(host_clients);
+    drop(ns_clients);
+    for (netns, n) in [(host_ns, 3), (ns.inode(), 5)] {
+        wait_for(
+            &agent,
+            "127.0.0.1",
+            port,
+            "outbound",
+            Some(netns),
+            "closed",
+            |d| field(d, "active") == 0 && field(d, "closed") == n,
+        );
+    }
+    ns_server.close();
+}
+
+/// Runs of the state-change program the kernel skipped (recursion on one CPU).
+fn state_misses(agent: &Agent) -> u64 {
+    agent
+        .info()
+        .programs
+        .iter()
+        .filter(|p| p.name == "bw_sock_state")
+        .map(|p| p.recursion_misses)
+        .sum()
+}

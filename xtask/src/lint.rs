@@ -250,7 +250,7 @@ mod tests {
         }
         assert_eq!(
             steps[1].shell_line(),
-            "cargo clippy --quiet --workspace --all-targets -- -D warnings"
+            "cargo clippy --quiet --workspace --all-targets --all-features -- -D warnings"
         );
         assert_eq!(
             steps[2].shell_line(),

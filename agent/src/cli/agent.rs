@@ -168,10 +168,13 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         });
     }
     // Once a second: the audit programs write only while someone watches; idle destinations
-    // are reaped and the live ones counted (the ejection cap is a share of them).
+    // are reaped and the live ones counted (the ejection cap is a share of them). Every
+    // `connection_sweep`: the entries of connections whose socket is gone are reaped.
     let watched = Arc::downgrade(&core);
+    let sweep_every = config.agent.connection_sweep()?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut last_sweep = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let Some(core) = watched.upgrade() else { break };
@@ -179,6 +182,10 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             guard.update_audit();
             if let Err(e) = guard.reap_destinations() {
                 warn!(error = %e, "destination breakers: not reaped");
+            }
+            if last_sweep.elapsed() >= sweep_every {
+                last_sweep = tokio::time::Instant::now();
+                guard.sweep_connections();
             }
         }
     });

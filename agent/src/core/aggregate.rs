@@ -410,6 +410,17 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// `order` gives back what it was built from: (age in ms, socket cookie).
     ///
     /// Built as they are read: a node may have 100k of them.
+    /// Reaps what the kernel keeps of connections whose socket is gone (see
+    /// `Kernel::sweep_connections`); the count reaped is the `conns_reaped` counter.
+    pub fn sweep_connections(&mut self) {
+        match self.kernel.sweep_connections() {
+            Ok(Some(0)) => {}
+            Ok(Some(reaped)) => tracing::info!(reaped, "connections whose socket is gone: reaped"),
+            Ok(None) => tracing::debug!("a namespace could not be walked: connections not swept"),
+            Err(e) => tracing::warn!(error = %e, "connections not swept"),
+        }
+    }
+
     pub fn connections<T>(
         &mut self,
         service: &str,

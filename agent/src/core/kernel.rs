@@ -100,6 +100,12 @@ pub trait Kernel: Send {
 
     /// Visits the tracked live connections of every network namespace.
     fn for_each_connection(&mut self, f: &mut dyn FnMut(&ConnRecord)) -> Result<()>;
+    /// Frees what the kernel keeps of connections whose socket is gone (a program that did not
+    /// run to the end left it): walks every namespace to mark the live ones, then removes the
+    /// entries that neither this walk nor the previous complete one found and that are older
+    /// than the previous one. Returns how many went, or None when some namespace could not be
+    /// walked (nothing is removed then: its sockets would look gone).
+    fn sweep_connections(&mut self) -> Result<Option<u64>>;
     /// Every TCP socket of every network namespace, with each namespace's port settings.
     fn sockets(&mut self) -> Result<Vec<Walked>>;
 

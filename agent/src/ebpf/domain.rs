@@ -9,7 +9,7 @@ use breakwater_common::{
         Policy, SvcMeta, Totals,
     },
     counter, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord, ConnRecord,
-    ConnStats, DestKey, HIST_BUCKETS,
+    ConnState, ConnStats, DestKey, HIST_BUCKETS,
 };
 use tracing::warn;
 
@@ -290,6 +290,53 @@ impl crate::core::Kernel for Kernel {
             }
         }
         Ok(())
+    }
+
+    fn sweep_connections(&mut self) -> Result<Option<u64>> {
+        let started = self.now_ns();
+        let namespaces = netns::all();
+        let prog = self
+            .iter(names::PROG_STAMP_TCP)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        if !iter::run_all(prog, &namespaces).map_err(|e| Error::Internal(e.to_string()))? {
+            return Ok(None);
+        }
+        let Some(previous) = self.last_sweep_ns.replace(started) else {
+            return Ok(Some(0));
+        };
+        // Stamps are whole seconds: one made during the previous walk is at least this.
+        let previous_s = (previous / 1_000_000_000) as u32;
+        let gone = |st: &ConnState| st.start_ns < previous && st.seen_s < previous_s;
+        let stale: Vec<u64> = self
+            .conns
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, st)| gone(st))
+            .map(|(key, _)| key)
+            .collect();
+        let mut reaped = 0;
+        for key in stale {
+            // A new socket at the same address may have taken the key meanwhile.
+            if self.conns.get(&key, 0).is_ok_and(|st| gone(&st)) && self.conns.remove(&key).is_ok()
+            {
+                reaped += 1;
+            }
+        }
+        if reaped > 0 {
+            let index = counter::CONNS_REAPED;
+            let mut values: Vec<u64> = self
+                .counters
+                .get(&index, 0)
+                .map_err(Error::map(names::MAP_COUNTERS))?
+                .to_vec();
+            values[0] += reaped;
+            let values = aya::maps::PerCpuValues::try_from(values)
+                .map_err(|e| Error::Internal(format!("per-CPU values: {e}")))?;
+            self.counters
+                .set(index, values, 0)
+                .map_err(Error::map(names::MAP_COUNTERS))?;
+        }
+        Ok(Some(reaped))
     }
 
     fn sockets(&mut self) -> Result<Vec<Walked>> {

@@ -48,6 +48,12 @@ pub fn walk_all<T: Send + 'static>(
         .collect())
 }
 
+/// Runs `prog`, which writes nothing, in every namespace: true if every one was walked (none
+/// vanished or failed meanwhile).
+pub fn run_all(prog: &mut Iter, namespaces: &[NetNs]) -> Result<bool, LoadError> {
+    Ok(walk_all(prog, namespaces, |_| ())?.len() == namespaces.len())
+}
+
 /// Creates `prog`'s iterator in every namespace (on a thread inside each) and hands back the
 /// open files, to be read where and as the caller likes: the namespace is fixed when the file is
 /// created, so reading it in pieces elsewhere keeps the agent from holding a whole walk in

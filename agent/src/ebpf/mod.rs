@@ -194,6 +194,8 @@ pub struct Kernel {
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
     /// the enforcement) in place.
     links: Vec<(String, PinnedLink)>,
+    /// When the last complete sweep of `BW_CONNS` began (`sweep_connections`).
+    last_sweep_ns: Option<u64>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -301,6 +303,7 @@ impl Kernel {
             pin_dir: pin_dir.to_owned(),
             _pin_lock: pin_lock,
             links: Vec::new(),
+            last_sweep_ns: None,
         })
     }
 
@@ -342,6 +345,7 @@ impl Kernel {
             names::PROG_SEED_TCP,
             names::PROG_LIST_TCP,
             names::PROG_SOCKS_TCP,
+            names::PROG_STAMP_TCP,
         ] {
             match self.load_iter(name, &btf)? {
                 Ok(summary) => self.programs.push(summary),

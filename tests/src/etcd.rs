@@ -238,6 +238,16 @@ impl Etcd {
         }
     }
 
+    /// Kills etcd and starts it again on the same ports with its data gone: a member rebuilt
+    /// from nothing (a lost disk, a cluster recreated), its revisions starting over.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        fs::remove_dir_all(self.data_dir()).expect("remove etcd's data");
+        if let Err(why) = self.spawn() {
+            self.fail(&why);
+        }
+    }
+
     /// SIGKILL, then waits for the process: a crash, no clean shutdown.
     pub fn kill(&mut self) {
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;

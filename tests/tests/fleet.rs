@@ -15,7 +15,7 @@ use breakwater_tests::{
     agent_bin,
     cgroup::connect_from_cgroup,
     etcd::{self, Etcd},
-    eventually, require_root, serial, Agent,
+    eventually, require_root, serial, Agent, Server,
 };
 
 const PREFIX: &str = "/breakwater/v1";
@@ -611,4 +611,111 @@ fn the_fleet_ejects_one_destination_on_every_node() {
             connect_from_cgroup(n.scope(), a).ok()
         });
     }
+}
+
+/// etcd loses its data (restarted empty, its revisions starting over): every node publishes
+/// itself and its breakers again, follows the fleet as etcd now holds it (nothing: the fleet's
+/// objects go, the node's own stay), and takes new fleet changes, although their revisions are
+/// lower than any it saw before.
+#[test]
+fn etcd_restarted_without_its_data_is_filled_again_and_followed() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let n1 = node(&etcd, "n1");
+    // Listening: a connect that is refused was refused by a breaker.
+    let fleet_up = Server::start("127.0.0.1:0");
+    let local_up = Server::start("127.0.0.1:0");
+    let (fleet_addr, local_addr) = (fleet_up.addr, local_up.addr);
+    fleet_ok(
+        &etcd,
+        &[
+            "service",
+            "put",
+            "db",
+            "--endpoint",
+            &fleet_addr.to_string(),
+        ],
+    );
+    fleet_ok(&etcd, &["policy", "set", "db", "--preset", "nginx"]);
+    fleet_ok(&etcd, &["trip", "db", "--reason", "incident"]);
+    let out = n1.cli(&[
+        "service",
+        "put",
+        "cache",
+        "--endpoint",
+        &local_addr.to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [
+        &["policy", "set", "cache", "--preset", "nginx"][..],
+        &["trip", "cache"],
+    ] {
+        let out = n1.cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait("the fleet's trip", &n1, || {
+        breaker(&n1, "db").filter(|b| b["forced"] == true)
+    });
+    let node_key = format!("{PREFIX}/nodes/n1");
+    let breaker_key = format!("{PREFIX}/breakers/n1/cache");
+    wait("the node's records", &n1, || {
+        (etcd.get(&node_key).is_some() && etcd.get(&breaker_key).is_some()).then_some(())
+    });
+    // Enough writes that the empty etcd's revisions stay below what the node saw.
+    for i in 0..20 {
+        etcd.put(&format!("/unrelated/{i}"), "x");
+    }
+
+    etcd.restart_empty();
+    assert_eq!(etcd.get(&node_key), None, "etcd kept its data");
+    // The node publishes itself and its breakers again.
+    wait("the node's records again", &n1, || {
+        (etcd.get(&node_key).is_some() && etcd.get(&breaker_key).is_some()).then_some(())
+    });
+    // It follows etcd: the fleet's service is gone; its own service and trip are kept.
+    wait("the fleet's service gone", &n1, || {
+        service(&n1, "db").is_none().then_some(())
+    });
+    connect_from_cgroup(n1.scope(), fleet_addr).expect("no breaker of the fleet's left");
+    let b = breaker(&n1, "cache").expect("the node's own breaker");
+    assert_eq!(
+        (b["state"].as_str(), b["forced"].as_bool()),
+        (Some("open"), Some(true))
+    );
+    assert_eq!(
+        connect_from_cgroup(n1.scope(), local_addr)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::ConnectionRefused,
+        "the node's own trip still refuses"
+    );
+    // New fleet changes, at revisions lower than before the loss, are applied.
+    fleet_ok(
+        &etcd,
+        &[
+            "service",
+            "put",
+            "db",
+            "--endpoint",
+            &fleet_addr.to_string(),
+        ],
+    );
+    fleet_ok(&etcd, &["policy", "set", "db", "--preset", "nginx"]);
+    fleet_ok(&etcd, &["trip", "db", "--reason", "after the loss"]);
+    let b = wait("a fleet trip after the loss", &n1, || {
+        breaker(&n1, "db").filter(|b| b["forced"] == true)
+    });
+    assert_eq!(b["reason"], "after the loss");
+    assert_eq!(fleet_link(&n1)["connected"], true);
 }

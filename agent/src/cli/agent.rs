@@ -167,8 +167,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             }
         });
     }
-    // Once a second: the audit programs write only while someone watches; idle destinations
-    // are reaped and the live ones counted (the ejection cap is a share of them). Every
+    // Once a second: the audit programs write only while someone watches; pins removed by hand
+    // are made again; idle destinations are reaped and the live ones counted (the ejection cap
+    // is a share of them). Every
     // `connection_sweep`: the entries of connections whose socket is gone are reaped.
     let watched = Arc::downgrade(&core);
     let sweep_every = config.agent.connection_sweep()?;
@@ -180,6 +181,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             let Some(core) = watched.upgrade() else { break };
             let Ok(mut guard) = core.lock() else { break };
             guard.update_audit();
+            guard.restore_pins();
             if let Err(e) = guard.reap_destinations() {
                 warn!(error = %e, "destination breakers: not reaped");
             }

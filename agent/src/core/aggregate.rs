@@ -410,6 +410,19 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// `order` gives back what it was built from: (age in ms, socket cookie).
     ///
     /// Built as they are read: a node may have 100k of them.
+    /// Pins again what was unpinned by hand while the agent ran: without the pins, the trips
+    /// and the gate would end with this process.
+    pub fn restore_pins(&mut self) {
+        match self.kernel.restore_pins() {
+            Ok(paths) if paths.is_empty() => {}
+            Ok(paths) => tracing::warn!(
+                pins = ?paths,
+                "pins were removed while the agent ran: pinned again"
+            ),
+            Err(e) => tracing::error!(error = %e, "pins were removed and cannot be pinned again"),
+        }
+    }
+
     /// Reaps what the kernel keeps of connections whose socket is gone (see
     /// `Kernel::sweep_connections`); the count reaped is the `conns_reaped` counter.
     pub fn sweep_connections(&mut self) {

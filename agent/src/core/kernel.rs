@@ -100,6 +100,9 @@ pub trait Kernel: Send {
 
     /// Visits the tracked live connections of every network namespace.
     fn for_each_connection(&mut self, f: &mut dyn FnMut(&ConnRecord)) -> Result<()>;
+    /// Pins again what was unpinned while the agent ran (removed by hand), from the agent's
+    /// own references; returns the paths pinned again.
+    fn restore_pins(&mut self) -> Result<Vec<std::path::PathBuf>>;
     /// Frees what the kernel keeps of connections whose socket is gone (a program that did not
     /// run to the end left it): walks every namespace to mark the live ones, then removes the
     /// entries that neither this walk nor the previous complete one found and that are older

@@ -549,6 +549,10 @@ impl Kernel for MemoryKernel {
             .collect()
     }
 
+    fn restore_pins(&mut self) -> Result<Vec<std::path::PathBuf>> {
+        Ok(Vec::new())
+    }
+
     fn sweep_connections(&mut self) -> Result<Option<u64>> {
         // Connections here are only those the tests list: none is ever left behind.
         Ok(Some(0))

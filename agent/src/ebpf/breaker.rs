@@ -447,7 +447,12 @@ impl Kernel {
             let pinned = link
                 .pin(&pin)
                 .map_err(|e| LoadError::Setup(format!("pinning {}: {e}", pin.display())))?;
-            self.links.push((rel.to_owned(), pinned));
+            self.links.push(super::ScopeLink {
+                cgroup: rel.to_owned(),
+                spare: PinnedLink::from_pin(&pin).ok(),
+                path: pin,
+                link: pinned,
+            });
         }
         self.describe_scope();
         info!(cgroup = %path.display(), "breaker enforced");
@@ -458,14 +463,17 @@ impl Kernel {
     pub fn detach_cgroup(&mut self, rel: &str) -> Result<(), LoadError> {
         let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links)
             .into_iter()
-            .partition(|(r, _)| r == rel);
+            .partition(|l| l.cgroup == rel);
         self.links = kept;
-        for (_, pinned) in gone {
+        for l in gone {
             // Dropping the last fd of an unpinned link detaches it.
-            let link = pinned
-                .unpin()
-                .map_err(|e| LoadError::Setup(format!("unpinning a link of {rel}: {e}")))?;
-            drop(link);
+            drop(l.spare);
+            match std::fs::remove_file(&l.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LoadError::Setup(format!("unpinning a link of {rel}: {e}"))),
+            }
+            drop(l.link);
         }
         self.describe_scope();
         info!(cgroup = rel, "breaker no longer enforced");
@@ -475,9 +483,9 @@ impl Kernel {
     /// The cgroups enforced now, in the order they were attached.
     pub fn scope(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for (rel, _) in &self.links {
-            if !out.contains(rel) {
-                out.push(rel.clone());
+        for l in &self.links {
+            if !out.contains(&l.cgroup) {
+                out.push(l.cgroup.clone());
             }
         }
         out

@@ -292,6 +292,10 @@ impl crate::core::Kernel for Kernel {
         Ok(())
     }
 
+    fn restore_pins(&mut self) -> Result<Vec<std::path::PathBuf>> {
+        self.pin_again().map_err(|e| Error::Internal(e.to_string()))
+    }
+
     fn sweep_connections(&mut self) -> Result<Option<u64>> {
         let started = self.now_ns();
         let namespaces = netns::all();

@@ -165,6 +165,17 @@ fn records<T: aya::Pod>(bytes: &[u8]) -> Vec<T> {
         .collect()
 }
 
+/// A cgroup link of the breaker's gate, pinned so that it outlives the agent.
+pub(crate) struct ScopeLink {
+    /// The cgroup it enforces on, relative to the cgroup2 mount.
+    cgroup: String,
+    path: PathBuf,
+    link: PinnedLink,
+    /// A second reference, opened from the pin: what pins the link again if its pin is
+    /// removed (pinning consumes it).
+    spare: Option<PinnedLink>,
+}
+
 /// The loaded programs and the agent's handles on their maps. Dropping it detaches everything.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -193,7 +204,9 @@ pub struct Kernel {
     _pin_lock: breaker::PinLock,
     /// Pinned cgroup links by the cgroup they enforce on; dropping them leaves the pins (and so
     /// the enforcement) in place.
-    links: Vec<(String, PinnedLink)>,
+    links: Vec<ScopeLink>,
+    /// A reference to each map of `names::PINNED_MAPS`, to pin it again if its pin goes.
+    pinned_maps: Vec<(&'static str, MapData)>,
     /// When the last complete sweep of `BW_CONNS` began (`sweep_connections`).
     last_sweep_ns: Option<u64>,
 }
@@ -271,6 +284,15 @@ impl Kernel {
             }
         }
         breaker::stamp_layout(&mut ebpf)?;
+        let pinned_maps = names::PINNED_MAPS
+            .into_iter()
+            .map(|name| {
+                let path = pin_dir.join(name);
+                MapData::from_pin(&path)
+                    .map(|map| (name, map))
+                    .map_err(|source| LoadError::Map { name, source })
+            })
+            .collect::<Result<_, _>>()?;
         match layout {
             breaker::Layout::Unstamped => {
                 info!(pin_dir = %pin_dir.display(), "pinned state from before layout stamps: stamped");
@@ -303,6 +325,7 @@ impl Kernel {
             pin_dir: pin_dir.to_owned(),
             _pin_lock: pin_lock,
             links: Vec::new(),
+            pinned_maps,
             last_sweep_ns: None,
         })
     }
@@ -480,6 +503,45 @@ impl Kernel {
             }),
             Err(e) => Err(format!("{}: {}", iter_hook(), refused(&e))),
         })
+    }
+
+    /// Pins again what was unpinned while the agent ran (the pin directory or files in it
+    /// removed by hand), from the agent's own references, so that the state and the
+    /// enforcement outlive this process as they should. Returns what was pinned again.
+    pub fn pin_again(&mut self) -> Result<Vec<PathBuf>, LoadError> {
+        let present = |path: &Path| std::fs::symlink_metadata(path).is_ok();
+        if !self.pin_dir.is_dir() {
+            breaker::prepare_pin_dir(&self.pin_dir)?;
+            // The lock was on the directory that went.
+            self._pin_lock = breaker::lock_pin_dir(&self.pin_dir)?;
+        }
+        let mut restored = Vec::new();
+        for (name, map) in &self.pinned_maps {
+            let path = self.pin_dir.join(name);
+            if !present(&path) {
+                map.pin(&path).map_err(|e| {
+                    LoadError::Setup(format!("pinning {} again: {e}", path.display()))
+                })?;
+                restored.push(path);
+            }
+        }
+        for l in &mut self.links {
+            if present(&l.path) {
+                continue;
+            }
+            let Some(spare) = l.spare.take() else {
+                continue;
+            };
+            // If this fails, `link` still holds the gate attached while the agent runs.
+            let pinned = aya::programs::links::FdLink::from(spare)
+                .pin(&l.path)
+                .map_err(|e| {
+                    LoadError::Setup(format!("pinning {} again: {e}", l.path.display()))
+                })?;
+            l.spare = Some(pinned);
+            restored.push(l.path.clone());
+        }
+        Ok(restored)
     }
 
     /// The ring buffer of connection events (once; the reader owns it).

@@ -1,6 +1,7 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|image|run|lint|test|vm-test|bench>`.
 
 mod bench;
+mod image;
 mod lint;
 mod setup;
 mod vm;
@@ -36,6 +37,9 @@ enum Task {
     Setup,
     /// Setup, then build the agent in release mode (target/release/breakwater)
     Build,
+    /// Setup, build, then the agent's OCI image with buildah from the release binary alone
+    /// (localhost/breakwater:<version>; root: into root's container storage)
+    Image(image::Args),
     /// Setup, build, then run the agent in the foreground (root)
     Run {
         /// Extra arguments for `breakwater agent`, after `--`
@@ -90,6 +94,7 @@ fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
+        Task::Image(args) => image::run_task(&ws, &args),
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
         Task::Lint => setup::toolchain().and_then(|()| lint::run(&ws)),
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
@@ -436,6 +441,14 @@ mod tests {
             _ => panic!("wrong task"),
         }
         assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "5.4"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "image", "--output", "bw.tar"]).unwrap();
+        match cli.command {
+            Task::Image(args) => {
+                assert_eq!(args.tag, None);
+                assert_eq!(args.output, Some(PathBuf::from("bw.tar")));
+            }
+            _ => panic!("wrong task"),
+        }
         let cli = Cli::try_parse_from(["xtask", "lint"]).unwrap();
         assert!(matches!(cli.command, Task::Lint));
         assert!(Cli::try_parse_from(["xtask", "lint", "--fix"]).is_err());

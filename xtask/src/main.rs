@@ -260,8 +260,23 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         return summary(&stages);
     };
 
+    // The image of the agent just built, which tests/tests/image.rs runs (BREAKWATER_IMAGE);
+    // root's container storage, as the integration tests need root anyway.
+    let mut image = None;
+    if is_root() {
+        stage(&mut stages, "image", || {
+            let tag = image::default_tag();
+            let id = image::build(ws, &agent, &tag)?;
+            let what = format!("{tag} ({})", id.get(..12).unwrap_or(&id));
+            image = Some(tag);
+            Ok(what)
+        });
+    } else {
+        println!("== image: skipped (needs root, as the integration tests do)");
+    }
+
     stage(&mut stages, "host suite", || {
-        host_suite(ws, &agent, test_args).map(|()| String::new())
+        host_suite(ws, &agent, image.as_deref(), test_args).map(|()| String::new())
     });
 
     if no_vm {
@@ -311,8 +326,14 @@ fn summary(stages: &[Stage]) -> Result<()> {
     Ok(())
 }
 
-/// Unit tests, then the privileged integration tests on this machine's kernel.
-fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> {
+/// Unit tests, then the privileged integration tests on this machine's kernel (tests/tests/image.rs
+/// runs `image`, the agent's image, when given).
+fn host_suite(
+    ws: &Workspace,
+    agent: &Path,
+    image: Option<&str>,
+    test_args: &[String],
+) -> Result<()> {
     println!("== unit tests");
     let unit = run(ws
         .cargo()
@@ -328,8 +349,11 @@ fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> 
         );
         return unit;
     }
-    let integration = run(ws
-        .cargo()
+    let mut cmd = ws.cargo();
+    if let Some(image) = image {
+        cmd.env("BREAKWATER_IMAGE", image);
+    }
+    let integration = run(cmd
         .args([
             "test",
             "--package",

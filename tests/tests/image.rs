@@ -271,16 +271,20 @@ fn assert_image_holds(image: &str, binary: &str) {
     );
 }
 
-/// ENTRYPOINT or CMD of the Containerfile's last stage, as JSON.
-fn containerfile_instruction(instruction: &str) -> Value {
+/// The argument of the Containerfile's last `INSTRUCTION` (the runtime stage's).
+fn containerfile_instruction(instruction: &str) -> String {
     let file = fs::read_to_string(repo().join("deploy/Containerfile")).expect("Containerfile");
     let prefix = format!("{instruction} ");
-    let line = file
-        .lines()
+    file.lines()
         .rev()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no {instruction} in deploy/Containerfile"));
-    serde_json::from_str(&line[prefix.len()..]).expect("exec form (a JSON array)")
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {instruction} in deploy/Containerfile"))
+        .to_owned()
+}
+
+/// ENTRYPOINT or CMD of the Containerfile, as JSON.
+fn containerfile_exec_form(instruction: &str) -> Value {
+    serde_json::from_str(&containerfile_instruction(instruction)).expect("exec form (a JSON array)")
 }
 
 #[test]
@@ -315,12 +319,13 @@ fn the_image_runs_as_the_daemonset_runs_it() {
         config["Entrypoint"], c["command"],
         "the DaemonSet's command"
     );
-    assert_eq!(
-        config["Entrypoint"],
-        containerfile_instruction("ENTRYPOINT")
-    );
-    assert_eq!(config["Cmd"], containerfile_instruction("CMD"));
+    assert_eq!(config["Entrypoint"], containerfile_exec_form("ENTRYPOINT"));
+    assert_eq!(config["Cmd"], containerfile_exec_form("CMD"));
     assert_eq!(config["User"], "0");
+    assert_eq!(
+        config["Env"],
+        serde_json::json!([containerfile_instruction("ENV")])
+    );
 
     // Own pins, socket directory and enforced cgroup, as every test agent has; the rest is the
     // DaemonSet's.
@@ -616,6 +621,19 @@ fn the_image_runs_as_the_daemonset_runs_it() {
     let breaker = &breakers["breakers"][0];
     assert_eq!(breaker["state"], "open", "{breakers}");
     assert_eq!(field(breaker, "rejected"), 1, "{breakers}");
+
+    // Inside the pod, as `kubectl exec`: `breakwater` on PATH, the default socket.
+    let out = run(Command::new("podman").args(["exec", &name, "breakwater", "services"]));
+    assert!(
+        out.status.success(),
+        "breakwater services in the container: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("upstream"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // Prometheus' port on the node's network.
     let metrics = http_get(metrics_port, "/metrics");

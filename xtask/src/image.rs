@@ -23,6 +23,8 @@ pub const REPOSITORY: &str = "localhost/breakwater";
 const BINARY: &str = "/usr/local/bin/breakwater";
 /// The image's default arguments: the Containerfile's CMD (the DaemonSet passes its own).
 const CMD: &[&str] = &["agent", "--config", "/etc/breakwater/breakwater.toml"];
+/// The Containerfile's ENV: `kubectl exec POD -- breakwater services` finds the binary.
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -81,6 +83,7 @@ pub fn build(ws: &Workspace, bin: &Path, tag: &str) -> Result<String> {
         .arg("config")
         .args(["--entrypoint", &json(&[BINARY])])
         .args(["--cmd", &json(CMD)])
+        .args(["--env", PATH_ENV])
         // Root with the capabilities the DaemonSet adds: bpffs, bpf() and /proc/<pid>/ns.
         .args(["--user", "0", "--workingdir", "/"])
         .args(["--os", "linux", "--arch", "amd64"])

@@ -4,8 +4,8 @@
 //! The image holds `/usr/local/bin/breakwater`, the shared libraries `ldd` says it loads (glibc,
 //! libgcc_s) at the paths it names them by, and the dynamic loader: the layout deploy/Containerfile
 //! builds from source, and what deploy/kubernetes/daemonset.yaml runs. Its timestamps are fixed
-//! (`SOURCE_DATE_EPOCH`, else the last commit's time), so the same binary always makes the same
-//! image ID and rebuilding leaves no untagged images behind.
+//! (`SOURCE_DATE_EPOCH`, else the last commit's time), so the same binary at the same commit makes
+//! the same image ID and rebuilding leaves no untagged images behind.
 
 use std::{
     env, fs,

@@ -1,6 +1,7 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|image|run|lint|test|vm-test|bench>`.
 
 mod bench;
+mod image;
 mod lint;
 mod setup;
 mod vm;
@@ -36,6 +37,9 @@ enum Task {
     Setup,
     /// Setup, then build the agent in release mode (target/release/breakwater)
     Build,
+    /// Setup, build, then the agent's OCI image with buildah from the release binary alone
+    /// (localhost/breakwater:<version>; root: into root's container storage)
+    Image(image::Args),
     /// Setup, build, then run the agent in the foreground (root)
     Run {
         /// Extra arguments for `breakwater agent`, after `--`
@@ -90,6 +94,7 @@ fn run_task(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::Build => build(&ws).map(|bin| println!("built: {}", bin.display())),
+        Task::Image(args) => image::run_task(&ws, &args),
         Task::Run { agent_args } => run_agent(&ws, &agent_args),
         Task::Lint => setup::toolchain().and_then(|()| lint::run(&ws)),
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
@@ -255,8 +260,23 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         return summary(&stages);
     };
 
+    // The image of the agent just built, which tests/tests/image.rs runs (BREAKWATER_IMAGE);
+    // root's container storage, as the integration tests need root anyway.
+    let mut image = None;
+    if is_root() {
+        stage(&mut stages, "image", || {
+            let tag = image::default_tag();
+            let id = image::build(ws, &agent, &tag)?;
+            let what = format!("{tag} ({})", id.get(..12).unwrap_or(&id));
+            image = Some(tag);
+            Ok(what)
+        });
+    } else {
+        println!("== image: skipped (needs root, as the integration tests do)");
+    }
+
     stage(&mut stages, "host suite", || {
-        host_suite(ws, &agent, test_args).map(|()| String::new())
+        host_suite(ws, &agent, image.as_deref(), test_args).map(|()| String::new())
     });
 
     if no_vm {
@@ -306,8 +326,14 @@ fn summary(stages: &[Stage]) -> Result<()> {
     Ok(())
 }
 
-/// Unit tests, then the privileged integration tests on this machine's kernel.
-fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> {
+/// Unit tests, then the privileged integration tests on this machine's kernel (tests/tests/image.rs
+/// runs `image`, the agent's image, when given).
+fn host_suite(
+    ws: &Workspace,
+    agent: &Path,
+    image: Option<&str>,
+    test_args: &[String],
+) -> Result<()> {
     println!("== unit tests");
     let unit = run(ws
         .cargo()
@@ -323,8 +349,11 @@ fn host_suite(ws: &Workspace, agent: &Path, test_args: &[String]) -> Result<()> 
         );
         return unit;
     }
-    let integration = run(ws
-        .cargo()
+    let mut cmd = ws.cargo();
+    if let Some(image) = image {
+        cmd.env("BREAKWATER_IMAGE", image);
+    }
+    let integration = run(cmd
         .args([
             "test",
             "--package",
@@ -436,6 +465,14 @@ mod tests {
             _ => panic!("wrong task"),
         }
         assert!(Cli::try_parse_from(["xtask", "vm-test", "--kernel", "5.4"]).is_err());
+        let cli = Cli::try_parse_from(["xtask", "image", "--output", "bw.tar"]).unwrap();
+        match cli.command {
+            Task::Image(args) => {
+                assert_eq!(args.tag, None);
+                assert_eq!(args.output, Some(PathBuf::from("bw.tar")));
+            }
+            _ => panic!("wrong task"),
+        }
         let cli = Cli::try_parse_from(["xtask", "lint"]).unwrap();
         assert!(matches!(cli.command, Task::Lint));
         assert!(Cli::try_parse_from(["xtask", "lint", "--fix"]).is_err());

@@ -43,6 +43,7 @@ pub fn run() -> Result<()> {
     check_promtool(root)?;
     check_etcd(root)?;
     check_nginx(root)?;
+    check_containers(root)?;
     check_vm_tools(root)?;
     Ok(())
 }
@@ -456,6 +457,48 @@ fn check_nginx(root: bool) -> Result<()> {
         "ok: nginx ({})",
         String::from_utf8_lossy(&version.stderr).trim()
     );
+    Ok(())
+}
+
+/// `cargo xtask image` builds the agent's image with buildah; tests/tests/image.rs runs it with
+/// podman on runc (crun, podman's other runtime, refuses a hybrid cgroup v1/v2 layout). Without
+/// their recommends: fuse-overlayfs, slirp4netns and uidmap serve rootless containers only.
+/// podman's units (podman.socket and friends) are started on demand, no server is left running.
+const CONTAINER_PACKAGES: &[(&str, &str)] = &[
+    ("buildah", "/usr/bin/buildah"),
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
+];
+
+fn check_containers(root: bool) -> Result<()> {
+    let missing = missing_packages(CONTAINER_PACKAGES);
+    if !missing.is_empty() {
+        let list = missing.join(" ");
+        if !root {
+            println!(
+                "warning: {list} missing for `cargo xtask image` and tests/tests/image.rs (not \
+                 root, so not installing; as root: apt-get install -y --no-install-recommends \
+                 {list})"
+            );
+            return Ok(());
+        }
+        println!(
+            "installing: {list} for the agent's image (apt-get install -y \
+             --no-install-recommends)"
+        );
+        apt_install(&missing, &["--no-install-recommends"])?;
+        if let Some((package, file)) = CONTAINER_PACKAGES.iter().find(|p| !package_present(p)) {
+            bail!("the {package} package was installed but {file} is still missing");
+        }
+    }
+    // `buildah version 1.28.2 (image-spec ...)`, `podman version 4.3.1`, `runc version 1.1.5+ds1`.
+    let mut versions = Vec::new();
+    for (package, file) in CONTAINER_PACKAGES {
+        let version = output(Command::new(file).arg("--version"))?;
+        let version = version.split_whitespace().nth(2).unwrap_or("?").to_string();
+        versions.push(format!("{package} {version}"));
+    }
+    println!("ok: {}", versions.join(", "));
     Ok(())
 }
 

@@ -79,9 +79,10 @@ const MODULES: &[&str] = &["inet_diag", "tcp_diag", "veth"];
 /// Test binaries that cannot run in the guest: deploy.rs runs `systemd-analyze` and the Python
 /// venv's `kubernetes-validate` (host tools, ~/.cache/breakwater/venv), and checks files, not the
 /// kernel; etcd.rs runs the host's /usr/bin/etcd and tests the harness, not the kernel; fleet.rs
-/// needs that etcd too (its agents' programs are the ones every other suite checks in the guest).
-/// The host suite runs them.
-const HOST_ONLY_BINARIES: &[&str] = &["deploy", "etcd", "fleet"];
+/// needs that etcd too (its agents' programs are the ones every other suite checks in the guest);
+/// image.rs runs the agent's image with the host's podman and its container storage. The host
+/// suite runs them.
+const HOST_ONLY_BINARIES: &[&str] = &["deploy", "etcd", "fleet", "image"];
 
 /// Single tests that need the host's Python venv (the grpcio client), Debian's promtool or a
 /// tool the guest lacks, skipped in the guest.
@@ -1843,9 +1844,16 @@ linux-image-6.1.0-57-cloud-amd64-unsigned - Linux 6.1 for x86-64 cloud
 
     #[test]
     fn selection_of_guest_runs() {
-        let bins: Vec<String> = ["api", "deploy", "etcd", "observability", "newthing"]
-            .map(String::from)
-            .to_vec();
+        let bins: Vec<String> = [
+            "api",
+            "deploy",
+            "etcd",
+            "image",
+            "observability",
+            "newthing",
+        ]
+        .map(String::from)
+        .to_vec();
         let default = Selection {
             full: false,
             filters: Vec::new(),

@@ -422,9 +422,13 @@ impl Remote {
     pub fn prepare(&self, next: &Config) -> Result<RemoteChange, ServeError> {
         let a = &next.agent;
         let tls = self.tls.prepare(server_files(a).as_ref())?;
+        // The fleet itself (endpoints, on or off) changes at the next start: its TLS files
+        // only while it stays on.
         let etcd_tls = match &self.etcd_tls {
-            Some(r) => r.prepare(Some(&crate::fleet::EtcdFiles::of(&next.fleet)))?,
-            None => None,
+            Some(r) if next.fleet.enabled() => {
+                r.prepare(crate::fleet::EtcdFiles::wanted(&next.fleet).as_ref())?
+            }
+            _ => None,
         };
         Ok(RemoteChange {
             tls,

@@ -72,11 +72,13 @@ impl EtcdFiles {
         }
     }
 
-    /// TLS is used for https:// endpoints, and whenever a file is given.
-    fn wanted(config: &FleetConfig) -> bool {
-        config.etcd.iter().any(|u| u.starts_with("https://"))
+    /// The files of `config` when it uses TLS: for https:// endpoints, and whenever a file is
+    /// given.
+    pub fn wanted(config: &FleetConfig) -> Option<Self> {
+        let tls = config.etcd.iter().any(|u| u.starts_with("https://"))
             || config.etcd_ca.is_some()
-            || config.etcd_cert.is_some()
+            || config.etcd_cert.is_some();
+        tls.then(|| Self::of(config))
     }
 }
 
@@ -191,7 +193,7 @@ impl Settings {
                 .into_owned(),
         };
         schema::check_node_name(&node)?;
-        let files = EtcdFiles::wanted(config).then(|| EtcdFiles::of(config));
+        let files = EtcdFiles::wanted(config);
         let tls = Rotating::new(files.as_ref()).map_err(Error::from)?;
         Ok(Some(Self {
             endpoints: config.etcd.clone(),

@@ -600,3 +600,68 @@ pub async fn serve(
     served?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A client connection and the server's end of it, from `incoming`.
+    async fn connect(
+        addr: SocketAddr,
+        incoming: &mut mpsc::Receiver<TcpStream>,
+    ) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(addr).await.unwrap();
+        let server = incoming.recv().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_moved_listener_refuses_on_the_old_address_and_keeps_its_connections() {
+        let (l, mut incoming) = Rebindable::new("agent.listen");
+        let first = l.bind("127.0.0.1:0").unwrap();
+        let (mut held, mut held_server) = connect(first, &mut incoming).await;
+
+        // Unchanged: nothing to do; a taken address: an error, and it stays.
+        assert!(matches!(
+            l.prepare(Some("127.0.0.1:0")).unwrap(),
+            Rebind::Keep
+        ));
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = taken.local_addr().unwrap().to_string();
+        let e = l.prepare(Some(&taken)).err().unwrap().to_string();
+        assert!(
+            e.starts_with(&format!("cannot listen on {taken} (agent.listen): ")),
+            "{e}"
+        );
+        assert_eq!(l.local_addr(), Some(first));
+
+        // Another address of lo.
+        let change = l.prepare(Some("127.0.0.2:0")).unwrap();
+        assert!(matches!(change, Rebind::Move { .. }));
+        l.commit(change).unwrap();
+        let second = l.local_addr().unwrap();
+        assert_ne!(second, first);
+        let (_client, _server) = connect(second, &mut incoming).await;
+        // The old socket closes once its task is gone.
+        let mut refused = false;
+        for _ in 0..100 {
+            if TcpStream::connect(first).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "{first} still accepts");
+        // The connection it accepted goes on.
+        held.write_all(b"ping").await.unwrap();
+        let mut buf = [0; 4];
+        held_server.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        assert!(matches!(l.prepare(None).unwrap(), Rebind::Stop));
+        l.close();
+        assert_eq!(l.local_addr(), None);
+        assert!(matches!(l.prepare(None).unwrap(), Rebind::Keep));
+    }
+}

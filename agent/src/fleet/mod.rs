@@ -326,7 +326,7 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
                 // Connected and answered with the new files: the next session goes on at once
                 // with that client; the link stays up.
                 info!("fleet: the etcd client's TLS files changed: reconnected with them");
-                client = Some(new);
+                client = Some(*new);
                 continue;
             }
             Ended::Failed(error) => error,
@@ -357,8 +357,9 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
 enum Ended {
     /// An error (etcd gone, lease lost, watch compacted): why.
     Failed(String),
-    /// The TLS files changed and a client with them works: the next session uses it.
-    Rotated(Client),
+    /// The TLS files changed and a client with them works: the next session uses it (boxed:
+    /// a client is large).
+    Rotated(Box<Client>),
 }
 
 impl From<String> for Ended {
@@ -665,7 +666,7 @@ async fn session_inner(
                 // not trust them yet.
                 let tls = rotated.borrow_and_update().clone();
                 match settings.reconnect(tls.as_deref()).await {
-                    Ok(client) => return Err(Ended::Rotated(client)),
+                    Ok(client) => return Err(Ended::Rotated(Box::new(client))),
                     Err(e) => warn!(
                         error = e,
                         "fleet: etcd does not take the new TLS files yet; staying on the current \

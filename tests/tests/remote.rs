@@ -924,8 +924,8 @@ fn a_reload_moves_the_listeners_and_keeps_their_connections() {
     assert_eq!(list(&agent, &mut held_plain), Ok(1));
 
     let path = agent.config_path().unwrap().to_owned();
-    let text = std::fs::read_to_string(&path).unwrap();
-    let moved = text
+    let file = std::fs::read_to_string(&path).unwrap();
+    let moved = file
         .replace(&format!(":{tls1}\""), &format!(":{tls2}\""))
         .replace(&format!(":{plain1}\""), &format!(":{plain2}\""));
     std::fs::write(&path, &moved).unwrap();
@@ -947,6 +947,24 @@ fn a_reload_moves_the_listeners_and_keeps_their_connections() {
     // What they accepted goes on.
     assert_eq!(list(&agent, &mut held_tls), Ok(1));
     assert_eq!(list(&agent, &mut held_plain), Ok(1));
+    // The agent's own destinations, never refused, moved with them.
+    let out = agent.cli(&[
+        "service",
+        "put",
+        "cover",
+        "--endpoint",
+        &format!("127.0.0.1:{tls2}"),
+        "--endpoint",
+        &format!("127.0.0.1:{tls1}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("127.0.0.1:{tls2} (the agent's API (TLS))"))
+            && !said.contains(&format!("127.0.0.1:{tls1} (the agent's")),
+        "{said}"
+    );
+    assert!(agent.cli(&["service", "delete", "cover"]).status.success());
 
     // An address that cannot be bound refuses the whole reload: the service added beside it
     // is not applied, and the listener stays where it is.

@@ -12,3 +12,4 @@ pub mod error;
 pub mod fleet;
 pub mod metrics;
 pub mod netns;
+pub mod tls;

@@ -33,7 +33,6 @@ use prometheus_client::{
     metrics::MetricType,
     registry::Registry,
 };
-use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::{
@@ -408,9 +407,10 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics` on the connections `incoming` hands over (from whichever socket
+/// `metrics.listen` is bound to now: a reload can move it) until `shutdown` completes.
 pub async fn serve(
-    listener: TcpListener,
+    mut incoming: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -418,14 +418,9 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: try again shortly.
-                    warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            accepted = incoming.recv() => match accepted {
+                Some(stream) => stream,
+                None => return,
             },
         };
         let metrics = metrics.clone();

@@ -56,6 +56,8 @@ pub fn available() -> bool {
 /// The PEM files of a TLS etcd: its CA, its server certificate, and a client certificate the
 /// server trusts.
 struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
     ca: PathBuf,
     server_cert: PathBuf,
     server_key: PathBuf,
@@ -108,6 +110,8 @@ impl Pki {
             vec![ExtendedKeyUsagePurpose::ClientAuth],
         );
         Self {
+            dir: dir.to_owned(),
+            issuer,
             ca,
             server_cert,
             server_key,
@@ -261,6 +265,33 @@ impl Etcd {
     pub fn url(&self) -> String {
         let scheme = if self.pki.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A new CA, server and client certificate: etcd restarts with them and trusts only the
+    /// new CA; [`Etcd::ca_path`] and the client paths are the new ones.
+    pub fn rotate_tls(&mut self) {
+        let n = fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or_default();
+        self.pki = Some(Pki::new(&self.dir.path().join(format!("pki-{n}"))));
+        self.restart();
+    }
+
+    /// Another client certificate of the current CA, and its key.
+    pub fn issue_client_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        let pki = self.pki();
+        leaf(
+            &pki.dir,
+            name,
+            &pki.issuer,
+            name,
+            vec![SanType::DnsName(
+                format!("{name}.breakwater.test")
+                    .try_into()
+                    .expect("DNS name"),
+            )],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
     }
 
     /// The CA that signed the server's and the client's certificates (PEM).

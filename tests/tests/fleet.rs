@@ -719,3 +719,110 @@ fn etcd_restarted_without_its_data_is_filled_again_and_followed() {
     assert_eq!(b["reason"], "after the loss");
     assert_eq!(fleet_link(&n1)["connected"], true);
 }
+
+/// Writes `from` over `to` as kubelet updates a secret volume: beside it, then renamed.
+fn replace_file(from: &std::path::Path, to: &std::path::Path) {
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[test]
+fn the_etcd_client_certificates_rotate_without_a_restart() {
+    let _serial = serial();
+    if !require_root() || !etcd::available() {
+        return;
+    }
+    let mut etcd = Etcd::start_tls();
+    // The agent's copies of the files, which the test replaces.
+    let live = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = (
+        live.path().join("ca.crt"),
+        live.path().join("tls.crt"),
+        live.path().join("tls.key"),
+    );
+    let install = |etcd: &Etcd| {
+        replace_file(etcd.ca_path(), &ca);
+        replace_file(etcd.client_cert_path(), &cert);
+        replace_file(etcd.client_key_path(), &key);
+    };
+    install(&etcd);
+    let shown = |p: &std::path::Path| p.display().to_string();
+    let (ca_s, cert_s, key_s) = (shown(&ca), shown(&cert), shown(&key));
+    let n1 = node_with(
+        &etcd,
+        "n1",
+        &[
+            "--etcd-ca",
+            &ca_s,
+            "--etcd-cert",
+            &cert_s,
+            "--etcd-key",
+            &key_s,
+        ],
+    );
+    let put = |etcd: &Etcd, name: &str, port: u16| {
+        let (ca, cert, key) = (
+            shown(etcd.ca_path()),
+            shown(etcd.client_cert_path()),
+            shown(etcd.client_key_path()),
+        );
+        let endpoint = format!("127.0.0.1:{port}");
+        fleet_ok(
+            etcd,
+            &[
+                "--etcd-ca",
+                &ca,
+                "--etcd-cert",
+                &cert,
+                "--etcd-key",
+                &key,
+                "service",
+                "put",
+                name,
+                "--endpoint",
+                &endpoint,
+            ],
+        );
+    };
+    put(&etcd, "db1", 7101);
+    wait("db1", &n1, || service(&n1, "db1"));
+
+    // A new client certificate of the same CA: the agent reconnects with it, the link stays up.
+    let (cert2, key2) = etcd.issue_client_cert("client-2");
+    replace_file(&key2, &key);
+    replace_file(&cert2, &cert);
+    wait("the reconnection", &n1, || {
+        n1.log()
+            .contains("etcd client's TLS files changed: reconnected with them")
+            .then_some(())
+    });
+    assert!(n1.log().contains("CN=client-2"), "{}", n1.log());
+    assert_eq!(fleet_link(&n1)["connected"], true);
+    put(&etcd, "db2", 7102);
+    wait("db2", &n1, || service(&n1, "db2"));
+
+    // A key that is not PEM: not used, a warning, the link stays up.
+    std::fs::write(&key, "not a key\n").unwrap();
+    wait("the warning", &n1, || {
+        n1.log().contains("holds no PEM private key").then_some(())
+    });
+    assert_eq!(fleet_link(&n1)["connected"], true);
+    replace_file(&key2, &key);
+
+    // etcd moves to a new CA: the agent's link goes down with the old files and comes back
+    // once the new ones are in place, without a restart or a reload.
+    etcd.rotate_tls();
+    wait("the link down", &n1, || {
+        Some(fleet_link(&n1)).filter(|l| l["connected"] == false)
+    });
+    install(&etcd);
+    // The next attempt may be up to 10 s away (the backoff).
+    let up = eventually(Duration::from_secs(30), || {
+        Some(fleet_link(&n1)).filter(|l| l["connected"] == true)
+    });
+    assert!(up.is_some(), "link not up again:\n{}", n1.log());
+    put(&etcd, "db3", 7103);
+    wait("db3", &n1, || service(&n1, "db3"));
+    assert!(service(&n1, "db1").is_some());
+}

@@ -717,3 +717,277 @@ fn a_user_without_access_to_the_socket_is_told_who_may_use_it() {
         "the agent runs: starting it is no advice: {err}"
     );
 }
+
+/// The agent's TLS files, replaced as cert-manager and kubelet do: each new file written beside
+/// and renamed over the old one.
+struct Live {
+    dir: tempfile::TempDir,
+}
+
+impl Live {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, content: &[u8]) {
+        let tmp = self.path(&format!(".{name}.new"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.path(name)).unwrap();
+    }
+
+    /// `pki`'s server certificate, key and CA (as the client CA) over the files.
+    fn install(&self, pki: &Pki) {
+        self.write("tls.crt", &std::fs::read(&pki.server.cert).unwrap());
+        self.write("tls.key", &std::fs::read(&pki.server.key).unwrap());
+        self.write("ca.crt", &std::fs::read(&pki.ca).unwrap());
+    }
+
+    /// A config that serves TLS on `port` with these files.
+    fn config(&self, port: u16) -> String {
+        format!(
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             tls_client_ca = \"{}\"\n[agent.authz]\nwriters = [\"{WRITER}\"]\n{}",
+            self.path("tls.crt").display(),
+            self.path("tls.key").display(),
+            self.path("ca.crt").display(),
+            service_config(closed_port())
+        )
+    }
+}
+
+fn reload(agent: &Agent) -> Result<pb::ReloadConfigResponse, tonic::Status> {
+    let mut client = agent.client();
+    agent
+        .block_on(client.reload_config(pb::ReloadConfigRequest {}))
+        .map(|r| r.into_inner())
+}
+
+fn list(agent: &Agent, c: &mut AgentClient<Channel>) -> Result<usize, String> {
+    agent
+        .block_on(c.list_services(pb::ListServicesRequest {}))
+        .map(|r| r.into_inner().services.len())
+        .map_err(|s| format!("{s:?}"))
+}
+
+/// A new client trusting `ca` with `who`'s certificate lists services.
+fn new_client_lists(agent: &Agent, port: u16, ca: &Path, who: &Pem) -> Result<usize, String> {
+    tls_client(agent, port, ca, Some(who)).and_then(|mut c| list(agent, &mut c))
+}
+
+#[test]
+fn certificates_rotate_on_reload_and_when_the_files_change_keeping_connections() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let (one, two, three) = (Pki::new(), Pki::new(), Pki::new());
+    let live = Live::new();
+    live.install(&one);
+    let port = free_port();
+    let agent = Agent::start_with_config(Some(&live.config(port)));
+    let mut held = tls_client(&agent, port, &one.ca, Some(&one.reader)).expect("first client");
+    assert_eq!(list(&agent, &mut held), Ok(1));
+    // A stream open across every rotation below: it must still deliver at the end.
+    let mut events = agent
+        .block_on(held.watch_breaker_events(pb::WatchBreakerEventsRequest {
+            service: "svc".into(),
+        }))
+        .expect("watch")
+        .into_inner();
+
+    // The files change, no reload: new clients of the new CAs get in once the agent saw them.
+    live.install(&two);
+    let served = breakwater_tests::eventually(std::time::Duration::from_secs(30), || {
+        new_client_lists(&agent, port, &two.ca, &two.reader).ok()
+    });
+    assert_eq!(served, Some(1), "new files not served\n{}", agent.log());
+    assert!(
+        agent.log().contains("now in use: subject"),
+        "the rotation is logged:\n{}",
+        agent.log()
+    );
+    // A client that trusts only the old server CA, and one whose certificate chains only to
+    // the old client CA, are refused.
+    let r = new_client_lists(&agent, port, &one.ca, &one.reader);
+    assert!(r.is_err(), "old server CA: {r:?}");
+    let r = new_client_lists(&agent, port, &two.ca, &one.reader);
+    assert!(r.is_err(), "old client CA: {r:?}");
+    // The connection made before goes on (a new one would fail: its client trusts only the
+    // old CA).
+    assert_eq!(list(&agent, &mut held), Ok(1), "held connection dropped");
+
+    // The files change and a reload: in use when it answers.
+    live.install(&three);
+    reload(&agent).expect("reload");
+    assert_eq!(
+        new_client_lists(&agent, port, &three.ca, &three.writer),
+        Ok(1)
+    );
+    let r = new_client_lists(&agent, port, &three.ca, &two.reader);
+    assert!(r.is_err(), "client CA two after the reload: {r:?}");
+
+    // Bad files: the reload says why and changes nothing; the files in use stay.
+    live.write("tls.key", &std::fs::read(&one.server.key).unwrap());
+    let e = reload(&agent).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains(&format!(
+            "the key {} does not match the certificate {}",
+            live.path("tls.key").display(),
+            live.path("tls.crt").display()
+        )) && e.message().ends_with("the running config stays"),
+        "{}",
+        e.message()
+    );
+    live.write("tls.key", &std::fs::read(&three.server.key).unwrap());
+    live.write("ca.crt", b"not a certificate\n");
+    let e = reload(&agent).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains(&format!(
+            "the client CA (agent.tls_client_ca, --tls-client-ca) {} holds no PEM certificate",
+            live.path("ca.crt").display()
+        )),
+        "{}",
+        e.message()
+    );
+    let warned = breakwater_tests::eventually(std::time::Duration::from_secs(30), || {
+        agent
+            .log()
+            .contains("cannot be used; the ones in use stay")
+            .then_some(())
+    });
+    assert!(warned.is_some(), "no warning:\n{}", agent.log());
+    assert_eq!(
+        new_client_lists(&agent, port, &three.ca, &three.reader),
+        Ok(1),
+        "the last good files stopped serving"
+    );
+
+    // The stream opened before the first rotation still delivers.
+    let mut root = agent.client();
+    agent
+        .block_on(root.trip(pb::TripRequest {
+            service: "svc".into(),
+            reason: "rotation test".into(),
+            ..Default::default()
+        }))
+        .expect("trip");
+    let event = agent
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), events.message()).await
+        })
+        .expect("an event within 10 s")
+        .expect("the stream is alive")
+        .expect("an event");
+    assert_eq!(event.service, "svc");
+    assert_eq!(event.reason, "rotation test");
+    assert_eq!(list(&agent, &mut held), Ok(1));
+}
+
+fn plain_client(agent: &Agent, port: u16) -> Result<AgentClient<Channel>, String> {
+    agent.block_on(async move {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(AgentClient::new(channel))
+    })
+}
+
+#[test]
+fn a_reload_moves_the_listeners_and_keeps_their_connections() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let pki = Pki::new();
+    let live = Live::new();
+    live.install(&pki);
+    let (tls1, tls2, plain1, plain2) = (free_port(), free_port(), free_port(), free_port());
+    let config = live.config(tls1).replacen(
+        "[agent.authz]",
+        &format!("insecure_listen = \"127.0.0.1:{plain1}\"\n[agent.authz]"),
+        1,
+    );
+    let agent = Agent::start_with_config(Some(&config));
+    let mut held_tls = tls_client(&agent, tls1, &pki.ca, Some(&pki.reader)).expect("TLS");
+    let mut held_plain = plain_client(&agent, plain1).expect("plain");
+    assert_eq!(list(&agent, &mut held_tls), Ok(1));
+    assert_eq!(list(&agent, &mut held_plain), Ok(1));
+
+    let path = agent.config_path().unwrap().to_owned();
+    let file = std::fs::read_to_string(&path).unwrap();
+    let moved = file
+        .replace(&format!(":{tls1}\""), &format!(":{tls2}\""))
+        .replace(&format!(":{plain1}\""), &format!(":{plain2}\""));
+    std::fs::write(&path, &moved).unwrap();
+    reload(&agent).expect("reload");
+    // The new addresses serve at once.
+    assert_eq!(new_client_lists(&agent, tls2, &pki.ca, &pki.reader), Ok(1));
+    let mut plain = plain_client(&agent, plain2).expect("new plain address");
+    assert_eq!(list(&agent, &mut plain), Ok(1));
+    // The old ones refuse new connections (their sockets close as their tasks end).
+    for port in [tls1, plain1] {
+        let refused = breakwater_tests::eventually(std::time::Duration::from_secs(10), || {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                _ => None,
+            }
+        });
+        assert!(refused.is_some(), "127.0.0.1:{port} still accepts");
+    }
+    // What they accepted goes on.
+    assert_eq!(list(&agent, &mut held_tls), Ok(1));
+    assert_eq!(list(&agent, &mut held_plain), Ok(1));
+    // The agent's own destinations, never refused, moved with them.
+    let out = agent.cli(&[
+        "service",
+        "put",
+        "cover",
+        "--endpoint",
+        &format!("127.0.0.1:{tls2}"),
+        "--endpoint",
+        &format!("127.0.0.1:{tls1}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(&format!("127.0.0.1:{tls2} (the agent's API (TLS))"))
+            && !said.contains(&format!("127.0.0.1:{tls1} (the agent's")),
+        "{said}"
+    );
+    assert!(agent.cli(&["service", "delete", "cover"]).status.success());
+
+    // An address that cannot be bound refuses the whole reload: the service added beside it
+    // is not applied, and the listener stays where it is.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[[service]]\nname = \"svc2\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+            moved.replace(&format!(":{tls2}\""), &format!(":{taken_port}\"")),
+            closed_port()
+        ),
+    )
+    .unwrap();
+    let e = reload(&agent).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains(&format!(
+            "cannot listen on 127.0.0.1:{taken_port} (agent.listen)"
+        )),
+        "{}",
+        e.message()
+    );
+    assert_eq!(service_names(&agent), ["svc"]);
+    assert_eq!(new_client_lists(&agent, tls2, &pki.ca, &pki.reader), Ok(1));
+}

@@ -6,8 +6,6 @@
 use std::future::Future;
 
 use breakwater_proto::v1::agent_server::AgentServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService as _;
 use tonic_health::{
     pb::health_server::HealthServer,
@@ -94,19 +92,21 @@ pub fn reflection() -> (
 /// Serves `grpc.health.v1.Health` alone on plain TCP until `shutdown` completes: no data and
 /// no changes, so it may be exposed where probes come from (they cannot do mTLS).
 pub async fn serve_health_only(
-    listener: TcpListener,
+    incoming: impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
     health: Health,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(health.service())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpListener;
+    use tokio_stream::wrappers::TcpListenerStream;
     use tonic_health::pb::{
         health_check_response::ServingStatus as PbStatus, health_client::HealthClient,
         HealthCheckRequest,
@@ -118,9 +118,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_health_only(listener, health.clone(), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(serve_health_only(
+            TcpListenerStream::new(listener),
+            health.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()

@@ -56,10 +56,30 @@ impl From<Error> for Status {
 /// Metadata on a status that refused a change because another source owns the object.
 pub const REFUSED_METADATA: &str = "breakwater-refused";
 
-/// Reloads the config (`ReloadConfig`, SIGHUP): the core applies it, and who may change state
-/// is updated here, where calls are let through.
-pub fn reload(core: &mut Core, authz: &authz::Authz) -> Result<Reloaded> {
-    let reloaded = core.reload()?;
+/// Reloads the config (`ReloadConfig`, SIGHUP): the core applies it, who may change state is
+/// updated here, where calls are let through, and `remote`'s listeners and TLS files (the
+/// API's, the etcd client's) as the file says. Everything is checked first (the new file, the
+/// TLS files read and built, new addresses bound): if anything cannot be applied, nothing is.
+pub fn reload(
+    core: &mut Core,
+    authz: &authz::Authz,
+    remote: Option<&serve::Remote>,
+) -> Result<Reloaded> {
+    let (path, next) = core.next_config()?;
+    let change = remote.map(|r| r.prepare(&next)).transpose().map_err(|e| {
+        Error::invalid(format!(
+            "{}: {}; the running config stays",
+            path.display(),
+            crate::error::chain(&e)
+        ))
+    })?;
+    let own = remote.zip(change.as_ref()).map(|(r, c)| r.own(Some(c)));
+    let reloaded = core.reload_to(&path, next, own)?;
+    if let (Some(remote), Some(change)) = (remote, change) {
+        remote
+            .commit(change)
+            .map_err(|e| Error::Internal(crate::error::chain(&e)))?;
+    }
     if let Some(a) = &reloaded.authz {
         authz.update(a);
         info!(authz = ?a, "authorization updated");
@@ -73,6 +93,7 @@ pub struct AgentService {
     started: Instant,
     host_netns: u32,
     config_path: Option<PathBuf>,
+    remote: Option<Arc<serve::Remote>>,
 }
 
 impl AgentService {
@@ -88,7 +109,14 @@ impl AgentService {
             started: Instant::now(),
             host_netns,
             config_path,
+            remote: None,
         }
+    }
+
+    /// With the TCP listeners and TLS files that `ReloadConfig` changes too.
+    pub fn with_remote(mut self, remote: Arc<serve::Remote>) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     /// Runs `f` on the core off the async workers (map walks are syscalls).
@@ -129,7 +157,10 @@ impl Agent for AgentService {
         _: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
         let authz = self.authz.clone();
-        let reloaded = self.with_core(move |core| reload(core, &authz)).await?;
+        let remote = self.remote.clone();
+        let reloaded = self
+            .with_core(move |core| reload(core, &authz, remote.as_deref()))
+            .await?;
         Ok(Response::new(convert::reload_response(reloaded)))
     }
 

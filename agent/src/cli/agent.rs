@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use tokio_stream::StreamExt as _;
 use tracing::{error, info, warn};
 
 use super::{AgentArgs, CliError, OnUnsupportedKernel};
@@ -88,25 +89,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     serve::ensure_free(&socket).map_err(anyhow::Error::from)?;
     // Certificates are read and TCP ports bound before anything is loaded: a bad file or a
     // taken port stops the start cleanly.
-    let (tls, insecure) = remote_listeners(&config).await?;
     let health = Health::new().await;
-    let (metrics_listener, health_addr) = observability_listeners(&config, &health).await?;
+    let (remote, incoming) = remote_listeners(&config, fleet.as_ref())?;
+    serve_health(incoming.health, &health);
     // The agent's own control paths: never refused by a breaker, from before the first one.
-    let mut own = Vec::new();
-    let local = |l: Option<&tokio::net::TcpListener>| l.and_then(|l| l.local_addr().ok());
-    for (addr, why) in [
-        (local(tls.as_ref().map(|(l, _)| l)), "the agent's API (TLS)"),
-        (local(insecure.as_ref()), "the agent's API"),
-        (local(metrics_listener.as_ref()), "the agent's metrics"),
-        (health_addr, "the agent's health"),
-    ] {
-        if let Some(addr) = addr {
-            own.extend(protected::of_address(addr, why));
-        }
-    }
-    if let Some(fleet) = &fleet {
-        own.extend(fleet.protected());
-    }
+    let own = remote.own(None);
 
     let pin_dir = config.agent.pin_dir.clone();
     let hooks = if args.empty_hooks {
@@ -126,7 +113,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             // too). Nothing will serve the API or the metrics: close their listeners, so that
             // clients and scrapers are refused at once instead of left waiting; only the health
             // listener stays.
-            drop((tls, insecure, metrics_listener));
+            remote.close_api();
             return wait_unsupported(why, &health).await;
         }
         Err(e) => return Err(e),
@@ -191,9 +178,14 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             }
         }
     });
+    // The TLS files are read again every few seconds: a rotated certificate is used without a
+    // reload.
+    let polled = remote.clone();
+    crate::tls::watch_files(move || polled.poll());
     // SIGHUP reloads the config file, like ReloadConfig.
     let reloading = core.clone();
     let reloading_authz = authz.clone();
+    let reloading_remote = remote.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -202,10 +194,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         while hup.recv().await.is_some() {
             let core = reloading.clone();
             let authz = reloading_authz.clone();
+            let remote = reloading_remote.clone();
             let result = tokio::task::spawn_blocking(move || {
                 core.lock()
                     .map_err(|_| crate::error::Error::Internal("core lock poisoned".into()))
-                    .and_then(|mut c| crate::api::reload(&mut c, &authz))
+                    .and_then(|mut c| crate::api::reload(&mut c, &authz, Some(&remote)))
             })
             .await;
             match result {
@@ -234,51 +227,55 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             guard.sample();
         };
     });
-    if let Some(listener) = metrics_listener {
-        let metrics = crate::metrics::Metrics::new(core.clone(), config.metrics.top_destinations);
-        // Like the health listener, it answers until the process ends.
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            Arc::new(metrics),
-            std::future::pending(),
-        ));
-    }
-    let service = AgentService::new(core, authz.clone(), host_netns, args.config.clone());
+    let metrics = crate::metrics::Metrics::new(core.clone(), config.metrics.top_destinations);
+    // Like the health listener, it answers until the process ends (a reload may move it).
+    tokio::spawn(crate::metrics::serve(
+        incoming.metrics,
+        Arc::new(metrics),
+        std::future::pending(),
+    ));
+    let service = AgentService::new(core, authz.clone(), host_netns, args.config.clone())
+        .with_remote(remote.clone());
     info!(socket = %socket.display(), services = config.services.len(), "breakwater agent ready");
     say(format_args!(
         "breakwater agent listening on unix://{0}\ntry: breakwater --agent unix://{0} destinations",
         socket.display()
     ));
-    for (scheme, l) in [
-        ("https", tls.as_ref().map(|(l, _)| l)),
-        ("http", insecure.as_ref()),
+    for (scheme, addr) in [
+        ("https", remote.listen.local_addr()),
+        ("http", remote.insecure.local_addr()),
     ] {
-        if let Some(addr) = l.and_then(|l| l.local_addr().ok()) {
+        if let Some(addr) = addr {
             say(format_args!(
                 "breakwater agent listening on {scheme}://{addr}"
             ));
         }
     }
-    let listeners = serve::Listeners {
-        unix: listener,
-        tls,
-        insecure,
-    };
     // The programs are attached and every listener is bound.
     health.set_serving(true).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopping_health = health.clone();
+    let stopping_remote = remote.clone();
     let stopping = async move {
         shutdown().await;
         stopping_health.set_serving(false).await;
         // A moment for health watchers and probes to see it before the listeners close.
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        stopping_remote.close_api();
         let _ = stop_tx.send(true);
     };
-    let served = serve::serve(listeners, service, &health, authz, async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|s| *s).await;
-    });
+    let served = serve::serve(
+        listener,
+        (incoming.listen, incoming.insecure),
+        &remote,
+        service,
+        &health,
+        authz,
+        async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|s| *s).await;
+        },
+    );
     // Graceful shutdown waits for clients to hang up; a client that keeps its connection open
     // must not keep the agent alive.
     let result = tokio::select! {
@@ -393,110 +390,82 @@ fn log_features(features: &Features) {
     }
 }
 
-/// Binds the health-only and the metrics listeners (before loading: a taken port stops the
-/// start cleanly). The health listener starts serving at once, NOT_SERVING until the programs
-/// are attached, and answers until the process ends (NOT_SERVING while it shuts down); the
-/// metrics listener is returned, to serve once the core exists.
-async fn observability_listeners(
+/// Reads the TLS files and binds the TCP listeners the config asks for (before loading: a bad
+/// file or a taken port stops the start cleanly): the API over TLS with client certificates
+/// and over plain TCP, the health-only and the metrics listeners. The health listener starts
+/// serving at once, NOT_SERVING until the programs are attached, and answers until the process
+/// ends (NOT_SERVING while it shuts down); the others are served once the core exists.
+fn remote_listeners(
     config: &Config,
-    health: &Health,
-) -> Result<
-    (
-        Option<tokio::net::TcpListener>,
-        Option<std::net::SocketAddr>,
-    ),
-    CliError,
-> {
-    let mut health_addr = None;
-    if let Some(addr) = &config.agent.health_listen {
-        let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
-        health_addr = listener.local_addr().ok();
-        if let Ok(local) = listener.local_addr() {
-            info!(health_listen = %local, "serving grpc.health.v1.Health alone over plain TCP");
-            say(format_args!(
-                "breakwater agent health on http://{local} (grpc.health.v1 only)"
-            ));
-        }
-        let health = health.clone();
-        tokio::spawn(async move {
-            let served =
-                crate::api::health::serve_health_only(listener, health, std::future::pending())
-                    .await;
-            if let Err(e) = served {
-                warn!(error = %e, "health listener stopped");
-            }
-        });
+    fleet: Option<&crate::fleet::Settings>,
+) -> Result<(Arc<serve::Remote>, serve::Incoming), CliError> {
+    let a = &config.agent;
+    let (remote, incoming) = serve::Remote::new(
+        config,
+        fleet.map(|f| f.tls.clone()),
+        fleet
+            .map(crate::fleet::Settings::protected)
+            .unwrap_or_default(),
+    )
+    .map_err(serve_error)?;
+    if let Some(addr) = &a.listen {
+        remote.listen.bind(addr).map_err(serve_error)?;
+        info!(
+            listen = %addr,
+            writers = a.authz.writers.len(),
+            "serving the API over TCP with TLS; client certificates required"
+        );
     }
-    match &config.metrics.listen {
-        Some(addr) => {
-            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
-            if let Ok(local) = listener.local_addr() {
-                info!(metrics_listen = %local, "serving Prometheus metrics");
-                say(format_args!(
-                    "breakwater agent metrics on http://{local}/metrics"
-                ));
+    if let Some(addr) = &a.insecure_listen {
+        remote.insecure.bind(addr).map_err(serve_error)?;
+        warn!(
+            insecure_listen = %addr,
+            insecure_writers = a.authz.insecure_writers,
+            "serving the API over plain TCP WITHOUT TLS or authentication (--insecure-listen): \
+             whoever reaches {addr} can read everything the agent sees{}",
+            if a.authz.insecure_writers {
+                " and change breakers and services (agent.authz.insecure_writers)"
+            } else {
+                ""
             }
-            Ok((Some(listener), health_addr))
-        }
-        None => Ok((None, health_addr)),
+        );
     }
+    if let Some(addr) = &a.health_listen {
+        let local = remote.health.bind(addr).map_err(serve_error)?;
+        info!(health_listen = %local, "serving grpc.health.v1.Health alone over plain TCP");
+        say(format_args!(
+            "breakwater agent health on http://{local} (grpc.health.v1 only)"
+        ));
+    }
+    if let Some(addr) = &config.metrics.listen {
+        let local = remote.metrics.bind(addr).map_err(serve_error)?;
+        info!(metrics_listen = %local, "serving Prometheus metrics");
+        say(format_args!(
+            "breakwater agent metrics on http://{local}/metrics"
+        ));
+    }
+    Ok((Arc::new(remote), incoming))
 }
 
-type TcpListeners = (
-    Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
-    Option<tokio::net::TcpListener>,
-);
-
-/// The TCP listeners the config asks for: TLS with client certificates, and plain.
-async fn remote_listeners(config: &Config) -> Result<TcpListeners, CliError> {
-    let a = &config.agent;
-    let tls = match &a.listen {
-        Some(addr) => {
-            // validate() made sure all three are there.
-            let path = |p: &Option<std::path::PathBuf>| p.clone().unwrap_or_default();
-            let tls = serve::tls_config(
-                &path(&a.tls_cert),
-                &path(&a.tls_key),
-                &path(&a.tls_client_ca),
-            )
-            .map_err(serve_error)?;
-            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
-            info!(
-                listen = %addr,
-                writers = a.authz.writers.len(),
-                "serving the API over TCP with TLS; client certificates required"
-            );
-            Some((listener, tls))
+/// Serves `grpc.health.v1` alone on the health listener's connections, even while it is off (a
+/// reload may turn it on), until the process ends.
+fn serve_health(incoming: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>, health: &Health) {
+    let health = health.clone();
+    tokio::spawn(async move {
+        let incoming =
+            tokio_stream::wrappers::ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
+        let served =
+            crate::api::health::serve_health_only(incoming, health, std::future::pending()).await;
+        if let Err(e) = served {
+            warn!(error = %e, "health listener stopped");
         }
-        None => None,
-    };
-    let insecure = match &a.insecure_listen {
-        Some(addr) => {
-            let listener = serve::bind_tcp(addr).await.map_err(serve_error)?;
-            warn!(
-                insecure_listen = %addr,
-                insecure_writers = a.authz.insecure_writers,
-                "serving the API over plain TCP WITHOUT TLS or authentication (--insecure-listen): \
-                 whoever reaches {addr} can read everything the agent sees{}",
-                if a.authz.insecure_writers {
-                    " and change breakers and services (agent.authz.insecure_writers)"
-                } else {
-                    ""
-                }
-            );
-            Some(listener)
-        }
-        None => None,
-    };
-    Ok((tls, insecure))
+    });
 }
 
 /// A bad certificate, key or group is bad input (exit 2); anything else a failure.
 fn serve_error(e: serve::ServeError) -> CliError {
     match e {
-        serve::ServeError::ReadTls { .. }
-        | serve::ServeError::Tls(_)
-        | serve::ServeError::NoGroup(_) => CliError::Usage(e.to_string()),
+        serve::ServeError::Tls(_) | serve::ServeError::NoGroup(_) => CliError::Usage(e.to_string()),
         other => CliError::Failed(other.into()),
     }
 }

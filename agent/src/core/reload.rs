@@ -3,14 +3,17 @@
 //! count and breaker state. The new file is checked whole first: if anything in it cannot be
 //! applied, nothing is.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use super::policy::Rules;
 use tracing::{info, warn};
 
-use super::{owners::Owner, service::parse_endpoints, Core, Kernel};
+use super::{owners::Owner, protected::Protected, service::parse_endpoints, Core, Kernel};
 use crate::{
-    config::{AuthzConfig, Config, ServiceConfig},
+    config::{AgentConfig, AuthzConfig, Config, FleetConfig, ServiceConfig},
     error::{Error, Result},
 };
 
@@ -45,11 +48,28 @@ fn by_name(config: &Config) -> BTreeMap<&str, &ServiceConfig> {
 impl<K: Kernel + ?Sized> Core<K> {
     /// Re-reads the config file and applies what changed since the config last applied.
     pub fn reload(&mut self) -> Result<Reloaded> {
+        let (path, next) = self.next_config()?;
+        self.reload_to(&path, next, None)
+    }
+
+    /// The config file as a reload would apply it (flags and environment over it), checked.
+    pub fn next_config(&self) -> Result<(PathBuf, Config)> {
         let path = self.config_path.clone().ok_or_else(|| {
             Error::invalid("the agent was started without --config: there is no file to reload")
         })?;
         let mut next = Config::load(&path)?;
         self.overrides.apply(&mut next)?;
+        Ok((path, next))
+    }
+
+    /// Applies `next` (read from `path` by [`Core::next_config`]) if all of it can be; `own`:
+    /// the agent's own protected destinations from now on, if its listeners move.
+    pub fn reload_to(
+        &mut self,
+        path: &Path,
+        mut next: Config,
+        own: Option<Vec<Protected>>,
+    ) -> Result<Reloaded> {
         if next.maps != self.config.maps {
             return Err(Error::invalid(format!(
                 "{}: [maps] changed: map sizes take effect only when the agent restarts",
@@ -66,10 +86,39 @@ impl<K: Kernel + ?Sized> Core<K> {
             next.features = self.config.features.clone();
         }
         let authz_changed = next.agent.authz != self.config.agent.authz;
-        let mut agent = next.agent.clone();
-        agent.authz = self.config.agent.authz.clone();
-        if agent != self.config.agent {
-            warn!("[agent] settings changed: they take effect when the agent restarts (except [agent.authz], applied now)");
+        // The listeners, their certificates and [agent.authz] are applied by the API (see
+        // `api::reload`); the rest of [agent] is read at start.
+        let at_start = |a: &AgentConfig| AgentConfig {
+            authz: AuthzConfig::default(),
+            listen: None,
+            insecure_listen: None,
+            health_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            ..a.clone()
+        };
+        if at_start(&next.agent) != at_start(&self.config.agent) {
+            warn!(
+                "[agent] settings changed: socket, socket_mode, socket_group, pin_dir, log_format \
+                 and connection_sweep take effect when the agent restarts (the listeners, their \
+                 certificates and [agent.authz] are applied now)"
+            );
+        }
+        let fleet_at_start = |f: &FleetConfig| FleetConfig {
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            ..f.clone()
+        };
+        if fleet_at_start(&next.fleet) != fleet_at_start(&self.config.fleet) {
+            warn!(
+                "[fleet] settings changed: they take effect when the agent restarts (etcd_ca, \
+                 etcd_cert and etcd_key are applied now)"
+            );
+        }
+        if next.metrics.top_destinations != self.config.metrics.top_destinations {
+            warn!("[metrics] top_destinations changed: it takes effect when the agent restarts");
         }
         let old = by_name(&self.config);
         let new = by_name(&next);
@@ -145,6 +194,9 @@ impl<K: Kernel + ?Sized> Core<K> {
         }
 
         // Everything checked: apply, protection first.
+        if let Some(own) = own {
+            self.own_protected = own;
+        }
         self.apply_protected(&next)?;
         for name in &removed {
             if self.services.get(name).is_some() {

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::path::PathBuf;
+
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
     WatchOptions,
@@ -27,6 +29,7 @@ use crate::{
     config::FleetConfig,
     core::{breakers::BreakerView, owners::Owner, Core, FleetLink},
     error::{Error, Result},
+    tls::{Material, PemFile, Rotating, TlsError},
 };
 
 /// The node's lease: its keys go this long after the agent stops renewing it.
@@ -47,7 +50,107 @@ pub struct Settings {
     pub keys: Keys,
     pub node: String,
     pub labels: BTreeMap<String, String>,
-    tls: Option<TlsOptions>,
+    /// The etcd client's TLS material (None: plain http), read again on reload and when its
+    /// files change; each connect uses what is current.
+    pub tls: Arc<Rotating<EtcdTls>>,
+}
+
+/// The etcd client's TLS files (`[fleet] etcd_ca`, `etcd_cert`, `etcd_key`), each optional.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdFiles {
+    pub fn of(config: &FleetConfig) -> Self {
+        Self {
+            ca: config.etcd_ca.clone(),
+            cert: config.etcd_cert.clone(),
+            key: config.etcd_key.clone(),
+        }
+    }
+
+    /// The files of `config` when it uses TLS: for https:// endpoints, and whenever a file is
+    /// given.
+    pub fn wanted(config: &FleetConfig) -> Option<Self> {
+        let tls = config.etcd.iter().any(|u| u.starts_with("https://"))
+            || config.etcd_ca.is_some()
+            || config.etcd_cert.is_some();
+        tls.then(|| Self::of(config))
+    }
+}
+
+/// The etcd client's TLS options, built from checked files: the CA's certificates parse, the
+/// client certificate parses and its key matches it.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub options: TlsOptions,
+    described: String,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.described)
+    }
+}
+
+impl Material for EtcdTls {
+    type Files = EtcdFiles;
+    const WHAT: &'static str = "the etcd client's TLS files ([fleet] etcd_ca, etcd_cert, etcd_key)";
+
+    fn files(files: &EtcdFiles) -> Vec<PemFile> {
+        let mut out = Vec::new();
+        if let Some(ca) = &files.ca {
+            out.push(PemFile::new("etcd CA ([fleet] etcd_ca, --etcd-ca)", ca));
+        }
+        if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
+            out.push(PemFile::new(
+                "etcd client certificate ([fleet] etcd_cert, --etcd-cert)",
+                cert,
+            ));
+            out.push(PemFile::new(
+                "etcd client key ([fleet] etcd_key, --etcd-key)",
+                key,
+            ));
+        }
+        out
+    }
+
+    fn build(files: &EtcdFiles, contents: &[Vec<u8>]) -> std::result::Result<Self, TlsError> {
+        let pems = Self::files(files);
+        let mut options = TlsOptions::new();
+        let mut described = Vec::new();
+        let mut next = pems.iter().zip(contents);
+        if files.ca.is_some() {
+            let (file, pem) = next.next().expect("the CA's file");
+            let roots = file.roots(pem)?;
+            described.push(format!("{} CA certificate(s)", roots.len()));
+            options = options.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let (Some((cert_file, cert)), Some((key_file, key))) = (next.next(), next.next()) {
+            let chain = cert_file.certificates(cert)?;
+            described.push(format!(
+                "client certificate {}",
+                crate::tls::describe(&chain[0])
+            ));
+            crate::tls::check_pair(cert_file, chain, key_file, key_file.private_key(key)?)?;
+            options = options.identity(Identity::from_pem(cert, key));
+        }
+        Ok(Self {
+            options,
+            described: if described.is_empty() {
+                "TLS with the system's roots".into()
+            } else {
+                described.join(", ")
+            },
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.described.clone()
+    }
 }
 
 impl Settings {
@@ -90,44 +193,44 @@ impl Settings {
                 .into_owned(),
         };
         schema::check_node_name(&node)?;
-        let read = |what: &str, path: &std::path::Path| {
-            std::fs::read(path)
-                .map_err(|e| Error::invalid(format!("[fleet] {what} {}: {e}", path.display())))
-        };
-        let https = config.etcd.iter().any(|u| u.starts_with("https://"));
-        let tls = if https || config.etcd_ca.is_some() || config.etcd_cert.is_some() {
-            let mut tls = TlsOptions::new();
-            if let Some(ca) = &config.etcd_ca {
-                tls = tls.ca_certificate(Certificate::from_pem(read("etcd_ca", ca)?));
-            }
-            if let (Some(cert), Some(key)) = (&config.etcd_cert, &config.etcd_key) {
-                tls = tls.identity(Identity::from_pem(
-                    read("etcd_cert", cert)?,
-                    read("etcd_key", key)?,
-                ));
-            }
-            Some(tls)
-        } else {
-            None
-        };
+        let files = EtcdFiles::wanted(config);
+        let tls = Rotating::new(files.as_ref()).map_err(Error::from)?;
         Ok(Some(Self {
             endpoints: config.etcd.clone(),
             keys,
             node,
             labels: config.labels.clone(),
-            tls,
+            tls: Arc::new(tls),
         }))
     }
 
-    async fn connect(&self) -> std::result::Result<Client, etcd_client::Error> {
+    /// A new client, with the TLS material `tls` (the current one, from [`Settings::tls`]).
+    async fn connect(
+        &self,
+        tls: Option<&EtcdTls>,
+    ) -> std::result::Result<Client, etcd_client::Error> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
-        if let Some(tls) = &self.tls {
-            options = options.with_tls(tls.clone());
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options.clone());
         }
         Client::connect(&self.endpoints, Some(options)).await
+    }
+
+    /// A client with new TLS material that etcd answers (a read of this node's key), for the
+    /// session to go on with.
+    async fn reconnect(&self, tls: Option<&EtcdTls>) -> std::result::Result<Client, String> {
+        let mut client = self.connect(tls).await.map_err(|e| e.to_string())?;
+        client
+            .get(
+                self.keys.node(&self.node),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(client)
     }
 }
 
@@ -207,8 +310,27 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
     });
     let mut applied = seed(&core);
     let mut backoff = BACKOFF_MIN;
+    let mut client = None;
     loop {
-        let Err(error) = session(&settings, &node, &core, &mut applied, &mut backoff).await;
+        let error = match session(
+            &settings,
+            &node,
+            &core,
+            &mut applied,
+            &mut backoff,
+            client.take(),
+        )
+        .await
+        {
+            Ended::Rotated(new) => {
+                // Connected and answered with the new files: the next session goes on at once
+                // with that client; the link stays up.
+                info!("fleet: the etcd client's TLS files changed: reconnected with them");
+                client = Some(*new);
+                continue;
+            }
+            Ended::Failed(error) => error,
+        };
         let was_up = set_link(&core, |l| {
             let up = l.connected;
             if up {
@@ -231,25 +353,70 @@ pub async fn run(settings: Settings, node: NodeInfo, core: Shared) {
     }
 }
 
+/// Why a session ended.
+enum Ended {
+    /// An error (etcd gone, lease lost, watch compacted): why.
+    Failed(String),
+    /// The TLS files changed and a client with them works: the next session uses it (boxed:
+    /// a client is large).
+    Rotated(Box<Client>),
+}
+
+impl From<String> for Ended {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+impl From<&str> for Ended {
+    fn from(why: &str) -> Self {
+        Self::Failed(why.to_owned())
+    }
+}
+
 fn set_link<T>(core: &Shared, f: impl FnOnce(&mut FleetLink) -> T) -> T {
     let mut guard = core.lock().unwrap_or_else(|e| e.into_inner());
     f(guard.fleet_link_mut())
 }
 
-/// One session with etcd: list and apply, register, then follow the watch. It ends only with
-/// why it ended.
+/// One session with etcd (on `client` if given, else a new one): list and apply, register, then
+/// follow the watch. It ends only with why it ended.
 async fn session(
     settings: &Settings,
     node: &NodeInfo,
     core: &Shared,
     applied: &mut Applied,
     backoff: &mut Duration,
-) -> std::result::Result<std::convert::Infallible, String> {
+    client: Option<Client>,
+) -> Ended {
+    match session_inner(settings, node, core, applied, backoff, client).await {
+        Ok(never) => match never {},
+        Err(ended) => ended,
+    }
+}
+
+async fn session_inner(
+    settings: &Settings,
+    node: &NodeInfo,
+    core: &Shared,
+    applied: &mut Applied,
+    backoff: &mut Duration,
+    client: Option<Client>,
+) -> std::result::Result<std::convert::Infallible, Ended> {
     let etcd_err = |what: &str| {
         let what = what.to_owned();
         move |e: etcd_client::Error| format!("{what}: {e}")
     };
-    let mut client = settings.connect().await.map_err(etcd_err("connect"))?;
+    // New TLS files from here on are a reason to reconnect.
+    let mut rotated = settings.tls.subscribe();
+    let tls = rotated.borrow_and_update().clone();
+    let mut client = match client {
+        Some(client) => client,
+        None => settings
+            .connect(tls.as_deref())
+            .await
+            .map_err(etcd_err("connect"))?,
+    };
     let keys = &settings.keys;
 
     // The desired state at one revision, then everything after it through the watch.
@@ -403,7 +570,8 @@ async fn session(
                         "watch canceled ({}; compacted at {}): listing again",
                         message.cancel_reason(),
                         message.compact_revision()
-                    ));
+                    )
+                    .into());
                 }
                 let mut changed = false;
                 let mut peers_changed = false;
@@ -491,6 +659,19 @@ async fn session(
                 match reply.map_err(etcd_err("lease keep-alive"))? {
                     Some(r) if r.ttl() > 0 => {}
                     _ => return Err("the node's lease expired".into()),
+                }
+            }
+            Ok(()) = rotated.changed() => {
+                // This connection goes on until a new one works with the new files: etcd may
+                // not trust them yet.
+                let tls = rotated.borrow_and_update().clone();
+                match settings.reconnect(tls.as_deref()).await {
+                    Ok(client) => return Err(Ended::Rotated(Box::new(client))),
+                    Err(e) => warn!(
+                        error = e,
+                        "fleet: etcd does not take the new TLS files yet; staying on the current \
+                         connection (the next one uses them)"
+                    ),
                 }
             }
         }

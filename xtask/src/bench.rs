@@ -662,7 +662,8 @@ fn median(values: &mut [f64]) -> f64 {
 struct Agent {
     child: Child,
     log: PathBuf,
-    /// Its API: `unix://<socket>`.
+    /// Its API: `unix://<socket>` (used by the fleet part).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     url: String,
 }
 
@@ -773,6 +774,7 @@ impl Agent {
     }
 
     /// `breakwater --agent <this agent> ARGS` (stdin closed).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     fn cli(&self, env: &Env) -> Command {
         let mut cmd = Command::new(env.bin);
         cmd.args(["--agent", &self.url]).stdin(Stdio::null());

@@ -426,6 +426,7 @@ fn info_reports_programs_maps_and_socket_mode() {
                 ("bw_seed_tcp", "iter/tcp"),
                 ("bw_list_tcp", "iter/tcp"),
                 ("bw_socks_tcp", "iter/tcp"),
+                ("bw_stamp_tcp", "iter/tcp"),
                 ("bw_connect4", &format!("cgroup/connect4 {scope}")),
                 ("bw_connect6", &format!("cgroup/connect6 {scope}")),
                 ("bw_sockops", &format!("sock_ops {scope}")),

@@ -108,9 +108,13 @@ fuzz_target!(|data: &[u8]| {
                     && Endpoint::from_lpm_key(*l, d) == Some(*e)),
                 "{e} is not a key it was read from"
             );
-            // What `services` prints, and `service put` or the config would give back.
+            // What `services` prints, and `service put` or the config would give back. Port 0
+            // no call can name: such a key is still read, so that the next `service put` of
+            // the service removes it.
             let shown = e.to_string();
-            assert_eq!(shown.parse::<Endpoint>().ok(), Some(*e), "{shown}");
+            if e.port != 0 {
+                assert_eq!(shown.parse::<Endpoint>().ok(), Some(*e), "{shown}");
+            }
         }
         table.restore(*id, name, endpoints.clone());
     }

@@ -136,7 +136,15 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
 fn with_etcd(ws: &Workspace) -> Result<()> {
     let status = ws
         .cargo()
-        .args(["run", "--quiet", "--package", "xtask", "--features", "etcd", "--"])
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--features",
+            "etcd",
+            "--",
+        ])
         .args(std::env::args_os().skip(1))
         .status()
         .context("running cargo")?;

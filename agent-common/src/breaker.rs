@@ -340,8 +340,12 @@ impl Counts {
         zero(&mut self.interval_end_ns);
         zero(&mut self.open_until_ns);
         match to {
-            state::CLOSED if p.interval_ns > 0 => self.interval_end_ns = now + p.interval_ns,
-            state::OPEN => self.open_until_ns = now + p.open_timeout_ns,
+            // Saturating: a policy pinned by a damaged agent may hold any duration (the agent's
+            // own are at most 30 days); a wrapped deadline would be one already past.
+            state::CLOSED if p.interval_ns > 0 => {
+                self.interval_end_ns = now.saturating_add(p.interval_ns)
+            }
+            state::OPEN => self.open_until_ns = now.saturating_add(p.open_timeout_ns),
             _ => {}
         }
         t
@@ -354,7 +358,7 @@ impl Counts {
             self.clear();
             self.generation = self.generation.wrapping_add(1);
             self.interval_end_ns = if p.interval_ns > 0 {
-                now + p.interval_ns
+                now.saturating_add(p.interval_ns)
             } else {
                 0
             };
@@ -491,7 +495,11 @@ impl Counts {
     pub fn trip(&mut self, p: &Policy, ttl_ns: u64, now: u64) -> Transition {
         let t = self.enter(state::OPEN, cause::MANUAL, p, now);
         self.forced = 1;
-        self.open_until_ns = if ttl_ns == 0 { 0 } else { now + ttl_ns };
+        self.open_until_ns = if ttl_ns == 0 {
+            0
+        } else {
+            now.saturating_add(ttl_ns)
+        };
         t
     }
 
@@ -830,6 +838,37 @@ mod tests {
             states[i] = c.state;
         }
         states
+    }
+
+    /// Found by the `pinned` fuzz target: the agent read a forced-open breaker past its TTL
+    /// under a policy pinned with an interval near `u64::MAX` (a damaged agent's), and the
+    /// new interval's end overflowed (a panic with overflow checks, a deadline already past
+    /// without).
+    #[test]
+    fn deadlines_of_huge_durations_saturate() {
+        let p = Policy {
+            interval_ns: u64::MAX - 1,
+            open_timeout_ns: u64::MAX,
+            flags: policy_flags::ENABLED,
+            ..Default::default()
+        };
+        let forced = Counts {
+            state: state::OPEN,
+            forced: 1,
+            open_until_ns: 5,
+            ..Default::default()
+        };
+        let c = forced.effective(&p, 10);
+        assert_eq!((c.state, c.interval_end_ns), (state::CLOSED, u64::MAX));
+        let mut c = Counts::default();
+        c.trip(&p, u64::MAX, 10);
+        assert_eq!(c.open_until_ns, u64::MAX);
+        let mut c = Counts::default();
+        c.reset(&p, cause::RESET, 10);
+        assert_eq!(c.interval_end_ns, u64::MAX);
+        c.interval_end_ns = 5;
+        c.roll(&p, 10);
+        assert_eq!(c.interval_end_ns, u64::MAX);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|image|run|lint|test|vm-test|bench>`.
+//! Developer tasks for breakwater:
+//! `cargo xtask <setup|build|image|run|lint|test|vm-test|bench|fuzz>`.
 
 mod bench;
+mod fuzz;
 mod image;
 mod lint;
 mod setup;
@@ -49,8 +51,8 @@ enum Task {
     /// rustfmt, and clippy (every warning an error) on the host crates and on the eBPF crate for
     /// the BPF target; installs the toolchain pieces it needs first
     Lint,
-    /// Setup, lint, build, unit and privileged integration tests (root), then the same tests on
-    /// Debian's 6.1 and 6.12 kernels in QEMU, and the unsupported-kernel tests on Debian 11's 5.10
+    /// Setup, lint, build, unit and privileged integration tests (root), each fuzz target
+    /// briefly, then the same tests on Debian's 6.1 and 6.12 kernels in QEMU, and the unsupported-kernel tests on Debian 11's 5.10
     Test {
         /// Skip the tests on Debian's kernels in QEMU (quick local runs; CI runs them)
         #[arg(long)]
@@ -62,6 +64,9 @@ enum Task {
     },
     /// The privileged integration tests inside Debian's stock kernels (6.1, 6.12, 5.10) in QEMU
     VmTest(vm::Args),
+    /// The cargo-fuzz targets (fuzz/): each for --time seconds or --runs executions, with the
+    /// executions each did; fails on a crash, naming the input saved
+    Fuzz(fuzz::Args),
     /// Throughput and memory with the agent off and on, the breaker's rejection cost, and a
     /// fleet trip's propagation through etcd (root)
     Bench(bench::Args),
@@ -99,6 +104,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Lint => setup::toolchain().and_then(|()| lint::run(&ws)),
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
         Task::VmTest(args) => vm::run(&ws, &args),
+        Task::Fuzz(args) => fuzz::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
         #[cfg(feature = "etcd")]
@@ -235,7 +241,7 @@ fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>
     stages.push(stage);
 }
 
-/// The lint, the build, then the host suite, then every VM kernel; a failing stage does not stop
+/// The lint, the build, then the host suite, a short fuzz run, then every VM kernel; a failing stage does not stop
 /// the later ones (a CI run shows everything at once), only a failed build skips the tests.
 fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     setup::run()?;
@@ -279,6 +285,8 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
         host_suite(ws, &agent, image.as_deref(), test_args).map(|()| String::new())
     });
 
+    stage(&mut stages, "fuzz", || fuzz_briefly(ws));
+
     if no_vm {
         println!("== vm: skipped (--no-vm)");
     } else {
@@ -306,6 +314,27 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     }
 
     summary(&stages)
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test`: a smoke run (the targets build, the
+/// seeds pass, the easy crashes show); `cargo xtask fuzz` runs them for real.
+const FUZZ_SMOKE_SECS: u64 = 12;
+
+/// The fuzz stage: builds every target and runs each briefly.
+fn fuzz_briefly(ws: &Workspace) -> Result<String> {
+    let built = fuzz::build(ws)?;
+    println!("== fuzz build: {} s", built.as_secs());
+    let runs = fuzz::TARGETS
+        .iter()
+        .map(|t| fuzz::run_target(ws, t, Duration::from_secs(FUZZ_SMOKE_SECS), None))
+        .collect::<Result<Vec<_>>>()?;
+    fuzz::report(&runs)?;
+    let executions: u64 = runs.iter().map(|r| r.executions).sum();
+    Ok(format!(
+        "ok, {} targets, {executions} executions, build {} s",
+        runs.len(),
+        built.as_secs()
+    ))
 }
 
 /// Prints every stage again, and fails naming those that failed.

@@ -16,6 +16,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::{describe, is_root, output, run as run_cmd};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo fuzz` (`cargo xtask fuzz`, and the fuzz stage of `cargo xtask test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Python packages the tests run, pinned (a new release must not change a test's verdict), all
 /// in one venv: [`VENV`] under `~/.cache/breakwater`. Add a package here rather than a venv.
@@ -35,6 +37,7 @@ const VENV: &str = "venv";
 pub fn run() -> Result<()> {
     let root = is_root();
     toolchain()?;
+    check_cargo_fuzz()?;
     check_mount("bpffs", "bpf", "/sys/fs/bpf", root)?;
     check_mount("tracefs", "tracefs", "/sys/kernel/tracing", root)?;
     check_ss(root)?;
@@ -65,6 +68,42 @@ pub fn toolchain() -> Result<()> {
     check_bpf_linker()?;
     check_protoc(is_root())?;
     Ok(())
+}
+
+/// The version of the `cargo-fuzz` on PATH, if one runs.
+fn cargo_fuzz_version() -> Option<String> {
+    let path = which::which("cargo-fuzz").ok()?;
+    // `cargo-fuzz 0.13.2`
+    let out = output(Command::new(path).arg("--version")).ok()?;
+    out.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// cargo-fuzz [`CARGO_FUZZ_VERSION`], installed with `cargo install --locked` when it is
+/// missing or another version (about a minute).
+pub fn check_cargo_fuzz() -> Result<()> {
+    let found = cargo_fuzz_version();
+    if found.as_deref() != Some(CARGO_FUZZ_VERSION) {
+        println!(
+            "installing: cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install --locked; found: {})",
+            found.as_deref().unwrap_or("none")
+        );
+        run_cmd(
+            Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+                .args(["--locked", "--force"]),
+        )?;
+    }
+    match cargo_fuzz_version() {
+        Some(v) if v == CARGO_FUZZ_VERSION => {
+            println!("ok: cargo-fuzz {v}");
+            Ok(())
+        }
+        other => bail!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION} was installed but `cargo-fuzz --version` says {}; \
+             is cargo's bin directory ($CARGO_HOME/bin, usually ~/.cargo/bin) on PATH?",
+            other.as_deref().unwrap_or("nothing")
+        ),
+    }
 }
 
 /// The installed toolchain called plain `nightly` (not a dated one), which aya-build uses.

@@ -16,7 +16,9 @@ pub mod counters;
 pub mod features;
 pub mod kernel;
 pub mod latency;
-#[cfg(test)]
+// Also for the fuzz targets (cargo-fuzz builds with `--cfg fuzzing`): the `rpc` target calls
+// the API over it.
+#[cfg(any(test, fuzzing))]
 pub mod memory;
 pub mod owners;
 pub mod policy;

@@ -148,38 +148,58 @@ pub fn check_layout(dir: &Path) -> Result<Layout, LoadError> {
     let map = aya::maps::MapData::from_pin(&stamp).map_err(|e| unreadable(&e))?;
     let map: Array<MapData, u32> =
         Array::try_from(aya::maps::Map::Array(map)).map_err(|e| unreadable(&e))?;
-    let (magic, version) = (map.get(&0, 0), map.get(&1, 0));
-    let version = match (magic, version) {
-        (Ok(layout::MAGIC), Ok(v)) => v,
-        _ => {
-            return Err(LoadError::Setup(format!(
-                "{} is not a breakwater layout stamp: this pin directory was not made by \
-                 breakwater; give the agent its own --pin-dir, or remove it with `breakwater \
-                 uninstall --pin-dir {}`",
-                stamp.display(),
+    match read_stamp(map.get(&0, 0).ok(), map.get(&1, 0).ok()) {
+        Ok(layout) => Ok(layout),
+        Err(StampError::NotAStamp) => Err(LoadError::Setup(format!(
+            "{} is not a breakwater layout stamp: this pin directory was not made by \
+             breakwater; give the agent its own --pin-dir, or remove it with `breakwater \
+             uninstall --pin-dir {}`",
+            stamp.display(),
+            dir.display()
+        ))),
+        Err(StampError::CannotMigrate(version)) => {
+            let made_by = if version > layout::VERSION {
+                "a newer agent"
+            } else {
+                "an older agent"
+            };
+            Err(LoadError::Setup(format!(
+                "the state pinned in {} has layout {version} ({made_by} made it) and this agent \
+                 reads layout {}, which it cannot migrate to: run the agent that made it, or run \
+                 `breakwater uninstall --pin-dir {}` (which drops the breakers' state) and start \
+                 again",
+                dir.display(),
+                layout::VERSION,
                 dir.display()
             )))
         }
+    }
+}
+
+/// Why a layout stamp is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StampError {
+    /// No magic (or an entry that cannot be read): not a breakwater stamp.
+    NotAStamp,
+    /// A breakwater layout this agent cannot read or migrate.
+    CannotMigrate(u32),
+}
+
+/// What the two entries of a layout stamp (`None`: the entry could not be read) say: the
+/// decision of [`check_layout`], without the map.
+pub fn read_stamp(magic: Option<u32>, version: Option<u32>) -> Result<Layout, StampError> {
+    use breakwater_common::layout;
+    let version = match (magic, version) {
+        (Some(layout::MAGIC), Some(v)) => v,
+        _ => return Err(StampError::NotAStamp),
     };
     if version == layout::VERSION {
-        return Ok(Layout::Current);
-    }
-    if (layout::MIGRATES_FROM..layout::VERSION).contains(&version) {
-        return Ok(Layout::Older(version));
-    }
-    let made_by = if version > layout::VERSION {
-        "a newer agent"
+        Ok(Layout::Current)
+    } else if (layout::MIGRATES_FROM..layout::VERSION).contains(&version) {
+        Ok(Layout::Older(version))
     } else {
-        "an older agent"
-    };
-    Err(LoadError::Setup(format!(
-        "the state pinned in {} has layout {version} ({made_by} made it) and this agent reads \
-         layout {}, which it cannot migrate to: run the agent that made it, or run `breakwater \
-         uninstall --pin-dir {}` (which drops the breakers' state) and start again",
-        dir.display(),
-        layout::VERSION,
-        dir.display()
-    )))
+        Err(StampError::CannotMigrate(version))
+    }
 }
 
 /// Stamps the pinned maps with this agent's layout (after loading, which made or reused them).
@@ -506,7 +526,8 @@ impl Kernel {
     }
 }
 
-pub(super) fn meta_text(bytes: &[u8], len: u16) -> Option<String> {
+/// A `SvcMeta` text (name or reason) of `len` bytes; `None` if empty.
+pub fn meta_text(bytes: &[u8], len: u16) -> Option<String> {
     let len = (len as usize).min(bytes.len());
     if len == 0 {
         return None;
@@ -514,14 +535,46 @@ pub(super) fn meta_text(bytes: &[u8], len: u16) -> Option<String> {
     Some(String::from_utf8_lossy(&bytes[..len]).into_owned())
 }
 
+/// The services pinned in `BW_SVC_LPM` (its entries: prefix length, key data, service id) and
+/// `BW_SVC_META` (`meta`: the entry of an id, if there is one), as a previous agent left them:
+/// each id's endpoints, sorted, under the name its meta entry holds; ids without a name are
+/// left out.
+pub fn pinned_services(
+    lpm: impl IntoIterator<Item = (u32, SvcLpmData, u32)>,
+    meta: impl Fn(u32) -> Option<SvcMeta>,
+) -> Vec<crate::core::kernel::PinnedService> {
+    let mut by_id = std::collections::BTreeMap::<u32, Vec<Endpoint>>::new();
+    for (prefix_len, data, id) in lpm {
+        if let Some(e) = Endpoint::from_lpm_key(prefix_len, &data) {
+            by_id.entry(id).or_default().push(e);
+        }
+    }
+    by_id
+        .into_iter()
+        .filter_map(|(id, mut endpoints)| {
+            let meta = meta(id)?;
+            let name = meta_text(&meta.name, meta.name_len)?;
+            endpoints.sort();
+            Some((id, name, endpoints))
+        })
+        .collect()
+}
+
 impl Endpoint {
-    /// The endpoint a `BW_SVC_LPM` key stands for (the inverse of `lpm_key`).
+    /// The endpoint a `BW_SVC_LPM` key stands for (the inverse of `lpm_key`). The trie
+    /// compares only a key's first `prefix_len` bits: address bits past the prefix, which a
+    /// damaged or foreign writer may have left set, are cleared (an endpoint with them set
+    /// would be one no API call can name, and look different from the same network in the
+    /// config).
     pub fn from_lpm_key(prefix_len: u32, data: &SvcLpmData) -> Option<Self> {
-        let bits = prefix_len.checked_sub(breakwater_common::SVC_LPM_PORT_BITS)? as u8;
+        let bits =
+            u8::try_from(prefix_len.checked_sub(breakwater_common::SVC_LPM_PORT_BITS)?).ok()?;
         let addr = std::net::Ipv6Addr::from(data.addr);
         let net = match addr.to_ipv4_mapped() {
-            Some(v4) if bits >= 96 => ipnet::IpNet::V4(ipnet::Ipv4Net::new(v4, bits - 96).ok()?),
-            _ => ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr, bits).ok()?),
+            Some(v4) if bits >= 96 => {
+                ipnet::IpNet::V4(ipnet::Ipv4Net::new(v4, bits - 96).ok()?.trunc())
+            }
+            _ => ipnet::IpNet::V6(ipnet::Ipv6Net::new(addr, bits).ok()?.trunc()),
         };
         Some(Self {
             net,
@@ -546,5 +599,30 @@ mod tests {
             let (len, data) = e.lpm_key();
             assert_eq!(Endpoint::from_lpm_key(len, &data), Some(e), "{s}");
         }
+    }
+
+    /// Found by the `pinned` fuzz target: a key whose address has bits set past its prefix
+    /// read as `255.255.255.255/24:5432`, which `service put` refuses and which differs from
+    /// the config's `255.255.255.0/24:5432` although the kernel holds them as one key.
+    #[test]
+    fn lpm_keys_with_host_bits_read_as_their_network() {
+        let mut addr = [0xff; 16];
+        addr[..10].fill(0);
+        let data = SvcLpmData {
+            port_be: 5432u16.to_be_bytes(),
+            addr,
+        };
+        let e = Endpoint::from_lpm_key(16 + 96 + 24, &data).unwrap();
+        assert_eq!(e, "255.255.255.0/24:5432".parse().unwrap());
+        assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
+        // No key is that long: not /24 (the length wrapped around a byte).
+        assert_eq!(Endpoint::from_lpm_key(16 + 256 + 24, &data), None);
+        let v6 = SvcLpmData {
+            port_be: 80u16.to_be_bytes(),
+            addr: [0xfd; 16],
+        };
+        let e = Endpoint::from_lpm_key(16 + 64, &v6).unwrap();
+        assert_eq!(e.to_string(), "[fdfd:fdfd:fdfd:fdfd::/64]:80");
+        assert_eq!(e.to_string().parse::<Endpoint>().unwrap(), e);
     }
 }

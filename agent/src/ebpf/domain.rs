@@ -111,21 +111,13 @@ impl crate::core::Kernel for Kernel {
     }
 
     fn pinned_services(&self) -> Vec<PinnedService> {
-        let mut by_id = std::collections::BTreeMap::<u32, Vec<Endpoint>>::new();
-        for (key, id) in self.svc_lpm.iter().filter_map(|r| r.ok()) {
-            if let Some(e) = Endpoint::from_lpm_key(key.prefix_len(), &key.data()) {
-                by_id.entry(id).or_default().push(e);
-            }
-        }
-        by_id
-            .into_iter()
-            .filter_map(|(id, mut endpoints)| {
-                let meta = self.brk.meta.get(&id, 0).ok()?;
-                let name = breaker::meta_text(&meta.name, meta.name_len)?;
-                endpoints.sort();
-                Some((id, name, endpoints))
-            })
-            .collect()
+        breaker::pinned_services(
+            self.svc_lpm
+                .iter()
+                .filter_map(|r| r.ok())
+                .map(|(key, id)| (key.prefix_len(), key.data(), id)),
+            |id| self.brk.meta.get(&id, 0).ok(),
+        )
     }
 
     fn put_endpoints(&mut self, id: u32, added: &[Endpoint]) -> Result<()> {

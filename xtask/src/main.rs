@@ -1,8 +1,11 @@
-//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench>`.
+//! Developer tasks for breakwater: `cargo xtask <setup|build|run|lint|test|vm-test|bench|soak>`.
 
 mod bench;
+mod etcd;
 mod lint;
+mod sandbox;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -61,6 +64,9 @@ enum Task {
     /// Throughput and memory with the agent off and on, the breaker's rejection cost, and a
     /// fleet trip's propagation through etcd (root)
     Bench(bench::Args),
+    /// One agent for N minutes under connection churn, queries, watch streams, reloads and an
+    /// etcd that goes away: RSS drift, map fill, losses, errors (root)
+    Soak(soak::Args),
     /// (used by bench) hold PAIRS loopback connections open until stdin closes
     #[command(hide = true)]
     HoldSockets { pairs: usize },
@@ -95,6 +101,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::Test { no_vm, test_args } => test(&ws, no_vm, &test_args),
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
+        Task::Soak(args) => soak::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
         #[cfg(feature = "etcd")]
         Task::FleetProbe { cgroup, addr } => bench::fleet_probe(&cgroup, addr),
@@ -257,6 +264,13 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
 
     stage(&mut stages, "host suite", || {
         host_suite(ws, &agent, test_args).map(|()| String::new())
+    });
+    // The 2-minute soak: fails on an error or a loss nobody counted.
+    stage(&mut stages, "soak", || {
+        if !is_root() {
+            return Ok("skipped: not root".to_owned());
+        }
+        soak::soak(&agent, &soak::Args::ci())
     });
 
     if no_vm {

@@ -11,12 +11,11 @@
 //! at the end, on error paths too.
 
 use std::{
-    ffi::OsString,
     fs::{self, File},
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -28,7 +27,11 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{is_root, Workspace};
+use crate::{
+    is_root,
+    sandbox::{Agent, Env, Sandbox},
+    Workspace,
+};
 
 #[cfg(feature = "etcd")]
 mod fleet;
@@ -38,10 +41,6 @@ pub use fleet::probe as fleet_probe;
 
 /// Client threads running the connect loop.
 const CLIENTS: usize = 2;
-/// How long the agent may take to answer `info` after it starts.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the agent may take to exit after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -102,7 +101,7 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
 
     println!("machine: {}", machine());
     // Declared first so that it is dropped last, after every agent has stopped.
-    let sandbox = Sandbox::new(&bin)?;
+    let sandbox = Sandbox::new(&bin, "bench")?;
     println!(
         "agents: scope {} (this process and its children), pins {}, --release-on-exit",
         sandbox.relative,
@@ -152,38 +151,6 @@ fn with_etcd(ws: &Workspace) -> Result<()> {
         bail!("the bench built with its etcd client failed ({status})");
     }
     Ok(())
-}
-
-/// What every agent of one bench run is started with.
-struct Env<'a> {
-    bin: &'a Path,
-    /// Temporary directory: the agent's socket, log and config.
-    dir: &'a Path,
-    sandbox: &'a Sandbox,
-    /// `--agent-args`.
-    extra: &'a [&'a str],
-}
-
-impl Env<'_> {
-    fn agent(&self) -> Result<Agent> {
-        Agent::start(self, None)
-    }
-
-    /// As [`Env::agent`], with every hook returning at once.
-    fn empty_agent(&self) -> Result<Agent> {
-        Agent::start_with(self, None, &self.sandbox.relative, true)
-    }
-
-    fn url(&self) -> String {
-        format!("unix://{}", self.dir.join("agent.sock").display())
-    }
-
-    /// `breakwater --agent <url> ARGS` (stdin closed).
-    fn cli(&self) -> Command {
-        let mut cmd = Command::new(self.bin);
-        cmd.args(["--agent", &self.url()]).stdin(Stdio::null());
-        cmd
-    }
 }
 
 /// The connect loop, request/response, memory and kernel cost, agent off and on.
@@ -658,129 +625,7 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// A running `breakwater agent`; killed when dropped before `stop`.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    /// Its API: `unix://<socket>` (used by the fleet part).
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    url: String,
-}
-
-/// How [`Agent::launch`] starts an agent.
-struct Launch<'a> {
-    /// Its socket and log are `<dir>/<name>.sock` and `<dir>/<name>.log`.
-    name: &'a str,
-    config: Option<&'a Path>,
-    /// Where its breakers enforce: a cgroup relative to the cgroup2 mount.
-    scope: &'a str,
-    pin_dir: &'a Path,
-    /// Every hook returning at once.
-    empty_hooks: bool,
-    /// More arguments for `breakwater agent`.
-    args: &'a [String],
-}
-
 impl Agent {
-    /// Starts the agent with its API on `<dir>/agent.sock`, confined to the sandbox, and waits
-    /// until `info` answers.
-    fn start(env: &Env, config: Option<&Path>) -> Result<Self> {
-        Self::start_with(env, config, &env.sandbox.relative, false)
-    }
-
-    /// As [`Agent::start`], with breakers enforcing on `scope` (relative to the cgroup2 mount),
-    /// and with every hook returning at once if `empty_hooks`.
-    fn start_with(
-        env: &Env,
-        config: Option<&Path>,
-        scope: &str,
-        empty_hooks: bool,
-    ) -> Result<Self> {
-        Self::launch(
-            env,
-            &Launch {
-                name: "agent",
-                config,
-                scope,
-                pin_dir: &env.sandbox.pin_dir,
-                empty_hooks,
-                args: &[],
-            },
-        )
-    }
-
-    /// Starts an agent as `how` says, with `--agent-args` last, and waits until `info` answers.
-    fn launch(env: &Env, how: &Launch) -> Result<Self> {
-        let bin = env.bin;
-        let socket = env.dir.join(format!("{}.sock", how.name));
-        let log = env.dir.join(format!("{}.log", how.name));
-        let _ = fs::remove_file(&socket);
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("agent")
-            .arg("--socket")
-            .arg(&socket)
-            .args(Sandbox::agent_args(how.scope, how.pin_dir))
-            .args(how.args);
-        if let Some(config) = how.config {
-            cmd.arg("--config").arg(config);
-        }
-        if how.empty_hooks {
-            cmd.arg("--empty-hooks");
-        }
-        let child = cmd
-            .args(env.extra)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {} agent", bin.display()))?;
-        let url = format!("unix://{}", socket.display());
-        let mut agent = Self {
-            child,
-            log,
-            url: url.clone(),
-        };
-
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = agent.child.try_wait()? {
-                bail!(
-                    "the agent exited before it was ready ({status}){}",
-                    agent.log_tail()
-                );
-            }
-            let ready = Command::new(bin)
-                .args(["--agent", &url, "info"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .with_context(|| format!("running {} --agent {url} info", bin.display()))?
-                .success();
-            if ready {
-                return Ok(agent);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "`{} --agent {url} info` did not succeed within {}s{}",
-                    bin.display(),
-                    READY_TIMEOUT.as_secs(),
-                    agent.log_tail()
-                );
-            }
-            thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// `breakwater --agent <this agent> ARGS` (stdin closed).
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    fn cli(&self, env: &Env) -> Command {
-        let mut cmd = Command::new(env.bin);
-        cmd.args(["--agent", &self.url]).stdin(Stdio::null());
-        cmd
-    }
-
     /// Run count, time and recursion misses of the programs on the connection path, from the
     /// agent's own `info` (which reads the kernel's fdinfo).
     fn program_cost(&self, env: &Env) -> ProgCost {
@@ -799,72 +644,6 @@ impl Agent {
             cost.misses += p["recursion_misses"].as_u64().unwrap_or(0);
         }
         cost
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS:")
-    }
-
-    fn hwm_kib(&self) -> u64 {
-        self.status_kib("VmHWM:")
-    }
-
-    /// SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`).
-    fn stop(mut self) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("sending SIGTERM to the agent");
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    println!(
-                        "warning: the agent exited with {status} after SIGTERM{}",
-                        self.log_tail()
-                    );
-                }
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                println!(
-                    "warning: the agent did not exit within {}s of SIGTERM; killing it{}",
-                    STOP_TIMEOUT.as_secs(),
-                    self.log_tail()
-                );
-                self.child.kill()?;
-                self.child.wait()?;
-                return Ok(());
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The last lines of the agent's output, for error messages.
-    fn log_tail(&self) -> String {
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        format!("\nlast lines of {}:\n{tail}", self.log.display())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -1308,132 +1087,6 @@ fn reserve_port() -> Result<(OwnedFd, SocketAddrV4)> {
         sock,
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, u16::from_be(sa.sin_port)),
     ))
-}
-
-/// The cgroup2 mount point, from /proc/self/mounts.
-fn cgroup2_mount() -> Result<PathBuf> {
-    breakwater_common::mounts::find("cgroup2")
-        .context("reading /proc/self/mounts")?
-        .context("cgroup v2 is not mounted (no cgroup2 line in /proc/self/mounts)")
-}
-
-/// Where the bench's agents enforce and pin: a cgroup `<cgroup2>/breakwater-bench-<pid>` that
-/// this process joins (so its connects, and its children's, are in scope) and a pin directory
-/// `/sys/fs/bpf/breakwater-bench-<pid>`. Dropping it releases whatever is still pinned, moves
-/// this process (and anything left) back to the cgroup it came from and removes both.
-struct Sandbox {
-    bin: PathBuf,
-    /// The cgroup, absolute.
-    cgroup: PathBuf,
-    /// The cgroup relative to the mount, for `--scope`.
-    relative: String,
-    /// An empty sibling cgroup, for agents whose breakers must not touch the bench's connects.
-    idle: PathBuf,
-    idle_relative: String,
-    /// The cgroup this process was in, absolute.
-    origin: PathBuf,
-    pin_dir: PathBuf,
-}
-
-impl Sandbox {
-    fn new(bin: &Path) -> Result<Self> {
-        let mount = cgroup2_mount()?;
-        let own = fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-        let origin = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .context("no cgroup v2 (0::) line in /proc/self/cgroup")?;
-        let name = format!("breakwater-bench-{}", std::process::id());
-        let cgroup = mount.join(&name);
-        let pin_dir = Path::new("/sys/fs/bpf").join(&name);
-        if pin_dir.exists() {
-            bail!(
-                "{} exists already (a bench with this pid?)",
-                pin_dir.display()
-            );
-        }
-        fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let idle = mount.join(format!("{name}-idle"));
-        let sandbox = Self {
-            bin: bin.to_owned(),
-            relative: format!("/{name}"),
-            idle_relative: format!("/{name}-idle"),
-            idle,
-            origin: mount.join(origin.trim_start_matches('/')),
-            cgroup,
-            pin_dir,
-        };
-        fs::create_dir(&sandbox.idle)
-            .with_context(|| format!("creating cgroup {}", sandbox.idle.display()))?;
-        // A socket keeps the cgroup of the process that created it: join before any socket.
-        fs::write(
-            sandbox.cgroup.join("cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .with_context(|| format!("moving this process into {}", sandbox.cgroup.display()))?;
-        Ok(sandbox)
-    }
-
-    /// `--scope SCOPE --pin-dir DIR --release-on-exit`.
-    fn agent_args(scope: &str, pin_dir: &Path) -> [OsString; 5] {
-        [
-            "--scope".into(),
-            scope.into(),
-            "--pin-dir".into(),
-            pin_dir.into(),
-            "--release-on-exit".into(),
-        ]
-    }
-}
-
-/// Releases what agents left pinned in `pin_dir` (an agent that was killed had no chance to;
-/// `uninstall` does it) and removes the directory.
-fn release_pins(bin: &Path, pin_dir: &Path) {
-    if pin_dir.exists() {
-        let _ = Command::new(bin)
-            .arg("uninstall")
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = fs::remove_dir_all(pin_dir);
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        release_pins(&self.bin, &self.pin_dir);
-        let back = self.origin.join("cgroup.procs");
-        let _ = fs::write(&back, std::process::id().to_string());
-        for _ in 0..50 {
-            // Anything still inside is one of our children: move it out with us.
-            for pid in fs::read_to_string(self.cgroup.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-            {
-                let _ = fs::write(&back, pid);
-            }
-            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = fs::remove_dir(&self.idle);
-        for (what, path) in [
-            ("cgroup", &self.cgroup),
-            ("cgroup", &self.idle),
-            ("pin directory", &self.pin_dir),
-        ] {
-            if path.exists() {
-                eprintln!(
-                    "warning: could not remove the bench's {what} {}",
-                    path.display()
-                );
-            }
-        }
-    }
 }
 
 /// A named network namespace (`ip netns add bw-bench-<pid>-<n>`) with `lo` up, deleted on drop.

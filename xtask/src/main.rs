@@ -1,11 +1,14 @@
 //! Developer tasks for breakwater:
-//! `cargo xtask <setup|build|image|run|lint|test|vm-test|bench|fuzz>`.
+//! `cargo xtask <setup|build|image|run|lint|test|vm-test|bench|soak|fuzz>`.
 
 mod bench;
+mod etcd;
 mod fuzz;
 mod image;
 mod lint;
+mod sandbox;
 mod setup;
+mod soak;
 mod vm;
 
 use std::{
@@ -70,6 +73,9 @@ enum Task {
     /// Throughput and memory with the agent off and on, the breaker's rejection cost, and a
     /// fleet trip's propagation through etcd (root)
     Bench(bench::Args),
+    /// One agent for N minutes under connection churn, queries, watch streams, reloads and an
+    /// etcd that goes away: RSS drift, map fill, losses, errors (root)
+    Soak(soak::Args),
     /// (used by bench) hold PAIRS loopback connections open until stdin closes
     #[command(hide = true)]
     HoldSockets { pairs: usize },
@@ -106,6 +112,7 @@ fn run_task(task: Task) -> Result<()> {
         Task::VmTest(args) => vm::run(&ws, &args),
         Task::Fuzz(args) => fuzz::run(&ws, &args),
         Task::Bench(args) => bench::run(&ws, &args),
+        Task::Soak(args) => soak::run(&ws, &args),
         Task::HoldSockets { pairs } => bench::hold_sockets(pairs),
         #[cfg(feature = "etcd")]
         Task::FleetProbe { cgroup, addr } => bench::fleet_probe(&cgroup, addr),
@@ -241,7 +248,8 @@ fn stage(stages: &mut Vec<Stage>, name: &str, f: impl FnOnce() -> Result<String>
     stages.push(stage);
 }
 
-/// The lint, the build, then the host suite, a short fuzz run, then every VM kernel; a failing stage does not stop
+/// The lint, the build, the image, then the host suite, a 2-minute soak, a short fuzz run, then
+/// every VM kernel; a failing stage does not stop
 /// the later ones (a CI run shows everything at once), only a failed build skips the tests.
 fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
     setup::run()?;
@@ -283,6 +291,13 @@ fn test(ws: &Workspace, no_vm: bool, test_args: &[String]) -> Result<()> {
 
     stage(&mut stages, "host suite", || {
         host_suite(ws, &agent, image.as_deref(), test_args).map(|()| String::new())
+    });
+    // The 2-minute soak: fails on an error or a loss nobody counted.
+    stage(&mut stages, "soak", || {
+        if !is_root() {
+            return Ok("skipped: not root".to_owned());
+        }
+        soak::soak(&agent, &soak::Args::ci())
     });
 
     stage(&mut stages, "fuzz", || fuzz_briefly(ws));

@@ -18,8 +18,8 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddrV4, TcpListener},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -31,10 +31,12 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 
-use super::{cgroup2_mount, median, percentile, release_pins, socklen, Agent, Args, Env, Launch};
+use super::{median, percentile, socklen, Args};
+use crate::{
+    etcd::EtcdServer,
+    sandbox::{cgroup2_mount, release_pins, Agent, Env, Launch},
+};
 
-/// Debian's etcd-server (`cargo xtask setup` installs it).
-const ETCD_BIN: &str = "/usr/bin/etcd";
 /// The agents' default key prefix.
 const PREFIX: &str = "/breakwater/v1";
 const SERVICE: &str = "bench-fleet";
@@ -50,14 +52,11 @@ const PAUSE: Duration = Duration::from_millis(100);
 /// Before the idle window: longer than the agents' counters period (10 s), so that the counters
 /// the probes moved are published before it starts.
 const SETTLE: Duration = Duration::from_secs(12);
-/// How long etcd may take to answer after it starts.
+/// How long etcd may take to answer a client once healthy.
 const ETCD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const GOAL_MS: f64 = 100.0;
 
 pub(super) fn run(env: &Env, args: &Args) -> Result<()> {
-    if !Path::new(ETCD_BIN).is_file() {
-        bail!("{ETCD_BIN} is missing: `cargo xtask setup` (as root) installs Debian's etcd-server");
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -597,11 +596,9 @@ impl Drop for NodeDirs {
     }
 }
 
-/// A single-member etcd on free loopback ports, its data under the bench's temporary
-/// directory; killed on drop.
+/// The bench's etcd ([`EtcdServer`]) and a client of it; killed on drop.
 struct Etcd {
-    child: Child,
-    client_port: u16,
+    server: EtcdServer,
     client: Client,
     /// "etcd X.Y.Z", from `etcd --version`.
     version: String,
@@ -609,82 +606,24 @@ struct Etcd {
 
 impl Etcd {
     fn start(dir: &Path, rt: &tokio::runtime::Runtime) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let version = crate::output(Command::new(ETCD_BIN).arg("--version"))?
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("etcd Version: "))
-            .map_or_else(|| "etcd".to_owned(), |v| format!("etcd {v}"));
-        let free_port =
-            || -> Result<u16> { Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-        let mut last = String::new();
-        // Another process may take a port between picking and binding it: retry on others.
-        for attempt in 1..=3 {
-            let (client_port, peer_port) = (free_port()?, free_port()?);
-            let client_url = format!("http://127.0.0.1:{client_port}");
-            let peer_url = format!("http://127.0.0.1:{peer_port}");
-            let log = dir.join(format!("etcd-{attempt}.log"));
-            let out = fs::File::create(&log)?;
-            let mut cmd = Command::new(ETCD_BIN);
-            // ETCD_* variables are flags to etcd: none from the bench's environment.
-            for (name, _) in std::env::vars_os() {
-                if name.to_string_lossy().starts_with("ETCD_") {
-                    cmd.env_remove(name);
-                }
-            }
-            let child = cmd
-                .arg("--name=breakwater-bench")
-                .arg(format!(
-                    "--data-dir={}",
-                    dir.join(format!("data-{attempt}")).display()
-                ))
-                .arg(format!("--listen-client-urls={client_url}"))
-                .arg(format!("--advertise-client-urls={client_url}"))
-                .arg(format!("--listen-peer-urls={peer_url}"))
-                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-                .arg(format!("--initial-cluster=breakwater-bench={peer_url}"))
-                .args(["--logger=zap", "--log-outputs=stderr", "--log-level=warn"])
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .spawn()
-                .with_context(|| format!("starting {ETCD_BIN}"))?;
-            let mut child = child;
-            match ready(&mut child, &client_url, rt) {
-                Ok(client) => {
-                    return Ok(Self {
-                        child,
-                        client_port,
-                        client,
-                        version,
-                    })
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let text = fs::read_to_string(&log).unwrap_or_default();
-                    last = format!("{e:#}\n{text}");
-                    if !text.contains("address already in use") {
-                        break;
-                    }
-                }
-            }
-        }
-        bail!("etcd did not start: {last}")
+        let server = EtcdServer::start(dir, "breakwater-bench")?;
+        let client = ready(&server.url(), rt)?;
+        Ok(Self {
+            version: server.version.clone(),
+            server,
+            client,
+        })
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        self.server.url()
     }
 
     /// etcd's counters from `/metrics` (the client port serves it), by name with labels.
     fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.client_port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text
+        Ok(self
+            .server
+            .get("/metrics")?
             .lines()
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
@@ -695,16 +634,13 @@ impl Etcd {
     }
 }
 
-/// A client once a linearizable get succeeds (a leader is elected).
-fn ready(child: &mut Child, url: &str, rt: &tokio::runtime::Runtime) -> Result<Client> {
+/// A client once a linearizable get succeeds.
+fn ready(url: &str, rt: &tokio::runtime::Runtime) -> Result<Client> {
     let deadline = Instant::now() + ETCD_READY_TIMEOUT;
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(1))
         .with_timeout(Duration::from_secs(2));
     loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("etcd exited during start-up ({status})");
-        }
         let probe = rt.block_on(async {
             let mut client = Client::connect([url], Some(options.clone())).await?;
             client
@@ -719,13 +655,6 @@ fn ready(child: &mut Child, url: &str, rt: &tokio::runtime::Runtime) -> Result<C
             }
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

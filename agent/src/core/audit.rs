@@ -59,11 +59,19 @@ pub struct ConnectionEvent {
 /// An event that belongs to a service (or to none: "").
 pub trait OfService {
     fn service(&self) -> &str;
+    /// Events the kernel lost just before this one, of any service.
+    fn lost(&self) -> u64 {
+        0
+    }
 }
 
 impl OfService for ConnectionEvent {
     fn service(&self) -> &str {
         &self.service
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost
     }
 }
 
@@ -99,7 +107,9 @@ impl<E: OfService + Clone + Send + 'static> Subscription<E> {
                     Ok(e) if sub.service.is_empty() || e.service() == sub.service => {
                         return Some(((e, lost), sub));
                     }
-                    Ok(_) => {}
+                    // What the kernel lost before another service's event may have been this
+                    // subscriber's: it is told, with its next event.
+                    Ok(e) => lost += e.lost(),
                     // Lost events may have been any service's: count them all.
                     Err(RecvError::Lagged(n)) => lost += n,
                     Err(RecvError::Closed) => return None,
@@ -229,6 +239,47 @@ mod tests {
                 .map(|(e, lost)| (e.transition.cause, *lost))
                 .collect::<Vec<_>>(),
             vec![(3, 2), (4, 0)]
+        );
+    }
+
+    /// The kernel's losses ride on the next event it reports, whatever its service: a
+    /// subscriber to one service hears of them with its own next event.
+    #[tokio::test]
+    async fn kernel_losses_reach_subscribers_of_every_service() {
+        use futures::StreamExt as _;
+        let event = |service: &str, lost: u64| ConnectionEvent {
+            kind: ConnectionEventKind::Opened,
+            reason: String::new(),
+            direction: 0,
+            local_address: None,
+            local_port: 0,
+            remote_address: IpAddr::from([127, 0, 0, 1]),
+            remote_port: 80,
+            netns: 0,
+            pid: 0,
+            comm: String::new(),
+            cgroup_id: 0,
+            cgroup: String::new(),
+            container_id: String::new(),
+            service: service.into(),
+            time_unix_ms: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_us: 0,
+            lost,
+        };
+        let (tx, rx) = broadcast::channel(16);
+        let db = Subscription::new(rx, "db").stream();
+        for (s, lost) in [("web", 5), ("db", 0), ("web", 2), ("web", 0), ("db", 1)] {
+            tx.send(event(s, lost)).unwrap();
+        }
+        drop(tx);
+        let got: Vec<_> = db.collect().await;
+        assert_eq!(
+            got.iter()
+                .map(|(e, lost)| e.lost + lost)
+                .collect::<Vec<_>>(),
+            vec![5, 3]
         );
     }
 }

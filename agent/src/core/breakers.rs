@@ -448,16 +448,19 @@ impl<K: Kernel + ?Sized> Core<K> {
         };
         let t = ev.transition();
         let destination = (ev.port != 0).then(|| SocketAddr::new(display_addr(&ev.addr), ev.port));
+        let shown = destination.map(|d| d.to_string()).unwrap_or_default();
         if t.cause == cause::EJECTION_CAPPED {
-            warn!(
+            // Each failure of a destination the cap keeps in: counted (`ejections_capped`) and
+            // sent to watchers, so not a warning each time.
+            info!(
                 service,
-                destination = ?destination,
+                destination = %shown,
                 "destination not ejected: max_ejection_percent of the service's destinations are ejected already"
             );
         } else {
             info!(
                 service,
-                destination = ?destination,
+                destination = %shown,
                 from = state::name(t.from),
                 to = state::name(t.to),
                 cause = policy::cause_name(t.cause),

@@ -331,6 +331,17 @@ impl Agent {
             .cloned()
     }
 
+    /// Runs of the state-change program the kernel skipped (recursion on one CPU): state
+    /// changes no counter saw.
+    pub fn state_misses(&self) -> u64 {
+        self.info()
+            .programs
+            .iter()
+            .filter(|p| p.name == "bw_sock_state")
+            .map(|p| p.recursion_misses)
+            .sum()
+    }
+
     pub fn counter(&self, name: &str) -> u64 {
         self.info()
             .counters

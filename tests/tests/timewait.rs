@@ -44,7 +44,7 @@ fn time_wait_per_destination_matches_ss() {
     let addr = listener.local_addr().unwrap();
     let out = agent.cli(&["service", "put", "tw", "--endpoint", &addr.to_string()]);
     assert!(out.status.success());
-    let misses_before = state_misses(&agent);
+    let misses_before = agent.state_misses();
     churn_to_time_wait(&listener, 30);
     let ss = ss_time_wait_to(addr, None);
     assert_eq!(ss, 30, "ss ground truth");
@@ -77,7 +77,7 @@ fn time_wait_per_destination_matches_ss() {
     // (a softirq in the middle of a run, which QEMU's slow CPUs make likely) is skipped and
     // counted as a recursion miss, which the agent reports: then the count is short by at
     // most that many, never more.
-    let missed = state_misses(&agent) - misses_before;
+    let missed = agent.state_misses() - misses_before;
     let entered = out["time_wait_entered"].as_u64().unwrap();
     if missed == 0 {
         assert_eq!(entered, 30, "{out:#}");
@@ -226,15 +226,4 @@ fn advisor_finds_pressure_and_churn() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
-}
-
-/// Runs of the state-change program the kernel skipped (recursion on one CPU).
-fn state_misses(agent: &Agent) -> u64 {
-    agent
-        .info()
-        .programs
-        .iter()
-        .filter(|p| p.name == "bw_sock_state")
-        .map(|p| p.recursion_misses)
-        .sum()
 }

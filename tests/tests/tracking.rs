@@ -589,7 +589,7 @@ fn entries_of_connections_whose_socket_is_gone_are_reaped() {
         };
         conns.insert(key, st, 0).expect("insert a stale entry");
     }
-    let misses_before = state_misses(&agent);
+    let misses_before = agent.state_misses();
     let reaped = eventually(SETTLE, || {
         let n = agent.counter("conns_reaped");
         (n >= 3).then_some(n)
@@ -605,7 +605,7 @@ fn entries_of_connections_whose_socket_is_gone_are_reaped() {
     // More sweeps take nothing that lives (unless the kernel skipped a close meanwhile).
     thread::sleep(Duration::from_secs(3));
     let reaped = agent.counter("conns_reaped");
-    let missed = state_misses(&agent) - misses_before;
+    let missed = agent.state_misses() - misses_before;
     assert!(
         reaped >= 3 && reaped <= 3 + missed,
         "conns_reaped {reaped}, {missed} state changes skipped"
@@ -626,15 +626,4 @@ fn entries_of_connections_whose_socket_is_gone_are_reaped() {
         );
     }
     ns_server.close();
-}
-
-/// Runs of the state-change program the kernel skipped (recursion on one CPU).
-fn state_misses(agent: &Agent) -> u64 {
-    agent
-        .info()
-        .programs
-        .iter()
-        .filter(|p| p.name == "bw_sock_state")
-        .map(|p| p.recursion_misses)
-        .sum()
 }

@@ -423,7 +423,8 @@ fn memory(env: &Env, sockets: usize) -> Result<()> {
     Ok(())
 }
 
-fn fd_limit() -> usize {
+/// Raises the soft limit on open files to the hard one; returns it.
+pub(crate) fn fd_limit() -> usize {
     let mut l = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

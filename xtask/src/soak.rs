@@ -131,7 +131,7 @@ pub fn soak(bin: &Path, args: &Args) -> Result<String> {
     if !is_root() {
         bail!("`cargo xtask soak` runs the agent and must run as root (e.g. `sudo -E cargo xtask soak`)");
     }
-    raise_fd_limit();
+    crate::bench::fd_limit();
     let sandbox = Sandbox::new(bin, "soak")?;
     let tmp = tempfile::Builder::new()
         .prefix("breakwater-soak-")
@@ -441,19 +441,6 @@ fn sleep_unless(stop: &AtomicBool, d: Duration) {
     let until = Instant::now() + d;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
         thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
-    }
-}
-
-fn raise_fd_limit() {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit into a valid struct; raise the soft limit to the hard one.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
     }
 }
 

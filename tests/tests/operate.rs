@@ -262,7 +262,7 @@ fn reload_applies_the_difference_and_keeps_counts_and_state() {
         "[breaker]\nscope = [\"{}\"]\n[[service]]\nname = \"a\"\nendpoints = [\"{a}\", \"{b}\"]\n{policy}\n",
         agent.scope()
     );
-    std::fs::write(&path, v4).unwrap();
+    std::fs::write(&path, &v4).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -285,6 +285,39 @@ fn reload_applies_the_difference_and_keeps_counts_and_state() {
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("nothing changed"),
         "{out:?}"
+    );
+
+    // Settings read only at start are reported, at every reload until the restart, and the
+    // running ones stay: retransmits are still counted.
+    std::fs::write(
+        &path,
+        format!("[features]\ndisable = [\"retransmits\"]\n[metrics]\ntop_destinations = 5\n{v4}"),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let r = reload(&agent).expect("ReloadConfig");
+        assert_eq!(
+            r.pending_restart,
+            ["features.disable", "metrics.top_destinations"],
+            "{r:?}"
+        );
+        assert!(r.services_added.is_empty() && r.applied.is_empty(), "{r:?}");
+    }
+    let out = agent.cli(&["reload"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("take effect at the next start: features.disable, metrics.top_destinations"),
+        "{out:?}"
+    );
+    let info = agent.cli_json(&["info"]);
+    let retransmits = info["features"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "retransmits"))
+        .cloned();
+    assert_eq!(
+        retransmits.as_ref().map(|f| f["status"].clone()),
+        Some(serde_json::json!("on")),
+        "{info}"
     );
     extra.leave();
 }

@@ -929,7 +929,16 @@ fn a_reload_moves_the_listeners_and_keeps_their_connections() {
         .replace(&format!(":{tls1}\""), &format!(":{tls2}\""))
         .replace(&format!(":{plain1}\""), &format!(":{plain2}\""));
     std::fs::write(&path, &moved).unwrap();
-    reload(&agent).expect("reload");
+    let r = reload(&agent).expect("reload");
+    assert_eq!(
+        r.applied,
+        [
+            format!("agent.listen: now 127.0.0.1:{tls2}"),
+            format!("agent.insecure_listen: now 127.0.0.1:{plain2}")
+        ],
+        "{r:?}"
+    );
+    assert!(r.pending_restart.is_empty(), "{r:?}");
     // The new addresses serve at once.
     assert_eq!(new_client_lists(&agent, tls2, &pki.ca, &pki.reader), Ok(1));
     let mut plain = plain_client(&agent, plain2).expect("new plain address");

@@ -545,6 +545,8 @@ pub fn reload_response(r: Reloaded) -> pb::ReloadConfigResponse {
         policies_changed: r.policies_changed,
         scope_added: r.scope_added,
         scope_removed: r.scope_removed,
+        applied: r.applied,
+        pending_restart: r.pending_restart,
     }
 }
 

@@ -74,8 +74,9 @@ pub fn reload(
         ))
     })?;
     let own = remote.zip(change.as_ref()).map(|(r, c)| r.own(Some(c)));
-    let reloaded = core.reload_to(&path, next, own)?;
+    let mut reloaded = core.reload_to(&path, next, own)?;
     if let (Some(remote), Some(change)) = (remote, change) {
+        reloaded.applied = serve::Remote::describe(&change);
         remote
             .commit(change)
             .map_err(|e| Error::Internal(crate::error::chain(&e)))?;

@@ -472,6 +472,30 @@ impl Remote {
         own
     }
 
+    /// What a prepared change does, for the reload's answer: "agent.listen: now 127.0.0.1:9090".
+    pub fn describe(change: &RemoteChange) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, rebind) in [
+            ("agent.listen", &change.listen),
+            ("agent.insecure_listen", &change.insecure),
+            ("agent.health_listen", &change.health),
+            ("metrics.listen", &change.metrics),
+        ] {
+            match rebind {
+                Rebind::Keep => {}
+                Rebind::Stop => out.push(format!("{key}: no longer listening")),
+                Rebind::Move { addr, .. } => out.push(format!("{key}: now {addr}")),
+            }
+        }
+        if change.tls.is_some() {
+            out.push("agent.tls_cert, tls_key, tls_client_ca: re-read".to_owned());
+        }
+        if change.etcd_tls.is_some() {
+            out.push("fleet.etcd_ca, etcd_cert, etcd_key: re-read".to_owned());
+        }
+        out
+    }
+
     /// Applies a prepared change; the listeners it moved are logged.
     pub fn commit(&self, change: RemoteChange) -> Result<(), ServeError> {
         let moved = [

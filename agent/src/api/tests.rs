@@ -845,6 +845,8 @@ async fn a_reload_applies_the_difference() {
             policies_changed: vec!["db".into()],
             scope_added: vec!["/app".into()],
             scope_removed: vec![],
+            applied: vec![],
+            pending_restart: vec![],
         }
     );
     assert_eq!(rig.service_names(), ["db", "web"]);

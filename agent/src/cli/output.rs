@@ -805,6 +805,8 @@ pub fn reloaded(r: &pb::ReloadConfigResponse) -> String {
         ("policies changed", &r.policies_changed),
         ("scope added", &r.scope_added),
         ("scope removed", &r.scope_removed),
+        ("applied", &r.applied),
+        ("take effect at the next start", &r.pending_restart),
     ] {
         if !names.is_empty() {
             parts.push(format!("{what}: {}", names.join(", ")));

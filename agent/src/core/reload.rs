@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{owners::Owner, protected::Protected, service::parse_endpoints, Core, Kernel};
 use crate::{
-    config::{AgentConfig, AuthzConfig, Config, FleetConfig, ServiceConfig},
+    config::{AuthzConfig, Config, ServiceConfig},
     error::{Error, Result},
 };
 
@@ -31,6 +31,23 @@ pub struct Reloaded {
     pub scope_removed: Vec<String>,
     /// The new `[agent.authz]` if it changed: who may change state, which the API applies.
     pub authz: Option<AuthzConfig>,
+    /// What the API applied now: listeners moved, stopped or started, certificates re-read.
+    pub applied: Vec<String>,
+    /// Keys whose new values wait for the next start (`[features] disable`, `[agent] socket`, ...).
+    pub pending_restart: Vec<String>,
+}
+
+/// For each listed field of `next` that differs from `running`: `section.key` pushed to `out`,
+/// and the running value put back into `next`.
+macro_rules! read_at_start {
+    ($out:expr, $section:literal, $next:expr, $running:expr, [$($field:ident),+ $(,)?]) => {
+        $(
+            if $next.$field != $running.$field {
+                $out.push(concat!($section, ".", stringify!($field)).to_owned());
+                $next.$field = $running.$field.clone();
+            }
+        )+
+    };
 }
 
 fn policies(config: &Config) -> Result<BTreeMap<String, Rules>> {
@@ -76,50 +93,53 @@ impl<K: Kernel + ?Sized> Core<K> {
                 path.display()
             )));
         }
-        if next.features != self.config.features {
-            // The programs were chosen at start; the running set stays until the next one.
+        // Read at start only: reported, and kept as they run until the next start (so that
+        // every reload until then reports them).
+        let mut pending_restart = Vec::new();
+        let running = &self.config;
+        read_at_start!(
+            pending_restart,
+            "features",
+            next.features,
+            running.features,
+            [disable]
+        );
+        read_at_start!(
+            pending_restart,
+            "agent",
+            next.agent,
+            running.agent,
+            [
+                socket,
+                socket_mode,
+                socket_group,
+                pin_dir,
+                log_format,
+                connection_sweep
+            ]
+        );
+        // The fleet itself (endpoints, on or off) changes at the next start: its TLS files now.
+        read_at_start!(
+            pending_restart,
+            "fleet",
+            next.fleet,
+            running.fleet,
+            [etcd, prefix, node_name, labels]
+        );
+        read_at_start!(
+            pending_restart,
+            "metrics",
+            next.metrics,
+            running.metrics,
+            [top_destinations]
+        );
+        if !pending_restart.is_empty() {
             warn!(
-                running = ?self.config.features.disable,
-                file = ?next.features.disable,
-                "[features] disable changed: it takes effect when the agent restarts"
+                keys = ?pending_restart,
+                "settings changed that take effect when the agent restarts"
             );
-            next.features = self.config.features.clone();
         }
         let authz_changed = next.agent.authz != self.config.agent.authz;
-        // The listeners, their certificates and [agent.authz] are applied by the API (see
-        // `api::reload`); the rest of [agent] is read at start.
-        let at_start = |a: &AgentConfig| AgentConfig {
-            authz: AuthzConfig::default(),
-            listen: None,
-            insecure_listen: None,
-            health_listen: None,
-            tls_cert: None,
-            tls_key: None,
-            tls_client_ca: None,
-            ..a.clone()
-        };
-        if at_start(&next.agent) != at_start(&self.config.agent) {
-            warn!(
-                "[agent] settings changed: socket, socket_mode, socket_group, pin_dir, log_format \
-                 and connection_sweep take effect when the agent restarts (the listeners, their \
-                 certificates and [agent.authz] are applied now)"
-            );
-        }
-        let fleet_at_start = |f: &FleetConfig| FleetConfig {
-            etcd_ca: None,
-            etcd_cert: None,
-            etcd_key: None,
-            ..f.clone()
-        };
-        if fleet_at_start(&next.fleet) != fleet_at_start(&self.config.fleet) {
-            warn!(
-                "[fleet] settings changed: they take effect when the agent restarts (etcd_ca, \
-                 etcd_cert and etcd_key are applied now)"
-            );
-        }
-        if next.metrics.top_destinations != self.config.metrics.top_destinations {
-            warn!("[metrics] top_destinations changed: it takes effect when the agent restarts");
-        }
         let old = by_name(&self.config);
         let new = by_name(&next);
         let old_policies = policies(&self.config)?;
@@ -237,6 +257,8 @@ impl<K: Kernel + ?Sized> Core<K> {
             scope_added,
             scope_removed,
             authz: authz_changed.then(|| next.agent.authz.clone()),
+            applied: Vec::new(),
+            pending_restart,
         };
         self.config = next;
         info!(?reloaded, "config reloaded");

@@ -901,6 +901,15 @@ pub struct ReloadConfigResponse {
     pub scope_added: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, repeated, tag = "7")]
     pub scope_removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Listeners moved, started or stopped and certificates re-read, as "key: what", e.g.
+    /// "agent.listen: now 127.0.0.1:9443".
+    #[prost(string, repeated, tag = "8")]
+    pub applied: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Keys whose new values take effect only when the agent restarts ("features.disable",
+    /// "agent.socket", "fleet.etcd", ...): the running values stay, and every reload until the
+    /// restart lists them.
+    #[prost(string, repeated, tag = "9")]
+    pub pending_restart: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -35,6 +35,9 @@ pub struct ConnRow {
     pub direction: u8,
 }
 
+// What the module's "about 100 bytes a socket" counts on.
+const _: () = assert!(std::mem::size_of::<ConnRow>() == 96);
+
 impl ConnRow {
     fn of(r: &ConnRecord, service: u32, now_ns: u64) -> Self {
         let c = &r.info;

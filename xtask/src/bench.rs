@@ -362,7 +362,9 @@ fn pingpong(env: &Env, rounds: u32, round: Duration, cpu: usize) -> Result<()> {
 
 /// The agent's resident memory idle, and with `sockets` tracked sockets listed once. A process
 /// may not hold that many descriptors here (RLIMIT_NOFILE, no CAP_SYS_RESOURCE), so helper
-/// processes (`cargo xtask hold-sockets`) hold them, each within its own limit.
+/// processes (`cargo xtask hold-sockets`) hold them, each within its own limit. They are listed
+/// with the CLI, as users list them: `conns` streams (`StreamConnections`), so the peak is that
+/// path's.
 fn memory(env: &Env, sockets: usize) -> Result<()> {
     let agent = env.agent()?;
     let idle = agent.rss_kib();

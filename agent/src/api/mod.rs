@@ -166,7 +166,8 @@ pub const CONNECTIONS_PER_MESSAGE: usize = 1000;
 
 /// A listing's `StreamConnections` messages, each built when the stream is polled for it:
 /// hyper polls for the next one only once HTTP/2 flow control has taken the previous one, so a
-/// slow client holds the building back and the agent holds a message or two, encoded, at most.
+/// slow client holds the building back. What the agent holds encoded is bounded by the client's
+/// stream window (2 MiB for tonic's defaults) and a message, not by the listing.
 struct ConnectionChunks {
     list: ConnectionList,
     at: usize,

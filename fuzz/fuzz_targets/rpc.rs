@@ -23,10 +23,11 @@ use breakwater::{
 use breakwater_proto::v1::agent_server::Agent;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tonic::{Code, Request, Status};
+use tonic::{codegen::tokio_stream::StreamExt as _, Code, Request, Status};
 
-/// The calls a sequence is made of: the 18 RPCs, then the kernel's events.
-const CALLS: u8 = 20;
+/// The calls a sequence is made of: 18 RPCs (0..=17), the kernel's events (18, 19), and the
+/// RPCs added since (from 20: the committed seeds keep their numbers).
+const CALLS: u8 = 21;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -77,6 +78,14 @@ async fn call(api: &AgentService, kernel: &MemoryKernel, which: u8, b: &[u8]) {
         15 => rpc!(watch_breaker_events),
         16 => rpc!(reload_config),
         17 => rpc!(watch_connections),
+        // Read to its end: its messages are built as they are read.
+        20 => match decode(b) {
+            Some(req) => match api.stream_connections(req).await {
+                Ok(r) => r.into_inner().map(code).collect::<Vec<_>>().await.into_iter().collect(),
+                Err(status) => Err(status),
+            },
+            None => return,
+        },
         18 => {
             // A connect from the enforced scope: 127.0.0.x:port, and how it ends.
             let [x, p0, p1, o, ..] = *b else { return };

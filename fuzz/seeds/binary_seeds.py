@@ -25,6 +25,7 @@ w('seeds/rpc','lifecycle', put+pol+conn_ok+conn_fail+conn_fail+conn_fail+call(9,
 w('seeds/rpc','trip_reset', put+pol+call(13,f_str(1,'db')+f_int(2,30000)+f_str(3,'maintenance'))+call(10,f_str(1,'db'))+call(14,f_str(1,'db'))+call(15,f_str(1,'db'))+call(17,f_str(1,'db')))
 w('seeds/rpc','destinations', put+polx+conn_fail+conn_fail+call(13,f_str(1,'db')+f_str(4,'127.0.0.1:1001'))+call(14,f_str(1,'db')+f_str(2,'127.0.0.1:1001'))+call(7,f_str(2,'127.0.0.1:1001')+f_str(4,'connect'))+call(2,f_str(1,'db')+f_int(2,10)))
 w('seeds/rpc','reads', call(0,b'')+call(5,b'')+call(6,f_int(1,5))+call(8,b'')+call(16,b'')+call(1,b''))
+w('seeds/rpc','listing', put+conn_ok+adv+conn_ok+conn_fail+call(20,b'')+call(20,f_str(1,'db')+f_int(2,1))+call(20,f_str(1,'nope'))+call(2,f_str(1,'db')))
 # pinned
 MAGIC=struct.unpack('<I',b'BWLY')[0]
 def lpm(prefix, port, addr16, sid): return struct.pack('<I',prefix)+struct.pack('>H',port)+addr16+struct.pack('<I',sid)

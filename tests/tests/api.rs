@@ -136,11 +136,15 @@ fn processes_and_cgroups_are_attributed() {
         .expect("cgroup2 mounted");
     let ino = std::fs::metadata(format!("{root}{rel}")).unwrap().ino();
     let mut c = agent.client();
-    let conns = agent
-        .block_on(c.list_connections(pb::ListConnectionsRequest::default()))
-        .unwrap()
-        .into_inner()
-        .connections;
+    let conns = agent.block_on(async {
+        let request = pb::StreamConnectionsRequest::default();
+        let mut stream = c.stream_connections(request).await.unwrap().into_inner();
+        let mut all = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            all.extend(chunk.connections);
+        }
+        all
+    });
     let mine = conns
         .iter()
         .find(|c| c.remote_port == u32::from(server.addr.port()) && c.pid == std::process::id())

@@ -303,7 +303,7 @@ fn same_address_in_two_namespaces_is_two_places() {
         |d| field(d, "active") == 5,
     );
 
-    // ListConnections walks every namespace: the namespace's sockets are listed as its own.
+    // The listing walks every namespace: the namespace's sockets are listed as its own.
     let v = agent.cli_json(&["conns"]);
     let in_ns = v["connections"]
         .as_array()

@@ -192,6 +192,13 @@ impl Agent {
         self.status_kib("VmHWM:")
     }
 
+    /// Resets the peak (`VmHWM`) to the resident set now (`clear_refs` 5), so that what
+    /// `hwm_kib` reports next is the peak from here on.
+    pub fn reset_peak(&self) -> Result<()> {
+        fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5")
+            .context("resetting the agent's peak resident set")
+    }
+
     /// SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`).
     pub fn stop(mut self) -> Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;

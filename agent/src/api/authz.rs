@@ -494,6 +494,7 @@ mod tests {
             "ListServices",
             "ListDestinations",
             "ListConnections",
+            "StreamConnections",
             "GetAgentInfo",
             "GetTimeWait",
             "GetLatency",

@@ -13,14 +13,14 @@ use crate::{
     core::{
         advise,
         aggregate::{
-            Advice, AgentState, Connection, Destination, DestinationSort, Latency, ServiceSummary,
-            TimeWaitView,
+            Advice, AgentState, Destination, DestinationSort, Latency, ServiceSummary, TimeWaitView,
         },
         audit::{ConnectionEvent, ConnectionEventKind},
         breakers::{BreakerEvent, BreakerView, DestinationView},
         counters::conn_counters,
         features::{FeatureState, Status as FeatureStatus},
         latency,
+        listing::Connection,
         owners::Owner,
         policy::{errno_name, PolicySpec, Quorum, QuorumSize, Rules},
         reload::Reloaded,
@@ -315,28 +315,23 @@ pub fn destination_message(d: &Destination) -> pb::Destination {
 }
 
 pub fn connection_message(c: &Connection<'_>) -> pb::Connection {
-    let (r, i) = (c.record, &c.record.info);
-    let comm_len = i.comm.iter().position(|&b| b == 0).unwrap_or(i.comm.len());
+    let r = c.row;
+    let comm_len = r.comm.iter().position(|&b| b == 0).unwrap_or(r.comm.len());
     pb::Connection {
-        local_address: address(&i.saddr),
-        local_port: i.sport.into(),
-        remote_address: address(&i.daddr),
-        remote_port: i.dport.into(),
-        direction: direction_message(i.direction).into(),
-        state: tcp_state::name(r.state as u8).to_owned(),
-        netns: i.netns,
-        pid: i.pid,
-        comm: String::from_utf8_lossy(&i.comm[..comm_len]).into_owned(),
-        cgroup_id: i.cgroup_id,
+        local_address: address(&r.saddr),
+        local_port: r.sport.into(),
+        remote_address: address(&r.daddr),
+        remote_port: r.dport.into(),
+        direction: direction_message(r.direction).into(),
+        state: tcp_state::name(r.state).to_owned(),
+        netns: r.netns,
+        pid: r.pid,
+        comm: String::from_utf8_lossy(&r.comm[..comm_len]).into_owned(),
+        cgroup_id: r.cgroup_id,
         service: c.service.to_owned(),
-        age_ms: c.age_ms,
+        age_ms: r.age_ms,
         cookie: r.cookie,
     }
-}
-
-/// What a connection listing is ordered by: (age in ms, cookie).
-pub fn connection_order(c: &pb::Connection) -> (u64, u64) {
-    (c.age_ms, c.cookie)
 }
 
 pub fn histogram_message(kind: u32, h: &Histogram) -> pb::Histogram {

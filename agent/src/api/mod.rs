@@ -23,6 +23,7 @@ use tracing::info;
 use crate::{
     core::{
         aggregate::{latency_kinds, DestinationQuery, LatencyOf},
+        listing::ConnectionList,
         owners::Owner,
         policy::{self, PolicySpec},
         reload::Reloaded,
@@ -145,13 +146,65 @@ pub fn trim_heap() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// A server stream of events as the API sends them.
+/// [`trim_heap`] in a while, when the answer being sent is gone.
+fn trim_heap_soon() {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            trim_heap();
+        });
+    }
+}
+
+/// A server stream of messages as the API sends them.
 pub type EventStream<M> = std::pin::Pin<Box<dyn futures::Stream<Item = Result<M, Status>> + Send>>;
+
+/// Connections per `StreamConnections` message. A connection encodes to at most ~250 bytes
+/// (addresses, a 63-byte service name, 16 bytes of comm), so a message stays far below gRPC's
+/// default 4 MiB limit for a client; and 1,000 are few enough to build at once on an async
+/// worker (well under a millisecond).
+pub const CONNECTIONS_PER_MESSAGE: usize = 1000;
+
+/// A listing's `StreamConnections` messages, each built when the stream is polled for it:
+/// hyper polls for the next one only once HTTP/2 flow control has taken the previous one, so a
+/// slow client holds the building back. What the agent holds encoded is bounded by the client's
+/// stream window (2 MiB for tonic's defaults) and a message, not by the listing.
+struct ConnectionChunks {
+    list: ConnectionList,
+    at: usize,
+}
+
+impl Iterator for ConnectionChunks {
+    type Item = pb::StreamConnectionsResponse;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let end = (self.at + CONNECTIONS_PER_MESSAGE).min(self.list.len());
+        if self.at == end {
+            return None;
+        }
+        let connections = (self.at..end)
+            .filter_map(|i| self.list.get(i))
+            .map(|c| convert::connection_message(&c))
+            .collect();
+        self.at = end;
+        Some(pb::StreamConnectionsResponse { connections })
+    }
+}
+
+impl Drop for ConnectionChunks {
+    fn drop(&mut self) {
+        // Ended, or the client went away: the rows go now.
+        if self.list.len() > CONNECTIONS_PER_MESSAGE {
+            trim_heap_soon();
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Agent for AgentService {
     type WatchBreakerEventsStream = EventStream<pb::BreakerEvent>;
     type WatchConnectionsStream = EventStream<pb::ConnectionEvent>;
+    type StreamConnectionsStream = EventStream<pb::StreamConnectionsResponse>;
 
     async fn reload_config(
         &self,
@@ -325,22 +378,32 @@ impl Agent for AgentService {
         request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
         let req = request.into_inner();
-        let connections = self
-            .with_core(move |core| {
-                core.connections(
-                    &req.service,
-                    req.limit,
-                    convert::connection_message,
-                    convert::connection_order,
-                )
-            })
+        let list = self
+            .with_core(move |core| core.connections(&req.service, req.limit))
             .await?;
+        let connections = list
+            .iter()
+            .map(|c| convert::connection_message(&c))
+            .collect();
+        drop(list);
         // The response is encoded and freed after we return: trim once it is gone.
-        tokio::spawn(async {
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            trim_heap();
-        });
+        trim_heap_soon();
         Ok(Response::new(pb::ListConnectionsResponse { connections }))
+    }
+
+    async fn stream_connections(
+        &self,
+        request: Request<pb::StreamConnectionsRequest>,
+    ) -> Result<Response<Self::StreamConnectionsStream>, Status> {
+        let req = request.into_inner();
+        // The rows are copied under the lock; the messages are built from the copy as the
+        // client reads them, so that a slow client holds neither the lock nor the answer.
+        let list = self
+            .with_core(move |core| core.connections(&req.service, req.limit))
+            .await?;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            ConnectionChunks { list, at: 0 }.map(Ok),
+        ))))
     }
 
     async fn put_service(

@@ -374,6 +374,124 @@ async fn connections_are_listed_oldest_first() {
     );
 }
 
+/// `StreamConnections`' messages, or its status.
+async fn streamed(
+    rig: &Rig,
+    service: &str,
+    limit: u32,
+) -> Result<Vec<Vec<pb::Connection>>, Status> {
+    let stream = rig
+        .api
+        .stream_connections(Request::new(pb::StreamConnectionsRequest {
+            service: service.into(),
+            limit,
+        }))
+        .await?
+        .into_inner();
+    stream
+        .map(|m| m.map(|m| m.connections))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+#[tokio::test]
+async fn connections_are_streamed_in_chunks_as_listed() {
+    let rig = Rig::new();
+    rig.put("db", &[UP]).await.unwrap();
+    rig.put("idle", &["127.0.0.1:3000"]).await.unwrap();
+    // 2,500, of which 500 to db; many of the same age, so that the cookie orders them.
+    for i in 0..2500 {
+        if i > 0 && i % 100 == 0 {
+            rig.kernel.advance(Duration::from_millis(3));
+        }
+        let to = if i % 5 == 0 { UP } else { OTHER };
+        rig.kernel.connect(addr(to), Outcome::Established).unwrap();
+    }
+    let unary = |service: &str, limit| {
+        rig.api
+            .list_connections(Request::new(pb::ListConnectionsRequest {
+                service: service.into(),
+                limit,
+            }))
+    };
+    let sizes = |chunks: &[Vec<pb::Connection>]| chunks.iter().map(Vec::len).collect::<Vec<_>>();
+
+    let chunks = streamed(&rig, "", 0).await.unwrap();
+    assert_eq!(sizes(&chunks), [1000, 1000, 500]);
+    let all: Vec<pb::Connection> = chunks.concat();
+    assert_eq!(all, unary("", 0).await.unwrap().into_inner().connections);
+    // Oldest first, then by cookie, across the chunks.
+    assert!(all
+        .windows(2)
+        .all(|w| (w[0].age_ms, w[1].cookie) > (w[1].age_ms, w[0].cookie)));
+    assert_eq!((all[0].age_ms, all[2499].age_ms), (72, 0));
+
+    let db = streamed(&rig, "db", 0).await.unwrap().concat();
+    assert_eq!(db.len(), 500);
+    assert!(db
+        .iter()
+        .all(|c| c.service == "db" && c.remote_port == 1001));
+    assert_eq!(db, unary("db", 0).await.unwrap().into_inner().connections);
+
+    for limit in [1, 999, 1000, 1001, 2500, 3000] {
+        let chunks = streamed(&rig, "", limit).await.unwrap();
+        let n = (limit as usize).min(2500);
+        assert_eq!(chunks.concat(), all[..n], "limit {limit}");
+        assert!(chunks.iter().all(|c| (1..=1000).contains(&c.len())));
+        assert_eq!(
+            unary("", limit).await.unwrap().into_inner().connections,
+            all[..n]
+        );
+    }
+    let db_limited = streamed(&rig, "db", 20).await.unwrap().concat();
+    assert_eq!(db_limited, db[..20]);
+
+    // Nothing to list: no message. An unknown service: refused before any.
+    assert_eq!(
+        streamed(&rig, "idle", 0).await.unwrap(),
+        Vec::<Vec<_>>::new()
+    );
+    assert_eq!(
+        refused(streamed(&rig, "web", 0).await),
+        (Code::NotFound, "no service named \"web\"".into())
+    );
+}
+
+/// The largest a connection can encode to, times a message's count, is far from the 4 MiB a
+/// client with default settings accepts.
+#[test]
+fn a_stream_message_fits_a_default_client() {
+    use prost::Message as _;
+    let row = crate::core::listing::ConnRow {
+        cookie: u64::MAX,
+        age_ms: u64::MAX,
+        cgroup_id: u64::MAX,
+        saddr: [0xff; 16],
+        daddr: [0xfe; 16],
+        // Not UTF-8: each byte becomes a 3-byte replacement character.
+        comm: [0xff; 16],
+        netns: u32::MAX,
+        pid: u32::MAX,
+        service: 1,
+        sport: u16::MAX,
+        dport: u16::MAX,
+        state: tcp_state::CLOSE_WAIT,
+        direction: breakwater_common::direction::INBOUND,
+    };
+    let name = "s".repeat(63);
+    crate::core::service::validate_name(&name).unwrap();
+    let c = convert::connection_message(&crate::core::listing::Connection {
+        row: &row,
+        service: &name,
+    });
+    assert_eq!(c.comm.len(), 48);
+    let largest = c.encoded_len() + 3;
+    assert!(largest < 300, "{largest}");
+    assert!(largest * CONNECTIONS_PER_MESSAGE < (4 << 20) / 10);
+}
+
 /// 60 ports from 10.0.0.1 to 10.0.0.9:5432 in a namespace of 100 ephemeral ports, 40 of them
 /// in TIME_WAIT.
 fn pressured_namespace() -> (u32, Vec<SockRecord>, NetSettings) {

@@ -296,7 +296,8 @@ async fn connect(node: &Node, tls: &ClientTls) -> Result<Client, CliError> {
             })?
         }
     };
-    // A node's full connection list outgrows gRPC's default 4 MiB (100k sockets: ~7 MB).
+    // A node's full connection list in one message, as an agent without StreamConnections
+    // answers it, outgrows gRPC's default 4 MiB (100k sockets: ~7 MB).
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
@@ -792,6 +793,163 @@ mod tests {
         assert_eq!(
             merged_table(&[("alpha", d1.as_ref()), ("beta", d2.as_ref())]),
             "alpha: deleted service web\nbeta: deleted service web"
+        );
+    }
+
+    /// An agent over the in-memory kernel on a unix socket, with `conns` connections (one in
+    /// five to service db); it records the methods called and, when `old`, answers
+    /// `StreamConnections` as an agent without it would.
+    struct Served {
+        node: Node,
+        called: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Served {
+        fn start(conns: usize, old: bool) -> Self {
+            use crate::{
+                api::{authz::Authz, AgentService},
+                config::{Config, Overrides},
+                core::{
+                    memory::{MemoryKernel, Outcome, NETNS},
+                    owners::Owner,
+                    Core,
+                },
+            };
+            let kernel = MemoryKernel::new();
+            let config = Config::default();
+            let mut core = Core::new(kernel.clone(), config.clone(), None, Overrides::default());
+            core.apply_config(&config).unwrap();
+            core.put_service(Owner::Local, "db", &["127.0.0.1:1001"])
+                .unwrap();
+            for i in 0..conns {
+                let to = if i % 5 == 0 {
+                    "127.0.0.1:1001"
+                } else {
+                    "127.0.0.1:2000"
+                };
+                kernel
+                    .connect(to.parse().unwrap(), Outcome::Established)
+                    .unwrap();
+            }
+            let core = std::sync::Arc::new(std::sync::Mutex::new(core.into_dyn()));
+            let api = AgentService::new(core, Authz::new(&config.agent.authz), NETNS, None);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let called = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let record = called.clone();
+            let layer = tower::layer::layer_fn(move |inner| Recorder {
+                inner,
+                called: record.clone(),
+                old,
+            });
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .layer(layer)
+                    .add_service(breakwater_proto::v1::agent_server::AgentServer::new(api))
+                    .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+            );
+            let text = format!("unix://{}", path.display());
+            Self {
+                node: Node {
+                    name: text.clone(),
+                    address: Address::Unix(path),
+                    text,
+                },
+                called,
+                _dir: dir,
+            }
+        }
+
+        /// `breakwater conns` with these flags, as JSON and as a table.
+        async fn conns(&self, service: Option<&str>, limit: u32) -> (String, String) {
+            let command = Command::Conns {
+                service: service.map(str::to_owned),
+                limit,
+            };
+            let Verb::Ask(ask) = verbs::verb(command).unwrap() else {
+                panic!("conns asks")
+            };
+            let answer = one(&self.node, &ClientTls::default(), &ask).await.unwrap();
+            (answer.json().unwrap(), answer.table())
+        }
+
+        fn called(&self) -> Vec<String> {
+            std::mem::take(&mut *self.called.lock().unwrap())
+        }
+    }
+
+    #[derive(Clone)]
+    struct Recorder<S> {
+        inner: S,
+        called: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        old: bool,
+    }
+
+    impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for Recorder<S>
+    where
+        S: tower::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+        S::Future: Send + 'static,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+            let method = request.uri().path().rsplit('/').next().unwrap().to_owned();
+            self.called.lock().unwrap().push(method.clone());
+            if self.old && method == "StreamConnections" {
+                let status = tonic::Status::unimplemented("");
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+            Box::pin(self.inner.call(request))
+        }
+    }
+
+    /// `conns` streams the listing and prints it as the unary answer was printed; from an
+    /// agent without the stream, it prints the unary answer, the same.
+    #[tokio::test]
+    async fn conns_streams_and_falls_back_to_the_unary_call() {
+        let new = Served::start(2500, false);
+        let old = Served::start(2500, true);
+        for (service, limit) in [(None, 0), (Some("db"), 0), (None, 1200), (Some("db"), 7)] {
+            let streamed = new.conns(service, limit).await;
+            assert_eq!(new.called(), ["StreamConnections"]);
+            let unary = old.conns(service, limit).await;
+            assert_eq!(old.called(), ["StreamConnections", "ListConnections"]);
+            assert_eq!(streamed, unary, "{service:?} {limit}");
+            let v: serde_json::Value = serde_json::from_str(&streamed.0).unwrap();
+            let want = match (service, limit) {
+                (_, 0) if service.is_some() => 500,
+                (None, 0) => 2500,
+                (_, n) => n as usize,
+            };
+            assert_eq!(v["connections"].as_array().unwrap().len(), want);
+        }
+        let e = match verbs::verb(Command::Conns {
+            service: Some("web".into()),
+            limit: 0,
+        })
+        .unwrap()
+        {
+            Verb::Ask(ask) => one(&new.node, &ClientTls::default(), &ask).await.err(),
+            Verb::Watch(_) => None,
+        };
+        let e = e.expect("an unknown service is refused");
+        assert_eq!(
+            (e.exit_code(), e.to_string()),
+            (2, "no service named \"web\"".into())
         );
     }
 }

@@ -7,6 +7,7 @@ use std::future::Future;
 
 use breakwater_proto::v1 as pb;
 use futures::future::BoxFuture;
+use tonic::Code;
 
 use super::{
     client::{follow, reply, reply_rows, Answered, Client, Titled},
@@ -74,7 +75,7 @@ pub fn verb(command: Command) -> Result<Verb, CliError> {
             destinations,
         ),
         Command::Conns { service, limit } => ask(
-            pb::ListConnectionsRequest {
+            pb::StreamConnectionsRequest {
                 service: service.unwrap_or_default(),
                 limit,
             },
@@ -205,8 +206,32 @@ async fn destinations(mut agent: Client, request: pb::ListDestinationsRequest) -
     }))
 }
 
-async fn conns(mut agent: Client, request: pb::ListConnectionsRequest) -> Answered {
-    let r = agent.list_connections(request).await?.into_inner();
+/// The listing streamed, its chunks put together: printed as `ListConnections` answered it
+/// whole, which an agent older than `StreamConnections` is asked instead.
+async fn conns(mut agent: Client, request: pb::StreamConnectionsRequest) -> Answered {
+    let connections = match agent.stream_connections(request.clone()).await {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            let mut connections = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                connections.extend(chunk.connections);
+            }
+            connections
+        }
+        Err(s) if s.code() == Code::Unimplemented => {
+            #[expect(
+                deprecated,
+                reason = "the fallback for agents without StreamConnections"
+            )]
+            let r = agent.list_connections(pb::ListConnectionsRequest {
+                service: request.service,
+                limit: request.limit,
+            });
+            r.await?.into_inner().connections
+        }
+        Err(s) => return Err(s),
+    };
+    let r = pb::ListConnectionsResponse { connections };
     Ok(reply_rows(r, output::connections, |r| {
         (None, output::connections_rows(r))
     }))

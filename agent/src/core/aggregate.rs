@@ -1,6 +1,6 @@
 //! What the core reports from the kernel's maps and walks: services with their counts,
-//! destinations, live connections, latency histograms, TIME_WAIT and port pressure, the
-//! advisor's findings and the agent's own state. Rates (connections opened, TIME_WAIT entered
+//! destinations, latency histograms, TIME_WAIT and port pressure, the advisor's findings and
+//! the agent's own state (live connections: [`super::listing`]). Rates (connections opened, TIME_WAIT entered
 //! per second) come from snapshots the agent takes every [`RateWindow::SAMPLE_EVERY`].
 
 use std::{
@@ -8,9 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use breakwater_common::{
-    conn_flags, direction, hist_kind, ConnRecord, ConnStats, DestKey, HIST_BUCKETS,
-};
+use breakwater_common::{conn_flags, direction, hist_kind, ConnStats, DestKey, HIST_BUCKETS};
 
 use super::{
     advise, counters,
@@ -149,14 +147,6 @@ pub struct DestinationQuery {
 
 /// A destination in every namespace: address, port, direction.
 pub type EndpointKey = ([u8; 16], u16, u8);
-
-/// A tracked live connection, as the listing shows it.
-pub struct Connection<'a> {
-    pub record: &'a ConnRecord,
-    /// The service its endpoint belongs to now; empty if none.
-    pub service: &'a str,
-    pub age_ms: u64,
-}
 
 /// What a latency query asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -405,11 +395,6 @@ impl<K: Kernel + ?Sized> Core<K> {
         by.into_iter().collect()
     }
 
-    /// The tracked live connections (only `service`'s unless it is empty; NotFound for an
-    /// unknown one), oldest first, at most `limit` (0: all), each as `make` builds it;
-    /// `order` gives back what it was built from: (age in ms, socket cookie).
-    ///
-    /// Built as they are read: a node may have 100k of them.
     /// Pins again what was unpinned by hand while the agent ran: without the pins, the trips
     /// and the gate would end with this process.
     pub fn restore_pins(&mut self) {
@@ -432,42 +417,6 @@ impl<K: Kernel + ?Sized> Core<K> {
             Ok(None) => tracing::debug!("a namespace could not be walked: connections not swept"),
             Err(e) => tracing::warn!(error = %e, "connections not swept"),
         }
-    }
-
-    pub fn connections<T>(
-        &mut self,
-        service: &str,
-        limit: u32,
-        mut make: impl FnMut(&Connection<'_>) -> T,
-        order: impl Fn(&T) -> (u64, u64),
-    ) -> Result<Vec<T>> {
-        self.require_known(service)?;
-        let now = self.kernel.now_ns();
-        let services = &self.services;
-        let mut out = Vec::with_capacity(1024);
-        self.kernel.for_each_connection(&mut |r| {
-            let c = &r.info;
-            let (addr, port) = if c.direction == direction::INBOUND {
-                (&c.saddr, c.sport)
-            } else {
-                (&c.daddr, c.dport)
-            };
-            let of = services
-                .match_endpoint(addr, port)
-                .map_or("", |s| s.name.as_str());
-            if service.is_empty() || of == service {
-                out.push(make(&Connection {
-                    record: r,
-                    service: of,
-                    age_ms: now.saturating_sub(c.start_ns) / 1_000_000,
-                }));
-            }
-        })?;
-        out.sort_by(|a, b| {
-            let ((age_a, cookie_a), (age_b, cookie_b)) = (order(a), order(b));
-            age_b.cmp(&age_a).then(cookie_a.cmp(&cookie_b))
-        });
-        Ok(limited(out, limit))
     }
 
     /// Latency histograms of `kinds` (`hist_kind`). Kinds `named` must be measured

@@ -16,6 +16,7 @@ pub mod counters;
 pub mod features;
 pub mod kernel;
 pub mod latency;
+pub mod listing;
 // Also for the fuzz targets (cargo-fuzz builds with `--cfg fuzzing`): the `rpc` target calls
 // the API over it.
 #[cfg(any(test, fuzzing))]

@@ -169,15 +169,37 @@ pub struct Connection {
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListConnectionsRequest {
+    /// Only connections to or from this service's endpoints; empty = all.
     #[prost(string, tag = "1")]
     pub service: ::prost::alloc::string::String,
     /// At most this many; 0 = no limit.
     #[prost(uint32, tag = "2")]
     pub limit: u32,
 }
+/// Oldest first (highest age_ms), connections of the same age by cookie, lowest first.
 #[derive(serde::Serialize)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListConnectionsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub connections: ::prost::alloc::vec::Vec<Connection>,
+}
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StreamConnectionsRequest {
+    /// Only connections to or from this service's endpoints; empty = all.
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// At most this many over the whole stream; 0 = no limit.
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+/// One chunk of the listing, from 1 to 1,000 connections; an empty listing is a stream with
+/// no message. The order runs across the chunks as in ListConnectionsResponse: oldest first
+/// (highest age_ms), connections of the same age by cookie, lowest first; each chunk takes up
+/// where the previous one ended. Ages are as of the call.
+#[derive(serde::Serialize)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct StreamConnectionsResponse {
     #[prost(message, repeated, tag = "1")]
     pub connections: ::prost::alloc::vec::Vec<Connection>,
 }
@@ -1501,7 +1523,11 @@ pub mod agent_client {
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "ListDestinations"));
             self.inner.unary(req, path, codec).await
         }
-        /// Live TCP sockets with the process that opened them.
+        /// Live TCP sockets with the process that opened them, all in one message. Deprecated: use
+        /// StreamConnections, which answers the same rows in the same order a chunk at a time; this
+        /// answer grows with the node's sockets (about 7 MB for 100k, over gRPC's default 4 MiB limit
+        /// for a client) and the agent builds it whole.
+        #[deprecated]
         pub async fn list_connections(
             &mut self,
             request: impl tonic::IntoRequest<super::ListConnectionsRequest>,
@@ -1525,6 +1551,34 @@ pub mod agent_client {
             req.extensions_mut()
                 .insert(GrpcMethod::new("breakwater.v1.Agent", "ListConnections"));
             self.inner.unary(req, path, codec).await
+        }
+        /// Live TCP sockets with the process that opened them, in messages of up to 1,000 connections
+        /// each (see StreamConnectionsResponse for the order). The rows are those tracked when the
+        /// call came: sockets opened or closed while the stream is read do not change it. NotFound
+        /// for an unknown service, before any message.
+        pub async fn stream_connections(
+            &mut self,
+            request: impl tonic::IntoRequest<super::StreamConnectionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::StreamConnectionsResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/breakwater.v1.Agent/StreamConnections",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("breakwater.v1.Agent", "StreamConnections"));
+            self.inner.server_streaming(req, path, codec).await
         }
         /// Creates or replaces a service.
         pub async fn put_service(
@@ -1927,12 +1981,35 @@ pub mod agent_server {
             tonic::Response<super::ListDestinationsResponse>,
             tonic::Status,
         >;
-        /// Live TCP sockets with the process that opened them.
+        /// Live TCP sockets with the process that opened them, all in one message. Deprecated: use
+        /// StreamConnections, which answers the same rows in the same order a chunk at a time; this
+        /// answer grows with the node's sockets (about 7 MB for 100k, over gRPC's default 4 MiB limit
+        /// for a client) and the agent builds it whole.
         async fn list_connections(
             &self,
             request: tonic::Request<super::ListConnectionsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListConnectionsResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the StreamConnections method.
+        type StreamConnectionsStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<
+                    super::StreamConnectionsResponse,
+                    tonic::Status,
+                >,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Live TCP sockets with the process that opened them, in messages of up to 1,000 connections
+        /// each (see StreamConnectionsResponse for the order). The rows are those tracked when the
+        /// call came: sockets opened or closed while the stream is read do not change it. NotFound
+        /// for an unknown service, before any message.
+        async fn stream_connections(
+            &self,
+            request: tonic::Request<super::StreamConnectionsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::StreamConnectionsStream>,
             tonic::Status,
         >;
         /// Creates or replaces a service.
@@ -2274,6 +2351,53 @@ pub mod agent_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/breakwater.v1.Agent/StreamConnections" => {
+                    #[allow(non_camel_case_types)]
+                    struct StreamConnectionsSvc<T: Agent>(pub Arc<T>);
+                    impl<
+                        T: Agent,
+                    > tonic::server::ServerStreamingService<
+                        super::StreamConnectionsRequest,
+                    > for StreamConnectionsSvc<T> {
+                        type Response = super::StreamConnectionsResponse;
+                        type ResponseStream = T::StreamConnectionsStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::StreamConnectionsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Agent>::stream_connections(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = StreamConnectionsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

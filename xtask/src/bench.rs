@@ -27,14 +27,20 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use self::{
+    api::Api,
+    peers::{Bpftrace, Script},
+};
 use crate::{
     is_root,
-    sandbox::{Agent, Env, Sandbox},
+    sandbox::{Agent, Env, Launch, Sandbox},
     Workspace,
 };
 
+mod api;
 #[cfg(feature = "etcd")]
 mod fleet;
+mod peers;
 
 #[cfg(feature = "etcd")]
 pub use fleet::probe as fleet_probe;
@@ -44,11 +50,13 @@ const CLIENTS: usize = 2;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Length of each round, in seconds
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Length of each arm's run, in seconds (2: 9 rounds of 5 arms and the rest of the
+    /// throughput part in about 6 minutes)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
-    /// Number of rounds, each one measurement with the agent off, on, and on with empty hooks
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Number of rounds, each one run per arm: the agent off, on, on with empty hooks, and the
+    /// bpftrace peers beside the first connect loop
+    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Extra arguments for `breakwater agent` (one string, split on whitespace)
     #[arg(
@@ -61,6 +69,9 @@ pub struct Args {
     /// Sockets to hold open (both ends count) for the agent's memory measurement; 0 skips it
     #[arg(long, default_value_t = 100_000)]
     sockets: usize,
+    /// Services in the config of the agent whose `ListServices` is timed; 0 skips it
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..65_536))]
+    services: u32,
     /// Run only this part of the bench
     #[arg(long, value_enum)]
     only: Option<Part>,
@@ -80,7 +91,8 @@ pub struct Args {
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
-    /// Connect loop, request/response, memory and kernel cost, agent off and on
+    /// Connect loop (with bpftrace peers), request/response, memory, kernel cost, ListServices
+    /// over many services, WatchConnections under churn
     Throughput,
     /// Connect to an open breaker versus a closed port, and connects that pass a tripped breaker
     Breaker,
@@ -153,35 +165,67 @@ fn with_etcd(ws: &Workspace) -> Result<()> {
     Ok(())
 }
 
-/// The connect loop, request/response, memory and kernel cost, agent off and on.
+/// The connect loop, request/response, memory and kernel cost, agent off and on; the bpftrace
+/// peers; `ListServices` over many services; `WatchConnections` under churn.
 fn throughput(env: &Env, args: &Args) -> Result<()> {
+    let started = Instant::now();
     let round = Duration::from_secs(args.seconds);
     let cpu = loop_cpu()?;
+    peers::check()?;
     println!(
-        "bench: {} rounds of {}s with the agent off, on, and on with empty hooks (every program returning at once); {CLIENTS} client threads -> 127.0.0.1 in a fresh network namespace per run, the loop's threads pinned to CPU {cpu}; agent args {:?}",
+        "bench: {} rounds of {}s; per round one run of each arm, in an order that changes each round (pairs of rounds: an order and its mirror image, each pair rotated by one): off (no agent), on, empty (on with every program returning at once), and beside the connect loop with breakers enforcing, bpftrace-tcplife and bpftrace-counter (xtask/bpftrace/); ratios are medians of per-round ratios [quartiles]; {CLIENTS} client threads -> 127.0.0.1 in a fresh network namespace per run, the loop's threads pinned to CPU {cpu}; agent args {:?}",
         args.rounds, args.seconds, env.extra
     );
 
     let churn = || churn_in_fresh_netns(round, cpu);
-    let m = measure_rounds(
-        args.rounds,
-        &|| env.agent(),
-        &|| env.empty_agent(),
-        churn,
+    let off = || Ok(Beside::Nothing);
+    let on = || env.agent().map(Beside::Agent);
+    let empty = || env.empty_agent().map(Beside::Agent);
+    let tcplife = || Bpftrace::start(Script::Tcplife, env.dir).map(Beside::Bpftrace);
+    let counter = || Bpftrace::start(Script::Counter, env.dir).map(Beside::Bpftrace);
+    let arms = [
+        Arm::new(OFF, &off),
+        Arm::new(ON, &on),
+        Arm::new(EMPTY, &empty),
+        Arm::new(TCPLIFE, &tcplife),
+        Arm::new(COUNTER, &counter),
+    ];
+    let m = measure_rounds(args.rounds, &arms, churn, "conn/s")?;
+    report(
+        &m,
+        "connect/accept/close loop (breakers enforcing on its cgroup)",
         "conn/s",
-    )?;
-    println!(
-        "connect/accept/close loop: off {:.0} conn/s, on {:.0} conn/s, ratio {:.3} (median of per-round ratios; goal >= 0.97); empty hooks {:.0} conn/s, ratio {:.3}",
-        m.off, m.on, m.on_ratio, m.empty, m.empty_ratio
+        0.97,
+        0.97,
     );
+    println!(
+        "  peers: bpftrace tcplife / off {}, bpftrace counter / off {}, beside breakwater on / off {}",
+        m.ratio(TCPLIFE, OFF),
+        m.ratio(COUNTER, OFF),
+        m.ratio(ON, OFF)
+    );
+    let vs_counter = m.ratio(ON, COUNTER);
+    println!(
+        "  on / bpftrace counter {vs_counter} (goal breakwater on >= bpftrace counter: {})",
+        met(vs_counter.median >= 1.0)
+    );
+
     // The same with breakers enforcing elsewhere: what tracking alone costs the loop.
     let idle = &env.sandbox.idle_relative;
-    let tracking = || Agent::start_with(env, None, idle, false);
-    let empty = || Agent::start_with(env, None, idle, true);
-    let m = measure_rounds(args.rounds, &tracking, &empty, churn, "conn/s")?;
-    println!(
-        "connect/accept/close loop, tracking only (breakers enforce on an empty cgroup): off {:.0} conn/s, on {:.0} conn/s, ratio {:.3}; empty hooks ratio {:.3}",
-        m.off, m.on, m.on_ratio, m.empty_ratio
+    let tracking = || Agent::start_with(env, None, idle, false).map(Beside::Agent);
+    let empty_idle = || Agent::start_with(env, None, idle, true).map(Beside::Agent);
+    let arms = [
+        Arm::new(OFF, &off),
+        Arm::new(ON, &tracking),
+        Arm::new(EMPTY, &empty_idle),
+    ];
+    let m = measure_rounds(args.rounds, &arms, churn, "conn/s")?;
+    report(
+        &m,
+        "connect/accept/close loop, tracking only (breakers enforcing on an empty cgroup)",
+        "conn/s",
+        0.97,
+        0.97,
     );
 
     pingpong(env, args.rounds, round, cpu)?;
@@ -205,70 +249,190 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
             cost.misses
         );
     }
+
+    if args.services > 0 {
+        list_services(env, args.services)?;
+    }
+    watch_throughput(env, round, cpu)?;
+    println!("throughput part: {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// Medians over the rounds of a loop's rate with the agent off, on, and on with empty hooks,
-/// and of the per-round ratios of the latter two to off.
-struct Medians {
-    off: f64,
-    on: f64,
-    empty: f64,
-    on_ratio: f64,
-    empty_ratio: f64,
+/// The arms' names.
+const OFF: &str = "off";
+const ON: &str = "on";
+const EMPTY: &str = "empty";
+const TCPLIFE: &str = "bpftrace-tcplife";
+const COUNTER: &str = "bpftrace-counter";
+
+/// What runs beside a loop in one arm; stopped after the arm's run.
+enum Beside {
+    Nothing,
+    Agent(Agent),
+    Bpftrace(Bpftrace),
 }
 
-/// `rounds` rounds of `measure` (a rate in `unit`) with no agent, the agent `on` starts and the
-/// one `empty` starts, each round printed.
+impl Beside {
+    /// Stops it; a note for the round's line, if it has one.
+    fn stop(self) -> Result<Option<String>> {
+        match self {
+            Self::Nothing => Ok(None),
+            Self::Agent(agent) => agent.stop().map(|()| None),
+            Self::Bpftrace(bt) => bt.stop().map(|note| Some(note).filter(|n| !n.is_empty())),
+        }
+    }
+}
+
+/// One arm of a measurement: its name, and what it starts beside the loop.
+struct Arm<'a> {
+    name: &'static str,
+    start: &'a dyn Fn() -> Result<Beside>,
+}
+
+impl<'a> Arm<'a> {
+    fn new(name: &'static str, start: &'a dyn Fn() -> Result<Beside>) -> Self {
+        Self { name, start }
+    }
+}
+
+/// Each arm's rates, one per round, in the arms' order.
+struct Rounds {
+    names: Vec<&'static str>,
+    rates: Vec<Vec<f64>>,
+    /// The rounds' wall time, agents' and scripts' starts and stops included.
+    took: Duration,
+}
+
+impl Rounds {
+    fn arm(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no arm {name} in {:?}", self.names))
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        median(&mut self.rates[self.arm(name)].clone())
+    }
+
+    /// The per-round ratios of arm `a`'s rate to arm `b`'s: each pair ran in the same round,
+    /// close in time, which a ratio of medians would not respect.
+    fn ratio(&self, a: &str, b: &str) -> Spread {
+        let (a, b) = (&self.rates[self.arm(a)], &self.rates[self.arm(b)]);
+        let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+        Spread::of(&ratios)
+    }
+}
+
+/// The order of `n` arms in round `round` (from 0): rounds go in pairs, an order and its
+/// mirror image, and each pair starts one arm further down the list. A drift that is linear
+/// over a pair (a neighbour getting busy) cancels out; over 2n rounds each arm runs in each
+/// place twice and follows each of its neighbours in the list, so that neither a place nor
+/// what an arm leaves behind for the next (an agent's maps being freed) favours one arm.
+fn arm_order(round: usize, n: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).map(|i| (i + round / 2) % n).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// `rounds` rounds of `measure` (a rate in `unit`), one run per arm each, each round printed.
 fn measure_rounds(
     rounds: u32,
-    on: &dyn Fn() -> Result<Agent>,
-    empty: &dyn Fn() -> Result<Agent>,
+    arms: &[Arm],
     measure: impl Fn() -> Result<f64>,
     unit: &str,
-) -> Result<Medians> {
-    const ARMS: [&str; 3] = ["off", "on", "empty"];
-    let mut rates: [Vec<f64>; 3] = Default::default();
-    let mut ratios: [Vec<f64>; 2] = Default::default();
-    for r in 0..rounds {
-        // Rotate the order so that a drift (a busy neighbour) favours no arm.
-        let mut rate = [0.0; 3];
-        let order: Vec<usize> = (0..3).map(|i| (i + r as usize) % 3).collect();
-        for &arm in &order {
-            let agent = match arm {
-                1 => Some(on()?),
-                2 => Some(empty()?),
-                _ => None,
-            };
+) -> Result<Rounds> {
+    let started = Instant::now();
+    let n = arms.len();
+    // Ratios to off are printed per round.
+    debug_assert_eq!(arms[0].name, OFF);
+    let mut rates = vec![Vec::new(); n];
+    for r in 0..rounds as usize {
+        let order = arm_order(r, n);
+        let mut rate = vec![0.0; n];
+        let mut notes = vec![None; n];
+        for &a in &order {
+            let beside = (arms[a].start)()?;
             let measured = measure();
-            if let Some(agent) = agent {
-                agent.stop()?;
-            }
-            rate[arm] = measured?;
+            notes[a] = beside.stop()?;
+            rate[a] = measured?;
         }
+        let arms_line = (0..n)
+            .map(|a| {
+                let mut s = format!("{} {:.0}", arms[a].name, rate[a]);
+                if a > 0 {
+                    s.push_str(&format!(" ({:.3}", rate[a] / rate[0]));
+                    if let Some(note) = &notes[a] {
+                        s.push_str(&format!("; {note}"));
+                    }
+                    s.push(')');
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on_empty = match (
+            arms.iter().position(|a| a.name == ON),
+            arms.iter().position(|a| a.name == EMPTY),
+        ) {
+            (Some(on), Some(empty)) => format!("; on/empty {:.3}", rate[on] / rate[empty]),
+            _ => String::new(),
+        };
         println!(
-            "round {}/{rounds} ({}): off {:.0} {unit}, on {:.0} {unit}, empty {:.0} {unit}; ratios {:.3}, {:.3}",
+            "round {}/{rounds} ({}): {arms_line} {unit} (ratio to off){on_empty}",
             r + 1,
-            order.iter().map(|&a| ARMS[a]).collect::<Vec<_>>().join(", "),
-            rate[0],
-            rate[1],
-            rate[2],
-            rate[1] / rate[0],
-            rate[2] / rate[0]
+            order
+                .iter()
+                .map(|&a| arms[a].name)
+                .collect::<Vec<_>>()
+                .join(", "),
         );
-        for (arm, v) in rate.iter().enumerate() {
-            rates[arm].push(*v);
+        for (arm, v) in rate.into_iter().enumerate() {
+            rates[arm].push(v);
         }
-        ratios[0].push(rate[1] / rate[0]);
-        ratios[1].push(rate[2] / rate[0]);
     }
-    Ok(Medians {
-        off: median(&mut rates[0]),
-        on: median(&mut rates[1]),
-        empty: median(&mut rates[2]),
-        on_ratio: median(&mut ratios[0]),
-        empty_ratio: median(&mut ratios[1]),
+    Ok(Rounds {
+        names: arms.iter().map(|a| a.name).collect(),
+        rates,
+        took: started.elapsed(),
     })
+}
+
+/// The medians of the rates of a loop's off, on and empty arms, then on / off and on / empty
+/// (breakwater's own work, the hooks' entry cost set aside) with their goals.
+fn report(m: &Rounds, what: &str, unit: &str, goal_off: f64, goal_empty: f64) {
+    let rates = m
+        .names
+        .iter()
+        .map(|n| format!("{n} {:.0}", m.median(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "{what}: {rates} {unit} (medians of {} rounds; {:.0} s)",
+        m.rates[0].len(),
+        m.took.as_secs_f64()
+    );
+    let on_off = m.ratio(ON, OFF);
+    println!(
+        "  on / off {on_off} (goal >= {goal_off}: {})",
+        met(on_off.median >= goal_off)
+    );
+    println!("  empty hooks / off {}", m.ratio(EMPTY, OFF));
+    let on_empty = m.ratio(ON, EMPTY);
+    println!(
+        "  on / empty hooks {on_empty} (breakwater's own work; goal >= {goal_empty}: {})",
+        met(on_empty.median >= goal_empty)
+    );
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes {
+        "met"
+    } else {
+        "not met"
+    }
 }
 
 /// The CPU the measured loops run on: the first this process may use. On one CPU a loop's rate
@@ -346,16 +510,21 @@ fn pingpong(env: &Env, rounds: u32, round: Duration, cpu: usize) -> Result<()> {
         }
         Ok(total as f64 / start.elapsed().as_secs_f64())
     };
-    let m = measure_rounds(
-        rounds,
-        &|| env.agent(),
-        &|| env.empty_agent(),
-        || run(round),
+    let off = || Ok(Beside::Nothing);
+    let on = || env.agent().map(Beside::Agent);
+    let empty = || env.empty_agent().map(Beside::Agent);
+    let arms = [
+        Arm::new(OFF, &off),
+        Arm::new(ON, &on),
+        Arm::new(EMPTY, &empty),
+    ];
+    let m = measure_rounds(rounds, &arms, || run(round), "req/s")?;
+    report(
+        &m,
+        "request/response on kept-alive connections",
         "req/s",
-    )?;
-    println!(
-        "request/response on kept-alive connections: off {:.0} req/s, on {:.0} req/s, ratio {:.3} (goal >= 0.98); empty hooks {:.0} req/s, ratio {:.3}",
-        m.off, m.on, m.on_ratio, m.empty, m.empty_ratio
+        0.98,
+        0.99,
     );
     Ok(())
 }
@@ -426,6 +595,121 @@ fn memory(env: &Env, sockets: usize) -> Result<()> {
         peak as f64 / 1024.0
     );
     Ok(())
+}
+
+/// Timed `ListServices` calls: the minimum, as each took ~0.9 s with 10,000 services.
+const LIST_CALLS: usize = 20;
+
+/// `ListServices` against an agent whose config holds `services` services (one endpoint each),
+/// from a gRPC client on its socket ([`Api`]: no process start-up, no printing): the median and
+/// p90 of [`LIST_CALLS`] calls on one connection, after one untimed.
+fn list_services(env: &Env, services: u32) -> Result<()> {
+    let config = env.dir.join("bench-services.toml");
+    let mut text = format!(
+        "[maps]\nmax_services = {}\nmax_service_endpoints = {}\n",
+        services.max(1024),
+        services.max(16384)
+    );
+    for i in 0..services {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"bench-{i:05}\"\nendpoints = [\"10.200.{}.{}:8080\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+    let start = Instant::now();
+    let how = Launch {
+        name: "agent",
+        config: Some(&config),
+        scope: &env.sandbox.relative,
+        pin_dir: &env.sandbox.pin_dir,
+        empty_hooks: false,
+        args: &[],
+    };
+    // The agent's start is quadratic in services: 10,000 took ~25 s to apply here.
+    let agent = Agent::launch_within(env, &how, Duration::from_secs(300))?;
+    let ready = start.elapsed();
+    let times = (|| {
+        let api = Api::connect(&env.dir.join("agent.sock"))?;
+        let mut times = Vec::new();
+        for call in 0..=LIST_CALLS {
+            let (took, n) = api.list_services()?;
+            if n != services as usize {
+                bail!("ListServices returned {n} services, not {services}");
+            }
+            if call > 0 {
+                times.push(took.as_secs_f64() * 1000.0);
+            }
+        }
+        Ok(times)
+    })();
+    agent.stop()?;
+    let times = times?;
+    let (p50, p90) = (median(&mut times.clone()), percentile(&times, 90.0));
+    println!(
+        "ListServices over {services} services: median {p50:.1} ms, p90 {p90:.1} ms of {LIST_CALLS} calls (a gRPC client on the unix socket, one connection; agent ready {:.1} s after its start; goal <= 50 ms: median {}, p90 {})",
+        ready.as_secs_f64(),
+        met(p50 <= 50.0),
+        met(p90 <= 50.0)
+    );
+    Ok(())
+}
+
+/// `WatchConnections` under the connect loop: one client ([`Api`], in this process, not
+/// printing) subscribed to every event while an agent enforcing on the loop's cgroup tracks
+/// the loop for `length`. Delivered: the events the client received from the loop's start to
+/// the last one, per second of that; lost: what the stream's events reported (`lost`: the
+/// client fell behind, or the kernel's ring buffer was full); the kernel's share of those is
+/// the agent's `audit_lost`.
+fn watch_throughput(env: &Env, length: Duration, cpu: usize) -> Result<()> {
+    let agent = env.agent()?;
+    let result = (|| {
+        let api = Api::connect(&env.dir.join("agent.sock"))?;
+        let kernel_lost = api.counter("audit_lost")?;
+        let watch = api.watch()?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let poke = || -> Result<()> {
+            let client = TcpStream::connect(addr)?;
+            drop(listener.accept()?);
+            drop(client);
+            Ok(())
+        };
+        // The stream has no greeting: it is live once a connection of ours comes through.
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while watch.tally().events == 0 {
+            if Instant::now() >= deadline {
+                bail!(
+                    "no connection event within {}s of subscribing",
+                    EVENT_TIMEOUT.as_secs()
+                );
+            }
+            poke()?;
+            thread::sleep(Duration::from_millis(50));
+        }
+        let quiet = Duration::from_millis(500);
+        let before = watch.settle(quiet, EVENT_TIMEOUT)?;
+        let start = Instant::now();
+        let rate = churn_in_fresh_netns(length, cpu)?;
+        // Losses ride on the next event: one more connection brings those at the end.
+        poke()?;
+        let after = watch.settle(quiet, Duration::from_secs(120))?;
+        let kernel_lost = api.counter("audit_lost")? - kernel_lost;
+        let delivered = after.events - before.events;
+        let lost = after.lost - before.lost;
+        let secs = after.last.duration_since(start).as_secs_f64();
+        let per_s = delivered as f64 / secs;
+        println!(
+            "watch: {per_s:.0} events/s delivered to one client, {lost} lost (reported), {kernel_lost} kernel audit losses (goal >= 200k events/s: {}); {delivered} events in {secs:.2} s, the loop at {rate:.0} conn/s for {}s: {:.2} events per connection (delivered + lost)",
+            met(per_s >= 200_000.0),
+            length.as_secs(),
+            (delivered + lost) as f64 / (rate * length.as_secs_f64()),
+        );
+        Ok(())
+    })();
+    agent.stop()?;
+    result
 }
 
 /// Raises the soft limit on open files to the hard one; returns it.
@@ -629,6 +913,49 @@ fn median(values: &mut [f64]) -> f64 {
     } else {
         values[mid]
     }
+}
+
+/// A median with its quartiles: the spread of per-round ratios.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    q1: f64,
+    median: f64,
+    q3: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Self {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            q1: quantile(&sorted, 0.25),
+            median: quantile(&sorted, 0.5),
+            q3: quantile(&sorted, 0.75),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.3} [q1 {:.3}, q3 {:.3}]",
+            self.median, self.q1, self.q3
+        )
+    }
+}
+
+/// The `q` quantile of sorted values, interpolated between the two nearest ranks (numpy's
+/// default, R's type 7): with 9 rounds the quartiles are the 3rd and 7th values, and the
+/// median is [`median`]'s.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return f64::NAN;
+    };
+    let h = q * last as f64;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(last);
+    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
 }
 
 impl Agent {
@@ -1158,6 +1485,74 @@ mod tests {
     fn medians() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn quartiles_of_nine_rounds_are_the_third_and_seventh_values() {
+        let v = [0.95, 0.91, 0.99, 0.93, 0.97, 0.92, 0.98, 0.94, 0.96];
+        let s = Spread::of(&v);
+        assert_eq!((s.q1, s.median, s.q3), (0.93, 0.95, 0.97));
+        assert_eq!(s.to_string(), "0.950 [q1 0.930, q3 0.970]");
+    }
+
+    #[test]
+    fn quartiles_interpolate_between_ranks() {
+        // numpy.quantile([1, 2, 3, 4], [0.25, 0.5, 0.75]) = [1.75, 2.5, 3.25]
+        let s = Spread::of(&[4.0, 1.0, 3.0, 2.0]);
+        assert_eq!((s.q1, s.median, s.q3), (1.75, 2.5, 3.25));
+        assert_eq!(s.median, median(&mut [4.0, 1.0, 3.0, 2.0]));
+        let one = Spread::of(&[0.9]);
+        assert_eq!((one.q1, one.median, one.q3), (0.9, 0.9, 0.9));
+        assert!(Spread::of(&[]).median.is_nan());
+    }
+
+    #[test]
+    fn arm_orders_are_permutations_balanced_over_two_cycles() {
+        for n in 1..=6 {
+            // places[arm][place]: rounds in which `arm` ran at `place`.
+            let mut places = vec![vec![0; n]; n];
+            // follows[a][b]: rounds in which `a` ran right after `b`.
+            let mut follows = vec![vec![0; n]; n];
+            for round in 0..2 * n {
+                let order = arm_order(round, n);
+                let mut seen = order.clone();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "round {round} of {n}");
+                for (place, &arm) in order.iter().enumerate() {
+                    places[arm][place] += 1;
+                }
+                for w in order.windows(2) {
+                    follows[w[1]][w[0]] += 1;
+                }
+            }
+            for arm in 0..n {
+                assert!(places[arm].iter().all(|&k| k == 2), "{n} arms: {places:?}");
+                if n > 2 {
+                    // Its neighbours in the list, each from both sides.
+                    let (next, prev) = ((arm + 1) % n, (arm + n - 1) % n);
+                    assert!(follows[arm][prev] > 0 && follows[arm][next] > 0);
+                }
+            }
+        }
+        assert_eq!(arm_order(0, 5), [0, 1, 2, 3, 4]);
+        assert_eq!(arm_order(1, 5), [4, 3, 2, 1, 0]);
+        assert_eq!(arm_order(2, 5), [1, 2, 3, 4, 0]);
+    }
+
+    #[test]
+    fn ratios_pair_the_arms_round_by_round() {
+        let m = Rounds {
+            names: vec![OFF, ON, EMPTY],
+            rates: vec![
+                vec![100.0, 50.0, 200.0],
+                vec![90.0, 50.0, 100.0],
+                vec![100.0, 100.0, 100.0],
+            ],
+            took: Duration::ZERO,
+        };
+        assert_eq!(m.ratio(ON, OFF).median, 0.9);
+        assert_eq!(m.ratio(ON, EMPTY).median, 0.9);
+        assert_eq!(m.median(OFF), 100.0);
     }
 
     #[test]

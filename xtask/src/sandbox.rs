@@ -102,6 +102,12 @@ impl Agent {
 
     /// Starts an agent as `how` says, with `--agent-args` last, and waits until `info` answers.
     pub fn launch(env: &Env, how: &Launch) -> Result<Self> {
+        Self::launch_within(env, how, READY_TIMEOUT)
+    }
+
+    /// As [`Agent::launch`], waiting up to `ready_timeout` for `info` to answer (a config of
+    /// thousands of services takes longer to apply).
+    pub fn launch_within(env: &Env, how: &Launch, ready_timeout: Duration) -> Result<Self> {
         let bin = env.bin;
         let socket = env.dir.join(format!("{}.sock", how.name));
         let log = env.dir.join(format!("{}.log", how.name));
@@ -133,7 +139,7 @@ impl Agent {
             url: url.clone(),
         };
 
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + ready_timeout;
         loop {
             if let Some(status) = agent.child.try_wait()? {
                 bail!(
@@ -156,7 +162,7 @@ impl Agent {
                 bail!(
                     "`{} --agent {url} info` did not succeed within {}s{}",
                     bin.display(),
-                    READY_TIMEOUT.as_secs(),
+                    ready_timeout.as_secs(),
                     agent.log_tail()
                 );
             }

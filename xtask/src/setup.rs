@@ -46,6 +46,7 @@ pub fn run() -> Result<()> {
     check_promtool(root)?;
     check_etcd(root)?;
     check_nginx(root)?;
+    check_bpftrace(root)?;
     check_containers(root)?;
     check_vm_tools(root)?;
     Ok(())
@@ -496,6 +497,32 @@ fn check_nginx(root: bool) -> Result<()> {
         "ok: nginx ({})",
         String::from_utf8_lossy(&version.stderr).trim()
     );
+    Ok(())
+}
+
+/// bpftrace, the bench's peer arms: the same connect loop under a bpftrace script on the
+/// tracepoint breakwater uses (xtask/bpftrace/), for scale.
+const BPFTRACE_PACKAGES: &[(&str, &str)] = &[("bpftrace", "/usr/bin/bpftrace")];
+
+fn check_bpftrace(root: bool) -> Result<()> {
+    let missing = missing_packages(BPFTRACE_PACKAGES);
+    if !missing.is_empty() {
+        if !root {
+            println!(
+                "warning: bpftrace missing for `cargo xtask bench`'s peer arms (not root, so \
+                 not installing; as root: apt-get install -y --no-install-recommends bpftrace)"
+            );
+            return Ok(());
+        }
+        println!("installing: bpftrace for the bench (apt-get install -y --no-install-recommends)");
+        apt_install(&missing, &["--no-install-recommends"])?;
+        if let Some((package, file)) = BPFTRACE_PACKAGES.iter().find(|p| !package_present(p)) {
+            bail!("the {package} package was installed but {file} is still missing");
+        }
+    }
+    // `bpftrace v0.17.0`.
+    let version = output(Command::new("/usr/bin/bpftrace").arg("--version"))?;
+    println!("ok: bpftrace ({})", version.trim());
     Ok(())
 }
 

@@ -257,20 +257,20 @@ impl<K: Kernel + ?Sized> Core<K> {
             return Ok((svc, true));
         }
         let previous = self.owners.service(name);
-        // Validate against a copy: on any error the live table and the kernel stay as they were.
-        let mut next = ServiceTable::clone(&self.services);
-        let change = next.put(name, parsed)?;
-        if change.created {
-            self.kernel.reset_service_stats(change.id)?;
-            self.kernel.clear_breaker(change.id)?;
-            self.kernel.set_service_meta(change.id, name, "")?;
+        // `put` checks everything before it changes the table; if the kernel then fails, the
+        // table goes back to what it was (no copy of it: 10,000 services are put at start).
+        let old = self.services.get(name).cloned();
+        let change = self.services.put(name, parsed)?;
+        if let Err(e) = self.apply_put(name, &change) {
+            match &old {
+                Some(o) => self.services.restore(o.id, &o.name, o.endpoints.clone()),
+                None => drop(self.services.delete(name)),
+            }
+            return Err(e);
         }
-        self.kernel.put_endpoints(change.id, &change.added)?;
-        self.kernel.remove_endpoints(&change.removed)?;
-        let old = std::mem::replace(&mut self.services, next);
         if owner == Owner::Fleet {
-            if let Some(p @ (Owner::Local | Owner::Config)) = previous {
-                let value = old.require(name)?.endpoints.iter().map(ToString::to_string);
+            if let (Some(p @ (Owner::Local | Owner::Config)), Some(old)) = (previous, &old) {
+                let value = old.endpoints.iter().map(ToString::to_string);
                 self.owners.shadowed_services.insert(
                     name.to_owned(),
                     Shadowed {
@@ -284,6 +284,17 @@ impl<K: Kernel + ?Sized> Core<K> {
         self.save_owners(name)?;
         let svc = self.services.get(name).expect("just put").clone();
         Ok((svc, change.replaced))
+    }
+
+    /// The kernel's side of a service put: its slots zeroed if new, its endpoints.
+    fn apply_put(&mut self, name: &str, change: &service::Change) -> Result<()> {
+        if change.created {
+            self.kernel.reset_service_stats(change.id)?;
+            self.kernel.clear_breaker(change.id)?;
+            self.kernel.set_service_meta(change.id, name, "")?;
+        }
+        self.kernel.put_endpoints(change.id, &change.added)?;
+        self.kernel.remove_endpoints(&change.removed)
     }
 
     /// Deletes a service as `owner`. When the fleet deletes its own, the definition it hid

@@ -147,7 +147,8 @@ impl Agent {
                 .spawn()
                 .expect("spawn agent"),
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Loading every program takes most of a minute in a TCG guest on a busy 2-CPU host.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let exited = self
                 .child
@@ -161,7 +162,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent did not answer within 30 s"
+                "agent did not answer within 90 s"
             );
             thread::sleep(Duration::from_millis(50));
         }

@@ -377,6 +377,18 @@ pub struct RemoteChange {
     etcd_tls: Option<Prepared<crate::fleet::EtcdTls>>,
 }
 
+impl RemoteChange {
+    /// The listeners' changes, each with its config key.
+    fn rebinds(&self) -> [(&'static str, &Rebind); 4] {
+        [
+            ("agent.listen", &self.listen),
+            ("agent.insecure_listen", &self.insecure),
+            ("agent.health_listen", &self.health),
+            ("metrics.listen", &self.metrics),
+        ]
+    }
+}
+
 /// The TLS files of `[agent]`, when `listen` is set.
 pub fn server_files(a: &AgentConfig) -> Option<ServerFiles> {
     a.listen.as_ref()?;
@@ -475,12 +487,7 @@ impl Remote {
     /// What a prepared change does, for the reload's answer: "agent.listen: now 127.0.0.1:9090".
     pub fn describe(change: &RemoteChange) -> Vec<String> {
         let mut out = Vec::new();
-        for (key, rebind) in [
-            ("agent.listen", &change.listen),
-            ("agent.insecure_listen", &change.insecure),
-            ("agent.health_listen", &change.health),
-            ("metrics.listen", &change.metrics),
-        ] {
+        for (key, rebind) in change.rebinds() {
             match rebind {
                 Rebind::Keep => {}
                 Rebind::Stop => out.push(format!("{key}: no longer listening")),
@@ -498,14 +505,7 @@ impl Remote {
 
     /// Applies a prepared change; the listeners it moved are logged.
     pub fn commit(&self, change: RemoteChange) -> Result<(), ServeError> {
-        let moved = [
-            &change.listen,
-            &change.insecure,
-            &change.health,
-            &change.metrics,
-        ]
-        .iter()
-        .any(|c| c.changes());
+        let moved = change.rebinds().iter().any(|(_, c)| c.changes());
         if let Some(tls) = change.tls {
             self.tls.commit(tls);
         }

@@ -1,7 +1,7 @@
 //! Map declarations. Names match `breakwater_common::names` (checked by the loader).
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    bindings::{BPF_F_MMAPABLE, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::{self, SkStorage},
     helpers::generated::bpf_sk_storage_get,
     macros::{btf_map, map},
@@ -47,7 +47,7 @@ pub static BW_PROTECTED: LpmTrie<SvcLpmData, u32> =
 /// sizes it from the config the same way.
 #[map]
 pub static BW_SVC_STATS: Array<ConnStats> =
-    Array::with_max_entries((defaults::MAX_SERVICES + 1) * 2, 0);
+    Array::with_max_entries((defaults::MAX_SERVICES + 1) * 2, BPF_F_MMAPABLE);
 
 #[map]
 pub static BW_LISTENERS: LruHashMap<ListenKey, ListenerInfo> =
@@ -57,10 +57,11 @@ pub static BW_LISTENERS: LruHashMap<ListenKey, ListenerInfo> =
 pub static BW_DEST_HIST: LruHashMap<HistKey, u64> =
     LruHashMap::with_max_entries(defaults::MAX_HIST_BUCKETS, 0);
 
+/// Mmapable, as `BW_SVC_STATS`: the agent reads every service's slots in one view.
 #[map]
 pub static BW_SVC_HIST: Array<u64> = Array::with_max_entries(
     (defaults::MAX_SERVICES + 1) * hist_kind::COUNT * HIST_BUCKETS,
-    0,
+    BPF_F_MMAPABLE,
 );
 
 /// Breaker maps are indexed by service id (1..=max_services; 0 is "no service").
@@ -106,8 +107,9 @@ pub static BW_LAYOUT: Array<u32> = Array::with_max_entries(breakwater_common::la
 #[map]
 pub static BW_SVC_META: Array<SvcMeta> = Array::with_max_entries(SVC_SLOTS, 0);
 
+/// ~50 ms of a churning node's events (120 bytes each) while the agent's reader is off CPU.
 #[map]
-pub static BW_CONN_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static BW_CONN_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 #[map]
 pub static BW_AUDIT: Array<u32> = Array::with_max_entries(1, 0);

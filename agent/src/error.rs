@@ -39,6 +39,18 @@ impl Error {
     pub fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
         move |source| Self::Map { map, source }
     }
+
+    /// A map that could not be mapped into memory (`ebpf::mapped`).
+    pub fn mmap(map: &'static str, io_error: std::io::Error) -> Self {
+        Self::Map {
+            map,
+            source: aya::sys::SyscallError {
+                call: "mmap",
+                io_error,
+            }
+            .into(),
+        }
+    }
 }
 
 /// An error and its sources on one line, each said once ("a: b: c").

@@ -260,31 +260,27 @@ impl Metrics {
                 }
             }
         }
-        let summaries = core.service_summaries()?;
         let mut first_response = core.first_response_by_service()?;
+        let mut services: Vec<ServiceRow> = core.map_service_summaries(|s| ServiceRow {
+            time_wait: time_wait_by_service
+                .get(&s.service.name)
+                .copied()
+                .unwrap_or_default(),
+            pressure: pressure_by_service
+                .get(&s.service.name)
+                .copied()
+                .unwrap_or_default(),
+            first_response: first_response
+                .remove(&s.service.id)
+                .unwrap_or([0; HIST_BUCKETS as usize]),
+            breaker: breakers.get(&s.service.name).copied(),
+            audited: audited.get(&s.service.name).copied().unwrap_or_default(),
+            ejection: ejections.remove(&s.service.name),
+            stats: s.stats,
+            connect: s.connect,
+            name: s.service.name,
+        })?;
         let services_table = core.services();
-        let mut services: Vec<ServiceRow> = summaries
-            .into_iter()
-            .map(|s| ServiceRow {
-                time_wait: time_wait_by_service
-                    .get(&s.service.name)
-                    .copied()
-                    .unwrap_or_default(),
-                pressure: pressure_by_service
-                    .get(&s.service.name)
-                    .copied()
-                    .unwrap_or_default(),
-                first_response: first_response
-                    .remove(&s.service.id)
-                    .unwrap_or([0; HIST_BUCKETS as usize]),
-                breaker: breakers.get(&s.service.name).copied(),
-                audited: audited.get(&s.service.name).copied().unwrap_or_default(),
-                ejection: ejections.remove(&s.service.name),
-                stats: s.stats,
-                connect: s.connect,
-                name: s.service.name,
-            })
-            .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
 
         // One row per destination and direction, summed over namespaces.

@@ -190,6 +190,23 @@ impl Agent {
         self.child.id()
     }
 
+    /// CPU time the agent has used (user + system, every thread), from `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command (which may hold spaces), from field 3: utime is 14, stime 15.
+        let ticks: u64 = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().skip(11).take(2))
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        Duration::from_millis(ticks * 1000 / hz.max(1))
+    }
+
     pub fn rss_kib(&self) -> u64 {
         self.status_kib("VmRSS:")
     }

@@ -546,7 +546,7 @@ pub fn reload_response(r: Reloaded) -> pb::ReloadConfigResponse {
 }
 
 /// A connection event for a subscriber that lost `lost` events just before it.
-pub fn connection_event_message(e: ConnectionEvent, lost: u64) -> pb::ConnectionEvent {
+pub fn connection_event_message(e: &ConnectionEvent, lost: u64) -> pb::ConnectionEvent {
     pb::ConnectionEvent {
         kind: match e.kind {
             ConnectionEventKind::Opened => pb::ConnectionEventKind::Opened,
@@ -556,7 +556,7 @@ pub fn connection_event_message(e: ConnectionEvent, lost: u64) -> pb::Connection
             ConnectionEventKind::Unspecified => pb::ConnectionEventKind::Unspecified,
         }
         .into(),
-        reason: e.reason,
+        reason: e.reason.clone(),
         direction: direction_message(e.direction).into(),
         local_address: e.local_address.map(|a| a.to_string()).unwrap_or_default(),
         local_port: e.local_port.into(),
@@ -564,11 +564,11 @@ pub fn connection_event_message(e: ConnectionEvent, lost: u64) -> pb::Connection
         remote_port: e.remote_port.into(),
         netns: e.netns,
         pid: e.pid,
-        comm: e.comm,
+        comm: e.comm.clone(),
         cgroup_id: e.cgroup_id,
-        container_id: e.container_id,
-        cgroup: e.cgroup,
-        service: e.service,
+        container_id: e.container_id.clone(),
+        cgroup: e.cgroup.clone(),
+        service: e.service.clone(),
         time_unix_ms: e.time_unix_ms,
         bytes_sent: e.bytes_sent,
         bytes_received: e.bytes_received,

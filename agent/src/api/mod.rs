@@ -228,7 +228,7 @@ impl Agent for AgentService {
             .with_core(move |core| core.watch_connections(&service))
             .await?;
         Ok(Response::new(Box::pin(events.stream().map(|(e, lost)| {
-            Ok(convert::connection_event_message(e, lost))
+            Ok(convert::connection_event_message(&e, lost))
         }))))
     }
 
@@ -345,10 +345,10 @@ impl Agent for AgentService {
         &self,
         _: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let services = self.with_core(|core| core.service_summaries()).await?;
-        Ok(Response::new(pb::ListServicesResponse {
-            services: services.iter().map(convert::service_message).collect(),
-        }))
+        let services = self
+            .with_core(|core| core.map_service_summaries(|s| convert::service_message(&s)))
+            .await?;
+        Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
     async fn list_destinations(

@@ -15,6 +15,7 @@ use super::{
     features::{Feature, FeatureState},
     kernel::Walked,
     owners::Owner,
+    protected::protected_among,
     service::{Endpoint, Service},
     timewait::{self, Pressure, TimeWait},
     Core, Histogram, Kernel, MapSummary, ProgramSummary,
@@ -291,25 +292,43 @@ impl<K: Kernel + ?Sized> Core<K> {
 
     /// A service's counts and connect latency.
     pub fn service_summary(&self, s: &Service) -> Result<ServiceSummary> {
-        Ok(ServiceSummary {
-            connect: self.kernel.service_histogram(s.id, hist_kind::CONNECT)?,
-            stats: [
-                self.kernel.service_stats(s.id, direction::OUTBOUND)?,
-                self.kernel.service_stats(s.id, direction::INBOUND)?,
-            ],
-            owner: self.owners.service(&s.name).unwrap_or_default(),
-            shadowed: self.owners.shadowed_service(&s.name),
-            protected: self.protected_in(&s.endpoints),
-            service: s.clone(),
-        })
+        let mut one = self.summaries_of(&[s], |s| s)?;
+        Ok(one.remove(0))
     }
 
     /// Every service's, by name.
     pub fn service_summaries(&self) -> Result<Vec<ServiceSummary>> {
-        self.services
-            .iter()
-            .map(|s| self.service_summary(s))
-            .collect()
+        self.map_service_summaries(|s| s)
+    }
+
+    /// Every service's, by name, each made into what the caller keeps (with 10,000 services,
+    /// the summaries' histograms alone are 10 MB).
+    pub fn map_service_summaries<T>(&self, f: impl FnMut(ServiceSummary) -> T) -> Result<Vec<T>> {
+        self.summaries_of(&self.services.iter().collect::<Vec<_>>(), f)
+    }
+
+    fn summaries_of<T>(
+        &self,
+        services: &[&Service],
+        mut f: impl FnMut(ServiceSummary) -> T,
+    ) -> Result<Vec<T>> {
+        let ids: Vec<u32> = services.iter().map(|s| s.id).collect();
+        let protected = self.protected();
+        let mut out = Vec::with_capacity(services.len());
+        let mut next = services.iter();
+        self.kernel
+            .service_figures(&ids, hist_kind::CONNECT, &mut |stats, connect| {
+                let Some(s) = next.next() else { return };
+                out.push(f(ServiceSummary {
+                    connect: *connect,
+                    stats,
+                    owner: self.owners.service(&s.name).unwrap_or_default(),
+                    shadowed: self.owners.shadowed_service(&s.name),
+                    protected: protected_among(&protected, &s.endpoints),
+                    service: (*s).clone(),
+                }));
+            })?;
+        Ok(out)
     }
 
     /// The first-response samples live connections hold and the histograms do not have yet.
@@ -333,16 +352,17 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// Every service's first-response histogram, with what live connections still hold.
     pub fn first_response_by_service(&mut self) -> Result<HashMap<u32, Histogram>> {
         let pending = self.pending_first_responses()?;
-        self.services
-            .iter()
-            .map(|s| {
-                let mut h = self
-                    .kernel
-                    .service_histogram(s.id, hist_kind::FIRST_RESPONSE)?;
-                pending.add_service(s.id, &mut h);
-                Ok((s.id, h))
-            })
-            .collect()
+        let ids: Vec<u32> = self.services.iter().map(|s| s.id).collect();
+        let mut out = HashMap::with_capacity(ids.len());
+        let mut next = ids.iter();
+        self.kernel
+            .service_figures(&ids, hist_kind::FIRST_RESPONSE, &mut |_, h| {
+                let Some(&id) = next.next() else { return };
+                let mut h = *h;
+                pending.add_service(id, &mut h);
+                out.insert(id, h);
+            })?;
+        Ok(out)
     }
 
     /// Histograms of one kind for the destinations `keep` selects, summed.

@@ -5,7 +5,7 @@
 //! The programs write events only while someone watches (`Kernel::set_audit`), so the stream
 //! costs nothing when unused; counts never depend on it.
 
-use std::{net::IpAddr, time::UNIX_EPOCH};
+use std::{net::IpAddr, sync::Arc, time::UNIX_EPOCH};
 
 use breakwater_common::{conn_event, counter, fail_reason, ConnEvent};
 use futures::Stream;
@@ -75,6 +75,16 @@ impl OfService for ConnectionEvent {
     }
 }
 
+impl<E: OfService> OfService for Arc<E> {
+    fn service(&self) -> &str {
+        E::service(self)
+    }
+
+    fn lost(&self) -> u64 {
+        E::lost(self)
+    }
+}
+
 impl OfService for BreakerEvent {
     fn service(&self) -> &str {
         &self.service
@@ -127,7 +137,10 @@ fn comm(bytes: &[u8; 16]) -> String {
 impl<K: Kernel + ?Sized> Core<K> {
     /// The connection events from now on, only `service`'s unless it is empty. Needs the
     /// audit stream; NotFound for an unknown service.
-    pub fn watch_connections(&mut self, service: &str) -> Result<Subscription<ConnectionEvent>> {
+    pub fn watch_connections(
+        &mut self,
+        service: &str,
+    ) -> Result<Subscription<Arc<ConnectionEvent>>> {
         self.kernel.features().require(Feature::AuditStream)?;
         self.require_known(service)?;
         self.kernel.set_audit(true)?;
@@ -155,7 +168,7 @@ impl<K: Kernel + ?Sized> Core<K> {
             let mut ev = self.connection_event(e, wall_now.saturating_sub(ago_ms));
             ev.lost = std::mem::take(&mut lost);
             // No subscribers (the last one just left) is no error.
-            let _ = self.audit.send(ev);
+            let _ = self.audit.send(Arc::new(ev));
         }
     }
 

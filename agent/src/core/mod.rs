@@ -56,8 +56,9 @@ pub struct Core<K: Kernel + ?Sized = dyn Kernel> {
     rates: aggregate::RateWindow,
     /// Breaker state changes, fanned out to `WatchBreakerEvents` subscribers.
     events: tokio::sync::broadcast::Sender<BreakerEvent>,
-    /// Connection events, fanned out to `WatchConnections` subscribers.
-    audit: tokio::sync::broadcast::Sender<ConnectionEvent>,
+    /// Connection events, fanned out to `WatchConnections` subscribers: shared, not copied
+    /// per subscriber (a churning node makes 100k+ a second).
+    audit: tokio::sync::broadcast::Sender<std::sync::Arc<ConnectionEvent>>,
     /// The kernel's count of connection events it had no room for, as last seen.
     audit_lost: u64,
     cgroups: CgroupPaths,
@@ -136,7 +137,8 @@ impl<K: Kernel> Core<K> {
             services,
             rates: Default::default(),
             events: tokio::sync::broadcast::channel(1024).0,
-            audit: tokio::sync::broadcast::channel(4096).0,
+            // ~0.1 s of a churning node's events for a subscriber that falls behind.
+            audit: tokio::sync::broadcast::channel(16_384).0,
             audit_lost: 0,
             cgroups: CgroupPaths::default(),
             config,

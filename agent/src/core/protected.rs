@@ -87,11 +87,17 @@ impl<K: Kernel + ?Sized> Core<K> {
 
     /// The protected destinations a service's endpoints cover: never refused by its breaker.
     pub fn protected_in(&self, endpoints: &[Endpoint]) -> Vec<Protected> {
-        self.protected()
-            .into_iter()
-            .filter(|p| endpoints.iter().any(|e| overlap(e, &p.endpoint)))
-            .collect()
+        protected_among(&self.protected(), endpoints)
     }
+}
+
+/// The entries of `protected` that `endpoints` cover.
+pub fn protected_among(protected: &[Protected], endpoints: &[Endpoint]) -> Vec<Protected> {
+    protected
+        .iter()
+        .filter(|p| endpoints.iter().any(|e| overlap(e, &p.endpoint)))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

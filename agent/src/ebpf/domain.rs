@@ -8,12 +8,12 @@ use breakwater_common::{
         BreakerEntry, Counts, DestBreaker, DestBreakerKey, DestCommand, DestPolicy, MoreTotals,
         Policy, SvcMeta, Totals,
     },
-    counter, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord, ConnRecord,
-    ConnState, ConnStats, DestKey, HIST_BUCKETS,
+    counter, direction, hist_kind, names, svc_hist_index, svc_stats_index, BreakerSockRecord,
+    ConnRecord, ConnState, ConnStats, DestKey, HIST_BUCKETS,
 };
 use tracing::warn;
 
-use super::{breaker, iter, records, Kernel};
+use super::{breaker, iter, mapped::Mapped, records, Kernel};
 use crate::{
     clock,
     core::{
@@ -237,6 +237,37 @@ impl crate::core::Kernel for Kernel {
                 .map_err(Error::map(names::MAP_SVC_HIST))?;
         }
         Ok(h)
+    }
+
+    fn service_figures(
+        &self,
+        ids: &[u32],
+        kind: u32,
+        f: &mut dyn FnMut([ConnStats; 2], &Histogram),
+    ) -> Result<()> {
+        use aya::maps::IterableMap as _;
+        let slots = self.sizes.max_services as usize + 1;
+        let stats = Mapped::<ConnStats>::new(self.svc_stats.map(), slots * 2)
+            .map_err(|e| Error::mmap(names::MAP_SVC_STATS, e))?;
+        let hist = Mapped::<u64>::new(
+            self.svc_hist.map(),
+            slots * (hist_kind::COUNT * HIST_BUCKETS) as usize,
+        )
+        .map_err(|e| Error::mmap(names::MAP_SVC_HIST, e))?;
+        let stat = |id, dir| {
+            stats
+                .get(svc_stats_index(id, dir) as usize)
+                .unwrap_or_default()
+        };
+        for &id in ids {
+            f(
+                [stat(id, direction::OUTBOUND), stat(id, direction::INBOUND)],
+                &hist
+                    .array(svc_hist_index(id, kind, 0) as usize)
+                    .unwrap_or([0; HIST_BUCKETS as usize]),
+            );
+        }
+        Ok(())
     }
 
     fn destinations(&self) -> Vec<(DestKey, ConnStats)> {

@@ -6,6 +6,7 @@ pub mod btf;
 mod domain;
 pub mod events;
 pub mod iter;
+mod mapped;
 pub mod tracepoints;
 
 use std::path::{Path, PathBuf};

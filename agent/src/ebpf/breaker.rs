@@ -396,11 +396,10 @@ impl Kernel {
         for rel in scope {
             self.attach_cgroup(rel)?;
         }
-        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
-            what: "kernel BTF",
-            source: aya::programs::ProgramError::Btf(e),
-        })?;
+        let btf = self.kernel_btf()?;
         let loaded = self.load_iter(names::PROG_BREAKER_TCP, &btf)?;
+        // The last program that needs it is loaded: the parsed BTF (megabytes) goes.
+        drop(btf);
         let probed = self
             .destroy_probe
             .take()
@@ -415,8 +414,6 @@ impl Kernel {
         }
         let disabled = std::mem::take(&mut self.disabled);
         self.features.disable(&disabled);
-        // Every hook is chosen: the parsed BTF (megabytes) is no longer needed.
-        self.btf = None;
         Ok(())
     }
 

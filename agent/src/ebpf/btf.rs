@@ -2,10 +2,16 @@
 //! relocations, so the loader resolves the few fields the programs read and hands them over in
 //! the `BW_OFFSETS` global.
 
-use std::path::Path;
+use std::{
+    borrow::Cow,
+    ffi::CStr,
+    fs::File,
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::Path,
+};
 
 use breakwater_common::Offsets;
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -26,16 +32,34 @@ pub enum BtfError {
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 /// The running kernel's BTF: struct offsets, and what the loader probes before choosing a hook.
+/// Mapped, not parsed: btf_rs's parsed form of a 5.5 MB vmlinux BTF (every type and string on
+/// the heap) takes about 40 MB; mapped, about 1 MB, and the few dozen lookups made at start
+/// each scan the types (about 1 ms).
 pub struct KernelBtf(Btf);
 
 impl KernelBtf {
     pub fn read(path: &Path) -> Result<Self, BtfError> {
-        Btf::from_file(path)
+        // sysfs lets the kernel's BTF be mapped from Linux 6.16; before, a copy in memory is.
+        Btf::from_file_with_backend(path, Backend::Mmap)
+            .or_else(|_| Self::map_copy(path))
             .map(Self)
             .map_err(|source| BtfError::Read {
                 path: path.display().to_string(),
                 source,
             })
+    }
+
+    /// Maps a copy of the file in a memfd (its 5.5 MB count in the RSS), freed with the mapping.
+    fn map_copy(path: &Path) -> Result<Btf, btf_rs::Error> {
+        const NAME: &CStr = c"breakwater-btf";
+        let mut file = File::open(path)?;
+        let memfd: OwnedFd =
+            nix::sys::memfd::memfd_create(NAME, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .map_err(std::io::Error::from)?;
+        let mut copy = File::from(memfd);
+        std::io::copy(&mut file, &mut copy)?;
+        // btf_rs maps only a path: the memory file's, which the mapping keeps alive.
+        Btf::from_file_with_backend(format!("/proc/self/fd/{}", copy.as_raw_fd()), Backend::Mmap)
     }
 
     pub fn offsets(&self) -> Result<Offsets, BtfError> {
@@ -71,8 +95,14 @@ impl KernelBtf {
 }
 
 fn resolve_offsets(btf: &Btf) -> Result<Offsets, BtfError> {
-    let sc = |p: &[&str]| offset_of(btf, "sock_common", p);
-    let sk = |p: &[&str]| offset_of(btf, "sock", p);
+    // Each struct is looked up once: a lookup by name scans every type.
+    let within = |st: &'static str| {
+        find_struct(btf, st).map(|root| move |p: &[&str]| offset_of(btf, st, &root, p))
+    };
+    let sc = within("sock_common")?;
+    let sk = within("sock")?;
+    let tcp = within("tcp_sock")?;
+    let net = within("net")?;
     Ok(Offsets {
         skc_daddr: sc(&["skc_daddr"])?,
         skc_rcv_saddr: sc(&["skc_rcv_saddr"])?,
@@ -83,24 +113,22 @@ fn resolve_offsets(btf: &Btf) -> Result<Offsets, BtfError> {
         skc_net: sc(&["skc_net", "net"])?,
         skc_v6_daddr: sc(&["skc_v6_daddr"])?,
         skc_v6_rcv_saddr: sc(&["skc_v6_rcv_saddr"])?,
-        net_inum: offset_of(btf, "net", &["ns", "inum"])?,
+        net_inum: net(&["ns", "inum"])?,
         // `struct sock` starts with its `sock_common`; these two are sock's own.
         sk_protocol: sk(&["sk_protocol"])?,
         sk_err: sk(&["sk_err"])?,
         skc_node_pprev: sc(&["skc_nulls_node", "pprev"])?,
-        tcp_srtt_us: offset_of(btf, "tcp_sock", &["srtt_us"])?,
-        tcp_bytes_acked: offset_of(btf, "tcp_sock", &["bytes_acked"])?,
-        tcp_bytes_received: offset_of(btf, "tcp_sock", &["bytes_received"])?,
-        tcp_mstamp: offset_of(btf, "tcp_sock", &["tcp_mstamp"])?,
+        tcp_srtt_us: tcp(&["srtt_us"])?,
+        tcp_bytes_acked: tcp(&["bytes_acked"])?,
+        tcp_bytes_received: tcp(&["bytes_received"])?,
+        tcp_mstamp: tcp(&["tcp_mstamp"])?,
         ready: 1,
     })
 }
 
-/// Byte offset of `path` (a chain of member names) inside struct `st`. Members of anonymous
-/// structs and unions are found as if they were direct members, as in C.
-fn offset_of(btf: &Btf, st: &str, path: &[&str]) -> Result<u32, BtfError> {
-    let root = btf
-        .resolve_types_by_name(st)
+/// The struct named `st` (its definition, not a forward declaration).
+fn find_struct(btf: &Btf, st: &str) -> Result<btf_rs::Struct, BtfError> {
+    btf.resolve_types_by_name(st)
         .ok()
         .and_then(|types| {
             types.into_iter().find_map(|t| match t {
@@ -108,12 +136,17 @@ fn offset_of(btf: &Btf, st: &str, path: &[&str]) -> Result<u32, BtfError> {
                 _ => None,
             })
         })
-        .ok_or_else(|| BtfError::NoStruct(st.to_owned()))?;
+        .ok_or_else(|| BtfError::NoStruct(st.to_owned()))
+}
+
+/// Byte offset of `path` (a chain of member names) inside `root`, struct `st`. Members of
+/// anonymous structs and unions are found as if they were direct members, as in C.
+fn offset_of(btf: &Btf, st: &str, root: &btf_rs::Struct, path: &[&str]) -> Result<u32, BtfError> {
     let no_member = || BtfError::NoMember {
         st: st.to_owned(),
         path: path.join("."),
     };
-    let mut current = root;
+    let mut current = Cow::Borrowed(root);
     let mut bits = 0u32;
     for (i, name) in path.iter().enumerate() {
         let (off, member) = find_member(btf, &current, name).ok_or_else(no_member)?;
@@ -125,7 +158,7 @@ fn offset_of(btf: &Btf, st: &str, path: &[&str]) -> Result<u32, BtfError> {
         }
         bits += off;
         if i + 1 < path.len() {
-            current = composite(btf, &member).ok_or_else(no_member)?;
+            current = Cow::Owned(composite(btf, &member).ok_or_else(no_member)?);
         }
     }
     Ok(bits / 8)
@@ -196,5 +229,9 @@ mod tests {
         assert_eq!(btf.tracepoint_args("no_such_tracepoint"), None);
         assert!(btf.has_function("tcp_sendmsg_locked"));
         assert!(!btf.has_function("no_such_function"));
+        // What kernels before 6.16 (no mapping of the sysfs file) read.
+        let copy = KernelBtf(KernelBtf::map_copy(path).unwrap());
+        assert_eq!(copy.offsets().unwrap(), o);
+        assert_eq!(copy.tracepoint_args("inet_sock_set_state"), Some(3));
     }
 }

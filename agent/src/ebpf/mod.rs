@@ -132,6 +132,15 @@ pub fn refused(e: &ProgramError) -> String {
     }
 }
 
+/// The kernel's BTF as aya parses it: what the loader relocates against and the tracing
+/// programs and iterators load with.
+fn aya_btf() -> Result<aya::Btf, LoadError> {
+    aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
+        what: "kernel BTF",
+        source: ProgramError::Btf(e),
+    })
+}
+
 /// How `info` shows the socket iterators' hook.
 fn iter_hook() -> String {
     format!("iter/{}", names::ITER_TCP)
@@ -195,8 +204,11 @@ pub struct Kernel {
     sizes: MapSizes,
     programs: Vec<ProgramSummary>,
     features: Features,
-    /// The kernel's BTF, from `load` until the hooks are chosen.
-    btf: Option<btf::KernelBtf>,
+    /// The kernel's BTF as aya parses it (about 13 MB), from `load` until the last program is
+    /// loaded (`attach_breaker`).
+    btf: Option<aya::Btf>,
+    /// What the kernel's BTF says of the tracing hooks, from `load` until `attach`.
+    probed: Option<tracepoints::Probed>,
     /// Whether sock_diag can destroy a connection here (tried once, before attaching).
     destroy_probe: Option<Result<(), String>>,
     /// Optional features the operator turned off (`[features] disable`).
@@ -245,11 +257,19 @@ impl Kernel {
             ))
         })?;
         let offsets = kbtf.offsets()?;
+        let probed = tracepoints::Probed::new(&kbtf);
+        // Not held while aya parses its own.
+        drop(kbtf);
         breaker::prepare_pin_dir(pin_dir)?;
         let pin_lock = breaker::lock_pin_dir(pin_dir)?;
         let layout = breaker::check_layout(pin_dir)?;
         breaker::check_pins(pin_dir, sizes)?;
         let mut loader = EbpfLoader::new();
+        // EbpfLoader::new parses the kernel's BTF (for relocations) itself: its copy goes
+        // before ours, kept for the programs' loads, is parsed and lent to it.
+        loader.btf(None);
+        let kernel_btf = aya_btf()?;
+        loader.btf(Some(&kernel_btf));
         for name in names::PINNED_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
@@ -320,7 +340,8 @@ impl Kernel {
             sizes: sizes.clone(),
             programs: Vec::new(),
             features: Features::default(),
-            btf: Some(kbtf),
+            btf: Some(kernel_btf),
+            probed: Some(probed),
             destroy_probe: None,
             disabled: Vec::new(),
             pin_dir: pin_dir.to_owned(),
@@ -337,26 +358,24 @@ impl Kernel {
     /// run, or that `disabled` names, are off; connection tracking is core: without it,
     /// `LoadError::Unsupported`.
     pub fn attach(&mut self, disabled: &[Feature]) -> Result<(), LoadError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Program {
-            what: "kernel BTF",
-            source: ProgramError::Btf(e),
-        })?;
-        let kbtf = self.kernel_btf()?;
+        let btf = self.kernel_btf()?;
+        let probed = self.probed()?;
         // Before anything is attached: the probe's own connection must not be counted.
         self.destroy_probe = Some(crate::destroy::probe());
 
         let (_, state) =
-            tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::SOCK_STATE)
+            tracepoints::attach_first(&mut self.ebpf, &probed, &btf, tracepoints::SOCK_STATE)
                 .map_err(|why| {
                     LoadError::Unsupported(format!("connection tracking cannot run: {why}"))
                 })?;
         let state_hook = state.attach.clone();
         self.programs.push(state);
         if !disabled.contains(&Feature::FirstResponseLatency) {
-            self.attach_first_response(&kbtf, &btf)?;
+            self.attach_first_response(&probed, &btf)?;
         }
         if !disabled.contains(&Feature::Retransmits) {
-            match tracepoints::attach_first(&mut self.ebpf, &kbtf, &btf, tracepoints::RETRANSMIT) {
+            match tracepoints::attach_first(&mut self.ebpf, &probed, &btf, tracepoints::RETRANSMIT)
+            {
                 Ok((_, p)) => {
                     self.features.on(Feature::Retransmits, p.attach.clone());
                     self.programs.push(p);
@@ -406,7 +425,8 @@ impl Kernel {
 
         self.disabled = disabled.to_vec();
         self.features.disable(disabled);
-        self.btf = Some(kbtf);
+        // For the breaker's iterator (`attach_breaker`).
+        self.btf = Some(btf);
 
         let namespaces = netns::all();
         let walked = iter::walk_all(self.iter(names::PROG_SEED_TCP)?, &namespaces, |_| ())?;
@@ -422,20 +442,20 @@ impl Kernel {
     /// stays attached.
     fn attach_first_response(
         &mut self,
-        kbtf: &btf::KernelBtf,
+        probed: &tracepoints::Probed,
         btf: &aya::Btf,
     ) -> Result<(), LoadError> {
-        let send = tracepoints::attach_first(&mut self.ebpf, kbtf, btf, tracepoints::SEND);
-        let ready = tracepoints::attach_first(&mut self.ebpf, kbtf, btf, tracepoints::DATA_READY);
+        let send = tracepoints::attach_first(&mut self.ebpf, probed, btf, tracepoints::SEND);
+        let ready = tracepoints::attach_first(&mut self.ebpf, probed, btf, tracepoints::DATA_READY);
         match (send, ready) {
             (Ok((_, send)), Ok((_, ready))) => {
                 let mut hooks = vec![send.attach.clone()];
                 self.programs.push(send);
                 let mut missed = None;
-                if kbtf.has_function(names::FUNC_SOCK_SENDPAGES) {
+                if probed.any(tracepoints::SENDPAGES) {
                     match tracepoints::attach_first(
                         &mut self.ebpf,
-                        kbtf,
+                        probed,
                         btf,
                         tracepoints::SENDPAGES,
                     ) {
@@ -476,11 +496,22 @@ impl Kernel {
         Ok(())
     }
 
-    /// The kernel's BTF as `load` read it (read again if it was let go).
-    fn kernel_btf(&mut self) -> Result<btf::KernelBtf, LoadError> {
+    /// The kernel's BTF as `load` parsed it (parsed again if it was let go).
+    fn kernel_btf(&mut self) -> Result<aya::Btf, LoadError> {
         match self.btf.take() {
             Some(b) => Ok(b),
-            None => Ok(btf::KernelBtf::read(Path::new(btf::VMLINUX))?),
+            None => aya_btf(),
+        }
+    }
+
+    /// What `load` read of the kernel's BTF for the tracing hooks (read again if it was let go).
+    fn probed(&mut self) -> Result<tracepoints::Probed, LoadError> {
+        match self.probed.take() {
+            Some(p) => Ok(p),
+            None => {
+                let kbtf = btf::KernelBtf::read(Path::new(btf::VMLINUX))?;
+                Ok(tracepoints::Probed::new(&kbtf))
+            }
         }
     }
 

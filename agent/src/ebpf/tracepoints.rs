@@ -164,17 +164,49 @@ pub const RETRANSMIT: &[Hook] = &[
     },
 ];
 
+/// Every hook the loader chooses from.
+const ALL: [&[Hook]; 5] = [SOCK_STATE, SEND, SENDPAGES, DATA_READY, RETRANSMIT];
+
+/// What the kernel's BTF says of each hook, read at load so that the BTF can go before the
+/// programs are loaded.
+#[derive(Debug)]
+pub struct Probed(Vec<(&'static str, Option<String>)>);
+
+impl Probed {
+    pub fn new(btf: &KernelBtf) -> Self {
+        Self(
+            ALL.iter()
+                .flat_map(|hooks| hooks.iter())
+                .map(|hook| (hook.prog(), hook.unavailable(btf)))
+                .collect(),
+        )
+    }
+
+    /// Why the kernel's BTF rules `hook` out, if it does; a hook not probed is tried.
+    fn unavailable(&self, hook: &Hook) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(prog, _)| *prog == hook.prog())
+            .and_then(|(_, why)| why.clone())
+    }
+
+    /// Whether the kernel's BTF leaves one of `hooks` to try.
+    pub fn any(&self, hooks: &[Hook]) -> bool {
+        hooks.iter().any(|hook| self.unavailable(hook).is_none())
+    }
+}
+
 /// Attaches the first of `hooks` that this kernel has and accepts. Err says, hook by hook,
 /// why none did.
 pub fn attach_first(
     ebpf: &mut Ebpf,
-    kbtf: &KernelBtf,
+    probed: &Probed,
     btf: &Btf,
     hooks: &[Hook],
 ) -> Result<(Hook, ProgramSummary), String> {
     let mut why = Vec::new();
     for hook in hooks {
-        let tried = match hook.unavailable(kbtf) {
+        let tried = match probed.unavailable(hook) {
             Some(reason) => Err(reason),
             None => hook.attach(ebpf, btf),
         };
@@ -200,5 +232,20 @@ impl Hook {
                 .unload()
                 .map_err(LoadError::program("fentry unload")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Probed` finds a hook's answer by its program's name.
+    #[test]
+    fn every_hook_has_its_own_program() {
+        let progs: Vec<_> = ALL.iter().flat_map(|h| h.iter()).map(Hook::prog).collect();
+        let mut unique = progs.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), progs.len(), "{progs:?}");
     }
 }

@@ -149,6 +149,9 @@ pub mod names {
     /// A `u32`, 1 when every hook is to return at once: what the hooks alone cost, for the
     /// bench (read-only global; the verifier drops the branch it does not take).
     pub const GLOBAL_EMPTY: &str = "BW_EMPTY";
+    /// A `u32`, 1 (the default) when latency histograms are kept per destination as well as per
+    /// service; 0 when `destination_latency` is disabled (read-only global, as `GLOBAL_EMPTY`).
+    pub const GLOBAL_DEST_HIST: &str = "BW_DEST_HIST_ON";
 
     /// Every map the loader expects, for its presence check.
     pub const ALL_MAPS: [&str; 24] = [

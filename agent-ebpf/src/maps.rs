@@ -154,6 +154,20 @@ pub static BW_OFFSETS: Offsets = Offsets::ZERO;
 #[unsafe(link_section = ".rodata")]
 pub static BW_EMPTY: u32 = 0;
 
+/// 0 (set by the loader) when histograms are kept per service only: see
+/// `names::GLOBAL_DEST_HIST`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".rodata")]
+pub static BW_DEST_HIST_ON: u32 = 1;
+
+/// Whether samples go into the destinations' histograms too. A constant to the verifier, like
+/// [`empty`]: off, the destination histogram's hashing is not even in the program.
+#[inline(always)]
+pub fn destination_histograms() -> bool {
+    // SAFETY: a plain load of a read-only global.
+    unsafe { core::ptr::read_volatile(&BW_DEST_HIST_ON) != 0 }
+}
+
 /// Whether the hooks are to return at once. A constant to the verifier, which prunes the
 /// branch: no cost in a normal load.
 #[inline(always)]

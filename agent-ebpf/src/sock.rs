@@ -16,7 +16,8 @@ use breakwater_common::{
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::maps::{
-    bump, conn_key, BW_CONNS, BW_DESTS, BW_DEST_HIST, BW_SCRATCH, BW_SVC_HIST, BW_SVC_STATS,
+    bump, conn_key, destination_histograms, BW_CONNS, BW_DESTS, BW_DEST_HIST, BW_SCRATCH,
+    BW_SVC_HIST, BW_SVC_STATS,
 };
 
 pub const AF_INET: u16 = 2;
@@ -333,21 +334,23 @@ pub fn observe(key: &DestKey, svc: u32, kind: u32, us: u64) -> Result<(), Error>
 /// Adds `n` samples of one bucket to a destination's and its service's histogram.
 #[inline(always)]
 pub fn observe_n(key: &DestKey, svc: u32, kind: u32, bucket: u32, n: u64) -> Result<(), Error> {
-    let hk = HistKey {
-        dest: *key,
-        kind,
-        bucket,
-    };
-    let count = match BW_DEST_HIST.get_ptr_mut(&hk) {
-        Some(p) => p,
-        None => {
-            if BW_DEST_HIST.insert(&hk, &0, BPF_NOEXIST as u64).is_ok() {
-                bump(counter::HIST_INSERTS);
+    if destination_histograms() {
+        let hk = HistKey {
+            dest: *key,
+            kind,
+            bucket,
+        };
+        let count = match BW_DEST_HIST.get_ptr_mut(&hk) {
+            Some(p) => p,
+            None => {
+                if BW_DEST_HIST.insert(&hk, &0, BPF_NOEXIST as u64).is_ok() {
+                    bump(counter::HIST_INSERTS);
+                }
+                BW_DEST_HIST.get_ptr_mut(&hk).ok_or(Error::Map)?
             }
-            BW_DEST_HIST.get_ptr_mut(&hk).ok_or(Error::Map)?
-        }
-    };
-    add(count, n);
+        };
+        add(count, n);
+    }
     if svc != 0 {
         if let Some(p) = BW_SVC_HIST.get_ptr_mut(svc_hist_index(svc, kind, bucket)) {
             add(p, n);

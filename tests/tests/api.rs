@@ -345,7 +345,7 @@ fn unknown_or_core_features_cannot_be_disabled() {
         (
             vec!["--disable-feature", "nonsense"],
             "unknown feature \"nonsense\" (optional features: time_wait, connect_latency, \
-             first_response_latency, tcp_stats, retransmits, breaker_outcomes, \
+             first_response_latency, tcp_stats, destination_latency, retransmits, breaker_outcomes, \
              terminate_on_trip, audit_stream)",
         ),
         (

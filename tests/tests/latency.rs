@@ -302,3 +302,67 @@ fn answer_each_ping_after(delay: Duration) -> (std::net::SocketAddr, thread::Joi
     });
     (addr, server)
 }
+
+/// With `destination_latency` disabled the programs keep histograms per service only: the
+/// service's connect histogram still counts every connect, asking for a destination's says
+/// why there is none, `info` reports the feature off, and the destination-histogram map is
+/// never written (`hist_inserts` stays 0).
+#[test]
+fn destination_histograms_can_be_disabled() {
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = Agent::start_with_config(Some(&format!(
+        "[features]\ndisable = [\"destination_latency\"]\n\n[[service]]\nname = \"db\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        addr.port()
+    )));
+    let conns: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let accepted: Vec<_> = (0..5).map(|_| listener.accept().unwrap()).collect();
+    drop((conns, accepted));
+
+    let mut c = agent.client();
+    let r = agent
+        .block_on(c.get_latency(pb::GetLatencyRequest {
+            service: "db".into(),
+            kinds: vec!["connect".into()],
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.histograms[0].count, 5, "{r:?}");
+
+    let e = agent
+        .block_on(c.get_latency(pb::GetLatencyRequest {
+            destination: addr.to_string(),
+            ..Default::default()
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "destination_latency is off: disabled by configuration (features.disable)"
+    );
+    let out = agent.cli(&["latency", "--destination", &addr.to_string()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("destination_latency is off"),
+        "{out:?}"
+    );
+
+    let info = agent.info();
+    let f = info
+        .features
+        .iter()
+        .find(|f| f.name == "destination_latency")
+        .expect("destination_latency in GetAgentInfo");
+    assert_eq!(f.status, pb::FeatureStatus::Off as i32, "{f:?}");
+    assert_eq!(agent.counter("hist_inserts"), 0);
+    // The connections themselves are counted as ever.
+    let d = agent
+        .destination("127.0.0.1", addr.port(), "outbound", None)
+        .unwrap();
+    assert_eq!(d["opened"], 5);
+}

@@ -358,7 +358,8 @@ fn start_kernel_in(
     hooks: Hooks,
     own: Vec<protected::Protected>,
 ) -> Result<Started, CliError> {
-    let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks)
+    let disabled = config.features.disabled()?;
+    let mut kernel = Kernel::load(&config.maps, &config.agent.pin_dir, hooks, &disabled)
         .map_err(|e| load_error("loading eBPF programs", e))?;
     let events = kernel.take_events();
     let conn_events = kernel.take_conn_events();
@@ -370,7 +371,6 @@ fn start_kernel_in(
     }
     // Services go into the kernel before attaching, so seeded sockets get theirs too.
     core.apply_config(config)?;
-    let disabled = config.features.disabled()?;
     core.kernel_mut()
         .attach(&disabled)
         .map_err(|e| load_error("attaching eBPF programs", e))?;

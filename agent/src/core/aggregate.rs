@@ -444,6 +444,10 @@ impl<K: Kernel + ?Sized> Core<K> {
     /// out and their features named instead of reported as zeros.
     pub fn latency(&mut self, of: &LatencyOf, kinds: &[u32], named: bool) -> Result<Latency> {
         let features = self.kernel.features();
+        if matches!(of, LatencyOf::Destination { .. }) {
+            // Without it there is no histogram of any kind per destination.
+            features.require(Feature::DestinationLatency)?;
+        }
         let mut out = Latency::default();
         let mut measured = Vec::new();
         for &kind in kinds {

@@ -17,6 +17,8 @@ pub enum Feature {
     FirstResponseLatency,
     /// SRTT, bytes sent and received, connection lifetime.
     TcpStats,
+    /// The latency histograms per destination as well as per service.
+    DestinationLatency,
     /// Retransmitted segments per destination.
     Retransmits,
     /// The breaker's `connect()` gate, with the policy's errno (core).
@@ -30,12 +32,13 @@ pub enum Feature {
 }
 
 impl Feature {
-    pub const ALL: [Feature; 10] = [
+    pub const ALL: [Feature; 11] = [
         Feature::ConnectionTracking,
         Feature::TimeWait,
         Feature::ConnectLatency,
         Feature::FirstResponseLatency,
         Feature::TcpStats,
+        Feature::DestinationLatency,
         Feature::Retransmits,
         Feature::BreakerGate,
         Feature::BreakerOutcomes,
@@ -51,6 +54,7 @@ impl Feature {
             Feature::ConnectLatency => "connect_latency",
             Feature::FirstResponseLatency => "first_response_latency",
             Feature::TcpStats => "tcp_stats",
+            Feature::DestinationLatency => "destination_latency",
             Feature::Retransmits => "retransmits",
             Feature::BreakerGate => "breaker_gate",
             Feature::BreakerOutcomes => "breaker_outcomes",

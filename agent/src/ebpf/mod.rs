@@ -30,6 +30,10 @@ use crate::{
     netns,
 };
 
+/// `BW_DEST_HIST`'s size when `destination_latency` is disabled (an LRU map is not made
+/// smaller than a few entries per CPU).
+const DEST_HIST_UNUSED: u32 = 1024;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater"));
 
 #[derive(Debug, thiserror::Error)]
@@ -248,8 +252,15 @@ pub enum Hooks {
 impl Kernel {
     /// Loads the programs with the given map sizes; nothing is attached yet. The maps in
     /// `names::PINNED_MAPS` are taken from `pin_dir` if a previous agent pinned them there,
-    /// else created and pinned.
-    pub fn load(sizes: &MapSizes, pin_dir: &Path, hooks: Hooks) -> Result<Self, LoadError> {
+    /// else created and pinned. What `disabled` names is left out of the programs where it
+    /// can be (`destination_latency`); `attach` turns the rest off.
+    pub fn load(
+        sizes: &MapSizes,
+        pin_dir: &Path,
+        hooks: Hooks,
+        disabled: &[Feature],
+    ) -> Result<Self, LoadError> {
+        let dest_hist = !disabled.contains(&Feature::DestinationLatency);
         let kbtf = btf::KernelBtf::read(Path::new(btf::VMLINUX)).map_err(|e| {
             LoadError::Unsupported(format!(
                 "{e}: breakwater reads kernel structures through BTF, which needs a kernel built \
@@ -288,11 +299,20 @@ impl Kernel {
         let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_EMPTY, &u32::from(hooks == Hooks::Empty), true)
+            .override_global(names::GLOBAL_DEST_HIST, &u32::from(dest_hist), true)
             .map_max_entries(names::MAP_DESTS, sizes.max_destinations)
             .map_max_entries(names::MAP_SVC_LPM, sizes.max_service_endpoints)
             // Service ids run 1..=max_services; slot 0 is "no service".
             .map_max_entries(names::MAP_SVC_STATS, (sizes.max_services + 1) * 2)
-            .map_max_entries(names::MAP_DEST_HIST, sizes.max_histogram_buckets)
+            // Unused without destination histograms: its preallocated memory is not.
+            .map_max_entries(
+                names::MAP_DEST_HIST,
+                if dest_hist {
+                    sizes.max_histogram_buckets
+                } else {
+                    DEST_HIST_UNUSED
+                },
+            )
             .map_max_entries(names::MAP_CONNS, sizes.max_connections)
             .map_max_entries(
                 names::MAP_SVC_HIST,
@@ -410,6 +430,8 @@ impl Kernel {
         self.features
             .on(Feature::ConnectLatency, state_hook.clone());
         self.features.on(Feature::TcpStats, state_hook.clone());
+        self.features
+            .on(Feature::DestinationLatency, state_hook.clone());
         if self
             .programs
             .iter()

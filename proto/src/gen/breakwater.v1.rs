@@ -274,7 +274,8 @@ pub struct Counter {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Feature {
     /// connection_tracking, time_wait, connect_latency, first_response_latency, tcp_stats,
-    /// retransmits, breaker_gate, breaker_outcomes, terminate_on_trip or audit_stream (the names of
+    /// destination_latency, retransmits, breaker_gate, breaker_outcomes, terminate_on_trip or
+    /// audit_stream (the names of
     /// `\[features\] disable`). connection_tracking and breaker_gate are core: an agent runs only
     /// with both on.
     #[prost(string, tag = "1")]
@@ -448,7 +449,8 @@ pub struct GetLatencyRequest {
     pub netns: u32,
     /// Only these kinds ("connect", "first_response", "srtt", "lifetime"; see Histogram.kind), in
     /// this order. Empty: every kind whose feature is on. An unknown kind is InvalidArgument; a
-    /// kind whose feature is off (see GetAgentInfoResponse.features) is FailedPrecondition.
+    /// kind whose feature is off (see GetAgentInfoResponse.features) is FailedPrecondition, and so
+    /// is any destination while destination_latency is off.
     #[prost(string, repeated, tag = "4")]
     pub kinds: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }

@@ -196,6 +196,7 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         Arm::new(COUNTER, &counter),
     ];
     let m = measure_rounds(args.rounds, &arms, churn, "conn/s")?;
+    let off_rate = m.median(OFF);
     report(
         &m,
         "connect/accept/close loop (breakers enforcing on its cgroup)",
@@ -219,10 +220,23 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     let idle = &env.sandbox.idle_relative;
     let tracking = || Agent::start_with(env, None, idle, false).map(Beside::Agent);
     let empty_idle = || Agent::start_with(env, None, idle, true).map(Beside::Agent);
+    let service_hist = || {
+        let args = ["--disable-feature".to_owned(), "destination_latency".to_owned()];
+        let how = Launch {
+            name: "agent",
+            config: None,
+            scope: idle,
+            pin_dir: &env.sandbox.pin_dir,
+            empty_hooks: false,
+            args: &args,
+        };
+        Agent::launch(env, &how).map(Beside::Agent)
+    };
     let arms = [
         Arm::new(OFF, &off),
         Arm::new(ON, &tracking),
         Arm::new(EMPTY, &empty_idle),
+        Arm::new(SERVICE_HIST, &service_hist),
     ];
     let m = measure_rounds(args.rounds, &arms, churn, "conn/s")?;
     report(
@@ -232,26 +246,49 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         0.97,
         0.97,
     );
+    println!(
+        "  {SERVICE_HIST} / off {}, / empty hooks {}, / on {} (histograms per service only: destination_latency disabled)",
+        m.ratio(SERVICE_HIST, OFF),
+        m.ratio(SERVICE_HIST, EMPTY),
+        m.ratio(SERVICE_HIST, ON)
+    );
 
     pingpong(env, args.rounds, round, cpu)?;
     if args.sockets > 0 {
         memory(env, args.sockets)?;
     }
 
-    // The kernel's own accounting costs time per run, so it is measured in a round of its own.
+    // The kernel's own accounting costs time per run, so it is measured in rounds of their own.
     let stats = BpfStats::enable()?;
-    let agent = env.agent()?;
-    let rate = churn();
-    let cost = agent.program_cost(env);
-    agent.stop()?;
+    let cost = |agent: Result<Agent>| -> Result<(ProgCost, f64)> {
+        let agent = agent?;
+        let rate = churn();
+        let cost = agent.program_cost(env);
+        agent.stop()?;
+        Ok((cost, rate? * args.seconds as f64))
+    };
+    let on = cost(env.agent());
+    let empty = cost(env.empty_agent());
     drop(stats);
-    let rate = rate?;
-    if let Some(ns) = cost.ns_per_run() {
+    let ((on, on_conns), (empty, empty_conns)) = (on?, empty?);
+    if let (Some(ns), Some(empty_ns)) = (on.ns_per_run(), empty.ns_per_run()) {
+        let per_conn = on.time_ns as f64 / on_conns;
+        let empty_per_conn = empty.time_ns as f64 / empty_conns;
         println!(
-            "kernel cost: {ns:.0} ns per program run over {} runs ({:.1} runs per connection), {} runs missed (recursion)",
-            cost.runs,
-            cost.runs as f64 / (rate * args.seconds as f64),
-            cost.misses
+            "kernel cost: {ns:.0} ns per program run over {} runs ({:.1} runs per connection, {per_conn:.0} ns per connection), {} runs missed (recursion); empty hooks {empty_ns:.0} ns per run ({:.1} runs, {empty_per_conn:.0} ns per connection)",
+            on.runs,
+            on.runs as f64 / on_conns,
+            on.misses,
+            empty.runs as f64 / empty_conns,
+        );
+        // Time the loop spends per connection with no agent, on its one CPU.
+        let loop_ns = 1e9 / off_rate;
+        let own = per_conn - empty_per_conn;
+        println!(
+            "  breakwater's own work, from the kernel's accounting: {own:.0} ns per connection = {:.1}% of the loop's {loop_ns:.0} ns per connection with no agent (goal on / empty >= 0.97 is <= {:.0} ns: {})",
+            own / loop_ns * 100.0,
+            loop_ns * 0.03 / 0.97,
+            met(own <= loop_ns * 0.03 / 0.97)
         );
     }
 
@@ -273,6 +310,7 @@ const ON: &str = "on";
 const EMPTY: &str = "empty";
 const TCPLIFE: &str = "bpftrace-tcplife";
 const COUNTER: &str = "bpftrace-counter";
+const SERVICE_HIST: &str = "on-service-histograms";
 
 /// What runs beside a loop in one arm; stopped after the arm's run.
 enum Beside {

@@ -250,7 +250,15 @@ unsafe fn on_closed(sk: *const u8, o: &Offsets, st: &ConnState, new: u8) -> Resu
     // What the connection did, from the kernel's own accounting in `struct tcp_sock` (the
     // verifier wants a pointer typed as one for fields beyond `struct sock`).
     let tp = bpf_skc_to_tcp_sock(sk as *mut _) as *const u8;
-    let lifetime_us = bpf_ktime_get_ns().saturating_sub(st.start_ns) / 1000;
+    // A connection enters CLOSE_WAIT only on the peer's FIN, which TCP read the clock for as it
+    // arrived (`tcp_rcv_established`): a clock read saved. Any other way out may come from a
+    // syscall or a timer, after an idle spell: read the time.
+    let now_us = if new == CLOSE_WAIT && !tp.is_null() {
+        read::<u64>(tp, &o.tcp_mstamp)
+    } else {
+        bpf_ktime_get_ns() / 1000
+    };
+    let lifetime_us = now_us.saturating_sub(st.start_ns / 1000);
     let (mut sent, mut received) = (0, 0);
     if !tp.is_null() {
         // Both count sequence space: an active opener's SYN is in `bytes_acked`, and when the

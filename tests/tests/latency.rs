@@ -366,3 +366,51 @@ fn destination_histograms_can_be_disabled() {
         .unwrap();
     assert_eq!(d["opened"], 5);
 }
+
+/// A connection the peer closes first leaves ESTABLISHED on the peer's FIN (-> CLOSE_WAIT),
+/// where the agent takes the time TCP read for that FIN instead of reading the clock: its
+/// lifetime must still land within one bucket of what the client measured.
+#[test]
+fn lifetime_of_a_connection_the_peer_closed_matches_the_clients_timing() {
+    use std::io::Read as _;
+    let _s = serial();
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = Agent::start_with_config(Some(&format!(
+        "[[service]]\nname = \"peer-closes\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        addr.port()
+    )));
+    let server = thread::spawn(move || {
+        let (c, _) = listener.accept().unwrap();
+        thread::sleep(Duration::from_millis(300));
+        drop(c);
+    });
+    let t = Instant::now();
+    let mut c = TcpStream::connect(addr).unwrap();
+    assert_eq!(c.read(&mut [0u8; 1]).unwrap(), 0, "the server's FIN");
+    let client_us = t.elapsed().as_micros() as u64;
+    drop(c);
+    server.join().unwrap();
+
+    let mut api = agent.client();
+    let r = agent
+        .block_on(api.get_latency(pb::GetLatencyRequest {
+            service: "peer-closes".into(),
+            kinds: vec!["lifetime".into()],
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    let h = &r.histograms[0];
+    assert_eq!(h.count, 1, "{h:?}");
+    let b = &h.buckets[0];
+    assert!(
+        b.index.abs_diff(hist_bucket(client_us)) <= 1,
+        "agent bucket [{}, {}) vs client {client_us} µs",
+        b.low_us,
+        b.high_us
+    );
+}

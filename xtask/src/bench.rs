@@ -221,7 +221,10 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
     let tracking = || Agent::start_with(env, None, idle, false).map(Beside::Agent);
     let empty_idle = || Agent::start_with(env, None, idle, true).map(Beside::Agent);
     let service_hist = || {
-        let args = ["--disable-feature".to_owned(), "destination_latency".to_owned()];
+        let args = [
+            "--disable-feature".to_owned(),
+            "destination_latency".to_owned(),
+        ];
         let how = Launch {
             name: "agent",
             config: None,

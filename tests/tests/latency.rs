@@ -313,26 +313,16 @@ fn destination_histograms_can_be_disabled() {
     if !require_root() {
         return;
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let agent = Agent::start_with_config(Some(&format!(
-        "[features]\ndisable = [\"destination_latency\"]\n\n[[service]]\nname = \"db\"\nendpoints = [\"127.0.0.1:{}\"]\n",
-        addr.port()
-    )));
+    let (listener, addr, agent) =
+        service_on_listener("db", "[features]\ndisable = [\"destination_latency\"]\n\n");
     let conns: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let accepted: Vec<_> = (0..5).map(|_| listener.accept().unwrap()).collect();
     drop((conns, accepted));
 
+    let h = service_histogram(&agent, "db", "connect");
+    assert_eq!(h.count, 5, "{h:?}");
+
     let mut c = agent.client();
-    let r = agent
-        .block_on(c.get_latency(pb::GetLatencyRequest {
-            service: "db".into(),
-            kinds: vec!["connect".into()],
-            ..Default::default()
-        }))
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.histograms[0].count, 5, "{r:?}");
 
     let e = agent
         .block_on(c.get_latency(pb::GetLatencyRequest {
@@ -377,12 +367,7 @@ fn lifetime_of_a_connection_the_peer_closed_matches_the_clients_timing() {
     if !require_root() {
         return;
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let agent = Agent::start_with_config(Some(&format!(
-        "[[service]]\nname = \"peer-closes\"\nendpoints = [\"127.0.0.1:{}\"]\n",
-        addr.port()
-    )));
+    let (listener, addr, agent) = service_on_listener("peer-closes", "");
     let server = thread::spawn(move || {
         let (c, _) = listener.accept().unwrap();
         thread::sleep(Duration::from_millis(300));
@@ -395,16 +380,7 @@ fn lifetime_of_a_connection_the_peer_closed_matches_the_clients_timing() {
     drop(c);
     server.join().unwrap();
 
-    let mut api = agent.client();
-    let r = agent
-        .block_on(api.get_latency(pb::GetLatencyRequest {
-            service: "peer-closes".into(),
-            kinds: vec!["lifetime".into()],
-            ..Default::default()
-        }))
-        .unwrap()
-        .into_inner();
-    let h = &r.histograms[0];
+    let h = service_histogram(&agent, "peer-closes", "lifetime");
     assert_eq!(h.count, 1, "{h:?}");
     let b = &h.buckets[0];
     assert!(
@@ -413,4 +389,31 @@ fn lifetime_of_a_connection_the_peer_closed_matches_the_clients_timing() {
         b.low_us,
         b.high_us
     );
+}
+
+/// A loopback listener and an agent whose config holds one service, `name`, on it (after
+/// `extra`, config text that comes before the service).
+fn service_on_listener(name: &str, extra: &str) -> (std::net::TcpListener, SocketAddr, Agent) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let agent = Agent::start_with_config(Some(&format!(
+        "{extra}[[service]]\nname = \"{name}\"\nendpoints = [\"127.0.0.1:{}\"]\n",
+        addr.port()
+    )));
+    (listener, addr, agent)
+}
+
+/// One histogram of a service.
+fn service_histogram(agent: &Agent, service: &str, kind: &str) -> pb::Histogram {
+    let mut api = agent.client();
+    agent
+        .block_on(api.get_latency(pb::GetLatencyRequest {
+            service: service.into(),
+            kinds: vec![kind.into()],
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .histograms
+        .remove(0)
 }

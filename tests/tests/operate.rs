@@ -31,6 +31,9 @@ fn collect(
     seen
 }
 
+/// The name of the threads whose connections only show that a watch has subscribed.
+const WARM: &str = "bw-warm";
+
 #[test]
 fn audit_stream_shows_the_tests_own_connections() {
     let _s = serial();
@@ -46,6 +49,23 @@ fn audit_stream_shows_the_tests_own_connections() {
     let mut agent = Agent::start_with_config(Some(&config));
     agent.cgroup().enter();
     let scope = agent.scope().to_owned();
+    // The CLI's watch too, one JSON object per line. It has subscribed once it prints an event:
+    // connections from a thread of another name until it does (a slow guest takes longer to
+    // start it than any fixed wait).
+    let (mut watch, rx) = agent.watch(&["conns", "--service", "audited"]);
+    let warm = |_| {
+        thread::Builder::new()
+            .name(WARM.into())
+            .spawn(move || drop(TcpStream::connect(up.addr).expect("connect")))
+            .unwrap()
+            .join()
+            .unwrap();
+        rx.recv_timeout(Duration::from_millis(200)).ok()
+    };
+    (0..150)
+        .find_map(warm)
+        .expect("`watch conns` printed an event within 30 s");
+    // Subscribed when the call returns.
     let mut client = agent.client();
     let mut stream = agent
         .block_on(client.watch_connections(pb::WatchConnectionsRequest {
@@ -53,8 +73,6 @@ fn audit_stream_shows_the_tests_own_connections() {
         }))
         .expect("WatchConnections")
         .into_inner();
-    // The CLI's watch too, one JSON object per line.
-    let (mut watch, rx) = agent.watch(&["conns", "--service", "audited"]);
     // From a thread with a name of its own: its comm in the kernel.
     let (local, errs) = thread::Builder::new()
         .name("bw-audit".into())
@@ -72,20 +90,24 @@ fn audit_stream_shows_the_tests_own_connections() {
         .join()
         .unwrap();
     assert_eq!(errs, [Some(libc::ECONNREFUSED), Some(libc::EHOSTUNREACH)]);
-    let events = collect(&agent, &mut stream, |seen| {
+    let mut events = collect(&agent, &mut stream, |seen| {
         [Kind::Opened, Kind::Closed, Kind::Failed, Kind::Rejected]
             .iter()
             .all(|k| {
-                seen.iter()
-                    .any(|e| e.kind() == *k && e.direction() == pb::Direction::Outbound)
+                seen.iter().any(|e| {
+                    e.kind() == *k && e.direction() == pb::Direction::Outbound && e.comm != WARM
+                })
             })
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("`watch conns` printed an event");
+    // The warm-up's last events may come after the stream subscribed.
+    events.retain(|e| e.comm != WARM);
+    let first = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(5)).ok())
+        .map(|line| serde_json::from_str::<serde_json::Value>(&line).expect("JSON per line"))
+        .find(|e| e["direction"] == "outbound" && e["comm"] != WARM)
+        .expect("`watch conns` printed the test's events");
     let _ = watch.kill();
     let _ = watch.wait();
-    let first: serde_json::Value = serde_json::from_str(&line).expect("JSON per line");
+    let line = first.to_string();
     assert_eq!(
         (&first["kind"], &first["comm"], &first["service"]),
         (

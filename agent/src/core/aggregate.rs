@@ -315,17 +315,16 @@ impl<K: Kernel + ?Sized> Core<K> {
         let ids: Vec<u32> = services.iter().map(|s| s.id).collect();
         let protected = self.protected();
         let mut out = Vec::with_capacity(services.len());
-        let mut next = services.iter();
         self.kernel
-            .service_figures(&ids, hist_kind::CONNECT, &mut |stats, connect| {
-                let Some(s) = next.next() else { return };
+            .service_figures(&ids, hist_kind::CONNECT, &mut |i, stats, connect| {
+                let s = services[i];
                 out.push(f(ServiceSummary {
                     connect: *connect,
                     stats,
                     owner: self.owners.service(&s.name).unwrap_or_default(),
                     shadowed: self.owners.shadowed_service(&s.name),
                     protected: protected_among(&protected, &s.endpoints),
-                    service: (*s).clone(),
+                    service: s.clone(),
                 }));
             })?;
         Ok(out)
@@ -354,13 +353,11 @@ impl<K: Kernel + ?Sized> Core<K> {
         let pending = self.pending_first_responses()?;
         let ids: Vec<u32> = self.services.iter().map(|s| s.id).collect();
         let mut out = HashMap::with_capacity(ids.len());
-        let mut next = ids.iter();
         self.kernel
-            .service_figures(&ids, hist_kind::FIRST_RESPONSE, &mut |_, h| {
-                let Some(&id) = next.next() else { return };
+            .service_figures(&ids, hist_kind::FIRST_RESPONSE, &mut |i, _, h| {
                 let mut h = *h;
-                pending.add_service(id, &mut h);
-                out.insert(id, h);
+                pending.add_service(ids[i], &mut h);
+                out.insert(ids[i], h);
             })?;
         Ok(out)
     }

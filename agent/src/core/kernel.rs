@@ -92,21 +92,21 @@ pub trait Kernel: Send {
     fn service_stats(&self, id: u32, direction: u8) -> Result<ConnStats>;
     /// A service's histogram of one kind.
     fn service_histogram(&self, id: u32, kind: u32) -> Result<Histogram>;
-    /// Many services' counts (outbound, inbound) and histograms of one kind, handed to `f` in
-    /// the order of `ids`: for answers about every service, which a read per slot would make
-    /// slow (and a copy of every histogram, large).
+    /// Many services' counts (outbound, inbound) and histograms of one kind, handed to `f` with
+    /// the position of their id in `ids`: for answers about every service, which a read per
+    /// slot would make slow (and a copy of every histogram, large).
     fn service_figures(
         &self,
         ids: &[u32],
         kind: u32,
-        f: &mut dyn FnMut([ConnStats; 2], &Histogram),
+        f: &mut dyn FnMut(usize, [ConnStats; 2], &Histogram),
     ) -> Result<()> {
-        for &id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             let stats = [
                 self.service_stats(id, breakwater_common::direction::OUTBOUND)?,
                 self.service_stats(id, breakwater_common::direction::INBOUND)?,
             ];
-            f(stats, &self.service_histogram(id, kind)?);
+            f(i, stats, &self.service_histogram(id, kind)?);
         }
         Ok(())
     }

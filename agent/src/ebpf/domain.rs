@@ -243,15 +243,20 @@ impl crate::core::Kernel for Kernel {
         &self,
         ids: &[u32],
         kind: u32,
-        f: &mut dyn FnMut([ConnStats; 2], &Histogram),
+        f: &mut dyn FnMut(usize, [ConnStats; 2], &Histogram),
     ) -> Result<()> {
         use aya::maps::IterableMap as _;
-        let slots = self.sizes.max_services as usize + 1;
-        let stats = Mapped::<ConnStats>::new(self.svc_stats.map(), slots * 2)
-            .map_err(|e| Error::mmap(names::MAP_SVC_STATS, e))?;
+        let (Some(&low), Some(&high)) = (ids.iter().min(), ids.iter().max()) else {
+            return Ok(());
+        };
+        let stats = Mapped::<ConnStats>::new(
+            self.svc_stats.map(),
+            svc_stats_index(low, 0) as usize..svc_stats_index(high + 1, 0) as usize,
+        )
+        .map_err(|e| Error::mmap(names::MAP_SVC_STATS, e))?;
         let hist = Mapped::<u64>::new(
             self.svc_hist.map(),
-            slots * (hist_kind::COUNT * HIST_BUCKETS) as usize,
+            svc_hist_index(low, 0, 0) as usize..svc_hist_index(high + 1, 0, 0) as usize,
         )
         .map_err(|e| Error::mmap(names::MAP_SVC_HIST, e))?;
         let stat = |id, dir| {
@@ -259,8 +264,9 @@ impl crate::core::Kernel for Kernel {
                 .get(svc_stats_index(id, dir) as usize)
                 .unwrap_or_default()
         };
-        for &id in ids {
+        for (i, &id) in ids.iter().enumerate() {
             f(
+                i,
                 [stat(id, direction::OUTBOUND), stat(id, direction::INBOUND)],
                 &hist
                     .array(svc_hist_index(id, kind, 0) as usize)

@@ -96,8 +96,8 @@ enum Part {
     Throughput,
     /// ListServices over many services and WatchConnections under churn (also in throughput)
     Api,
-    /// The kernel's accounting of the programs' time per connection, in all and per program
-    /// (also in throughput)
+    /// The kernel's accounting of the programs' time per connection and per request, in all
+    /// and per program (also in throughput)
     Kernel,
     /// Connect to an open breaker versus a closed port, and connects that pass a tripped breaker
     Breaker,
@@ -145,20 +145,11 @@ pub fn run(ws: &Workspace, args: &Args) -> Result<()> {
         let cpu = loop_cpu()?;
         let round = Duration::from_secs(args.seconds);
         let echo = echo_server(cpu)?;
-        let conns = Measured {
-            label: "",
-            unit: "connection",
-            goal: 0.97,
-            run: &|| churn_in_fresh_netns(round, cpu),
-        };
-        kernel_cost(&env, args, &conns, churn_in_fresh_netns(round, cpu)?)?;
-        let requests = Measured {
-            label: ", request/response",
-            unit: "request",
-            goal: 0.99,
-            run: &|| pingpong_loop(echo, round, cpu),
-        };
-        kernel_cost(&env, args, &requests, pingpong_loop(echo, round, cpu)?)?;
+        let off = (
+            churn_in_fresh_netns(round, cpu)?,
+            pingpong_loop(echo, round, cpu)?,
+        );
+        kernel_costs(&env, args, cpu, echo, off)?;
     }
     if runs(Part::Breaker) {
         breaker(&env, args)?;
@@ -284,20 +275,7 @@ fn throughput(env: &Env, args: &Args) -> Result<()> {
         memory(env, args.sockets)?;
     }
 
-    let conns = Measured {
-        label: "",
-        unit: "connection",
-        goal: 0.97,
-        run: &|| churn_in_fresh_netns(round, cpu),
-    };
-    kernel_cost(env, args, &conns, off_rate)?;
-    let requests = Measured {
-        label: ", request/response",
-        unit: "request",
-        goal: 0.99,
-        run: &|| pingpong_loop(echo, round, cpu),
-    };
-    kernel_cost(env, args, &requests, pingpong_off)?;
+    kernel_costs(env, args, cpu, echo, (off_rate, pingpong_off))?;
 
     api(env, args)?;
     println!("throughput part: {:.0} s", started.elapsed().as_secs_f64());
@@ -822,6 +800,32 @@ pub fn hold_sockets(pairs: usize) -> Result<()> {
     Ok(())
 }
 
+/// [`kernel_cost`] of the connect loop and of request/response (to the echo server at `echo`),
+/// given each loop's rate with no agent (`off`: connections/s, requests/s).
+fn kernel_costs(
+    env: &Env,
+    args: &Args,
+    cpu: usize,
+    echo: SocketAddr,
+    off: (f64, f64),
+) -> Result<()> {
+    let round = Duration::from_secs(args.seconds);
+    let conns = Measured {
+        label: "",
+        unit: "connection",
+        goal: 0.97,
+        run: &|| churn_in_fresh_netns(round, cpu),
+    };
+    kernel_cost(env, args, &conns, off.0)?;
+    let requests = Measured {
+        label: ", request/response",
+        unit: "request",
+        goal: 0.99,
+        run: &|| pingpong_loop(echo, round, cpu),
+    };
+    kernel_cost(env, args, &requests, off.1)
+}
+
 /// A loop whose kernel cost is measured: what it is called, what one unit of its work is (a
 /// connection, a request), the goal on / empty hooks, and one run of it (units per second).
 struct Measured<'a> {
@@ -876,7 +880,10 @@ fn kernel_cost(env: &Env, args: &Args, l: &Measured, off_rate: f64) -> Result<()
     let per_program = |c: &ProgCost, units: f64| {
         let mut each = c.each.clone();
         each.sort_by_key(|e| std::cmp::Reverse(e.2));
+        // Programs that ran less than once per 20 units (in request/response, those that ran
+        // only while its connections were set up) are left out of the breakdown, not the totals.
         each.iter()
+            .filter(|(_, runs, _)| *runs as f64 / units >= 0.05)
             .map(|(name, runs, time)| {
                 format!(
                     "{name} {:.0} ns ({:.1} runs)",
@@ -908,7 +915,7 @@ fn kernel_cost(env: &Env, args: &Args, l: &Measured, off_rate: f64) -> Result<()
 /// Pairs of rounds (on, empty hooks) the kernel's accounting is summed over.
 const KERNEL_PAIRS: u32 = 3;
 
-/// Run statistics of the programs on the connection path, in all and per program.
+/// Run statistics of the agent's programs (not its iterators), in all and per program.
 #[derive(Default)]
 struct ProgCost {
     runs: u64,
